@@ -1,0 +1,43 @@
+"""Shared fixtures: real photos and clips from ../shared/data when present, else scikit-image's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def photo_uint8() -> np.ndarray:
+    """A real photo, (H, W, 3) uint8 (scikit-image's astronaut, 512x512), available to every user."""
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def photo_nchw(photo_uint8) -> torch.Tensor:
+    """The real photo center-cropped to 64x48 as (1, 3, 48, 64) uint8."""
+    image = torch.from_numpy(photo_uint8[100:292:4, 100:356:4].copy())  # (48, 64, 3)
+    return image.permute(2, 0, 1).unsqueeze(0).contiguous()

@@ -1,0 +1,108 @@
+"""The one error hierarchy every entry point raises.
+
+The library raises these; the server maps ``http_status`` to the response and renders
+``{"error": {"type", "message", "param"}}``; the batch job writes ``type: message`` into the
+row's ``error`` field; the CLI prints the message and exits non-zero. Messages say what was
+expected and what was received, and never contain stack traces or internal paths.
+"""
+
+from __future__ import annotations
+
+
+class TokenizerError(Exception):
+    """Base class. ``type`` is the stable machine-readable name, ``param`` the offending input."""
+
+    type: str = "tokenizer_error"
+    http_status: int = 400
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "message": self.message, "param": self.param}
+
+
+class InvalidMediaError(TokenizerError):
+    """Bytes that are not a decodable image/video (truncated, garbage, unsupported container)."""
+
+    type = "invalid_media"
+    http_status = 422
+
+
+class UnsupportedMediaTypeError(TokenizerError):
+    """A content type or file extension this service does not read or write."""
+
+    type = "unsupported_media_type"
+    http_status = 415
+
+
+class UnsupportedModelError(TokenizerError):
+    """Unknown model name, unreadable model directory, or a family we have no adapter for."""
+
+    type = "unsupported_model"
+    http_status = 404
+
+
+class ShapeMismatchError(TokenizerError):
+    """A tensor whose layout, rank, channels or size does not fit the tokenizer."""
+
+    type = "shape_mismatch"
+    http_status = 422
+
+
+class DTypeMismatchError(TokenizerError):
+    """A tensor whose dtype the tokenizer does not accept."""
+
+    type = "dtype_mismatch"
+    http_status = 422
+
+
+class InvalidLatentsError(TokenizerError):
+    """A latent file/tensor that fails validation (metadata, NaN/Inf, wrong tokenizer)."""
+
+    type = "invalid_latents"
+    http_status = 422
+
+
+class InvalidRequestError(TokenizerError):
+    """A request option or configuration value that is not allowed."""
+
+    type = "invalid_request"
+    http_status = 422
+
+
+class LimitExceededError(TokenizerError):
+    """Input larger than a configured cap (bytes, pixels, frames, duration, latent size)."""
+
+    type = "limit_exceeded"
+    http_status = 413
+
+
+class AuthenticationError(TokenizerError):
+    type = "authentication_error"
+    http_status = 401
+
+
+class OverloadedError(TokenizerError):
+    """The bounded queue is full; retry after ``retry_after`` seconds."""
+
+    type = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(TokenizerError):
+    type = "timeout"
+    http_status = 504
+
+
+class ConfigError(TokenizerError):
+    """A recipe or service config with a wrong key or type; raised at start, before any work."""
+
+    type = "config_error"
+    http_status = 400

@@ -1,0 +1,86 @@
+"""The contract between the generic :class:`~tokenizers_svc.api.Tokenizer` and a model family.
+
+A backend does raw compute only: no padding, no normalization, no tiling (the Tokenizer layer does
+those once for every family). Inputs it receives already satisfy ``spec`` constraints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokenizers_svc.spec import TokenizerSpec
+
+
+class Backend(ABC):
+    """A loaded model plus its self-description.
+
+    ``module`` is the trainable ``nn.Module`` (a diffusers ``ModelMixin`` for every family, so
+    ``save_pretrained``/``from_pretrained`` work the same way everywhere).
+    """
+
+    #: diffusers/native class names this backend loads (read from ``config.json`` ``_class_name``)
+    class_names: tuple[str, ...] = ()
+
+    def __init__(self, module: nn.Module, spec: TokenizerSpec, weights_hash: str | None = None) -> None:
+        self.module = module
+        self.spec = spec
+        self._weights_hash = weights_hash
+
+    @classmethod
+    @abstractmethod
+    def from_module(cls, module: nn.Module, name: str) -> Backend:
+        """Wrap an instantiated module; the spec is read from ``module.config``."""
+
+    @abstractmethod
+    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (N, C, H, W) or (N, C, T, H, W) float in [-1, 1], valid size -> raw (mean, logvar|None).
+
+        Deterministic tokenizers return ``logvar=None``; ``mean`` is then the latent itself.
+        """
+
+    @abstractmethod
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """z: raw latents (N, c, h, w) or (N, c, t, h, w) -> pixels float, nominally [-1, 1]."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    @property
+    def weights_hash(self) -> str:
+        """sha256 of the weights (computed once); identifies exactly which model made a latent."""
+        if self._weights_hash is None:
+            self._weights_hash = state_dict_hash(self.module)
+        return self._weights_hash
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.module.save_pretrained(str(path))
+
+
+def state_dict_hash(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def directory_hash(path: Path) -> str:
+    """sha256 over config.json and the weight files of a model directory (cheaper than tensors)."""
+    digest = hashlib.sha256()
+    for file in sorted([*path.glob("config.json"), *path.glob("*.safetensors"), *path.glob("*.bin")]):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

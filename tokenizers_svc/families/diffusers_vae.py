@@ -1,0 +1,90 @@
+"""Adapters over diffusers autoencoder classes: each knows its family's normalization and frame rule.
+
+Only the image ``AutoencoderKL`` is wired so far; other diffusers classes plug in the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+
+from tokenizers_svc.families.base import Backend
+from tokenizers_svc.registry import Preset, register_backend, register_preset
+from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
+
+
+@register_backend
+class AutoencoderKLBackend(Backend):
+    """SD / SDXL / FLUX style image VAE. Normalization: ``(z - shift_factor) * scaling_factor``."""
+
+    class_names = ("AutoencoderKL",)
+
+    @classmethod
+    def from_module(cls, module: AutoencoderKL, name: str) -> AutoencoderKLBackend:
+        cfg = module.config
+        spec = TokenizerSpec(
+            name=name,
+            family="AutoencoderKL",
+            modality="image",
+            spatial_compression=2 ** (len(cfg.block_out_channels) - 1),
+            latent_channels=cfg.latent_channels,
+            normalization=LatentNormalization(
+                scale=float(cfg.scaling_factor), shift=float(cfg.shift_factor or 0.0)
+            ),
+            is_kl=True,
+            in_channels=cfg.in_channels,
+        )
+        return cls(module, spec)
+
+    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.module.encode(x).latent_dist  # (N, 2c, h, w) split into mean, logvar
+        return dist.mean, dist.logvar
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.module.decode(z).sample  # (N, 3, H, W)
+
+
+_TINY_KL = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+
+register_preset(
+    Preset(
+        name="sd-vae-tiny",
+        class_name="AutoencoderKL",
+        config={**_TINY_KL, "scaling_factor": 0.18215},
+        description="2-level AutoencoderKL (f2c4), random init; for tests and CPU development",
+        random_init=True,
+    )
+)
+register_preset(
+    Preset(
+        name="sd-vae-ft-mse",
+        class_name="AutoencoderKL",
+        source="stabilityai/sd-vae-ft-mse",
+        description="Stable Diffusion 1.x VAE (f8c4, scaling 0.18215)",
+    )
+)
+register_preset(
+    Preset(
+        name="sdxl-vae",
+        class_name="AutoencoderKL",
+        source="stabilityai/sdxl-vae",
+        description="SDXL VAE (f8c4, scaling 0.13025)",
+    )
+)
+register_preset(
+    Preset(
+        name="flux-vae",
+        class_name="AutoencoderKL",
+        source="black-forest-labs/FLUX.1-dev",
+        subfolder="vae",
+        description="FLUX.1 VAE (f8c16, shift 0.1159, scaling 0.3611)",
+    )
+)

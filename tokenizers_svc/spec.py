@@ -1,0 +1,172 @@
+"""What a tokenizer says about itself: compression, constraints, latent normalization.
+
+Every family builds a :class:`TokenizerSpec` from its saved config, so callers (the server's
+``GET /v1/models/{model}``, the batch job, the CLI) never hard-code per-model constants.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+Modality = Literal["image", "video", "both"]
+
+
+@dataclass(frozen=True)
+class LatentNormalization:
+    """``normalized = (raw - shift - mean[c]) / std[c] * scale``; the inverse undoes it exactly.
+
+    Covers every convention in use: SD/SDXL/DC-AE/CogVideoX/Hunyuan (scale only), FLUX
+    (shift + scale), Wan/Cosmos (per-channel mean/std), LTX/Mochi (per-channel mean/std and scale).
+    """
+
+    scale: float = 1.0
+    shift: float = 0.0
+    mean: tuple[float, ...] | None = None  # per latent channel, or None
+    std: tuple[float, ...] | None = None
+
+    def _channel_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        view = (1, -1) + (1,) * (z.ndim - 2)
+        mean = torch.tensor(self.mean if self.mean is not None else [0.0], dtype=torch.float32)
+        std = torch.tensor(self.std if self.std is not None else [1.0], dtype=torch.float32)
+        return mean.view(view).to(z.device), std.view(view).to(z.device)
+
+    def apply(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw latents (N, C, ...) -> diffusion-ready latents, same shape and dtype."""
+        mean, std = self._channel_stats(raw)
+        return ((raw.float() - self.shift - mean) / std * self.scale).to(raw.dtype)
+
+    def invert(self, normalized: torch.Tensor) -> torch.Tensor:
+        """diffusion-ready latents -> raw latents, same shape and dtype."""
+        mean, std = self._channel_stats(normalized)
+        return (normalized.float() / self.scale * std + mean + self.shift).to(normalized.dtype)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.shift == 0.0 and self.mean is None and self.std is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LatentNormalization:
+        mean = data.get("mean")
+        std = data.get("std")
+        return cls(
+            scale=float(data.get("scale", 1.0)),
+            shift=float(data.get("shift", 0.0)),
+            mean=tuple(float(v) for v in mean) if mean is not None else None,
+            std=tuple(float(v) for v in std) if std is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """Which frame counts a video tokenizer accepts.
+
+    ``causal=True``: ``1 + k * temporal_compression`` frames (first frame encoded alone, e.g. LTX,
+    Wan, Cosmos, Hunyuan, CogVideoX, Mochi use 1 + 4k / 1 + 6k / 1 + 8k). ``causal=False``:
+    ``k * temporal_compression`` frames (ViTok tubelets). Images: compression 1, any count.
+    """
+
+    temporal_compression: int = 1
+    causal: bool = False
+
+    def is_valid(self, frames: int) -> bool:
+        t = self.temporal_compression
+        if frames < 1:
+            return False
+        return (frames - 1) % t == 0 if self.causal else frames % t == 0
+
+    def padded_frames(self, frames: int) -> int:
+        """Smallest valid frame count >= ``frames``."""
+        t = self.temporal_compression
+        if self.causal:
+            return 1 + math.ceil(max(frames - 1, 0) / t) * t
+        return math.ceil(frames / t) * t
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frame count for a valid pixel frame count."""
+        t = self.temporal_compression
+        return 1 + (frames - 1) // t if self.causal else frames // t
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        t = self.temporal_compression
+        return 1 + (latent_frames - 1) * t if self.causal else latent_frames * t
+
+    def describe(self) -> str:
+        t = self.temporal_compression
+        if t == 1:
+            return "any"
+        return f"1 + {t}k" if self.causal else f"{t}k"
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Self-description of a loaded tokenizer (everything a caller needs to use it)."""
+
+    name: str
+    family: str
+    modality: Modality
+    spatial_compression: int
+    latent_channels: int
+    frame_rule: FrameRule = field(default_factory=FrameRule)
+    spatial_multiple: int = 0  # H and W must be multiples of this; 0 means spatial_compression
+    normalization: LatentNormalization = field(default_factory=LatentNormalization)
+    is_kl: bool = False  # True when encode yields a Gaussian posterior (mean, logvar)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    in_channels: int = 3
+
+    @property
+    def temporal_compression(self) -> int:
+        return self.frame_rule.temporal_compression
+
+    @property
+    def multiple(self) -> int:
+        return self.spatial_multiple or self.spatial_compression
+
+    @property
+    def layout(self) -> str:
+        return "NCHW" if self.modality == "image" else "NCTHW"
+
+    def latent_shape(self, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Latent shape for a *valid* (already padded) pixel shape (N, C, H, W) or (N, C, T, H, W)."""
+        f = self.spatial_compression
+        if len(pixel_shape) == 4:
+            n, _, h, w = pixel_shape
+            if self.modality == "video":
+                return (n, self.latent_channels, self.frame_rule.latent_frames(1), h // f, w // f)
+            return (n, self.latent_channels, h // f, w // f)
+        n, _, t, h, w = pixel_shape
+        return (n, self.latent_channels, self.frame_rule.latent_frames(t), h // f, w // f)
+
+    def compression_ratio(self, height: int = 256, width: int = 256, frames: int = 1) -> float:
+        """Pixel floats per latent float at the given size (e.g. 48 for SD's f8c4)."""
+        if self.modality == "image":
+            frames = 1
+        frames = self.frame_rule.padded_frames(frames)
+        pixels = 3 * frames * height * width
+        latent = math.prod(self.latent_shape((1, 3, frames, height, width))[1:])
+        return pixels / latent
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "modality": self.modality,
+            "layout": self.layout,
+            "spatial_compression": self.spatial_compression,
+            "temporal_compression": self.temporal_compression,
+            "latent_channels": self.latent_channels,
+            "spatial_multiple": self.multiple,
+            "frame_rule": self.frame_rule.describe(),
+            "causal": self.frame_rule.causal,
+            "normalization": self.normalization.to_dict(),
+            "is_kl": self.is_kl,
+            "dtypes": list(self.dtypes),
+            "in_channels": self.in_channels,
+            "compression_ratio_256": round(self.compression_ratio(256, 256, 17), 2),
+        }
