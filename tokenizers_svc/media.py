@@ -1,0 +1,517 @@
+"""Image and video bytes <-> uint8 pixel arrays, with limits checked before the expensive work.
+
+Images go through Pillow (PNG, JPEG, WebP): EXIF orientation is applied, every mode (RGBA, LA,
+P, L, 1, CMYK, 16-bit grayscale) becomes RGB uint8, and the pixel cap is checked from the header
+before any pixel data is decoded. Videos go through PyAV: decode to (T, H, W, 3) uint8 with fps,
+an optional [start, end) time range and stride, under frame/duration/pixel caps; encode to H.264
+MP4 (yuv420p). Every failure is a typed error from :mod:`tokenizers_svc.errors`, never a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tokenizers_svc.errors import (
+    DTypeMismatchError,
+    InvalidMediaError,
+    InvalidRequestError,
+    LimitExceededError,
+    ShapeMismatchError,
+    UnsupportedMediaTypeError,
+)
+
+MediaKind = Literal["image", "video"]
+ImageFormat = Literal["png", "jpeg", "webp"]
+IMAGE_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+IMAGE_MEDIA_TYPES: dict[str, str] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+VIDEO_MEDIA_TYPE = "video/mp4"
+TRANSPARENT_BACKGROUND = (255, 255, 255)  # alpha is composited over white, as image viewers show it
+
+# Pillow's own bomb check (process-wide Image.MAX_IMAGE_PIXELS) is left in place as a backstop: ours
+# (MediaLimits.max_pixels) is checked from the header first, and Pillow's DecompressionBombError is
+# mapped to LimitExceededError too.
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Caps that turn oversized inputs into :class:`LimitExceededError` before they use memory.
+
+    ``max_pixels``: H*W of one image or one video frame (64 MP covers 8K photos).
+    ``max_frames``: decoded frames per video (after range and stride).
+    ``max_duration_s``: seconds of video spanned by the decoded range.
+    ``max_total_pixels``: T*H*W of a decoded video (1e9 = 3 GB of RGB uint8), so that frame and
+    per-frame caps cannot multiply into an out-of-memory.
+    """
+
+    max_pixels: int = 64_000_000
+    max_frames: int = 2048
+    max_duration_s: float = 600.0
+    max_total_pixels: int = 1_000_000_000
+
+
+@dataclass
+class Video:
+    """Decoded frames (T, H, W, 3) uint8 RGB; ``fps`` of the returned frames (source fps / stride);
+    ``start_time`` in seconds of the first returned frame."""
+
+    frames: np.ndarray
+    fps: float
+    start_time: float = 0.0
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps if self.fps else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- sniffing
+
+_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+)
+_UNSUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"%PDF", "PDF"),
+)
+SUPPORTED_DESCRIPTION = "PNG, JPEG or WebP images; MP4/MOV, AVI, MKV/WebM videos"
+
+
+def sniff_media(data: bytes) -> MediaKind:
+    """'image' or 'video' from the leading magic bytes (never from a file name or client header).
+
+    Raises InvalidMediaError for empty/unrecognized bytes and UnsupportedMediaTypeError for known
+    formats this service does not read (GIF, BMP, TIFF, PDF).
+    """
+    if not data:
+        raise InvalidMediaError(f"empty input; expected {SUPPORTED_DESCRIPTION}", param="file")
+    head = bytes(data[:16])
+    for magic, _ in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return "image"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image"
+    if (
+        head[4:8] == b"ftyp"
+        or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+        or head[:4] == b"\x1a\x45\xdf\xa3"
+    ):
+        return "video"
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if head.startswith(magic):
+            raise UnsupportedMediaTypeError(
+                f"{name} files are not supported; expected {SUPPORTED_DESCRIPTION}", param="file"
+            )
+    raise InvalidMediaError(
+        f"not a recognized image or video (first bytes {head[:8].hex()}); expected {SUPPORTED_DESCRIPTION}",
+        param="file",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def _check_pixels(width: int, height: int, limits: MediaLimits, what: str) -> None:
+    if width * height > limits.max_pixels:
+        raise LimitExceededError(
+            f"{what} is {width}x{height} = {width * height:,} pixels; the limit is {limits.max_pixels:,} pixels",
+            param="file",
+        )
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> (H, W, 3) uint8 RGB. Alpha is composited over white; 16-bit is scaled."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(image).astype(np.float64)  # 16-bit grayscale PNGs open as I;16 / I
+        gray = np.clip(np.floor(wide / 257.0 + 0.5), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKGROUND, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image, dtype=np.uint8)
+
+
+def decode_image(data: bytes, limits: MediaLimits = MediaLimits()) -> np.ndarray:
+    """PNG/JPEG/WebP bytes -> (H, W, 3) uint8 RGB, EXIF orientation applied (size is the displayed one).
+
+    The pixel cap is checked from the header before decoding. Animated files give their first frame.
+    """
+    if not data:
+        raise InvalidMediaError(f"empty input; expected {SUPPORTED_DESCRIPTION}", param="file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise LimitExceededError(
+            f"image exceeds the decoder's pixel limit ({exc}); the limit is {limits.max_pixels:,} pixels",
+            param="file",
+        ) from None
+    except UnidentifiedImageError:
+        sniff_media(data)  # names GIF/BMP/... or garbage precisely
+        raise InvalidMediaError(
+            f"cannot identify an image in {len(data)} bytes; expected PNG, JPEG or WebP", param="file"
+        ) from None
+    if image.format not in IMAGE_MEDIA_TYPES:
+        raise UnsupportedMediaTypeError(
+            f"{image.format} images are not supported; expected PNG, JPEG or WebP", param="file"
+        )
+    _check_pixels(image.width, image.height, limits, f"{image.format} image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise LimitExceededError(f"image exceeds the decoder's pixel limit ({exc})", param="file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidMediaError(
+            f"{image.format} image is truncated or corrupt ({exc}); expected a complete file", param="file"
+        ) from None
+
+
+def encode_image(pixels: np.ndarray, format: ImageFormat = "png", quality: int = 95) -> bytes:
+    """(H, W, 3) uint8 RGB -> PNG (lossless), JPEG or WebP (lossy, ``quality`` 1-100) bytes."""
+    fmt = image_format(format)
+    _check_frames_array(pixels, ndim=3, what="image")
+    if not 1 <= quality <= 100:
+        raise InvalidRequestError(f"quality must be in [1, 100], got {quality}", param="quality")
+    out = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    if fmt == "PNG":
+        image.save(out, format=fmt)
+    else:
+        image.save(out, format=fmt, quality=quality)
+    return out.getvalue()
+
+
+def image_format(name: str) -> str:
+    """'png' / 'jpeg' / 'jpg' / 'webp' (any case, optional dot) -> Pillow's format name."""
+    key = name.lower().lstrip(".")
+    if key not in IMAGE_FORMATS:
+        raise UnsupportedMediaTypeError(
+            f"image format must be one of {sorted(set(IMAGE_FORMATS))}, got {name!r}", param="format"
+        )
+    return IMAGE_FORMATS[key]
+
+
+def read_image(path: str | Path, limits: MediaLimits = MediaLimits()) -> np.ndarray:
+    """File -> (H, W, 3) uint8 RGB (see :func:`decode_image`)."""
+    return decode_image(Path(path).read_bytes(), limits)
+
+
+def _check_frames_array(pixels: np.ndarray, ndim: int, what: str) -> None:
+    layout = "(H, W, 3)" if ndim == 3 else "(T, H, W, 3)"
+    if not isinstance(pixels, np.ndarray):
+        raise ShapeMismatchError(f"{what} must be a numpy array {layout}, got {type(pixels).__name__}")
+    if pixels.ndim != ndim or pixels.shape[-1] != 3 or 0 in pixels.shape:
+        raise ShapeMismatchError(f"{what} must be {layout} RGB, got shape {pixels.shape}", param="pixels")
+    if pixels.dtype != np.uint8:
+        raise DTypeMismatchError(f"{what} must be uint8 [0, 255], got {pixels.dtype}", param="pixels")
+
+
+# ---------------------------------------------------------------------------------------------- video
+
+
+def _ffmpeg_reason(exc: av.error.FFmpegError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror}" if exc.strerror else type(exc).__name__
+
+
+def _open_container(data: bytes | str | Path) -> av.container.InputContainer:
+    """Open bytes or a path whose magic bytes say video (FFmpeg would also open images and text)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        head, source = bytes(data[:16]), io.BytesIO(data)
+    else:
+        try:
+            with open(data, "rb") as file:
+                head, source = file.read(16), str(data)
+        except OSError as exc:
+            raise InvalidMediaError(f"cannot read video file {Path(data).name!r}: {exc.strerror}") from None
+    kind = sniff_media(head)
+    if kind != "video":
+        raise InvalidMediaError(
+            f"expected a video, got an {kind}; expected {SUPPORTED_DESCRIPTION}", param="file"
+        )
+    try:
+        return av.open(source, mode="r")
+    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise InvalidMediaError(
+            f"cannot open video ({_ffmpeg_reason(exc)}); the file is "
+            f"truncated, corrupt or not a video; expected {SUPPORTED_DESCRIPTION}",
+            param="file",
+        ) from None
+
+
+def _frame_rate(stream: av.video.stream.VideoStream) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate and float(rate) > 0:
+            return float(rate)
+    raise InvalidMediaError("video stream declares no frame rate", param="file")
+
+
+def _stream_duration(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> float | None:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000
+    return None
+
+
+def _validate_range(start: float | None, end: float | None, stride: int, max_frames: int | None) -> None:
+    if not isinstance(stride, int) or stride < 1:
+        raise InvalidRequestError(f"stride must be an integer >= 1, got {stride!r}", param="stride")
+    if start is not None and not (math.isfinite(start) and start >= 0):
+        raise InvalidRequestError(f"start must be a finite time >= 0 s, got {start}", param="start")
+    if end is not None and not (math.isfinite(end) and end > (start or 0.0)):
+        raise InvalidRequestError(f"end must be after start ({start or 0.0} s), got {end}", param="end")
+    if max_frames is not None and max_frames < 1:
+        raise InvalidRequestError(f"max_frames must be >= 1, got {max_frames}", param="max_frames")
+
+
+def decode_video(
+    data: bytes | str | Path,
+    limits: MediaLimits = MediaLimits(),
+    max_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    stride: int = 1,
+) -> Video:
+    """Video bytes or path -> :class:`Video` with frames (T, H, W, 3) uint8 RGB.
+
+    Frames whose timestamps fall in [start, end) seconds are kept, every ``stride``-th of them.
+    ``max_frames`` stops after that many frames (an explicit truncation); without it, a video with
+    more than ``limits.max_frames`` frames raises LimitExceededError instead of being cut silently.
+    A file that ends before its header's frame count (truncated download) is InvalidMediaError.
+    """
+    _validate_range(start, end, stride, max_frames)
+    if max_frames is not None and max_frames > limits.max_frames:
+        raise LimitExceededError(
+            f"max_frames={max_frames} exceeds the limit of {limits.max_frames} frames", param="max_frames"
+        )
+    container = _open_container(data)
+    try:
+        return _decode_stream(container, limits, max_frames, start, end, stride)
+    except av.error.FFmpegError as exc:
+        raise InvalidMediaError(
+            f"video is truncated or corrupt ({_ffmpeg_reason(exc)})",
+            param="file",
+        ) from None
+    finally:
+        container.close()
+
+
+def _decode_stream(
+    container: av.container.InputContainer,
+    limits: MediaLimits,
+    max_frames: int | None,
+    start: float | None,
+    end: float | None,
+    stride: int,
+) -> Video:
+    if not container.streams.video:
+        raise InvalidMediaError("file has no video stream", param="file")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width and height:
+        _check_pixels(width, height, limits, "video frame")
+    fps = _frame_rate(stream)
+    duration = _stream_duration(container, stream)
+    span_start = start or 0.0
+    span_end = min(end, duration) if end is not None and duration is not None else (end or duration)
+    if max_frames is None and span_end is not None:
+        span = span_end - span_start
+        if span > limits.max_duration_s:
+            raise LimitExceededError(
+                f"video range spans {span:.1f} s; the limit is {limits.max_duration_s:g} s "
+                "(pass start/end or max_frames to decode a part)",
+                param="file",
+            )
+        expected = math.ceil(span * fps / stride - 1e-6)
+        if expected > limits.max_frames:
+            raise LimitExceededError(
+                f"video range has about {expected} frames at {fps:g} fps / stride {stride}; the limit is "
+                f"{limits.max_frames} frames (pass max_frames, start/end or stride)",
+                param="file",
+            )
+    cap = max_frames if max_frames is not None else limits.max_frames
+    if start:
+        try:
+            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+        except av.error.FFmpegError:
+            container.seek(0)  # unseekable (no index): decode from the start and skip
+    frames: list[np.ndarray] = []
+    first_time: float | None = None
+    selected = 0  # frames inside [start, end), before stride
+    seen = 0  # every decoded frame
+    t = 0.0
+    eps = 0.5 / fps
+    for frame in container.decode(stream):
+        seen += 1
+        t = frame.time if frame.time is not None else (seen - 1) / fps
+        if start is not None and t < start - eps:
+            continue
+        if end is not None and t >= end - eps:
+            break
+        if max_frames is None and (t - span_start) > limits.max_duration_s:
+            raise LimitExceededError(
+                f"video is longer than the limit of {limits.max_duration_s:g} s", param="file"
+            )
+        selected += 1
+        if (selected - 1) % stride:
+            continue
+        if len(frames) >= cap:
+            if max_frames is not None:
+                break
+            raise LimitExceededError(
+                f"video has more than {limits.max_frames} frames (after range/stride); pass max_frames, "
+                "start/end or stride",
+                param="file",
+            )
+        if first_time is None:
+            first_time = t
+            width, height = frame.width, frame.height
+            _check_pixels(width, height, limits, "video frame")
+        if (len(frames) + 1) * width * height > limits.max_total_pixels:
+            raise LimitExceededError(
+                f"decoded video would exceed {limits.max_total_pixels:,} pixels in total "
+                f"({len(frames) + 1} frames of {width}x{height}); pass max_frames, start/end or stride",
+                param="file",
+            )
+        rgb = frame.reformat(width=width, height=height, format="rgb24")  # one size for the whole clip
+        frames.append(rgb.to_ndarray())
+    else:
+        last = t if seen else 0.0
+        if end is None and duration is not None and last + 1 / fps < duration - max(2 / fps, 0.02 * duration):
+            raise InvalidMediaError(
+                f"video is truncated: its header declares {duration:.2f} s but frames stop at {last:.2f} s",
+                param="file",
+            )
+    if not frames:
+        where = f" in [{span_start:g}, {end if end is not None else 'end'}) s" if (start or end) else ""
+        raise InvalidMediaError(f"no video frames could be decoded{where}", param="file")
+    return Video(frames=np.stack(frames), fps=fps / stride, start_time=float(first_time or 0.0))
+
+
+def read_video(
+    path: str | Path,
+    limits: MediaLimits = MediaLimits(),
+    max_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    stride: int = 1,
+) -> Video:
+    """File -> :class:`Video` (see :func:`decode_video`)."""
+    return decode_video(Path(path), limits, max_frames=max_frames, start=start, end=end, stride=stride)
+
+
+def encode_video(frames: np.ndarray, fps: float, *, crf: int = 18, preset: str = "veryfast") -> bytes:
+    """(T, H, W, 3) uint8 RGB -> H.264 MP4 (yuv420p, faststart) bytes.
+
+    yuv420p needs even sizes: an odd height/width is padded by repeating the last row/column, so
+    the file is at most one pixel taller/wider than the input. ``crf`` 18 is visually lossless-ish.
+    """
+    _check_frames_array(frames, ndim=4, what="video")
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise InvalidRequestError(f"fps must be a positive number, got {fps!r}", param="fps")
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    _, height, width, _ = frames.shape
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out.mp4"  # faststart rewrites the file, which needs a real path
+        _write_mp4(path, frames, fps, crf, preset, width, height)
+        return path.read_bytes()
+
+
+def _write_mp4(
+    path: Path, frames: np.ndarray, fps: float, crf: int, preset: str, width: int, height: int
+) -> None:
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset}
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+def image_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) uint8 NCHW."""
+    _check_frames_array(pixels, ndim=3, what="image")
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def video_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) uint8 NCTHW."""
+    _check_frames_array(frames, ndim=4, what="video")
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+
+
+def _as_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    if pixels.dtype == torch.uint8:
+        return pixels
+    if not torch.is_floating_point(pixels):
+        raise DTypeMismatchError(
+            f"pixels must be uint8 [0, 255] or float [-1, 1], got {pixels.dtype}", param="pixels"
+        )
+    from tokenizers_svc.api import to_uint8_pixels  # the one float -> uint8 rounding convention
+
+    return to_uint8_pixels(pixels)
+
+
+def tensor_to_image(pixels: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (1, 3, H, W), uint8 [0, 255] or float [-1, 1] -> (H, W, 3) uint8."""
+    if pixels.ndim == 4 and pixels.shape[0] == 1:
+        pixels = pixels[0]
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ShapeMismatchError(
+            f"expected one image as (3, H, W) or (1, 3, H, W), got shape {tuple(pixels.shape)}",
+            param="pixels",
+        )
+    return _as_uint8(pixels.detach().cpu()).permute(1, 2, 0).contiguous().numpy()
+
+
+def tensor_to_video(pixels: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) or (1, 3, T, H, W), uint8 [0, 255] or float [-1, 1] -> (T, H, W, 3) uint8."""
+    if pixels.ndim == 5 and pixels.shape[0] == 1:
+        pixels = pixels[0]
+    if pixels.ndim != 4 or pixels.shape[0] != 3:
+        raise ShapeMismatchError(
+            f"expected one video as (3, T, H, W) or (1, 3, T, H, W), got shape {tuple(pixels.shape)}",
+            param="pixels",
+        )
+    return _as_uint8(pixels.detach().cpu()).permute(1, 2, 3, 0).contiguous().numpy()
