@@ -1,0 +1,440 @@
+"""The ``tokenizers-svc`` command: list models, inspect latent files, encode media, decode latents.
+
+Every command walks the shared runner (:mod:`tokenizers_svc.pipeline`), so the CLI behaves exactly
+like the HTTP server and the batch job. Errors print ``error: <type>: <message>`` to stderr and
+exit 1; bad usage exits 2. ``serve``, ``batch-encode``, ``eval`` and ``train`` hand their
+arguments to the owning module's ``main(argv)``.
+
+Heavy imports (torch models, diffusers) happen inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from tokenizers_svc.errors import InvalidRequestError, TokenizerError
+
+if TYPE_CHECKING:
+    from tokenizers_svc.api import Tokenizer
+    from tokenizers_svc.registry import Preset
+
+app = typer.Typer(
+    name="tokenizers-svc",
+    help="Encode images and videos to latents and back with image/video tokenizers (VAEs, ViTok).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MEDIA_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm"}
+LATENT_SUFFIX = ".safetensors"
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+class Resize(str, Enum):
+    none = "none"
+    shorter_side = "shorter-side"
+    fit = "fit"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _fail(exc: TokenizerError) -> typer.Exit:
+    typer.echo(f"error: {exc.type}: {exc.message}", err=True)
+    return typer.Exit(1)
+
+
+def _load(model: str, device: str, dtype: DType) -> Tokenizer:
+    import torch
+
+    from tokenizers_svc.api import load_tokenizer
+
+    return load_tokenizer(model, device=device, dtype=getattr(torch, dtype.value))
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _preset_row(preset: Preset) -> dict:
+    """What a preset is, read from its config on the meta device: no weights are read or allocated."""
+    from tokenizers_svc.registry import backend_for, local_weights_dir, model_class
+
+    weights = local_weights_dir(preset)
+    row: dict = {
+        "name": preset.name,
+        "description": preset.description,
+        "weights": "yes" if weights is not None else ("random-init" if preset.random_init else "no"),
+    }
+    config = preset.config
+    if weights is not None:
+        config = {
+            k: v
+            for k, v in json.loads((weights / "config.json").read_text()).items()
+            if not k.startswith("_")
+        }
+    if not config:
+        return row
+    import torch
+
+    try:
+        with torch.device("meta"):
+            module = model_class(preset.class_name)(**config)
+        spec = backend_for(preset.class_name).from_module(module, preset.name).spec
+    except (TypeError, ValueError, RuntimeError, NotImplementedError, TokenizerError) as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        return row
+    row.update(
+        {
+            "family": spec.family,
+            "modality": spec.modality,
+            "spatial_compression": spec.spatial_compression,
+            "temporal_compression": spec.temporal_compression,
+            "latent_channels": spec.latent_channels,
+            "frame_rule": spec.frame_rule.describe(),
+            "compression_ratio": round(spec.compression_ratio(256, 256, 17), 2),
+            "params": sum(p.numel() for p in module.parameters()),
+        }
+    )
+    return row
+
+
+def _human(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+@app.command()
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """List registered tokenizers: family, modality, compression, channels, frame rule, params, weights.
+
+    Presets whose weights are neither local nor defined by a config show '-'. Nothing is downloaded.
+    The compression ratio is pixel values per latent value at 256x256 (17 frames for video).
+    """
+    from tokenizers_svc.registry import list_presets
+
+    rows = [_preset_row(p) for p in list_presets()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    columns = [
+        ("NAME", "name"),
+        ("FAMILY", "family"),
+        ("MODALITY", "modality"),
+        ("SPATIAL", "spatial_compression"),
+        ("TEMPORAL", "temporal_compression"),
+        ("CHANNELS", "latent_channels"),
+        ("FRAMES", "frame_rule"),
+        ("RATIO", "compression_ratio"),
+        ("PARAMS", "params"),
+        ("WEIGHTS", "weights"),
+    ]
+    table = [[title for title, _ in columns]]
+    for row in rows:
+        cells = []
+        for _, key in columns:
+            value = row.get(key)
+            cells.append(_human(value) if key == "params" else ("-" if value is None else str(value)))
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    for line in table:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+# ---------------------------------------------------------------------------------------------- info
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A latent file written by `encode` or the server."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Also check the file against this tokenizer (loads it)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Validate a latent file and print its metadata."""
+    from tokenizers_svc.latents import latents_from_bytes, validate_for
+
+    try:
+        latents = latents_from_bytes(_read(file))
+        if model is not None:
+            tokenizer = _load(model, "cpu", DType.float32)
+            validate_for(latents, tokenizer.spec, weights_hash=tokenizer.weights_hash)
+    except TokenizerError as exc:
+        raise _fail(exc) from None
+    meta = latents.metadata()
+    summary = {
+        "file": str(file),
+        "tokenizer": latents.tokenizer,
+        "weights_hash": latents.weights_hash,
+        "layout": latents.layout,
+        "shape": list(latents.latents.shape),
+        "dtype": meta["dtype"],
+        "normalized": latents.normalized,
+        "normalization": latents.normalization.to_dict(),
+        "original_size": list(latents.original_size),
+        "original_frames": latents.original_frames,
+        "padding": list(latents.padding),
+        "fps": latents.fps,
+        "source_sha256": latents.source_sha256,
+        "resized_from": None if latents.resized_from is None else list(latents.resized_from),
+        "sampled": latents.sampled,
+        "has_posterior": latents.mean is not None,
+        "format_version": int(meta["format_version"]),
+        "valid_for": model,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        typer.echo(f"{key:16} {'-' if value is None else value}")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read {str(path)!r}: {exc.strerror}", param="file") from None
+
+
+# ---------------------------------------------------------------------------------------------- encode
+
+
+def _expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given; a directory contributes its media files (by suffix, sorted, not recursive)."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files.extend(
+                sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES)
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def _output_paths(files: list[Path], out: Path, as_directory: bool) -> list[Path]:
+    if not as_directory:
+        return [out]
+    targets = [out / f"{f.stem}{LATENT_SUFFIX}" for f in files]
+    seen: dict[Path, Path] = {}
+    for source, target in zip(files, targets, strict=True):
+        if target in seen:
+            raise InvalidRequestError(
+                f"inputs {str(seen[target])!r} and {str(source)!r} would both be written to {str(target)!r}; "
+                "encode them in separate runs",
+                param="inputs",
+            )
+        seen[target] = source
+    return targets
+
+
+@app.command()
+def encode(
+    inputs: list[Path] = typer.Argument(
+        ..., help="Images/videos (PNG, JPEG, WebP, MP4, AVI, ...) or directories."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output file for one input; a directory for several (<stem>.safetensors)."
+    ),
+    model: str = typer.Option(..., "--model", "-m", help="Preset name or model directory."),
+    raw: bool = typer.Option(
+        False, "--raw", help="Store raw latents (no scaling/shift); default is normalized."
+    ),
+    sample: bool = typer.Option(False, "--sample", help="Sample the posterior instead of taking its mode."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for --sample."),
+    posterior: bool = typer.Option(False, "--posterior", help="Also store the posterior mean and logvar."),
+    resize: Resize = typer.Option(Resize.none, "--resize", help="Resize policy; 'none' never resizes."),
+    resolution: int | None = typer.Option(None, "--resolution", help="Target size for --resize."),
+    no_tiling: bool = typer.Option(False, "--no-tiling", help="Encode in one pass (more memory)."),
+    tile_size: int | None = typer.Option(None, "--tile-size", help="Spatial tile side in pixels."),
+    tile_overlap: int | None = typer.Option(
+        None, "--tile-overlap", help="Pixels shared by neighbouring tiles."
+    ),
+    chunk_frames: int | None = typer.Option(None, "--chunk-frames", help="Frames per temporal chunk."),
+    max_frames: int | None = typer.Option(None, "--max-frames", help="Keep at most this many video frames."),
+    start: float | None = typer.Option(None, "--start", help="Video start time in seconds."),
+    end: float | None = typer.Option(None, "--end", help="Video end time in seconds (exclusive)."),
+    stride: int = typer.Option(1, "--stride", help="Keep every n-th video frame."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1."),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
+) -> None:
+    """Encode images/videos to latent files. Failures are reported per file; the exit code is 1 if any failed."""
+    from tqdm import tqdm
+
+    from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
+
+    files = _expand_inputs(inputs)
+    if not files:
+        typer.echo("error: no input files (directories contribute only media files)", err=True)
+        raise typer.Exit(2)
+    as_directory = len(files) > 1 or out.is_dir() or len(inputs) != len(files)
+    try:
+        targets = _output_paths(files, out, as_directory)
+        options = EncodeOptions(
+            normalize=not raw,
+            sample=sample,
+            return_posterior=posterior,
+            resize=resize.value,
+            resolution=resolution,
+            tiling=_tiling(no_tiling, tile_size, tile_overlap, chunk_frames),
+            max_frames=max_frames,
+            start=start,
+            end=end,
+            stride=stride,
+            seed=seed,
+        )
+        tokenizer = _load(model, device, dtype)
+    except TokenizerError as exc:
+        raise _fail(exc) from None
+    if as_directory:
+        out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    progress = tqdm(
+        list(zip(files, targets, strict=True)),
+        desc="encode",
+        unit="file",
+        disable=len(files) == 1,
+        file=sys.stderr,
+    )
+    for source, target in progress:
+        try:
+            latents = encode_media(tokenizer, load_media(_read(source), options=options), options)
+            latents.save(target)
+        except TokenizerError as exc:
+            failures += 1
+            tqdm.write(f"error: {source}: {exc.type}: {exc.message}", file=sys.stderr)
+            continue
+        if len(files) == 1:
+            typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
+    if failures:
+        typer.echo(f"{failures} of {len(files)} inputs failed", err=True)
+        raise typer.Exit(1)
+    if len(files) > 1:
+        typer.echo(f"encoded {len(files)} inputs into {out}")
+
+
+def _tiling(no_tiling: bool, tile_size: int | None, tile_overlap: int | None, chunk_frames: int | None):
+    from dataclasses import replace
+
+    from tokenizers_svc.tiling import TilingOptions
+
+    given = {
+        k: v
+        for k, v in (("tile_size", tile_size), ("tile_overlap", tile_overlap), ("chunk_frames", chunk_frames))
+        if v is not None
+    }
+    for key, value in given.items():
+        if value < (0 if key == "tile_overlap" else 1):
+            raise InvalidRequestError(f"--{key.replace('_', '-')} must be positive, got {value}", param=key)
+    if no_tiling:
+        return TilingOptions(enabled=False)
+    return replace(TilingOptions(), **given) if given else None
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+@app.command()
+def decode(
+    latents_file: Path = typer.Argument(..., metavar="LATENTS", help="A latent file."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="OUT.png / .jpg / .webp for images, OUT.mp4 for videos."
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Preset name or model directory; default: the tokenizer named in the file.",
+    ),
+    fps: float | None = typer.Option(
+        None, "--fps", help="MP4 frame rate; default: the fps recorded at encode."
+    ),
+    quality: int = typer.Option(95, "--quality", help="JPEG/WebP quality 1-100."),
+    no_tiling: bool = typer.Option(False, "--no-tiling", help="Decode in one pass (more memory)."),
+    device: str = typer.Option("cpu", "--device", help="torch device."),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
+) -> None:
+    """Decode a latent file back to an image or video, cropped to the original size."""
+    from tokenizers_svc.latents import latents_from_bytes
+    from tokenizers_svc.pipeline import decode_to_media, output_media_type
+
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise _fail(InvalidRequestError(f"--fps must be a positive number, got {fps}", param="fps"))
+    try:
+        output_media_type(out.suffix or "(no suffix)")
+        latents = latents_from_bytes(_read(latents_file))
+        tokenizer = _load(model or latents.tokenizer, device, dtype)
+        data, media_type = decode_to_media(
+            tokenizer,
+            latents,
+            out.suffix.lstrip("."),
+            fps=fps,
+            tiling=_tiling(no_tiling, None, None, None),
+            quality=quality,
+        )
+    except TokenizerError as exc:
+        raise _fail(exc) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    typer.echo(f"{latents_file} -> {out} ({media_type}, {len(data)} bytes)")
+
+
+# ---------------------------------------------------------------------------------------------- pass-through
+
+
+def _delegate(module_name: str, argv: list[str]) -> None:
+    """Run ``module_name.main(argv)``; exit 2 with a clear message when that part is not installed."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise  # a dependency of the module is missing: show the real error
+        typer.echo(f"error: {module_name} is not available in this installation ({exc})", err=True)
+        raise typer.Exit(2) from None
+    main = getattr(module, "main", None)
+    if main is None:
+        typer.echo(f"error: {module_name} has no main(argv) entry point", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(int(main(list(argv)) or 0))
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+def serve(ctx: typer.Context) -> None:
+    """Run the HTTP service (Ray Serve); arguments go to serving.app (try `serve --help`)."""
+    _delegate("serving.app", ctx.args)
+
+
+@app.command("batch-encode", context_settings=PASSTHROUGH, add_help_option=False)
+def batch_encode(ctx: typer.Context) -> None:
+    """Encode a dataset with Ray Data; arguments go to serving.batch."""
+    _delegate("serving.batch", ctx.args)
+
+
+@app.command("eval", context_settings=PASSTHROUGH, add_help_option=False)
+def eval_(ctx: typer.Context) -> None:
+    """Reconstruction metrics (PSNR/SSIM/FID/...); arguments go to evals.reconstruct."""
+    _delegate("evals.reconstruct", ctx.args)
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Train a tokenizer from a recipe with Accelerate; arguments go to training.train."""
+    _delegate("training.train", ctx.args)
