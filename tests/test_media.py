@@ -1,0 +1,314 @@
+"""Media I/O on real photos and clips: formats, EXIF, modes, limits, truncated and garbage files."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from tokenizers_svc import media
+from tokenizers_svc.errors import (
+    DTypeMismatchError,
+    InvalidMediaError,
+    InvalidRequestError,
+    LimitExceededError,
+    ShapeMismatchError,
+    UnsupportedMediaTypeError,
+)
+from tokenizers_svc.media import MediaLimits
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def save(image: Image.Image, format: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **kwargs)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def bilevel_png(width: int, height: int) -> bytes:
+    """A complete, valid all-black 1-bit PNG, compressed row by row (never held as pixels)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height RGB but which carries no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A real photo crop (40, 56, 3) uint8 (scikit-image's chelsea)."""
+    return np.ascontiguousarray(skdata.chelsea()[60:220:4, 100:324:4])
+
+
+@pytest.fixture(scope="module")
+def panning_frames() -> np.ndarray:
+    """A clip any user has: a window panning across a real photo, (12, 63, 85, 3) uint8 (odd size)."""
+    astronaut = skdata.astronaut()
+    return np.stack([astronaut[100 + 3 * t : 163 + 3 * t, 150 + 4 * t : 235 + 4 * t] for t in range(12)])
+
+
+@pytest.fixture(scope="module")
+def clip_bytes(shared_data) -> bytes:
+    """A real H.264 clip: 176x144, 120 frames at 29.97 fps."""
+    return (shared_data / "videos" / "carphone_pristine.mp4").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def clip_frames(clip_bytes) -> media.Video:
+    return media.decode_video(clip_bytes)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def test_png_round_trip_is_exact(photo):
+    data = media.encode_image(photo, "png")
+    assert media.sniff_media(data) == "image"
+    np.testing.assert_array_equal(media.decode_image(data), photo)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "jpg", "webp"])
+def test_lossy_round_trip(photo, fmt):
+    data = media.encode_image(photo, fmt, quality=95)
+    decoded = media.decode_image(data)
+    assert decoded.shape == photo.shape and decoded.dtype == np.uint8
+    assert psnr(decoded, photo) > 30
+
+
+def test_real_jpeg_from_shared_data(shared_data):
+    decoded = media.read_image(shared_data / "images" / "val" / "plant.jpg")
+    assert decoded.shape == (333, 500, 3) and decoded.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored image must be rotated 90 degrees clockwise for display
+    data = save(Image.fromarray(photo), "JPEG", quality=95, exif=exif)
+    decoded = media.decode_image(data)
+    clockwise = np.rot90(photo, k=-1)
+    assert decoded.shape == clockwise.shape == (photo.shape[1], photo.shape[0], 3)
+    assert psnr(decoded, clockwise) > 30
+    assert psnr(decoded, np.rot90(photo, k=1)) < 20
+
+
+def test_rgba_composites_over_white():
+    rgba = np.zeros((8, 6, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[4:, :, 3] = 255  # bottom half opaque red, top half fully transparent
+    rgba[2, :, 3] = 128
+    decoded = media.decode_image(save(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert decoded.shape == (8, 6, 3)
+    np.testing.assert_array_equal(decoded[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(decoded[7, 0], [200, 0, 0])
+    assert 200 < decoded[2, 0, 0] < 255 and 120 < decoded[2, 0, 1] < 135  # half-transparent blend
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "1", "CMYK"])
+def test_modes_become_rgb(photo, mode):
+    source = Image.fromarray(photo).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    decoded = media.decode_image(save(source, fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+    expected = np.asarray(source.convert("RGB"))
+    assert decoded.shape == photo.shape and decoded.dtype == np.uint8
+    if fmt == "PNG":
+        np.testing.assert_array_equal(decoded, expected)
+    else:
+        assert psnr(decoded, expected) > 30
+
+
+def test_palette_with_transparency():
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0, 0, 0] * 254)
+    palette.putpixel((0, 0), 0)
+    decoded = media.decode_image(save(palette, "PNG", transparency=0))
+    np.testing.assert_array_equal(decoded[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(decoded[3, 3], [10, 20, 30])
+
+
+def test_16bit_grayscale_is_scaled_not_clipped():
+    values = np.array([[0, 257, 257 * 128, 65535]], dtype=np.uint16)
+    decoded = media.decode_image(save(Image.fromarray(values), "PNG"))
+    np.testing.assert_array_equal(decoded[0, :, 0], [0, 1, 128, 255])
+    np.testing.assert_array_equal(decoded[..., 0], decoded[..., 2])
+
+
+def test_truncated_png(photo):
+    data = media.encode_image(photo, "png")
+    with pytest.raises(InvalidMediaError, match="truncated"):
+        media.decode_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("blob", [b"not an image at all" * 4, bytes(range(256)), b""])
+def test_garbage_bytes(blob):
+    with pytest.raises(InvalidMediaError, match="expected"):
+        media.decode_image(blob)
+    with pytest.raises(InvalidMediaError):
+        media.sniff_media(blob)
+
+
+def test_unsupported_format_is_415_type(photo):
+    gif = save(Image.fromarray(photo), "GIF")
+    with pytest.raises(UnsupportedMediaTypeError, match="GIF"):
+        media.sniff_media(gif)
+    with pytest.raises(UnsupportedMediaTypeError, match="GIF"):
+        media.decode_image(gif)
+
+
+def test_pixel_cap_checked_from_header_before_decoding():
+    # 10000 x 10000 claimed with no pixel data: decoding would fail as truncated, so a
+    # LimitExceededError proves the cap is checked from the header first.
+    bomb = png_header_only(10_000, 10_000)
+    with pytest.raises(LimitExceededError, match="100,000,000 pixels; the limit is 64,000,000"):
+        media.decode_image(bomb)
+    with pytest.raises(InvalidMediaError):
+        media.decode_image(bomb, MediaLimits(max_pixels=150_000_000))
+
+
+def test_pillow_bomb_error_maps_to_limit_exceeded():
+    # 20000 x 20000 bilevel PNG: a ~50 KB file that would decode to 400 MP.
+    bomb = bilevel_png(20_000, 20_000)
+    assert len(bomb) < 200_000
+    assert Image.open(io.BytesIO(bilevel_png(20, 10))).size == (20, 10)  # the generator writes real PNGs
+    with pytest.raises(LimitExceededError, match="limit"):
+        media.decode_image(bomb)
+    small_cap = MediaLimits(max_pixels=100)
+    with pytest.raises(LimitExceededError, match="the limit is 100 pixels"):
+        media.decode_image(bilevel_png(11, 10), small_cap)
+    np.testing.assert_array_equal(media.decode_image(bilevel_png(10, 10), small_cap), np.zeros((10, 10, 3)))
+
+
+def test_encode_image_validates_input(photo):
+    with pytest.raises(DTypeMismatchError, match="uint8"):
+        media.encode_image(photo.astype(np.float32), "png")
+    with pytest.raises(ShapeMismatchError, match=r"\(H, W, 3\)"):
+        media.encode_image(photo[..., 0], "png")
+    with pytest.raises(UnsupportedMediaTypeError, match="bmp"):
+        media.encode_image(photo, "bmp")
+
+
+def test_tensor_conversions(photo):
+    tensor = media.image_to_tensor(photo)
+    assert tensor.shape == (1, 3, *photo.shape[:2]) and tensor.dtype == torch.uint8
+    np.testing.assert_array_equal(media.tensor_to_image(tensor), photo)
+    as_float = tensor.float() / 127.5 - 1  # [-1, 1]
+    np.testing.assert_array_equal(media.tensor_to_image(as_float[0]), photo)
+    frames = np.stack([photo, photo[::-1]])
+    video = media.video_to_tensor(frames)
+    assert video.shape == (1, 3, 2, *photo.shape[:2])
+    np.testing.assert_array_equal(media.tensor_to_video(video), frames)
+    with pytest.raises(ShapeMismatchError):
+        media.tensor_to_image(video)
+
+
+# ---------------------------------------------------------------------------------------------- video
+
+
+def test_decode_real_clip(clip_frames):
+    assert clip_frames.frames.shape == (120, 144, 176, 3)
+    assert clip_frames.frames.dtype == np.uint8
+    assert clip_frames.fps == pytest.approx(30000 / 1001)
+    assert clip_frames.start_time == 0.0
+
+
+def test_time_range_and_stride(clip_bytes, clip_frames):
+    part = media.decode_video(clip_bytes, start=1.0, end=2.0, stride=2)
+    # frames 30..59 have timestamps in [1.0, 2.0); every 2nd of them
+    np.testing.assert_array_equal(part.frames, clip_frames.frames[30:60:2])
+    assert part.fps == pytest.approx(clip_frames.fps / 2)
+    assert part.start_time == pytest.approx(30 / clip_frames.fps)
+
+
+def test_frame_cap(clip_bytes, clip_frames):
+    with pytest.raises(LimitExceededError, match="limit is 50 frames"):
+        media.decode_video(clip_bytes, MediaLimits(max_frames=50))
+    first = media.decode_video(clip_bytes, MediaLimits(max_frames=50), max_frames=5)
+    np.testing.assert_array_equal(first.frames, clip_frames.frames[:5])
+    with pytest.raises(LimitExceededError, match="max_frames=60 exceeds"):
+        media.decode_video(clip_bytes, MediaLimits(max_frames=50), max_frames=60)
+    strided = media.decode_video(clip_bytes, MediaLimits(max_frames=60), stride=2)
+    assert strided.num_frames == 60
+
+
+def test_duration_and_total_pixel_caps(clip_bytes):
+    with pytest.raises(LimitExceededError, match="limit is 2 s"):
+        media.decode_video(clip_bytes, MediaLimits(max_duration_s=2.0))
+    assert media.decode_video(clip_bytes, MediaLimits(max_duration_s=2.0), end=1.5).num_frames == 45
+    with pytest.raises(LimitExceededError, match="in total"):
+        media.decode_video(clip_bytes, MediaLimits(max_total_pixels=176 * 144 * 10))
+    with pytest.raises(LimitExceededError, match="video frame is 176x144"):
+        media.decode_video(clip_bytes, MediaLimits(max_pixels=176 * 143))
+
+
+def test_bad_range_options(clip_bytes):
+    with pytest.raises(InvalidRequestError, match="stride"):
+        media.decode_video(clip_bytes, stride=0)
+    with pytest.raises(InvalidRequestError, match="end must be after start"):
+        media.decode_video(clip_bytes, start=2.0, end=1.0)
+    with pytest.raises(InvalidMediaError, match="no video frames"):
+        media.decode_video(clip_bytes, start=100.0)
+
+
+def test_truncated_real_mp4(clip_bytes):
+    with pytest.raises(InvalidMediaError, match="truncated"):
+        media.decode_video(clip_bytes[: len(clip_bytes) // 2])
+
+
+def test_encode_video_round_trip(panning_frames):
+    data = media.encode_video(panning_frames, 30000 / 1001)  # odd 63x85: padded to 64x86 for yuv420p
+    assert media.sniff_media(data) == "video"
+    back = media.decode_video(data)
+    assert back.frames.shape == (12, 64, 86, 3)
+    assert back.fps == pytest.approx(30000 / 1001, abs=1e-6)
+    quality = psnr(back.frames[:, :63, :85], panning_frames)
+    assert quality > 30, quality
+
+
+def test_encode_real_clip_round_trip(clip_frames):
+    source = clip_frames.frames[:12]
+    back = media.decode_video(media.encode_video(source, clip_frames.fps))
+    assert back.frames.shape == source.shape
+    assert psnr(back.frames, source) > 30
+
+
+def test_truncated_faststart_mp4(panning_frames):
+    data = media.encode_video(panning_frames, 25.0)  # moov atom first
+    with pytest.raises(InvalidMediaError, match="truncated"):
+        media.decode_video(data[: len(data) // 2])
+
+
+def test_garbage_video_bytes():
+    fake = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8  # MP4 magic, garbage body
+    assert media.sniff_media(fake) == "video"
+    with pytest.raises(InvalidMediaError, match="truncated, corrupt or not a video"):
+        media.decode_video(fake)
+    with pytest.raises(InvalidMediaError, match="expected a video, got an image"):
+        media.decode_video(png_header_only(4, 4))
+
+
+def test_encode_video_validates_input(clip_frames):
+    with pytest.raises(InvalidRequestError, match="fps"):
+        media.encode_video(clip_frames.frames[:2], 0)
+    with pytest.raises(ShapeMismatchError):
+        media.encode_video(clip_frames.frames[0], 25)
