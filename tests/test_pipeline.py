@@ -1,0 +1,154 @@
+"""The shared runner (load_media -> encode_media -> decode_to_media) on real photos and clips."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+
+from tokenizers_svc import media
+from tokenizers_svc.api import load_tokenizer
+from tokenizers_svc.errors import (
+    InvalidMediaError,
+    InvalidRequestError,
+    LimitExceededError,
+    UnsupportedMediaTypeError,
+)
+from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.media import MediaLimits
+from tokenizers_svc.pipeline import EncodeOptions, decode_to_media, encode_media, load_media
+from tokenizers_svc.registry import list_presets
+
+# Tiny random-init presets that take video, in order of preference (registered by the models and
+# backends helpers); the video tests use the first one present.
+VIDEO_PRESETS = (
+    "video-vae-tiny",
+    "wan-vae-tiny",
+    "cogvideox-vae-tiny",
+    "cosmos-vae-tiny",
+    "hunyuan-video-vae-tiny",
+    "mochi-vae-tiny",
+    "vitok-tiny-2x8",
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("sd-vae-tiny")
+
+
+@pytest.fixture(scope="module")
+def video_tokenizer():
+    registered = {p.name for p in list_presets()}
+    for name in VIDEO_PRESETS:
+        if name in registered:
+            return load_tokenizer(name)
+    pytest.skip(f"no tiny video preset registered yet (looked for {', '.join(VIDEO_PRESETS)})")
+
+
+@pytest.fixture(scope="module")
+def photo_png() -> bytes:
+    """A real photo (scikit-image's coffee) cropped to an odd 45x61, as PNG bytes."""
+    return media.encode_image(np.ascontiguousarray(skdata.coffee()[100:280:4, 150:394:4]), "png")
+
+
+@pytest.fixture(scope="module")
+def clip_mp4() -> bytes:
+    """A 9-frame 48x64 H.264 clip at 24 fps panning across a real photo."""
+    astronaut = skdata.astronaut()
+    frames = np.stack(
+        [astronaut[80 + 4 * t : 176 + 4 * t : 2, 120 + 5 * t : 248 + 5 * t : 2] for t in range(9)]
+    )
+    return media.encode_video(frames, 24.0)
+
+
+def test_load_image(photo_png):
+    loaded = load_media(photo_png)
+    assert loaded.kind == "image" and loaded.fps is None and loaded.num_frames is None
+    assert loaded.pixels.shape == (1, 3, 45, 61) and loaded.pixels.dtype == torch.uint8
+    assert loaded.original_size == (45, 61)
+    assert loaded.sha256 == hashlib.sha256(photo_png).hexdigest()
+    np.testing.assert_array_equal(media.tensor_to_image(loaded.pixels), media.decode_image(photo_png))
+
+
+def test_load_video_with_frame_options(clip_mp4):
+    full = load_media(clip_mp4)
+    assert full.kind == "video" and full.pixels.shape == (1, 3, 9, 48, 64)
+    assert full.fps == pytest.approx(24.0)
+    strided = load_media(clip_mp4, options=EncodeOptions(max_frames=3, stride=2))
+    assert strided.pixels.shape == (1, 3, 3, 48, 64) and strided.fps == pytest.approx(12.0)
+    assert torch.equal(strided.pixels, full.pixels[:, :, 0:6:2])
+
+
+def test_load_media_limits_and_garbage(photo_png, clip_mp4):
+    with pytest.raises(LimitExceededError, match="limit is 1,000 pixels"):
+        load_media(photo_png, MediaLimits(max_pixels=1000))
+    with pytest.raises(LimitExceededError, match="limit is 4 frames"):
+        load_media(clip_mp4, MediaLimits(max_frames=4))
+    with pytest.raises(InvalidMediaError):
+        load_media(b"\x00" * 100)
+
+
+def test_image_round_trip_through_every_format(tokenizer, photo_png):
+    loaded = load_media(photo_png)
+    latents = encode_media(tokenizer, loaded, EncodeOptions(normalize=False))
+    assert latents.source_sha256 == loaded.sha256 and latents.fps is None
+    assert not latents.normalized and latents.original_size == (45, 61)
+    latents = latents_from_bytes(latents.to_bytes())  # as a client would receive them
+    expected = media.tensor_to_image(tokenizer.decode(latents, output_dtype=torch.uint8))
+    for fmt, media_type in (("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")):
+        data, kind = decode_to_media(tokenizer, latents, fmt)
+        assert kind == media_type
+        image = media.decode_image(data)
+        assert image.shape == (45, 61, 3)
+        if fmt == "png":
+            np.testing.assert_array_equal(image, expected)
+
+
+def test_cross_kind_and_batch_errors(tokenizer, photo_png, clip_mp4):
+    latents = encode_media(tokenizer, load_media(photo_png))
+    with pytest.raises(InvalidRequestError, match=r"hold an image .* got mp4"):
+        decode_to_media(tokenizer, latents, "mp4")
+    with pytest.raises(UnsupportedMediaTypeError, match="got 'gif'"):
+        decode_to_media(tokenizer, latents, "gif")
+    with pytest.raises(InvalidRequestError, match="encodes images only; got a video of 9 frames"):
+        encode_media(tokenizer, load_media(clip_mp4))
+    pair = tokenizer.encode(torch.cat([load_media(photo_png).pixels] * 2))
+    with pytest.raises(InvalidRequestError, match="batch of 2"):
+        decode_to_media(tokenizer, pair, "png")
+
+
+def test_seeded_sampling_is_reproducible(tokenizer, photo_png):
+    loaded = load_media(photo_png)
+    options = EncodeOptions(sample=True, seed=7, return_posterior=True)
+    first, second = encode_media(tokenizer, loaded, options), encode_media(tokenizer, loaded, options)
+    assert first.sampled and torch.equal(first.latents, second.latents)
+    other = encode_media(tokenizer, loaded, EncodeOptions(sample=True, seed=8))
+    assert not torch.equal(first.latents, other.latents)
+
+
+def test_video_round_trip(video_tokenizer, clip_mp4):
+    loaded = load_media(clip_mp4, options=EncodeOptions(max_frames=5))
+    latents = encode_media(video_tokenizer, loaded)
+    assert latents.layout == "NCTHW" and latents.original_frames == 5
+    assert latents.fps == pytest.approx(24.0) and latents.source_sha256 == loaded.sha256
+    data, kind = decode_to_media(video_tokenizer, latents, "mp4")
+    assert kind == "video/mp4"
+    video = media.decode_video(data)
+    assert video.frames.shape == (5, 48, 64, 3) and video.fps == pytest.approx(24.0)
+    with pytest.raises(InvalidRequestError, match=r"hold a video .* expected output format mp4"):
+        decode_to_media(video_tokenizer, latents, "png")
+    no_fps = latents_from_bytes(latents.to_bytes())
+    no_fps.fps = None
+    with pytest.raises(InvalidRequestError, match="pass fps"):
+        decode_to_media(video_tokenizer, no_fps, "mp4")
+    assert media.decode_video(decode_to_media(video_tokenizer, no_fps, "mp4", fps=10.0)[0]).fps == 10.0
+
+
+def test_image_through_video_tokenizer(video_tokenizer, photo_png):
+    latents = encode_media(video_tokenizer, load_media(photo_png))
+    data, kind = decode_to_media(video_tokenizer, latents, "png")
+    assert kind == "image/png" and media.decode_image(data).shape == (45, 61, 3)
