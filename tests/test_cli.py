@@ -1,0 +1,172 @@
+"""The ``tokenizers-svc`` command, in process (CliRunner) and as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from skimage import data as skdata
+from typer.testing import CliRunner
+
+from tokenizers_svc import media
+from tokenizers_svc.api import load_tokenizer
+from tokenizers_svc.cli import _delegate, app
+from tokenizers_svc.latents import load_latents
+from tokenizers_svc.registry import list_presets
+
+runner = CliRunner()
+VIDEO_PRESETS = ("video-vae-tiny", "wan-vae-tiny", "cogvideox-vae-tiny", "cosmos-vae-tiny", "vitok-tiny-2x8")
+
+
+@pytest.fixture()
+def photos(tmp_path) -> list[Path]:
+    """Two real photos (scikit-image) as small PNG and JPEG files with odd sizes."""
+    first = tmp_path / "astronaut.png"
+    first.write_bytes(
+        media.encode_image(np.ascontiguousarray(skdata.astronaut()[50:250:5, 150:360:5]), "png")
+    )
+    second = tmp_path / "coffee.jpg"
+    second.write_bytes(media.encode_image(np.ascontiguousarray(skdata.coffee()[0:300:6, 0:330:6]), "jpeg"))
+    return [first, second]
+
+
+def test_models_table_and_json():
+    table = runner.invoke(app, ["models"])
+    assert table.exit_code == 0, table.output
+    header, *rows = table.stdout.splitlines()
+    assert header.split()[:4] == ["NAME", "FAMILY", "MODALITY", "SPATIAL"]
+    tiny = next(r.split() for r in rows if r.startswith("sd-vae-tiny "))
+    assert tiny[1:7] == ["AutoencoderKL", "image", "2", "1", "4", "any"]
+    listing = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    assert {row["name"] for row in listing} == {p.name for p in list_presets()}
+    row = next(r for r in listing if r["name"] == "sd-vae-tiny")
+    module = load_tokenizer("sd-vae-tiny").module
+    assert row["params"] == sum(p.numel() for p in module.parameters())
+    assert row["compression_ratio"] == pytest.approx(3.0)  # f2 c4: 3*2*2/4
+    assert row["weights"] == "random-init"
+
+
+def test_encode_info_decode_one_image(photos, tmp_path):
+    out = tmp_path / "astronaut.safetensors"
+    result = runner.invoke(app, ["encode", str(photos[0]), "-o", str(out), "-m", "sd-vae-tiny", "--raw"])
+    assert result.exit_code == 0, result.output
+    latents = load_latents(out)
+    assert latents.tokenizer == "sd-vae-tiny" and not latents.normalized
+    assert latents.original_size == (40, 42) and latents.latents.shape == (1, 4, 20, 21)
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    summary = json.loads(info.stdout)
+    assert summary["original_size"] == [40, 42] and summary["normalized"] is False
+    assert summary["source_sha256"] == latents.source_sha256
+    checked = runner.invoke(app, ["info", str(out), "--model", "sd-vae-tiny"])
+    assert checked.exit_code == 0 and "valid_for        sd-vae-tiny" in checked.stdout
+    png = tmp_path / "back.png"
+    decoded = runner.invoke(app, ["decode", str(out), "-o", str(png)])  # model from the file
+    assert decoded.exit_code == 0, decoded.output
+    assert media.read_image(png).shape == (40, 42, 3)
+
+
+def test_encode_options_reach_the_latents(photos, tmp_path):
+    out = tmp_path / "p.safetensors"
+    args = ["encode", str(photos[1]), "-o", str(out), "-m", "sd-vae-tiny"]
+    result = runner.invoke(app, [*args, "--resize", "shorter-side", "--resolution", "24", "--posterior"])
+    assert result.exit_code == 0, result.output
+    latents = load_latents(out)
+    assert latents.normalized and latents.resized_from == (50, 55)
+    assert min(latents.original_size) == 24 and latents.mean is not None
+    sampled = runner.invoke(
+        app, [*args, "--sample", "--seed", "1", "--tile-size", "32", "--tile-overlap", "8"]
+    )
+    assert sampled.exit_code == 0, sampled.output
+    assert load_latents(out).sampled
+
+
+def test_multi_file_with_one_failure(photos, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(photos[0].read_bytes()[:300])  # truncated PNG
+    out_dir = tmp_path / "latents"
+    result = runner.invoke(
+        app, ["encode", *map(str, photos), str(broken), "-o", str(out_dir), "-m", "sd-vae-tiny"]
+    )
+    assert result.exit_code == 1
+    assert "broken.png: invalid_media" in result.stderr and "1 of 3 inputs failed" in result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["astronaut.safetensors", "coffee.safetensors"]
+
+
+def test_directory_input_and_name_collisions(photos, tmp_path):
+    out_dir = tmp_path / "out"
+    result = runner.invoke(app, ["encode", str(tmp_path), "-o", str(out_dir), "-m", "sd-vae-tiny"])
+    assert result.exit_code == 0, result.output
+    assert len(list(out_dir.iterdir())) == 2
+    twin = tmp_path / "sub" / "astronaut.png"
+    twin.parent.mkdir()
+    shutil.copy(photos[0], twin)
+    clash = runner.invoke(app, ["encode", str(photos[0]), str(twin), "-o", str(out_dir), "-m", "sd-vae-tiny"])
+    assert clash.exit_code == 1 and "would both be written" in clash.stderr
+
+
+def test_errors_exit_nonzero_with_message(photos, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"nope" * 10)
+    info = runner.invoke(app, ["info", str(garbage)])
+    assert info.exit_code == 1 and "error: invalid_latents: not a safetensors latent file" in info.stderr
+    unknown = runner.invoke(app, ["encode", str(photos[0]), "-o", str(tmp_path / "x"), "-m", "no-such-model"])
+    assert unknown.exit_code == 1 and "unsupported_model: unknown model 'no-such-model'" in unknown.stderr
+    out = tmp_path / "a.safetensors"
+    assert runner.invoke(app, ["encode", str(photos[0]), "-o", str(out), "-m", "sd-vae-tiny"]).exit_code == 0
+    as_video = runner.invoke(app, ["decode", str(out), "-o", str(tmp_path / "a.mp4")])
+    assert as_video.exit_code == 1 and "hold an image" in as_video.stderr
+    gif = runner.invoke(app, ["decode", str(out), "-o", str(tmp_path / "a.gif")])
+    assert gif.exit_code == 1 and "unsupported_media_type" in gif.stderr
+    missing = runner.invoke(
+        app, ["decode", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "a.png")]
+    )
+    assert missing.exit_code == 1 and "cannot read" in missing.stderr
+
+
+def test_passthrough_delegation(tmp_path, monkeypatch):
+    (tmp_path / "fake_entry.py").write_text(
+        "def main(argv):\n    print('argv=' + ','.join(argv))\n    return 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(typer.Exit) as done:
+        _delegate("fake_entry", ["--port", "1", "--help"])
+    assert done.value.exit_code == 3
+    with pytest.raises(typer.Exit) as missing:
+        _delegate("serving.not_a_module", [])
+    assert missing.value.exit_code == 2
+    with pytest.raises(typer.Exit) as no_main:
+        _delegate("json", [])  # importable, but no main(argv)
+    assert no_main.value.exit_code == 2
+
+
+@pytest.mark.slow
+def test_installed_console_script(shared_data, tmp_path):
+    """The real installed ``tokenizers-svc`` on a real photo and (when a video preset exists) a real clip."""
+    script = Path(sys.executable).with_name("tokenizers-svc")
+    assert script.exists(), f"console script missing at {script}; run `make install`"
+    photo = shared_data / "images" / "val" / "plant.jpg"
+    small = tmp_path / "plant.png"
+    small.write_bytes(media.encode_image(media.read_image(photo)[::4, ::4], "png"))  # 84x125, odd sizes
+    latents, back = tmp_path / "plant.safetensors", tmp_path / "plant.webp"
+    subprocess.run([script, "encode", small, "-o", latents, "-m", "sd-vae-tiny"], check=True, timeout=300)
+    subprocess.run([script, "decode", latents, "-o", back], check=True, timeout=300)
+    assert media.read_image(back).shape == (84, 125, 3)
+    registered = {p.name for p in list_presets()}
+    video_model = next((name for name in VIDEO_PRESETS if name in registered), None)
+    if video_model is None:
+        pytest.skip(f"image part passed; no tiny video preset registered yet ({', '.join(VIDEO_PRESETS)})")
+    clip = shared_data / "videos" / "carphone_pristine.mp4"
+    clip_latents, clip_back = tmp_path / "clip.safetensors", tmp_path / "clip.mp4"
+    encode = [script, "encode", clip, "-o", clip_latents, "-m", video_model, "--max-frames", "5"]
+    subprocess.run(encode, check=True, timeout=300)
+    subprocess.run([script, "decode", clip_latents, "-o", clip_back], check=True, timeout=300)
+    video = media.read_video(clip_back)
+    assert video.frames.shape == (5, 144, 176, 3)
+    assert video.fps == pytest.approx(30000 / 1001, abs=1e-3)
