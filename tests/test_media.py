@@ -292,6 +292,27 @@ def test_encode_real_clip_round_trip(clip_frames):
     assert psnr(back.frames, source) > 30
 
 
+def test_video_rotation_metadata_is_applied(tmp_path, panning_frames):
+    import av
+
+    path = tmp_path / "phone.mp4"
+    source = panning_frames[:3, :62, :84]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 84, 62, "yuv420p"
+        stream.options = {"crf": "12"}
+        stream.set_display_rotation(90)  # players show the stored frames turned 90 degrees counterclockwise
+        for rgb in source:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    upright = media.read_video(path).frames
+    assert upright.shape == (3, 84, 62, 3)
+    assert psnr(upright, np.rot90(source, 1, axes=(1, 2))) > 30
+    assert psnr(upright, np.rot90(source, -1, axes=(1, 2))) < 20
+
+
 def test_truncated_faststart_mp4(panning_frames):
     data = media.encode_video(panning_frames, 25.0)  # moov atom first
     with pytest.raises(InvalidMediaError, match="truncated"):

@@ -308,7 +308,8 @@ def decode_video(
     Frames whose timestamps fall in [start, end) seconds are kept, every ``stride``-th of them.
     ``max_frames`` stops after that many frames (an explicit truncation); without it, a video with
     more than ``limits.max_frames`` frames raises LimitExceededError instead of being cut silently.
-    A file that ends before its header's frame count (truncated download) is InvalidMediaError.
+    Rotation metadata (phones) is applied, so frames come out upright as players show them. A file
+    that ends well before its header's duration (truncated download) is InvalidMediaError.
     """
     _validate_range(start, end, stride, max_frames)
     if max_frames is not None and max_frames > limits.max_frames:
@@ -369,6 +370,7 @@ def _decode_stream(
             container.seek(0)  # unseekable (no index): decode from the start and skip
     frames: list[np.ndarray] = []
     first_time: float | None = None
+    quarter_turns = 0
     selected = 0  # frames inside [start, end), before stride
     seen = 0  # every decoded frame
     t = 0.0
@@ -397,6 +399,7 @@ def _decode_stream(
             )
         if first_time is None:
             first_time = t
+            quarter_turns = round((frame.rotation or 0) / 90) % 4  # display matrix, counterclockwise
             width, height = frame.width, frame.height
             _check_pixels(width, height, limits, "video frame")
         if (len(frames) + 1) * width * height > limits.max_total_pixels:
@@ -406,7 +409,7 @@ def _decode_stream(
                 param="file",
             )
         rgb = frame.reformat(width=width, height=height, format="rgb24")  # one size for the whole clip
-        frames.append(rgb.to_ndarray())
+        frames.append(np.rot90(rgb.to_ndarray(), quarter_turns) if quarter_turns else rgb.to_ndarray())
     else:
         last = t if seen else 0.0
         if end is None and duration is not None and last + 1 / fps < duration - max(2 / fps, 0.02 * duration):
