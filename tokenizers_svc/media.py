@@ -305,7 +305,8 @@ def decode_video(
 ) -> Video:
     """Video bytes or path -> :class:`Video` with frames (T, H, W, 3) uint8 RGB.
 
-    Frames whose timestamps fall in [start, end) seconds are kept, every ``stride``-th of them.
+    Frames whose timestamps fall in [start, end) seconds (counted from the stream's first timestamp)
+    are kept, every ``stride``-th of them.
     ``max_frames`` stops after that many frames (an explicit truncation); without it, a video with
     more than ``limits.max_frames`` frames raises LimitExceededError instead of being cut silently.
     Rotation metadata (phones) is applied, so frames come out upright as players show them. A file
@@ -363,9 +364,12 @@ def _decode_stream(
                 param="file",
             )
     cap = max_frames if max_frames is not None else limits.max_frames
+    # times are relative to the stream's first timestamp, so start/end mean "seconds into the video"
+    origin = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
     if start:
         try:
-            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+            target = int((start + origin) / stream.time_base)
+            container.seek(target, stream=stream, backward=True, any_frame=False)
         except av.error.FFmpegError:
             container.seek(0)  # unseekable (no index): decode from the start and skip
     frames: list[np.ndarray] = []
@@ -377,7 +381,7 @@ def _decode_stream(
     eps = 0.5 / fps
     for frame in container.decode(stream):
         seen += 1
-        t = frame.time if frame.time is not None else (seen - 1) / fps
+        t = frame.time - origin if frame.time is not None else (seen - 1) / fps
         if start is not None and t < start - eps:
             continue
         if end is not None and t >= end - eps:
