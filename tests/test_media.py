@@ -19,6 +19,7 @@ from tokenizers_svc.errors import (
     InvalidRequestError,
     LimitExceededError,
     ShapeMismatchError,
+    TokenizerError,
     UnsupportedMediaTypeError,
 )
 from tokenizers_svc.media import MediaLimits
@@ -333,3 +334,26 @@ def test_encode_video_validates_input(clip_frames):
         media.encode_video(clip_frames.frames[:2], 0)
     with pytest.raises(ShapeMismatchError):
         media.encode_video(clip_frames.frames[0], 25)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp", "mp4"])
+def test_corrupted_files_raise_typed_errors_only(photo, panning_frames, fmt):
+    """Random byte flips and cuts of valid files: each either decodes or raises a TokenizerError."""
+    if fmt == "mp4":
+        original, decode = media.encode_video(panning_frames, 25.0), media.decode_video
+    else:
+        original, decode = media.encode_image(photo, fmt), media.decode_image
+    rng = np.random.default_rng(0)
+    outcomes = {"decoded": 0, "refused": 0}
+    for _ in range(40):
+        corrupt = bytearray(original)
+        for index in rng.integers(0, len(corrupt), size=rng.integers(1, 40)):
+            corrupt[index] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            corrupt = corrupt[: int(rng.integers(1, len(corrupt)))]
+        try:
+            decode(bytes(corrupt))
+            outcomes["decoded"] += 1
+        except TokenizerError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0, outcomes

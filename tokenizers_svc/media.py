@@ -176,6 +176,10 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits()) -> np.ndarray
         raise InvalidMediaError(
             f"cannot identify an image in {len(data)} bytes; expected PNG, JPEG or WebP", param="file"
         ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidMediaError(
+            f"image header is corrupt ({exc}); expected a complete PNG, JPEG or WebP file", param="file"
+        ) from None
     if image.format not in IMAGE_MEDIA_TYPES:
         raise UnsupportedMediaTypeError(
             f"{image.format} images are not supported; expected PNG, JPEG or WebP", param="file"
@@ -238,8 +242,9 @@ def _check_frames_array(pixels: np.ndarray, ndim: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------------- video
 
 
-def _ffmpeg_reason(exc: av.error.FFmpegError) -> str:
-    return f"{type(exc).__name__}: {exc.strerror}" if exc.strerror else type(exc).__name__
+def _ffmpeg_reason(exc: av.error.FFmpegError | UnicodeDecodeError) -> str:
+    reason = getattr(exc, "strerror", None)  # UnicodeDecodeError: garbage in container metadata
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def _open_container(data: bytes | str | Path) -> av.container.InputContainer:
@@ -320,7 +325,7 @@ def decode_video(
     container = _open_container(data)
     try:
         return _decode_stream(container, limits, max_frames, start, end, stride)
-    except av.error.FFmpegError as exc:
+    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
         raise InvalidMediaError(
             f"video is truncated or corrupt ({_ffmpeg_reason(exc)})",
             param="file",
@@ -340,6 +345,10 @@ def _decode_stream(
     if not container.streams.video:
         raise InvalidMediaError("file has no video stream", param="file")
     stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise InvalidMediaError(
+            "no decoder for this video's codec; the file is corrupt or exotic", param="file"
+        )
     stream.thread_type = "AUTO"
     width, height = stream.codec_context.width, stream.codec_context.height
     if width and height:
