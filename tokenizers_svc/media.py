@@ -334,6 +334,33 @@ def decode_video(
         container.close()
 
 
+class _FrameBuffer:
+    """Frames written into one preallocated (T, H, W, 3) array (sized from the header's estimate,
+    doubled if exceeded), so peak memory is about the clip itself rather than a list plus a stack."""
+
+    def __init__(self, capacity: int, max_total_pixels: int) -> None:
+        self.capacity = max(1, capacity)
+        self.max_total_pixels = max_total_pixels
+        self.count = 0
+        self._data: np.ndarray | None = None
+
+    def append(self, frame: np.ndarray) -> None:
+        if self._data is None:
+            fit = max(1, self.max_total_pixels // (frame.shape[0] * frame.shape[1]))  # never above the cap
+            self._data = np.empty((min(self.capacity, fit), *frame.shape), dtype=np.uint8)
+        elif self.count == len(self._data):
+            grown = np.empty((2 * len(self._data), *frame.shape), dtype=np.uint8)
+            grown[: self.count] = self._data
+            self._data = grown
+        self._data[self.count] = frame
+        self.count += 1
+
+    def frames(self) -> np.ndarray:
+        """The filled part (T, H, W, 3); copied out when most of the buffer went unused, to free it."""
+        view = self._data[: self.count]
+        return view.copy() if 2 * self.count < len(self._data) else view
+
+
 def _decode_stream(
     container: av.container.InputContainer,
     limits: MediaLimits,
@@ -357,6 +384,9 @@ def _decode_stream(
     duration = _stream_duration(container, stream)
     span_start = start or 0.0
     span_end = min(end, duration) if end is not None and duration is not None else (end or duration)
+    expected = None  # frame count estimate from the header, sizes the output buffer
+    if span_end is not None:
+        expected = math.ceil((span_end - span_start) * fps / stride - 1e-6)
     if max_frames is None and span_end is not None:
         span = span_end - span_start
         if span > limits.max_duration_s:
@@ -365,7 +395,6 @@ def _decode_stream(
                 "(pass start/end or max_frames to decode a part)",
                 param="file",
             )
-        expected = math.ceil(span * fps / stride - 1e-6)
         if expected > limits.max_frames:
             raise LimitExceededError(
                 f"video range has about {expected} frames at {fps:g} fps / stride {stride}; the limit is "
@@ -381,7 +410,7 @@ def _decode_stream(
             container.seek(target, stream=stream, backward=True, any_frame=False)
         except av.error.FFmpegError:
             container.seek(0)  # unseekable (no index): decode from the start and skip
-    frames: list[np.ndarray] = []
+    buffer = _FrameBuffer(min(cap, expected + 2 if expected is not None else 64), limits.max_total_pixels)
     first_time: float | None = None
     quarter_turns = 0
     selected = 0  # frames inside [start, end), before stride
@@ -402,7 +431,7 @@ def _decode_stream(
         selected += 1
         if (selected - 1) % stride:
             continue
-        if len(frames) >= cap:
+        if buffer.count >= cap:
             if max_frames is not None:
                 break
             raise LimitExceededError(
@@ -415,14 +444,14 @@ def _decode_stream(
             quarter_turns = round((frame.rotation or 0) / 90) % 4  # display matrix, counterclockwise
             width, height = frame.width, frame.height
             _check_pixels(width, height, limits, "video frame")
-        if (len(frames) + 1) * width * height > limits.max_total_pixels:
+        if (buffer.count + 1) * width * height > limits.max_total_pixels:
             raise LimitExceededError(
                 f"decoded video would exceed {limits.max_total_pixels:,} pixels in total "
-                f"({len(frames) + 1} frames of {width}x{height}); pass max_frames, start/end or stride",
+                f"({buffer.count + 1} frames of {width}x{height}); pass max_frames, start/end or stride",
                 param="file",
             )
         rgb = frame.reformat(width=width, height=height, format="rgb24")  # one size for the whole clip
-        frames.append(np.rot90(rgb.to_ndarray(), quarter_turns) if quarter_turns else rgb.to_ndarray())
+        buffer.append(np.rot90(rgb.to_ndarray(), quarter_turns) if quarter_turns else rgb.to_ndarray())
     else:
         last = t if seen else 0.0
         if end is None and duration is not None and last + 1 / fps < duration - max(2 / fps, 0.02 * duration):
@@ -430,10 +459,10 @@ def _decode_stream(
                 f"video is truncated: its header declares {duration:.2f} s but frames stop at {last:.2f} s",
                 param="file",
             )
-    if not frames:
+    if not buffer.count:
         where = f" in [{span_start:g}, {end if end is not None else 'end'}) s" if (start or end) else ""
         raise InvalidMediaError(f"no video frames could be decoded{where}", param="file")
-    return Video(frames=np.stack(frames), fps=fps / stride, start_time=float(first_time or 0.0))
+    return Video(frames=buffer.frames(), fps=fps / stride, start_time=float(first_time or 0.0))
 
 
 def read_video(
