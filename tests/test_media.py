@@ -175,6 +175,8 @@ def test_unsupported_format_is_415_type(photo):
         media.sniff_media(gif)
     with pytest.raises(UnsupportedMediaTypeError, match="GIF"):
         media.decode_image(gif)
+    with pytest.raises(UnsupportedMediaTypeError, match="HEIC/AVIF"):
+        media.sniff_media(b"\x00\x00\x00\x1cftypheic\x00\x00\x00\x00")
 
 
 def test_pixel_cap_checked_from_header_before_decoding():

@@ -93,6 +93,7 @@ _UNSUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"MM\x00*", "TIFF"),
     (b"%PDF", "PDF"),
 )
+_ISOBMFF_IMAGE_BRANDS = {b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif", b"avis"}  # ftyp brands
 SUPPORTED_DESCRIPTION = "PNG, JPEG or WebP images; MP4/MOV, AVI, MKV/WebM videos"
 
 
@@ -110,6 +111,10 @@ def sniff_media(data: bytes) -> MediaKind:
             return "image"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image"
+    if head[4:8] == b"ftyp" and head[8:12] in _ISOBMFF_IMAGE_BRANDS:
+        raise UnsupportedMediaTypeError(
+            f"HEIC/AVIF images are not supported; expected {SUPPORTED_DESCRIPTION}", param="file"
+        )
     if (
         head[4:8] == b"ftyp"
         or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
