@@ -61,6 +61,14 @@ def _load(model: str, device: str, dtype: DType) -> Tokenizer:
 
     from tokenizers_svc.api import load_tokenizer
 
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InvalidRequestError(
+            f"--device must be a torch device such as cpu or cuda:0, got {device!r}"
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"--device {device} requested but CUDA is not available; use --device cpu")
     return load_tokenizer(model, device=device, dtype=getattr(torch, dtype.value))
 
 
