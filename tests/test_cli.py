@@ -128,6 +128,8 @@ def test_errors_exit_nonzero_with_message(photos, tmp_path):
         app, ["decode", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "a.png")]
     )
     assert missing.exit_code == 1 and "cannot read" in missing.stderr
+    bad_device = runner.invoke(app, ["decode", str(out), "-o", str(tmp_path / "b.png"), "--device", "tpu9"])
+    assert bad_device.exit_code == 1 and "--device must be a torch device" in bad_device.stderr
 
 
 def test_passthrough_delegation(tmp_path, monkeypatch):
