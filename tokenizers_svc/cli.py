@@ -87,18 +87,14 @@ def _preset_row(preset: Preset) -> dict:
     }
     config = preset.config
     if weights is not None:
-        config = {
-            k: v
-            for k, v in json.loads((weights / "config.json").read_text()).items()
-            if not k.startswith("_")
-        }
+        config = json.loads((weights / "config.json").read_text())
     if not config:
         return row
     import torch
 
     try:
         with torch.device("meta"):
-            module = model_class(preset.class_name)(**config)
+            module = model_class(preset.class_name).from_config(config)  # drops keys it does not know
         spec = backend_for(preset.class_name).from_module(module, preset.name).spec
     except (TypeError, ValueError, RuntimeError, NotImplementedError, TokenizerError) as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
