@@ -104,6 +104,16 @@ def test_directory_input_and_name_collisions(photos, tmp_path):
     result = runner.invoke(app, ["encode", str(tmp_path), "-o", str(out_dir), "-m", "sd-vae-tiny"])
     assert result.exit_code == 0, result.output
     assert len(list(out_dir.iterdir())) == 2
+    single_dir = tmp_path / "only"
+    single_dir.mkdir()
+    shutil.copy(photos[1], single_dir)
+    nested = tmp_path / "new" / "deeper"
+    assert (
+        runner.invoke(app, ["encode", str(single_dir), "-o", str(nested), "-m", "sd-vae-tiny"]).exit_code == 0
+    )
+    assert [p.name for p in nested.iterdir()] == [
+        "coffee.safetensors"
+    ]  # a directory input means OUT is a dir
     twin = tmp_path / "sub" / "astronaut.png"
     twin.parent.mkdir()
     shutil.copy(photos[0], twin)

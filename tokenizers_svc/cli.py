@@ -289,7 +289,7 @@ def encode(
     if not files:
         typer.echo("error: no input files (directories contribute only media files)", err=True)
         raise typer.Exit(2)
-    as_directory = len(files) > 1 or out.is_dir() or len(inputs) != len(files)
+    as_directory = len(files) > 1 or out.is_dir() or any(path.is_dir() for path in inputs)
     try:
         targets = _output_paths(files, out, as_directory)
         options = EncodeOptions(
@@ -308,8 +308,7 @@ def encode(
         tokenizer = _load(model, device, dtype)
     except TokenizerError as exc:
         raise _fail(exc) from None
-    if as_directory:
-        out.mkdir(parents=True, exist_ok=True)
+    (out if as_directory else out.parent).mkdir(parents=True, exist_ok=True)
     failures = 0
     progress = tqdm(
         list(zip(files, targets, strict=True)),
@@ -325,6 +324,10 @@ def encode(
         except TokenizerError as exc:
             failures += 1
             tqdm.write(f"error: {source}: {exc.type}: {exc.message}", file=sys.stderr)
+            continue
+        except OSError as exc:
+            failures += 1
+            tqdm.write(f"error: {source}: cannot write {target}: {exc.strerror}", file=sys.stderr)
             continue
         if len(files) == 1:
             typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
