@@ -1,0 +1,1 @@
+"""Ray Serve service: HTTP encode/decode endpoints (see docs/serving.md)."""

@@ -1,0 +1,184 @@
+"""ASGI middleware: request id, optional API key, request body cap, metrics, and the one error shape.
+
+The body cap runs before the application reads anything: a declared ``Content-Length`` over the cap
+is refused at once, and a chunked body is counted as it arrives and refused as soon as it passes the
+cap (the rest is never buffered). The application then reads the already-buffered body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from serving.metrics import ServiceMetrics
+from tokenizers_svc.errors import AuthenticationError, LimitExceededError, TokenizerError
+
+Scope = dict
+Message = dict
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID_HEADER = "x-request-id"
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # open without the API key (probes, scrapes)
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MiddlewareSettings:
+    max_body_bytes: int
+    api_key: str | None = None
+    metrics: ServiceMetrics | None = None
+
+
+class InternalError(TokenizerError):
+    """What the client sees of an unexpected exception: no type name, message or path from inside."""
+
+    type = "internal_error"
+    http_status = 500
+
+
+def error_payload(error: TokenizerError) -> bytes:
+    return json.dumps({"error": error.to_dict()}).encode()
+
+
+def error_headers(error: TokenizerError) -> list[tuple[bytes, bytes]]:
+    """Content type and, for 503, Retry-After in whole seconds (at least 1)."""
+    headers = [(b"content-type", b"application/json")]
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
+    return headers
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _too_large(cap: int, size: int, *, streaming: bool = False) -> LimitExceededError:
+    got = f"at least {size} (chunked body, stopped reading)" if streaming else str(size)
+    return LimitExceededError(f"request body must be at most {cap} bytes, got {got}", param="body")
+
+
+class ServiceMiddleware:
+    """Wraps the FastAPI app. Settings come from ``app.state.middleware`` (set by the ingress at
+    start), because a Serve ingress app is built before the service config is known."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings: MiddlewareSettings = scope["app"].state.middleware
+        started = time.perf_counter()
+        status = 500
+        # Ray Serve's proxy puts its request id in the scope and echoes it on the response; outside
+        # Serve (the bare app) we make one and add the header ourselves.
+        given = _header(scope, REQUEST_ID_HEADER.encode())
+        request_id = given.decode("latin-1") if given else uuid.uuid4().hex
+        echo_id = None if given else request_id
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if echo_id is not None:
+                    extra = [(REQUEST_ID_HEADER.encode(), echo_id.encode())]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        async def refuse(error: TokenizerError) -> None:
+            start = {
+                "type": "http.response.start",
+                "status": error.http_status,
+                "headers": error_headers(error),
+            }
+            await send_with_id(start)
+            await send({"type": "http.response.body", "body": error_payload(error)})
+
+        response_started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send_with_id(message)
+
+        try:
+            error = self._check_auth(scope, settings)
+            if error is not None:
+                await refuse(error)
+                return
+            body, error = await self._read_body(scope, receive, settings.max_body_bytes)
+            if error is not None:
+                await refuse(error)
+                return
+            if body is None:  # client went away
+                return
+            await self.app(scope, _replay(body, receive), tracked_send)
+        except Exception:  # the one boundary that turns unknown failures into a generic 500
+            logger.exception("unhandled error in request %s", request_id)
+            if not response_started:
+                await refuse(InternalError(f"internal server error (request id {request_id})"))
+        finally:
+            if settings.metrics is not None:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                settings.metrics.requests.labels(route, str(status)).inc()
+                settings.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _check_auth(scope: Scope, settings: MiddlewareSettings) -> TokenizerError | None:
+        if not settings.api_key or scope["path"] in OPEN_PATHS:
+            return None
+        auth = _header(scope, b"authorization") or b""
+        token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        if hmac.compare_digest(token, settings.api_key.encode()):
+            return None
+        return AuthenticationError(
+            "missing or wrong API key; expected header 'Authorization: Bearer <key>'", param="authorization"
+        )
+
+    @staticmethod
+    async def _read_body(
+        scope: Scope, receive: Receive, cap: int
+    ) -> tuple[bytes | None, TokenizerError | None]:
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            return None, _too_large(cap, int(declared))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                return None, _too_large(cap, size, streaming=True)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that hands the buffered body to the app once, then defers to the server."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,507 @@
+"""FastAPI ingress: HTTP protocol only (bodies, content negotiation, limits, errors).
+
+Each route parses the request into a job, hands it to the model's tokenizer deployment, and turns
+the reply into a response. Media decoding, batching and the model live in ``serving.worker``.
+Request bodies:
+
+- encode: ``image/png|jpeg|webp``, ``video/mp4`` (and other containers PyAV reads), or
+  ``tensor/binary`` pixels with ``shape``/``dtype`` query parameters;
+- decode: ``application/x-safetensors`` (the latent file) or ``tensor/binary`` latents.
+"""
+
+import asyncio
+import math
+import os
+from typing import Literal
+
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.metrics import ServiceMetrics
+from serving.middleware import MiddlewareSettings, ServiceMiddleware, error_headers
+from serving.schemas import ErrorResponse, ModelInfo, ModelList, ServiceConfig
+from serving.worker import DecodeJob, EncodeJob, ErrorReply, Reply, TensorOutput
+from tokenizers_svc.errors import (
+    DTypeMismatchError,
+    InvalidRequestError,
+    LimitExceededError,
+    OverloadedError,
+    RequestTimeoutError,
+    ShapeMismatchError,
+    TokenizerError,
+    UnsupportedMediaTypeError,
+    UnsupportedModelError,
+)
+from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.pipeline import EncodeOptions
+from tokenizers_svc.tiling import TilingOptions
+
+TENSOR_TYPE = "tensor/binary"
+LATENT_FILE_TYPE = "application/x-safetensors"
+PIXEL_DTYPES = {
+    "uint8": torch.uint8,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+IMAGE_ACCEPT = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "video/mp4": "mp4"}
+
+_binary = {"schema": {"type": "string", "format": "binary"}}
+ENCODE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "An image, a video, or raw pixels (tensor/binary: C-order little-endian bytes of a "
+        "(1, 3, H, W) or (1, 3, T, H, W) tensor, uint8 [0, 255] or float [-1, 1]; pass shape and dtype).",
+        "content": {
+            t: _binary
+            for t in (
+                "image/png",
+                "image/jpeg",
+                "image/webp",
+                "video/mp4",
+                "video/webm",
+                "video/quicktime",
+                TENSOR_TYPE,
+            )
+        },
+    }
+}
+DECODE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A latent file (safetensors written by encode / Latents.save), or raw latents "
+        "(tensor/binary: (N, C, h, w) or (N, C, t, h, w) float32/float16/bfloat16; pass shape and dtype).",
+        "content": {LATENT_FILE_TYPE: _binary, "application/octet-stream": _binary, TENSOR_TYPE: _binary},
+    }
+}
+ENCODE_RESPONSES = {
+    200: {
+        "description": "The latent file, or raw latents with `shape`/`dtype`/`normalized` headers "
+        "when `Accept: tensor/binary`.",
+        "content": {LATENT_FILE_TYPE: _binary, TENSOR_TYPE: _binary},
+    }
+}
+DECODE_RESPONSES = {
+    200: {
+        "description": "Decoded media, or raw pixels with `shape`/`dtype` headers for tensor output.",
+        "content": {t: _binary for t in ("image/png", "image/jpeg", "image/webp", "video/mp4", TENSOR_TYPE)},
+    }
+}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 500, 503, 504)}
+
+app = FastAPI(
+    title="tokenizers-svc",
+    version="1",
+    description="Encode images and videos into latents and decode latents back (see docs/serving.md).",
+)
+app.add_middleware(ServiceMiddleware)
+
+
+def error_response(error: TokenizerError) -> JSONResponse:
+    headers = {k.decode(): v.decode() for k, v in error_headers(error)}
+    return JSONResponse({"error": error.to_dict()}, status_code=error.http_status, headers=headers)
+
+
+@app.exception_handler(TokenizerError)
+async def _tokenizer_error(request: Request, error: TokenizerError) -> JSONResponse:
+    return error_response(error)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    param = str(first["loc"][-1]) if first.get("loc") else None
+    return error_response(
+        InvalidRequestError(f"{param}: {first['msg']} (got {first.get('input')!r})", param=param)
+    )
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kinds = {404: "not_found", 405: "method_not_allowed"}
+    body = {
+        "error": {"type": kinds.get(exc.status_code, "http_error"), "message": str(exc.detail), "param": None}
+    }
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+def parse_shape(values: list[str]) -> list[int]:
+    """``shape=1&shape=4`` (diffusers/requests style), ``shape=1,4`` or ``shape=[1,4]`` -> [1, 4]."""
+    if not values:
+        raise InvalidRequestError("tensor/binary bodies need a 'shape' query parameter", param="shape")
+    text = values[0] if len(values) == 1 else ",".join(values)
+    try:
+        shape = [int(v) for v in text.strip("[]()").split(",") if v.strip()]
+    except ValueError:
+        raise InvalidRequestError(
+            f"shape must be comma-separated positive integers, got {values}", param="shape"
+        ) from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ShapeMismatchError(f"shape must be non-empty positive integers, got {shape}", param="shape")
+    return shape
+
+
+def parse_tensor(
+    body: bytes, shape: list[int], dtype: str | None, allowed: dict[str, torch.dtype]
+) -> torch.Tensor:
+    """Raw little-endian C-order bytes -> tensor, after checking dtype and that the size matches."""
+    if dtype not in allowed:
+        raise DTypeMismatchError(f"dtype must be one of {sorted(allowed)}, got {dtype!r}", param="dtype")
+    torch_dtype = allowed[dtype]
+    expected = math.prod(shape) * torch_dtype.itemsize
+    if len(body) != expected:
+        raise ShapeMismatchError(
+            f"body has {len(body)} bytes; shape {shape} of {dtype} needs {expected}", param="shape"
+        )
+    return torch.frombuffer(bytearray(body), dtype=torch_dtype).reshape(shape)
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _accepts(request: Request) -> str:
+    return request.headers.get("accept", "").split(",")[0].split(";")[0].strip().lower()
+
+
+def unpack_latents(tensor: torch.Tensor, height: int, width: int, compression: int) -> torch.Tensor:
+    """Packed (N, h/2*w/2, C*4) latents (FLUX-style 2x2 patches) -> (N, C, h, w)."""
+    n, length, packed = tensor.shape
+    h, w = 2 * (height // (compression * 2)), 2 * (width // (compression * 2))
+    if length != (h // 2) * (w // 2) or packed % 4:
+        raise ShapeMismatchError(
+            f"packed latents for {height}x{width} need shape (N, {(h // 2) * (w // 2)}, 4*C), got {tuple(tensor.shape)}",
+            param="shape",
+        )
+    grid = tensor.view(n, h // 2, w // 2, packed // 4, 2, 2)  # (N, h/2, w/2, C, 2, 2)
+    return grid.permute(0, 3, 1, 4, 2, 5).reshape(n, packed // 4, h, w)
+
+
+def _tiling(params: dict) -> TilingOptions | None:
+    if params.get("tiling") is None:
+        return None
+    return TilingOptions(
+        enabled=params["tiling"], tile_size=params["tile_size"], tile_overlap=params["tile_overlap"]
+    )
+
+
+def _scaling(scale: float | None, shift: float | None) -> tuple[float, float] | None:
+    """diffusers' explicit factors: normalized = (raw - shift) * scale; None when neither is given."""
+    if scale is None and shift is None:
+        return None
+    return (1.0 if scale is None else scale, 0.0 if shift is None else shift)
+
+
+def _apply_diffusers_protocol(
+    job: DecodeJob, request: Request, output_type: str, image_format: str, partial_postprocess: bool
+) -> None:
+    """diffusers remote_decode output choices -> this service's output fields.
+
+    - ``mp4``: MP4 bytes;  ``pil`` with Accept image/*: PNG/JPEG bytes;
+    - ``pil`` with Accept tensor/binary (a processor on the client): float [0, 1] channels-first;
+    - ``pt`` + ``partial_postprocess``: uint8 channels-last; ``pt`` alone: float [-1, 1] channels-first
+      in the request's dtype.
+    """
+    source_dtype = str((job.tensor if job.tensor is not None else job.latents.latents).dtype).removeprefix(
+        "torch."
+    )
+    if output_type == "mp4":
+        job.format = "mp4"
+    elif output_type == "pil" and _accepts(request) != TENSOR_TYPE:
+        job.format = "png" if image_format == "png" else "jpeg"
+    elif output_type == "pil":
+        job.format, job.tensor_output = None, TensorOutput(dtype=source_dtype, range="unit")
+    elif partial_postprocess:
+        job.format, job.tensor_output = None, TensorOutput(dtype="uint8", range="uint8", channels_last=True)
+    else:
+        job.format, job.tensor_output = None, TensorOutput(dtype=source_dtype, range="signed")
+
+
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Ingress:
+    """Routes requests to one tokenizer deployment per model (``workers``: served name -> handle)."""
+
+    def __init__(self, config: dict, workers: dict) -> None:
+        self.config = ServiceConfig.model_validate(config)
+        self.workers = workers
+        self.metrics = ServiceMetrics()
+        self.info: dict[str, dict] = {}
+        self.timeouts = {
+            m.name: m.request_timeout_s or self.config.request_timeout_s for m in self.config.models
+        }
+        app.state.middleware = MiddlewareSettings(
+            max_body_bytes=self.config.limits.max_body_bytes,
+            api_key=os.environ.get(self.config.api_key_env) if self.config.api_key_env else None,
+            metrics=self.metrics,
+        )
+
+    # ---- plumbing ----
+
+    def _handle(self, model: str):
+        if model not in self.workers:
+            raise UnsupportedModelError(
+                f"unknown model {model!r}; served: {sorted(self.workers)}", param="model"
+            )
+        return self.workers[model]
+
+    async def _describe(self, model: str) -> dict:
+        if model not in self.info:
+            self.info[model] = await self._handle(model).describe.remote()
+        return self.info[model]
+
+    async def _call(self, model: str, method: str, job) -> Response:
+        """Send a job to the model's deployment with backpressure, timeout and error mapping."""
+        response = getattr(self._handle(model), method).remote(job)
+        gauge = self.metrics.in_flight.labels(model)
+        gauge.inc()
+        retry = self.config.retry_after_s
+        timeout = self.timeouts[model]
+        try:
+            reply: Reply | ErrorReply = await asyncio.wait_for(response, timeout)
+        except BackPressureError:
+            self.metrics.rejected.labels(model, "queue_full").inc()
+            raise OverloadedError(
+                f"{model} queue is full; retry after {retry} s", param="model", retry_after=retry
+            ) from None
+        except (RayActorError, ActorUnavailableError):
+            self.metrics.rejected.labels(model, "replica_unavailable").inc()
+            raise OverloadedError(
+                f"{model} replica is restarting; retry after {retry} s", param="model", retry_after=retry
+            ) from None
+        except TimeoutError:
+            response.cancel()
+            self.metrics.rejected.labels(model, "timeout").inc()
+            raise RequestTimeoutError(f"{model} did not answer within {timeout} s", param="model") from None
+        finally:
+            gauge.dec()
+        if isinstance(reply, ErrorReply):
+            return JSONResponse({"error": reply.error}, status_code=reply.status)
+        self.metrics.batch_size.labels(model, method).observe(reply.batch_size)
+        return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
+
+    def _check_pixel_shape(self, shape: list[int]) -> None:
+        limits = self.config.limits
+        if len(shape) not in (4, 5):
+            raise ShapeMismatchError(
+                f"pixels must be (1, 3, H, W) or (1, 3, T, H, W), got shape {shape}", param="shape"
+            )
+        h, w = shape[-2:]
+        if h * w > limits.max_pixels:
+            raise LimitExceededError(
+                f"frames must have at most {limits.max_pixels} pixels, got {h}x{w}", param="shape"
+            )
+        if len(shape) == 5 and shape[2] > limits.max_frames:
+            raise LimitExceededError(
+                f"videos must have at most {limits.max_frames} frames, got {shape[2]}", param="shape"
+            )
+        if math.prod(shape[2:]) > limits.max_total_pixels:
+            raise LimitExceededError(
+                f"videos must have at most {limits.max_total_pixels} pixels in all, got {math.prod(shape[2:])}",
+                param="shape",
+            )
+
+    # ---- routes ----
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness: the ingress answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(self) -> JSONResponse:
+        """Readiness: every model deployment has a replica that answers."""
+        try:
+            await asyncio.gather(*(asyncio.wait_for(h.ready.remote(), 5.0) for h in self.workers.values()))
+        except (TimeoutError, RayActorError, ActorUnavailableError, BackPressureError):
+            return error_response(
+                OverloadedError("models are not ready yet", retry_after=self.config.retry_after_s)
+            )
+        return JSONResponse({"status": "ready", "models": sorted(self.workers)})
+
+    @app.get("/metrics")
+    async def metrics_route(self) -> Response:
+        body, media_type = self.metrics.render()
+        return Response(body, media_type=media_type)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(self) -> dict:
+        return {"models": [await self._describe(name) for name in self.workers]}
+
+    @app.get("/v1/models/{model}", response_model=ModelInfo, responses=ERRORS)
+    async def get_model(self, model: str) -> dict:
+        return await self._describe(model)
+
+    @app.post(
+        "/v1/models/{model}/encode", openapi_extra=ENCODE_BODY, responses={**ENCODE_RESPONSES, **ERRORS}
+    )
+    async def encode(
+        self,
+        request: Request,
+        model: str,
+        normalize: bool = Query(True, description="diffusion-ready (normalized) latents, else raw"),
+        sample: bool = Query(False, description="draw from the posterior; default: its mode"),
+        seed: int | None = Query(None, description="makes sample=true reproducible"),
+        return_posterior: bool = Query(False, description="also store the raw posterior mean/logvar"),
+        resize: Literal["none", "shorter-side", "fit"] = "none",
+        resolution: int | None = Query(None, gt=0),
+        tiling: bool | None = Query(None, description="None: tile only inputs larger than one tile"),
+        tile_size: int = Query(512, gt=0),
+        tile_overlap: int = Query(64, ge=0),
+        max_frames: int | None = Query(None, gt=0),
+        start: float | None = Query(None, ge=0),
+        end: float | None = Query(None, gt=0),
+        stride: int = Query(1, gt=0),
+        dtype: str | None = Query(
+            None, description="tensor/binary bodies: uint8, float32, float16, bfloat16"
+        ),
+        scaling_factor: float | None = Query(None, description="diffusers protocol: (raw - shift) * scale"),
+        shift_factor: float | None = Query(None),
+    ) -> Response:
+        """Image, video or pixel tensor -> latent file (or raw latents with ``Accept: tensor/binary``)."""
+        return await self._encode(request, model, locals(), default_output="file")
+
+    @app.post(
+        "/v1/models/{model}/diffusers/encode",
+        openapi_extra=ENCODE_BODY,
+        responses={**ENCODE_RESPONSES, **ERRORS},
+    )
+    async def diffusers_encode(
+        self,
+        request: Request,
+        model: str,
+        dtype: str | None = None,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+    ) -> Response:
+        """diffusers ``remote_encode`` protocol: raw latents back as tensor/binary with shape/dtype
+        headers; scaled by ``(raw - shift_factor) * scaling_factor`` only when those are given."""
+        params = {
+            "dtype": dtype,
+            "scaling_factor": scaling_factor,
+            "shift_factor": shift_factor,
+            "normalize": False,
+        }
+        return await self._encode(request, model, params, default_output="tensor")
+
+    async def _encode(self, request: Request, model: str, params: dict, default_output: str) -> Response:
+        self._handle(model)
+        body = await request.body()
+        content_type = _content_type(request)
+        shape_values = request.query_params.getlist("shape")
+        job = EncodeJob(
+            options=EncodeOptions(
+                normalize=params.get("normalize", True),
+                sample=params.get("sample", False),
+                return_posterior=params.get("return_posterior", False),
+                resize=params.get("resize", "none"),
+                resolution=params.get("resolution"),
+                tiling=_tiling(params),
+                max_frames=params.get("max_frames"),
+                start=params.get("start"),
+                end=params.get("end"),
+                stride=params.get("stride", 1),
+                seed=params.get("seed"),
+            ),
+            output="tensor" if _accepts(request) == TENSOR_TYPE else default_output,
+            scaling=_scaling(params.get("scaling_factor"), params.get("shift_factor")),
+        )
+        if content_type == TENSOR_TYPE or (shape_values and content_type in ("", "application/octet-stream")):
+            shape = parse_shape(shape_values)
+            self._check_pixel_shape(shape)
+            job.tensor = parse_tensor(body, shape, params.get("dtype"), PIXEL_DTYPES)
+        elif content_type.startswith(("image/", "video/")) or content_type in (
+            "",
+            "application/octet-stream",
+        ):
+            if not body:
+                raise InvalidRequestError("request body is empty; expected an image or a video", param="body")
+            job.data = body
+        else:
+            raise UnsupportedMediaTypeError(
+                f"encode takes image/*, video/* or {TENSOR_TYPE} bodies, got {content_type!r}",
+                param="content-type",
+            )
+        return await self._call(model, "encode", job)
+
+    @app.post(
+        "/v1/models/{model}/decode", openapi_extra=DECODE_BODY, responses={**DECODE_RESPONSES, **ERRORS}
+    )
+    async def decode(
+        self,
+        request: Request,
+        model: str,
+        format: Literal["png", "jpeg", "jpg", "webp", "mp4", "tensor"] | None = Query(
+            None, description="output; default from Accept, else png for images and mp4 for videos"
+        ),
+        normalized: bool = Query(True, description="tensor/binary bodies: latents are normalized"),
+        fps: float | None = Query(None, gt=0, description="mp4 output; default: the latent file's fps"),
+        quality: int = Query(95, ge=1, le=100),
+        tiling: bool | None = None,
+        tile_size: int = Query(512, gt=0),
+        tile_overlap: int = Query(64, ge=0),
+        dtype: str | None = Query(None, description="tensor/binary bodies: float32, float16, bfloat16"),
+        output_type: Literal["pil", "pt", "mp4"] | None = Query(
+            None, description="diffusers remote-VAE protocol"
+        ),
+        image_format: Literal["png", "jpg"] = "jpg",
+        partial_postprocess: bool = False,
+        do_scaling: bool | None = None,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        height: int | None = Query(None, gt=0),
+        width: int | None = Query(None, gt=0),
+    ) -> Response:
+        """Latent file or latent tensor -> PNG/JPEG/WebP/MP4, or pixels as tensor/binary.
+
+        Accepts the diffusers remote-VAE parameters (``output_type``, ``image_format``,
+        ``partial_postprocess``, ``scaling_factor``, ``shift_factor``, ``height``/``width``), so that
+        ``diffusers.utils.remote_utils.remote_decode`` works against this route unchanged.
+        """
+        self._handle(model)
+        body = await request.body()
+        job = DecodeJob(tiling=_tiling(locals()), quality=quality, fps=fps)
+        if _content_type(request) == TENSOR_TYPE:
+            shape = parse_shape(request.query_params.getlist("shape"))
+            if math.prod(shape) > self.config.limits.max_latent_elements:
+                raise LimitExceededError(
+                    f"latents must have at most {self.config.limits.max_latent_elements} elements, got shape {shape}",
+                    param="shape",
+                )
+            tensor = parse_tensor(body, shape, dtype, LATENT_DTYPES)
+            if tensor.ndim == 3:
+                if height is None or width is None:
+                    raise InvalidRequestError("packed (3-d) latents need height and width", param="shape")
+                info = await self._describe(model)
+                tensor = unpack_latents(tensor, height, width, info["spatial_compression"])
+            job.tensor = tensor
+            job.normalized = normalized
+            is_video, frames = tensor.ndim == 5, tensor.shape[2] if tensor.ndim == 5 else 1
+            job.fps = fps or self.config.default_fps
+        elif _content_type(request) in ("", LATENT_FILE_TYPE, "application/octet-stream"):
+            job.latents = latents_from_bytes(body)
+            is_video = job.latents.layout == "NCTHW"
+            frames = job.latents.original_frames if is_video else 1
+        else:
+            raise UnsupportedMediaTypeError(
+                f"decode takes {LATENT_FILE_TYPE} or {TENSOR_TYPE} bodies, got {_content_type(request)!r}",
+                param="content-type",
+            )
+        if output_type is not None:
+            _apply_diffusers_protocol(job, request, output_type, image_format, partial_postprocess)
+            job.normalized = bool(do_scaling)
+            job.scaling = _scaling(scaling_factor, shift_factor)
+        elif format == "tensor" or (format is None and _accepts(request) == TENSOR_TYPE):
+            job.format = None
+        elif format is not None:
+            job.format = "jpeg" if format == "jpg" else format
+        else:
+            job.format = IMAGE_ACCEPT.get(_accepts(request), "mp4" if is_video and frames != 1 else "png")
+        return await self._call(model, "decode", job)
