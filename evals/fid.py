@@ -156,22 +156,26 @@ class FeatureStats:
         return cls(mu=feats.mean(axis=0), sigma=np.cov(feats, rowvar=False), n=feats.shape[0])
 
     @cached_property
-    def sqrt_sigma(self) -> np.ndarray:
-        """Symmetric PSD square root of sigma via ``eigh`` (computed once: reference stats are reused)."""
+    def sqrt_factor(self) -> np.ndarray:
+        """(D, r) factor L = V_r diag(sqrt(w_r)) from ``eigh(sigma)`` over its r numerically nonzero
+        eigenvalues, so that sigma^{1/2} = L V_r^T (computed once: reference stats are reused)."""
         w, v = np.linalg.eigh(self.sigma)
-        return (v * np.sqrt(_rank_clip(w))) @ v.T
+        keep = _rank_clip(w) > 0
+        return v[:, keep] * np.sqrt(w[keep])
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """d² = |mu_a - mu_b|² + tr(S_a) + tr(S_b) - 2 tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}).
 
-    Symmetric eigen-decomposition: S_a^{1/2} from ``eigh``, then the eigenvalues of the symmetric PSD
-    product via ``eigvalsh`` (round-off eigenvalues below the numerical rank zeroed). Stable for the rank-deficient
-    covariances of small N, where ``sqrtm(S_a @ S_b)`` can return complex noise.
+    Symmetric eigen-decomposition: S_a^{1/2} = V_r diag(sqrt w_r) V_r^T from ``eigh``; then the eigenvalues
+    of the symmetric PSD S_a^{1/2} S_b S_a^{1/2} = V_r (L^T S_b L) V_r^T via ``eigvalsh`` of the r x r
+    matrix L^T S_b L (orthogonal similarity: same nonzero spectrum, far cheaper when N < D). Eigenvalues
+    below the numerical rank are zeroed. Stable for the rank-deficient covariances of small N, where
+    ``sqrtm(S_a @ S_b)`` can return complex noise.
     """
     _check_pair(a, b)
-    root_a = a.sqrt_sigma
-    middle = root_a @ b.sigma @ root_a
+    factor = a.sqrt_factor  # (D, r)
+    middle = factor.T @ b.sigma @ factor  # (r, r)
     middle = (middle + middle.T) / 2  # exact symmetry for eigvalsh
     trace_cross = np.sqrt(_rank_clip(np.linalg.eigvalsh(middle))).sum()
     diff = a.mu - b.mu

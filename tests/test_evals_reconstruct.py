@@ -1,0 +1,137 @@
+"""The evals.reconstruct script end to end: two models on the same inputs, report files, pinned values."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from skimage import data
+
+from evals import fid
+from evals.reconstruct import main
+from tokenizers_svc.api import build_module
+from tokenizers_svc.media import encode_image
+from tokenizers_svc.registry import get_preset
+
+# The tiny fixed set: four scikit-image photos (available to every user), center-cropped to 64x64.
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+# Regression values, produced once by this test's own run (sd-vae-tiny, random init seed 0, CPU float32,
+# torch 2.13) via `python -m pytest tests/test_evals_reconstruct.py` and copied here. They are recomputed
+# by the full pipeline on every run: resize/crop, encode/decode, uint8 quantization, Inception, metrics.
+PINNED = {
+    "sd-vae-tiny": {
+        "psnr": 10.339816563452217,
+        "ssim": 0.09063992435879689,
+        "rfid": 446.1455960028741,
+        "kid": 0.2453666149711045,
+    },
+    "baseline": {"psnr": 28.956185705619248, "ssim": 0.9145440755187826, "rfid": 85.79755163212815},
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[dict, object]:
+    root = tmp_path_factory.mktemp("eval")
+    images = root / "images"
+    images.mkdir()
+    for name in PHOTOS:
+        (images / f"{name}.png").write_bytes(encode_image(getattr(data, name)(), format="png"))
+    other = root / "vae-seed1"
+    build_module(get_preset("sd-vae-tiny"), seed=1).save_pretrained(other)
+    out = root / "report"
+    argv = ["--model", "sd-vae-tiny", "--model", str(other), "--data", str(images), "--resolution", "64"]
+    argv += ["--max-items", "4", "--out", str(out), "--cache-dir", str(root / "cache"), "--samples", "2"]
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_report_files_and_protocol(report):
+    result, out = report
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "items.csv", "samples.png"}
+    assert result["n"] == 4 and result["item_shape"] == [3, 64, 64]
+    assert "small-N" in result["sample_size_label"]
+    assert result["protocol"]["inception"]["sha1"] == fid.INCEPTION_SHA1
+    assert result["protocol"]["inception"]["standard"] is True
+    assert result["protocol"]["lpips"].startswith(("unavailable", "lpips"))
+    assert result["versions"]["torch"] and result["versions"]["diffusers"]
+    models = [r for r in result["results"] if r["kind"] == "model"]
+    assert [r["name"] for r in models] == ["sd-vae-tiny", "vae-seed1"]
+    assert models[0]["weights_hash"] != models[1]["weights_hash"]
+    for row in models:
+        assert row["throughput"]["encode_items_per_s"] > 0 and row["throughput"]["decode_items_per_s"] > 0
+        assert row["metrics"]["fid_n"] == 4
+    table = (out / "report.md").read_text()
+    assert "| sd-vae-tiny |" in table and "(baseline)" in table and "not comparable" in table
+
+
+def test_every_model_sees_the_same_items(report):
+    _, out = report
+    with open(out / "items.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    by_model: dict[str, list[str]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], []).append(row["item"])
+    names = [f"{p}.png" for p in sorted(PHOTOS)]
+    assert all(items == names for items in by_model.values()), by_model
+    assert len(by_model) == 3  # two models + one bicubic baseline (both latents have the same size)
+
+
+def test_baseline_matches_latent_size(report):
+    result, _ = report
+    model = result["results"][0]
+    baseline = next(r for r in result["results"] if r["kind"] == "baseline")
+    assert model["floats_per_item"] == 4 * 32 * 32  # sd-vae-tiny: f2, 4 channels at 64x64
+    assert abs(baseline["floats_per_item"] - model["floats_per_item"]) / model["floats_per_item"] < 0.05
+    # a random-init VAE is far worse than bicubic at the same size: the report must show it
+    assert baseline["metrics"]["psnr"] > model["metrics"]["psnr"]
+
+
+def test_pinned_regression_values(report):
+    result, _ = report
+    rows = {r["name"] if r["kind"] == "model" else "baseline": r["metrics"] for r in result["results"]}
+    for name, expected in PINNED.items():
+        for metric, value in expected.items():
+            assert rows[name][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, metric)
+
+
+def test_reference_features_are_cached(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.random.default_rng(0).normal(size=(5, 8))
+
+    key = {"data": "x", "resolution": 64}
+    first, cached_first = fid.cached_features(tmp_path, key, compute)
+    again, cached_again = fid.cached_features(tmp_path, key, compute)
+    _, cached_other = fid.cached_features(tmp_path, {**key, "resolution": 128}, compute)
+    assert (cached_first, cached_again, cached_other) == (False, True, False) and len(calls) == 2
+    np.testing.assert_array_equal(first, again)
+    assert len(list(tmp_path.glob("ref-*.npz"))) == 2
+
+
+def test_video_data_with_an_image_model(shared_data, tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "bikes.mp4").symlink_to(shared_data / "videos" / "bikes.mp4")
+    out = tmp_path / "report"
+    argv = ["--model", "sd-vae-tiny", "--data", str(clips), "--resolution", "32", "--frames", "3"]
+    argv += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    result = json.loads((out / "report.json").read_text())
+    assert result["kind"] == "video" and result["fid_n"] == 3 and result["item_shape"] == [3, 3, 32, 32]
+    model = result["results"][0]
+    assert model["frames_encoded_independently"] is True
+    assert np.isfinite(model["metrics"]["temporal_diff_psnr"])
+    assert "tPSNR" in (out / "report.md").read_text()
+
+
+def test_bad_arguments_exit_nonzero(tmp_path, capsys):
+    assert main(["--model", "sd-vae-tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
+    assert "--data must be a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(tmp_path)])
+    assert exc.value.code == 2
