@@ -222,6 +222,9 @@ class TokenizerWorker:
         return results
 
     def _encode_reply(self, latents: Latents, job: EncodeJob, batch: int) -> Reply:
+        if latents.mean is not None and latents.mean.data_ptr() == latents.latents.data_ptr():
+            # raw mode latents *are* the posterior mean; safetensors refuses to save shared memory
+            latents = replace(latents, mean=latents.mean.clone())
         if job.scaling is not None:
             scale, shift = job.scaling
             latents = replace(latents.with_normalized(False), latents=(latents.raw() - shift) * scale)

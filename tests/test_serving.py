@@ -1,0 +1,554 @@
+"""The Ray Serve app over real HTTP: every route and body type, batching, limits, errors, diffusers client.
+
+One app per module (local Ray, 2 CPUs, 127.0.0.1, random port). Served models, all the random-init
+``sd-vae-tiny`` preset: ``sd-vae-tiny`` (batching), ``tiny-queue1`` (one request at a time, one
+queued: overflow -> 503) and ``tiny-timeout`` (a 1 ms timeout: every call -> 504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import socket
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+from ray import serve
+
+from serving.app import build_app
+from tokenizers_svc import media
+from tokenizers_svc.api import load_tokenizer
+from tokenizers_svc.client import AsyncClient, Client, RetryPolicy
+from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
+
+MODEL = "sd-vae-tiny"
+MAX_BODY = 1_000_000
+MAX_PIXELS = 500_000
+CONFIG = {
+    "request_timeout_s": 60,
+    "api_key_env": None,
+    "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS, "max_latent_elements": 200_000},
+    "models": [
+        {"name": MODEL, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        {
+            "name": "tiny-queue1",
+            "model": MODEL,
+            "num_cpus": 0.5,
+            "max_batch_size": 1,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+        },
+        {"name": "tiny-timeout", "model": MODEL, "num_cpus": 0.5, "request_timeout_s": 0.001},
+    ],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(CONFIG), name="tokenizers-test", route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(MODEL, allow_random_init=True)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    return media.encode_image(pixels, "png")
+
+
+@pytest.fixture(scope="module")
+def crops(photo_uint8) -> list[np.ndarray]:
+    """Eight different real 48x64 crops of the astronaut photo, (48, 64, 3) uint8."""
+    return [photo_uint8[y : y + 48, x : x + 64].copy() for y in (0, 120, 240, 360) for x in (40, 300)]
+
+
+def _assert_healthy(http: httpx.Client, crops) -> None:
+    assert http.get("/healthz").status_code == 200
+    response = http.post(
+        f"/v1/models/{MODEL}/encode", content=_png(crops[0]), headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 200, response.text
+
+
+def _error(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param"}
+    assert response.headers.get("x-request-id")
+    return body["error"]
+
+
+# ---- info routes ----
+
+
+def test_health_ready_models_metrics_openapi(http):
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").json()["status"] == "ready"
+    names = [m["served_name"] for m in http.get("/v1/models").json()["models"]]
+    assert names == [MODEL, "tiny-queue1", "tiny-timeout"]
+    info = http.get(f"/v1/models/{MODEL}").json()
+    assert (info["spatial_compression"], info["latent_channels"], info["modality"]) == (2, 4, "image")
+    assert info["normalization"]["scale"] == pytest.approx(0.18215)
+    assert "float32" in info["dtypes"]
+    spec = http.get("/openapi.json").json()
+    encode_body = spec["paths"]["/v1/models/{model}/encode"]["post"]["requestBody"]["content"]
+    assert {"image/png", "image/jpeg", "image/webp", "video/mp4", "tensor/binary"} <= set(encode_body)
+    decode_body = spec["paths"]["/v1/models/{model}/decode"]["post"]["requestBody"]["content"]
+    assert {"application/x-safetensors", "tensor/binary"} <= set(decode_body)
+    metrics = http.get("/metrics").text
+    assert 'tokenizers_requests_total{route="/healthz",status="200"}' in metrics
+
+
+# ---- encode bodies ----
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_encode_image_matches_library(http, tokenizer, crops, fmt):
+    data = media.encode_image(crops[1], fmt)
+    response = http.post(f"/v1/models/{MODEL}/encode", content=data, headers={"content-type": f"image/{fmt}"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-safetensors"
+    served = latents_from_bytes(response.content)
+    local = encode_media(tokenizer, load_media(data), EncodeOptions())
+    assert served.tokenizer == MODEL and served.normalized and served.original_size == (48, 64)
+    assert served.source_sha256 == local.source_sha256
+    # Same weights (seeded init), same input, same code path; only thread scheduling can differ.
+    torch.testing.assert_close(served.latents, local.latents, rtol=0, atol=1e-5)
+
+
+def test_encode_options_raw_posterior_resize(http, tokenizer, crops):
+    params = {"normalize": "false", "return_posterior": "true", "resize": "shorter-side", "resolution": 32}
+    response = http.post(
+        f"/v1/models/{MODEL}/encode",
+        content=_png(crops[2]),
+        params=params,
+        headers={"content-type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    latents = latents_from_bytes(response.content)
+    assert not latents.normalized and latents.mean is not None and latents.logvar is not None
+    assert latents.resized_from == (48, 64) and min(latents.original_size) == 32
+    torch.testing.assert_close(latents.latents, latents.mean)
+
+
+def test_encode_tensor_body_and_tensor_output(http, tokenizer, photo_nchw):
+    raw = photo_nchw.contiguous().numpy().tobytes()
+    response = http.post(
+        f"/v1/models/{MODEL}/encode",
+        content=raw,
+        params={"shape": "1,3,48,64", "dtype": "uint8"},
+        headers={"content-type": "tensor/binary", "accept": "tensor/binary"},
+    )
+    assert response.status_code == 200, response.text
+    shape = json.loads(response.headers["shape"])
+    assert shape == [1, 4, 24, 32] and response.headers["dtype"] == "float32"
+    assert response.headers["normalized"] == "true"
+    served = torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(shape)
+    torch.testing.assert_close(served, tokenizer.encode(photo_nchw).latents, rtol=0, atol=1e-5)
+    # float [-1, 1] pixels are accepted as well
+    floats = photo_nchw.float() / 127.5 - 1
+    response = http.post(
+        f"/v1/models/{MODEL}/encode",
+        content=floats.numpy().tobytes(),
+        params={"shape": "1,3,48,64", "dtype": "float32"},
+        headers={"content-type": "tensor/binary"},
+    )
+    assert response.status_code == 200
+    torch.testing.assert_close(latents_from_bytes(response.content).latents, served, rtol=0, atol=1e-4)
+
+
+def test_encode_video_on_image_model_is_refused(http, crops):
+    clip = media.encode_video(np.stack([crops[0]] * 3), fps=8)
+    response = http.post(f"/v1/models/{MODEL}/encode", content=clip, headers={"content-type": "video/mp4"})
+    assert response.status_code == 422
+    assert _error(response)["param"] == "model"
+
+
+# ---- decode bodies and outputs ----
+
+
+@pytest.fixture(scope="module")
+def latent_file(http, crops) -> bytes:
+    response = http.post(
+        f"/v1/models/{MODEL}/encode", content=_png(crops[3]), headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 200
+    return response.content
+
+
+@pytest.mark.parametrize(
+    ("accept", "fmt"), [("image/png", "PNG"), ("image/jpeg", "JPEG"), ("image/webp", "WEBP")]
+)
+def test_decode_latent_file_to_images(http, tokenizer, latent_file, accept, fmt):
+    response = http.post(
+        f"/v1/models/{MODEL}/decode",
+        content=latent_file,
+        headers={"content-type": "application/x-safetensors", "accept": accept},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == accept
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == fmt and image.size == (64, 48)
+    if fmt == "PNG":  # lossless: equals the library decode exactly (up to rounding of one ulp)
+        local = tokenizer.decode(latents_from_bytes(latent_file), output_dtype=torch.uint8)[0]
+        served = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        assert (served.int() - local.int()).abs().max() <= 1
+
+
+def test_decode_tensor_bodies_and_tensor_output(http, tokenizer, latent_file):
+    latents = latents_from_bytes(latent_file)
+    z = latents.latents  # (1, 4, 24, 32) normalized
+    response = http.post(
+        f"/v1/models/{MODEL}/decode",
+        content=z.numpy().tobytes(),
+        params={"shape": "1,4,24,32", "dtype": "float32", "format": "tensor"},
+        headers={"content-type": "tensor/binary"},
+    )
+    assert response.status_code == 200, response.text
+    assert json.loads(response.headers["shape"]) == [1, 3, 48, 64] and response.headers["dtype"] == "float32"
+    pixels = torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(1, 3, 48, 64)
+    torch.testing.assert_close(pixels, tokenizer.decode(z, normalized=True), rtol=0, atol=1e-5)
+    # latent file -> tensor via Accept; raw (normalized=false) tensor -> png by default
+    response = http.post(
+        f"/v1/models/{MODEL}/decode", content=latent_file, headers={"accept": "tensor/binary"}
+    )
+    assert response.status_code == 200 and json.loads(response.headers["shape"]) == [1, 3, 48, 64]
+    raw = latents.raw().to(torch.bfloat16)
+    response = http.post(
+        f"/v1/models/{MODEL}/decode",
+        content=raw.view(torch.int16).numpy().tobytes(),
+        params={"shape": "1,4,24,32", "dtype": "bfloat16", "normalized": "false"},
+        headers={"content-type": "tensor/binary"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+
+
+# ---- batching ----
+
+
+def test_batched_equals_unbatched(base_url, http, crops):
+    """Eight concurrent same-shape requests are batched; each result equals its sequential one."""
+    bodies = [_png(c) for c in crops]
+    sequential = []
+    for body in bodies:
+        response = http.post(
+            f"/v1/models/{MODEL}/encode", content=body, headers={"content-type": "image/png"}
+        )
+        sequential.append(latents_from_bytes(response.content))
+
+    def batch_counts() -> tuple[float, float]:
+        text = http.get("/metrics").text
+        count = le1 = 0.0
+        for line in text.splitlines():
+            if line.startswith("tokenizers_batch_size_count") and f'model="{MODEL}",op="encode"' in line:
+                count = float(line.split()[-1])
+            if (
+                line.startswith("tokenizers_batch_size_bucket")
+                and 'le="1.0"' in line
+                and 'op="encode"' in line
+            ) and f'model="{MODEL}"' in line:
+                le1 = float(line.split()[-1])
+        return count, le1
+
+    count_before, singles_before = batch_counts()
+
+    async def concurrent():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"/v1/models/{MODEL}/encode", content=b, headers={"content-type": "image/png"}
+                    )
+                    for b in bodies
+                )
+            )
+
+    responses = asyncio.run(concurrent())
+    count_after, singles_after = batch_counts()
+    assert count_after - count_before == len(bodies)
+    assert singles_after - singles_before < len(bodies), "no request shared a batch"
+    for response, expected in zip(responses, sequential, strict=True):
+        assert response.status_code == 200
+        served = latents_from_bytes(response.content)
+        assert served.source_sha256 == expected.source_sha256
+        # Batched convolutions may pick other CPU kernels: same math, float32 rounding differences only.
+        torch.testing.assert_close(served.latents, expected.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_concurrent_clients_sync_and_async(base_url, tokenizer, crops):
+    async def many():
+        async with AsyncClient(base_url) as client:
+            encoded = await asyncio.gather(*(client.encode(MODEL, c) for c in crops * 2))
+            decoded = await asyncio.gather(*(client.decode(MODEL, z) for z in encoded[:4]))
+            return encoded, decoded
+
+    encoded, decoded = asyncio.run(many())
+    assert len(encoded) == 16 and all(z.original_size == (48, 64) for z in encoded)
+    assert all(Image.open(io.BytesIO(d)).size == (64, 48) for d in decoded)
+    with Client(base_url) as client:
+        latents = client.encode(MODEL, crops[0])
+        torch.testing.assert_close(latents.latents, encoded[0].latents, rtol=1e-4, atol=1e-5)
+        pixels = client.decode_tensor(MODEL, latents)
+        assert pixels.shape == (1, 3, 48, 64) and pixels.dtype == torch.float32
+        assert client.model(MODEL)["latent_channels"] == 4
+
+
+# ---- the diffusers remote-VAE client ----
+
+
+def test_diffusers_remote_decode_and_encode(base_url, tokenizer, crops):
+    from diffusers.utils.remote_utils import remote_decode, remote_encode
+
+    endpoint = f"{base_url}/v1/models/{MODEL}/decode"
+    image = Image.fromarray(crops[4])
+    raw = remote_encode(endpoint=f"{base_url}/v1/models/{MODEL}/diffusers/encode", image=image)
+    expected = tokenizer.encode(media.image_to_tensor(crops[4]), normalize=False).latents
+    torch.testing.assert_close(raw, expected, rtol=0, atol=1e-5)
+    scaled = remote_encode(
+        endpoint=f"{base_url}/v1/models/{MODEL}/diffusers/encode",
+        image=image,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
+    torch.testing.assert_close(scaled, (expected - 0.1) * 0.5, rtol=0, atol=1e-5)
+    # contiguous: remote_encode serializes a temporary .contiguous() copy it does not keep alive, so a
+    # non-contiguous tensor would be sent as freed memory (a client-side quirk of diffusers 0.42).
+    pixels = (torch.from_numpy(crops[4]).permute(2, 0, 1)[None].float() / 127.5 - 1).contiguous()
+    from_tensor = remote_encode(endpoint=f"{base_url}/v1/models/{MODEL}/diffusers/encode", image=pixels)
+    torch.testing.assert_close(from_tensor, expected, rtol=0, atol=1e-4)
+
+    latent = scaled.to(torch.float16)
+    jpg = remote_decode(endpoint=endpoint, tensor=latent, scaling_factor=0.5, shift_factor=0.1)
+    assert jpg.format == "jpeg" and jpg.size == (64, 48)
+    png = remote_decode(
+        endpoint=endpoint, tensor=latent, scaling_factor=0.5, shift_factor=0.1, image_format="png"
+    )
+    assert png.format == "png"
+    uint8 = remote_decode(
+        endpoint=endpoint,
+        tensor=latent,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+        output_type="pt",
+        partial_postprocess=True,
+        return_type="pt",
+    )
+    assert uint8.dtype == torch.uint8 and uint8.shape == (1, 48, 64, 3)
+    floats = remote_decode(
+        endpoint=endpoint,
+        tensor=latent,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+        output_type="pt",
+        return_type="pt",
+    )
+    assert floats.dtype == torch.float16 and floats.shape == (1, 3, 48, 64)
+    local = tokenizer.decode(latent.float() / 0.5 + 0.1, normalized=False)
+    torch.testing.assert_close(floats.float(), local, rtol=0, atol=2e-2)  # float16 transport + float16 input
+    assert (np.asarray(png).astype(int) - uint8[0].numpy().astype(int)).__abs__().max() <= 1
+
+
+# ---- bad inputs: each gives its status and leaves the service healthy ----
+
+
+def _pixel_bomb() -> bytes:
+    """A valid PNG header declaring 20000 x 20000 pixels (a few hundred bytes on the wire)."""
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    header = (
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    )
+    idat = zlib.compress(b"\x00" * 1000)
+    return (
+        header + struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    )
+
+
+def _truncated_mp4(crops) -> bytes:
+    clip = media.encode_video(np.stack([crops[0], crops[1]] * 4), fps=8)
+    return clip[: len(clip) // 3]
+
+
+def _chunks(total: int):
+    for _ in range(total // 65536):
+        yield b"\x00" * 65536
+
+
+def _latent_tensor(value: float) -> bytes:
+    z = torch.zeros(1, 4, 8, 8)
+    z[0, 0, 0, 0] = value
+    return z.numpy().tobytes()
+
+
+BAD_INPUTS = {
+    "oversized body": (413, "encode", {"content": b"\x00" * (MAX_BODY + 1), "ct": "image/png"}),
+    "chunked oversize": (413, "encode", {"stream": 2 * MAX_BODY, "ct": "image/png"}),
+    "pixel bomb": (413, "encode", {"content": "bomb", "ct": "image/png"}),
+    "garbage image": (422, "encode", {"content": b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "ct": "image/png"}),
+    "truncated mp4": (422, "encode", {"content": "truncated", "ct": "video/mp4"}),
+    "wrong dtype": (
+        422,
+        "encode",
+        {"content": b"\x00" * 8 * 3 * 64, "ct": "tensor/binary", "q": "shape=1,3,8,8&dtype=int64"},
+    ),
+    "wrong rank": (
+        422,
+        "encode",
+        {"content": b"\x00" * 3 * 64, "ct": "tensor/binary", "q": "shape=3,8,8&dtype=uint8"},
+    ),
+    "wrong channels": (
+        422,
+        "encode",
+        {"content": b"\x00" * 4 * 64, "ct": "tensor/binary", "q": "shape=1,4,8,8&dtype=uint8"},
+    ),
+    "wrong latent channels": (
+        422,
+        "decode",
+        {"content": b"\x00" * 4 * 3 * 64, "ct": "tensor/binary", "q": "shape=1,3,8,8&dtype=float32"},
+    ),
+    "body size != shape": (
+        422,
+        "encode",
+        {"content": b"\x00" * (3 * 64 - 1), "ct": "tensor/binary", "q": "shape=1,3,8,8&dtype=uint8"},
+    ),
+    "tensor over pixel cap": (
+        413,
+        "encode",
+        {"content": b"\x00", "ct": "tensor/binary", "q": "shape=1,3,1000,1000&dtype=uint8"},
+    ),
+    "latents over element cap": (
+        413,
+        "decode",
+        {"content": b"\x00", "ct": "tensor/binary", "q": "shape=1,4,300,300&dtype=float32"},
+    ),
+    "NaN latents": (
+        422,
+        "decode",
+        {"content": _latent_tensor(math.nan), "ct": "tensor/binary", "q": "shape=1,4,8,8&dtype=float32"},
+    ),
+    "Inf latents": (
+        422,
+        "decode",
+        {"content": _latent_tensor(math.inf), "ct": "tensor/binary", "q": "shape=1,4,8,8&dtype=float32"},
+    ),
+    "garbage latent file": (
+        422,
+        "decode",
+        {"content": b"not safetensors", "ct": "application/x-safetensors"},
+    ),
+    "unsupported content type": (415, "encode", {"content": b"{}", "ct": "application/json"}),
+    "bad option": (422, "encode", {"content": b"x", "ct": "image/png", "q": "resize=sideways"}),
+    "unknown model": (404, "encode-unknown", {"content": b"x", "ct": "image/png"}),
+    "unknown route": (404, "nowhere", {"content": b"", "ct": "image/png"}),
+    "timeout": (504, "timeout", {"content": "png", "ct": "image/png"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs(http, crops, case):
+    status, route, spec = BAD_INPUTS[case]
+    content = spec.get("content", b"")
+    if content == "bomb":
+        content = _pixel_bomb()
+    elif content == "truncated":
+        content = _truncated_mp4(crops)
+    elif content == "png":
+        content = _png(crops[0])
+    path = {
+        "encode": f"/v1/models/{MODEL}/encode",
+        "decode": f"/v1/models/{MODEL}/decode",
+        "encode-unknown": "/v1/models/no-such-model/encode",
+        "nowhere": "/v2/nothing",
+        "timeout": "/v1/models/tiny-timeout/encode",
+    }[route]
+    if "q" in spec:
+        path += "?" + spec["q"]
+    body = _chunks(spec["stream"]) if "stream" in spec else content
+    response = http.post(path, content=body, headers={"content-type": spec["ct"]})
+    assert response.status_code == status, response.text
+    error = _error(response)
+    assert "Traceback" not in error["message"] and "/work" not in error["message"]
+    _assert_healthy(http, crops)
+
+
+def test_queue_overflow_gives_503_with_retry_after(base_url, http, crops):
+    """tiny-queue1 runs one request and queues one; a burst of 12 overflows the queue."""
+    big = np.tile(crops[0], (4, 4, 1))  # (192, 256, 3): slow enough to keep the replica busy
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/models/tiny-queue1/encode",
+                        content=_png(big),
+                        headers={"content-type": "image/png"},
+                    )
+                    for _ in range(12)
+                )
+            )
+
+    statuses = [r.status_code for r in asyncio.run(burst())]
+    assert set(statuses) <= {200, 503} and statuses.count(503) >= 1 and statuses.count(200) >= 1
+    overloaded = next(r for r in asyncio.run(burst()) if r.status_code == 503)
+    assert int(overloaded.headers["retry-after"]) >= 1 and _error(overloaded)["type"] == "overloaded"
+    # the retrying client gets through
+    with Client(base_url) as client:
+        assert client.encode("tiny-queue1", crops[0]).original_size == (48, 64)
+    _assert_healthy(http, crops)
+
+
+@pytest.mark.slow
+def test_replica_killed_under_load_is_replaced(base_url, http, crops):
+    """ray.kill the model replica while clients send requests; Serve starts a new one and the
+    retrying client (503 while no replica is up) completes every request."""
+    actors = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if "tokenizer-sd-vae-tiny" in a["name"]
+    ]
+    assert len(actors) == 1
+    replica = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
+
+    async def load():
+        async with AsyncClient(base_url, retry=RetryPolicy(max_retries=60)) as c:
+            tasks = [asyncio.create_task(c.encode(MODEL, crops[i % 8])) for i in range(6)]
+            await asyncio.sleep(0.05)
+            ray.kill(replica, no_restart=True)
+            tasks += [asyncio.create_task(c.encode(MODEL, crops[i % 8])) for i in range(6)]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(load())
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures
+    new_actors = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if "tokenizer-sd-vae-tiny" in a["name"]
+    ]
+    assert new_actors and new_actors[0]["name"] != actors[0]["name"]
+    _assert_healthy(http, crops)

@@ -1,0 +1,90 @@
+"""The ASGI middleware over real HTTP (uvicorn on 127.0.0.1, no Ray): API key, body cap, 500 shape."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+
+from serving.metrics import ServiceMetrics
+from serving.middleware import MiddlewareSettings, ServiceMiddleware
+
+KEY = "s3cret-key"
+CAP = 10_000
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(ServiceMiddleware)
+    app.state.middleware = MiddlewareSettings(max_body_bytes=CAP, api_key=KEY, metrics=ServiceMetrics())
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        return {"size": len(await request.body())}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError("secret internal detail at /srv/app/model.py")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(_app(), host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def test_api_key(base_url):
+    assert httpx.get(f"{base_url}/healthz").status_code == 200  # open without a key
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
+        response = httpx.post(f"{base_url}/echo", content=b"x", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+        assert response.headers["x-request-id"]
+    assert httpx.post(f"{base_url}/echo", content=b"abc", headers=AUTH).json() == {"size": 3}
+
+
+def test_body_cap_declared_and_chunked(base_url):
+    response = httpx.post(f"{base_url}/echo", content=b"x" * (CAP + 1), headers=AUTH)
+    assert response.status_code == 413 and response.json()["error"]["param"] == "body"
+
+    def chunks():
+        for _ in range(50):
+            yield b"y" * 1000
+
+    response = httpx.post(f"{base_url}/echo", content=chunks(), headers=AUTH)
+    assert response.status_code == 413 and "chunked" in response.json()["error"]["message"]
+    assert httpx.post(f"{base_url}/echo", content=b"x" * CAP, headers=AUTH).json() == {"size": CAP}
+
+
+def test_unknown_exception_is_a_generic_500(base_url):
+    response = httpx.get(f"{base_url}/boom", headers={**AUTH, "x-request-id": "abc123"})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "internal_error" and "abc123" in error["message"]
+    assert (
+        "secret" not in response.text and "/srv" not in response.text and "RuntimeError" not in response.text
+    )
+    assert httpx.get(f"{base_url}/healthz").status_code == 200

@@ -1,0 +1,303 @@
+"""HTTP client for the tokenizers-svc server, sync (:class:`Client`) and async (:class:`AsyncClient`).
+
+Both build the same requests and parse the same responses; they differ only in the transport.
+Overloaded answers (503/429) are retried with exponential backoff that honours ``Retry-After``;
+every other error is raised as the typed error the server named (``errors.py``), e.g.
+``LimitExceededError`` for a 413.
+
+Inputs: file paths or bytes (image/video files, sent as-is), numpy arrays (H, W, 3) / (T, H, W, 3)
+uint8 and torch tensors (1, 3, H, W) / (1, 3, T, H, W) uint8 [0, 255] or float [-1, 1] (sent as
+``tensor/binary``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from tokenizers_svc import errors
+from tokenizers_svc.latents import Latents, latents_from_bytes
+
+TENSOR_TYPE = "tensor/binary"
+LATENT_FILE_TYPE = "application/x-safetensors"
+RETRY_STATUSES = frozenset({429, 503})
+_TORCH_DTYPES = {
+    "uint8": torch.uint8,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_MEDIA_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".mp4": "video/mp4",
+    ".webm": "video/webm",
+    ".mov": "video/quicktime",
+    ".avi": "video/x-msvideo",
+    ".mkv": "video/x-matroska",
+}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``max_retries`` extra attempts on 503/429; wait = Retry-After if given, else backoff * 2^attempt."""
+
+    max_retries: int = 5
+    backoff_s: float = 0.25
+    max_wait_s: float = 30.0
+
+    def wait(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(float(retry_after), self.max_wait_s)
+            except ValueError:
+                pass
+        return min(self.backoff_s * 2**attempt, self.max_wait_s)
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    content: bytes | None = None
+    headers: dict[str, str] | None = None
+    params: dict[str, Any] | None = None
+
+
+def _tensor_body(tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
+    flat = tensor.detach().contiguous().cpu()
+    dtype = str(flat.dtype).removeprefix("torch.")
+    if dtype not in _TORCH_DTYPES:
+        raise errors.DTypeMismatchError(
+            f"tensor dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype}", param="dtype"
+        )
+    raw = (flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy().tobytes()
+    return raw, {"shape": ",".join(str(d) for d in flat.shape), "dtype": dtype}
+
+
+def _encode_request(model: str, data: Any, accept: str, options: dict[str, Any]) -> _Request:
+    """Files/bytes go as media; arrays and tensors as tensor/binary pixels."""
+    params = {k: v for k, v in options.items() if v is not None}
+    headers = {"accept": accept}
+    if isinstance(data, np.ndarray):
+        if data.ndim not in (3, 4) or data.shape[-1] != 3 or data.dtype != np.uint8:
+            raise errors.ShapeMismatchError(
+                f"arrays must be (H, W, 3) or (T, H, W, 3) uint8, got {data.shape} {data.dtype}", param="data"
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(data)).movedim(-1, 0).unsqueeze(0)  # (1, 3, [T,] H, W)
+        data = tensor
+    if isinstance(data, torch.Tensor):
+        content, tensor_params = _tensor_body(data)
+        headers["content-type"] = TENSOR_TYPE
+        return _Request("POST", f"/v1/models/{model}/encode", content, headers, {**params, **tensor_params})
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        headers["content-type"] = _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        content = path.read_bytes()
+    else:
+        content = bytes(data)
+        headers["content-type"] = "application/octet-stream"  # the server sniffs the magic bytes
+    return _Request("POST", f"/v1/models/{model}/encode", content, headers, params)
+
+
+def _decode_request(model: str, latents: Any, accept: str, options: dict[str, Any]) -> _Request:
+    params = {k: v for k, v in options.items() if v is not None}
+    headers = {"accept": accept}
+    if isinstance(latents, Latents):
+        content = latents.to_bytes()
+        headers["content-type"] = LATENT_FILE_TYPE
+    elif isinstance(latents, torch.Tensor):
+        content, tensor_params = _tensor_body(latents)
+        headers["content-type"] = TENSOR_TYPE
+        params.update(tensor_params)
+    else:
+        content = Path(latents).read_bytes() if isinstance(latents, (str, Path)) else bytes(latents)
+        headers["content-type"] = LATENT_FILE_TYPE
+    return _Request("POST", f"/v1/models/{model}/decode", content, headers, params)
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()["error"]
+        kind, message, param = body["type"], body["message"], body.get("param")
+    except (json.JSONDecodeError, KeyError, TypeError):
+        kind, message, param = "http_error", f"HTTP {response.status_code}: {response.text[:200]}", None
+    error_class = next(
+        (c for c in _error_classes() if c.type == kind),
+        errors.TokenizerError,
+    )
+    if error_class is errors.OverloadedError:
+        error = errors.OverloadedError(
+            message, param=param, retry_after=float(response.headers.get("retry-after", 1))
+        )
+    else:
+        error = error_class(message, param=param)
+    error.http_status = response.status_code
+    raise error
+
+
+def _error_classes() -> list[type[errors.TokenizerError]]:
+    found, stack = [], [errors.TokenizerError]
+    while stack:
+        cls = stack.pop()
+        found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found
+
+
+def tensor_from_response(response: httpx.Response) -> torch.Tensor:
+    """tensor/binary body + ``shape``/``dtype`` headers -> tensor."""
+    shape = json.loads(response.headers["shape"])
+    dtype = _TORCH_DTYPES[response.headers["dtype"]]
+    if len(response.content) != math.prod(shape) * dtype.itemsize:
+        raise errors.ShapeMismatchError(
+            f"response of {len(response.content)} bytes does not match shape {shape}"
+        )
+    return torch.frombuffer(bytearray(response.content), dtype=dtype).reshape(shape)
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, retry: RetryPolicy) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retry = retry
+
+
+class Client(_Base):
+    """Synchronous client. ``encode`` -> Latents, ``decode`` -> media bytes, ``*_tensor`` -> tensors."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        super().__init__(base_url, api_key, retry)
+        self.http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _send(self, request: _Request) -> httpx.Response:
+        for attempt in range(self.retry.max_retries + 1):
+            response = self.http.request(
+                request.method,
+                request.path,
+                content=request.content,
+                headers=request.headers,
+                params=request.params,
+            )
+            if response.status_code not in RETRY_STATUSES or attempt == self.retry.max_retries:
+                break
+            time.sleep(self.retry.wait(attempt, response.headers.get("retry-after")))
+        _raise_for_error(response)
+        return response
+
+    def models(self) -> list[dict]:
+        return self._send(_Request("GET", "/v1/models")).json()["models"]
+
+    def model(self, name: str) -> dict:
+        return self._send(_Request("GET", f"/v1/models/{name}")).json()
+
+    def ready(self) -> bool:
+        return self.http.get("/readyz").status_code == 200
+
+    def encode(self, model: str, data: Any, **options: Any) -> Latents:
+        """Options as the route's query parameters: normalize, sample, seed, resize, resolution, tiling..."""
+        return latents_from_bytes(self._send(_encode_request(model, data, LATENT_FILE_TYPE, options)).content)
+
+    def encode_tensor(self, model: str, data: Any, **options: Any) -> torch.Tensor:
+        """Bare latents (N, C, [t,] h, w) float32, normalized unless ``normalize=False``."""
+        return tensor_from_response(self._send(_encode_request(model, data, TENSOR_TYPE, options)))
+
+    def decode(self, model: str, latents: Any, format: str = "png", **options: Any) -> bytes:
+        """Latents / latent file / tensor -> png | jpeg | webp | mp4 bytes."""
+        return self._send(_decode_request(model, latents, "*/*", {"format": format, **options})).content
+
+    def decode_tensor(self, model: str, latents: Any, **options: Any) -> torch.Tensor:
+        """-> pixels (N, 3, [T,] H, W) float32 [-1, 1]; bare tensors take ``normalized=``."""
+        return tensor_from_response(self._send(_decode_request(model, latents, TENSOR_TYPE, options)))
+
+
+class AsyncClient(_Base):
+    """Asynchronous twin of :class:`Client` (same methods, awaited)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        super().__init__(base_url, api_key, retry)
+        self.http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _send(self, request: _Request) -> httpx.Response:
+        for attempt in range(self.retry.max_retries + 1):
+            response = await self.http.request(
+                request.method,
+                request.path,
+                content=request.content,
+                headers=request.headers,
+                params=request.params,
+            )
+            if response.status_code not in RETRY_STATUSES or attempt == self.retry.max_retries:
+                break
+            await asyncio.sleep(self.retry.wait(attempt, response.headers.get("retry-after")))
+        _raise_for_error(response)
+        return response
+
+    async def models(self) -> list[dict]:
+        return (await self._send(_Request("GET", "/v1/models"))).json()["models"]
+
+    async def model(self, name: str) -> dict:
+        return (await self._send(_Request("GET", f"/v1/models/{name}"))).json()
+
+    async def ready(self) -> bool:
+        return (await self.http.get("/readyz")).status_code == 200
+
+    async def encode(self, model: str, data: Any, **options: Any) -> Latents:
+        response = await self._send(_encode_request(model, data, LATENT_FILE_TYPE, options))
+        return latents_from_bytes(response.content)
+
+    async def encode_tensor(self, model: str, data: Any, **options: Any) -> torch.Tensor:
+        return tensor_from_response(await self._send(_encode_request(model, data, TENSOR_TYPE, options)))
+
+    async def decode(self, model: str, latents: Any, format: str = "png", **options: Any) -> bytes:
+        return (
+            await self._send(_decode_request(model, latents, "*/*", {"format": format, **options}))
+        ).content
+
+    async def decode_tensor(self, model: str, latents: Any, **options: Any) -> torch.Tensor:
+        return tensor_from_response(await self._send(_decode_request(model, latents, TENSOR_TYPE, options)))
