@@ -345,6 +345,13 @@ def run(args: argparse.Namespace) -> dict:
         raise InvalidRequestError(f"--resolution must be >= 16, got {args.resolution}", param="resolution")
     device = torch.device(args.device)
     data = load_dataset(args.data, args.resolution, args.crop, args.max_items, args.frames)
+    if len(data.frames()) < 2:
+        raise InvalidRequestError(
+            f"FID/KID need at least 2 images (or frames), got {len(data.frames())} from {args.data}",
+            param="data",
+        )
+    if args.i3d is not None and data.kind != "video":
+        raise InvalidRequestError("--i3d (rFVD) needs video data", param="i3d")
     inception = fid.load_inception(args.inception, device)
     protocol = {
         "resolution": args.resolution,
@@ -362,8 +369,6 @@ def run(args: argparse.Namespace) -> dict:
         reference_features=reference_features(data, inception, cache_dir, protocol),
     )
     if args.i3d is not None:
-        if data.kind != "video":
-            raise InvalidRequestError("--i3d (rFVD) needs video data", param="i3d")
         evaluator.i3d = video_metrics.I3D.load(args.i3d, device)
         evaluator.reference_i3d = evaluator.i3d.features(data.pixels)
     results, baselines = [], {}

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from skimage import data
 
 from evals import fid
@@ -135,3 +136,64 @@ def test_bad_arguments_exit_nonzero(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--data", str(tmp_path)])
     assert exc.value.code == 2
+
+
+class _MeanPoolI3D(torch.nn.Module):
+    """A stand-in for an I3D TorchScript (same call contract: (N, 3, T, 224, 224) float -> (N, D));
+    it only exercises the rFVD plumbing, its numbers mean nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool3d(x, (1, 2, 2)).flatten(1)  # (N, 12)
+        return self.proj(pooled)  # (N, 6)
+
+
+def test_rfvd_with_a_given_i3d_torchscript(shared_data, tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("bikes.mp4", "carphone_pristine.mp4", "tree.avi"):
+        (clips / name).symlink_to(shared_data / "videos" / name)
+    i3d = tmp_path / "i3d.pt"
+    torch.jit.save(torch.jit.script(_MeanPoolI3D()), str(i3d))
+    out = tmp_path / "report"
+    argv = ["--model", "sd-vae-tiny", "--data", str(clips), "--resolution", "32", "--frames", "2"]
+    argv += ["--i3d", str(i3d), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--samples", "1"]
+    assert main(argv) == 0
+    result = json.loads((out / "report.json").read_text())
+    assert result["n"] == 3 and result["protocol"]["i3d"]["path"] == str(i3d)
+    model, baseline = result["results"]
+    assert np.isfinite(model["metrics"]["rfvd"]) and np.isfinite(baseline["metrics"]["rfvd"])
+    assert "rFVD" in (out / "report.md").read_text()
+
+
+def test_i3d_needs_video_data(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode_image(data.astronaut()[:64, :64], format="png"))
+    (images / "b.png").write_bytes(encode_image(data.astronaut()[64:128, :64], format="png"))
+    argv = [
+        "--model",
+        "sd-vae-tiny",
+        "--data",
+        str(images),
+        "--resolution",
+        "32",
+        "--i3d",
+        str(tmp_path / "x.pt"),
+    ]
+    assert main([*argv, "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]) == 1
+    assert "--i3d (rFVD) needs video data" in capsys.readouterr().err
+
+
+def test_tokenizers_svc_eval_subcommand(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokenizers_svc.cli import app
+
+    result = CliRunner().invoke(
+        app, ["eval", "--model", "sd-vae-tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1
