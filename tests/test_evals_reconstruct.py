@@ -11,7 +11,7 @@ import torch
 from skimage import data
 
 from evals import fid
-from evals.reconstruct import main
+from evals.reconstruct import main, square_crops
 from tokenizers_svc.api import build_module
 from tokenizers_svc.media import encode_image
 from tokenizers_svc.registry import get_preset
@@ -197,3 +197,14 @@ def test_tokenizers_svc_eval_subcommand(tmp_path):
         app, ["eval", "--model", "sd-vae-tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]
     )
     assert result.exit_code == 1
+
+
+def test_crops_are_deterministic_squares():
+    image = torch.from_numpy(data.astronaut()[:70, :100].copy()).permute(2, 0, 1)  # (3, 70, 100)
+    tiles = square_crops(image, 32, "grid")
+    assert [name for name, _ in tiles] == ["#r0c0", "#r0c1", "#r0c2", "#r1c0", "#r1c1", "#r1c2"]
+    assert torch.equal(tiles[4][1], image[:, 32:64, 32:64])
+    ((_, center),) = square_crops(image, 32, "center")  # shorter side 70 -> 32, then the middle square
+    assert center.shape == (3, 32, 32) and center.dtype == torch.uint8
+    ((_, upscaled),) = square_crops(image[:, :20, :30], 32, "grid")  # too small: resized up, one tile
+    assert upscaled.shape == (3, 32, 32)
