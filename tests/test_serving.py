@@ -29,6 +29,7 @@ from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.client import AsyncClient, Client, RetryPolicy
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
+from tokenizers_svc.registry import list_presets
 
 MODEL = "sd-vae-tiny"
 MAX_BODY = 1_000_000
@@ -50,6 +51,10 @@ CONFIG = {
         {"name": "tiny-timeout", "model": MODEL, "num_cpus": 0.5, "request_timeout_s": 0.001},
     ],
 }
+VIDEO_MODEL = "video-vae-tiny"  # served too once the models helper registers it
+HAS_VIDEO = VIDEO_MODEL in {p.name for p in list_presets()}
+if HAS_VIDEO:
+    CONFIG["models"].append({"name": VIDEO_MODEL, "num_cpus": 0.5, "max_batch_size": 2})
 
 
 def _free_port() -> int:
@@ -112,7 +117,7 @@ def test_health_ready_models_metrics_openapi(http):
     assert http.get("/healthz").json() == {"status": "ok"}
     assert http.get("/readyz").json()["status"] == "ready"
     names = [m["served_name"] for m in http.get("/v1/models").json()["models"]]
-    assert names == [MODEL, "tiny-queue1", "tiny-timeout"]
+    assert names == [m["name"] for m in CONFIG["models"]]
     info = http.get(f"/v1/models/{MODEL}").json()
     assert (info["spatial_compression"], info["latent_channels"], info["modality"]) == (2, 4, "image")
     assert info["normalization"]["scale"] == pytest.approx(0.18215)
@@ -189,6 +194,27 @@ def test_encode_video_on_image_model_is_refused(http, crops):
     response = http.post(f"/v1/models/{MODEL}/encode", content=clip, headers={"content-type": "video/mp4"})
     assert response.status_code == 422
     assert _error(response)["param"] == "model"
+
+
+@pytest.mark.skipif(not HAS_VIDEO, reason=f"{VIDEO_MODEL} preset not registered")
+def test_video_mp4_round_trip(http, crops):
+    frames = np.stack([c[:32, :32] for c in crops[:5]])  # (5, 32, 32, 3) uint8
+    clip = media.encode_video(frames, fps=8)
+    response = http.post(
+        f"/v1/models/{VIDEO_MODEL}/encode", content=clip, headers={"content-type": "video/mp4"}
+    )
+    assert response.status_code == 200, response.text
+    latents = latents_from_bytes(response.content)
+    assert latents.layout == "NCTHW" and latents.original_frames == 5 and latents.fps == pytest.approx(8)
+    response = http.post(
+        f"/v1/models/{VIDEO_MODEL}/decode",
+        content=response.content,
+        headers={"content-type": "application/x-safetensors"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "video/mp4"
+    video = media.decode_video(response.content)
+    assert video.frames.shape == (5, 32, 32, 3) and video.fps == pytest.approx(8)
 
 
 # ---- decode bodies and outputs ----

@@ -88,3 +88,16 @@ def test_unknown_exception_is_a_generic_500(base_url):
         "secret" not in response.text and "/srv" not in response.text and "RuntimeError" not in response.text
     )
     assert httpx.get(f"{base_url}/healthz").status_code == 200
+
+
+def test_default_config_file_parses_and_bad_config_is_refused():
+    from serving.app import DEFAULT_CONFIG, load_config_file
+    from serving.schemas import parse_config
+    from tokenizers_svc.errors import ConfigError
+
+    config = parse_config(load_config_file(DEFAULT_CONFIG)["args"])
+    assert [m.name for m in config.models] == ["sd-vae-tiny"] and config.limits.max_body_bytes > 0
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        parse_config({"models": [{"name": "sd-vae-tiny", "max_batch_size": 0}]})
+    with pytest.raises(ConfigError, match="typo_key"):
+        parse_config({"models": [{"name": "sd-vae-tiny"}], "typo_key": 1})
