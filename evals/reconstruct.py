@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,10 @@ class Evaluator:
     i3d: video_metrics.I3D | None = None
     reference_i3d: np.ndarray | None = None
 
+    @cached_property
+    def reference_stats(self) -> fid.FeatureStats:
+        return fid.FeatureStats.from_features(self.reference_features)  # its sqrt factor is reused too
+
     def score(self, rec: Reconstruction) -> tuple[dict, dict]:
         """-> (aggregate metrics, per-item columns)."""
         a, b = self.data.pixels, rec.pixels
@@ -291,8 +296,7 @@ class Evaluator:
             )
         feats = self.inception.features(self.data.frames(b))
         metrics = {key: float(np.mean(value)) for key, value in per_item.items()}
-        ref = fid.FeatureStats.from_features(self.reference_features)
-        metrics["rfid"] = fid.frechet_distance(ref, fid.FeatureStats.from_features(feats))
+        metrics["rfid"] = fid.frechet_distance(self.reference_stats, fid.FeatureStats.from_features(feats))
         metrics["kid"], metrics["kid_std"] = fid.kernel_inception_distance(self.reference_features, feats)
         metrics["fid_n"] = int(feats.shape[0])
         if self.i3d is not None:
