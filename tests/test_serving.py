@@ -66,12 +66,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def base_url():
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started_here = not ray.is_initialized()  # another module's local Ray is reused, not replaced
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(CONFIG), name="tokenizers-test", route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
+    if started_here:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
