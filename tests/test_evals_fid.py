@@ -26,8 +26,13 @@ def val_photos(shared_data) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def val_stats(inception, val_photos) -> fid.FeatureStats:
-    return fid.FeatureStats.from_features(inception.features(val_photos))
+def val_features(inception, val_photos) -> np.ndarray:
+    return inception.features(val_photos)  # (8, 2048) float64
+
+
+@pytest.fixture(scope="module")
+def val_stats(val_features) -> fid.FeatureStats:
+    return fid.FeatureStats.from_features(val_features)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -66,6 +71,21 @@ def test_fid_zero_on_itself_and_symmetric(inception, val_photos, val_stats):
     forward, backward = fid.frechet_distance(s, t), fid.frechet_distance(t, s)
     assert forward > 1.0
     assert abs(forward - backward) / forward < 1e-6
+
+
+def test_small_n_frechet_matches_cross_gram_singular_values(inception, val_photos, val_features, val_stats):
+    """Rank-deficient case (N=8 < D=2048), where sqrtm is unreliable: with S = A^T A (A = centered
+    features / sqrt(N-1)), tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}) is the nuclear norm of A B^T."""
+    feats_a = val_features
+    feats_b = inception.features(_gaussian_blur(val_photos, 1.5))
+    a = (feats_a - feats_a.mean(0)) / np.sqrt(len(feats_a) - 1)
+    b = (feats_b - feats_b.mean(0)) / np.sqrt(len(feats_b) - 1)
+    nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    diff = feats_a.mean(0) - feats_b.mean(0)
+    expected = diff @ diff + (a * a).sum() + (b * b).sum() - 2 * nuclear
+    got = fid.frechet_distance(val_stats, fid.FeatureStats.from_features(feats_b))
+    assert expected > 1.0
+    assert abs(got - expected) / expected < 1e-6
 
 
 def test_tf1_legacy_bilinear_mapping():
