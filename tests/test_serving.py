@@ -166,6 +166,32 @@ def test_encode_options_raw_posterior_resize(http, tokenizer, crops):
     torch.testing.assert_close(latents.latents, latents.mean)
 
 
+def test_encode_sample_seed_and_tiling(http, crops):
+    def encode(**params):
+        response = http.post(
+            f"/v1/models/{MODEL}/encode",
+            content=_png(crops[5]),
+            params=params,
+            headers={"content-type": "image/png"},
+        )
+        assert response.status_code == 200, response.text
+        return latents_from_bytes(response.content)
+
+    mode = encode()
+    first, again, other = (
+        encode(sample="true", seed=1),
+        encode(sample="true", seed=1),
+        encode(sample="true", seed=2),
+    )
+    assert first.sampled and not mode.sampled
+    torch.testing.assert_close(first.latents, again.latents)
+    assert not torch.allclose(first.latents, other.latents) and not torch.allclose(
+        first.latents, mode.latents
+    )
+    tiled = encode(tiling="true", tile_size=32, tile_overlap=8)
+    assert tiled.latents.shape == mode.latents.shape
+
+
 def test_encode_tensor_body_and_tensor_output(http, tokenizer, photo_nchw):
     raw = photo_nchw.contiguous().numpy().tobytes()
     response = http.post(
@@ -403,6 +429,19 @@ def test_diffusers_remote_decode_and_encode(base_url, tokenizer, crops):
     local = tokenizer.decode(latent.float() / 0.5 + 0.1, normalized=False)
     torch.testing.assert_close(floats.float(), local, rtol=0, atol=2e-2)  # float16 transport + float16 input
     assert (np.asarray(png).astype(int) - uint8[0].numpy().astype(int)).__abs__().max() <= 1
+    # FLUX-style packed latents (N, h/2*w/2, 4C) with height/width are unpacked by the server
+    packed = latent.view(1, 4, 12, 2, 16, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 12 * 16, 16)
+    unpacked = remote_decode(
+        endpoint=endpoint,
+        tensor=packed.contiguous(),
+        scaling_factor=0.5,
+        shift_factor=0.1,
+        output_type="pt",
+        return_type="pt",
+        height=48,
+        width=64,
+    )
+    torch.testing.assert_close(unpacked, floats)
 
 
 # ---- bad inputs: each gives its status and leaves the service healthy ----
