@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from serving.routes import Ingress
 from serving.schemas import ModelConfig, ServiceConfig, parse_config
 from serving.worker import TokenizerWorker
 from tokenizers_svc.errors import ConfigError, TokenizerError
+from tokenizers_svc.registry import get_preset
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 
@@ -52,6 +54,9 @@ def _worker(model: ModelConfig, config: ServiceConfig):
 def build_app(args: dict) -> Application:
     """Serve application builder (``import_path: serving.app:build_app``); ``args`` = ServiceConfig."""
     config = parse_config(args)
+    for model in config.models:  # fail at start, not in a replica that Serve keeps restarting
+        if not Path(model.source).is_dir():
+            get_preset(model.source)
     workers = {model.name: _worker(model, config) for model in config.models}
     return Ingress.bind(config.model_dump(), workers)
 
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_config_file(args.config)
         app = build_app(loaded["args"])
     except TokenizerError as error:
-        print(f"error: {error.type}: {error.message}")
+        print(f"error: {error.type}: {error.message}", file=sys.stderr)
         return 1
     port = args.port or int(loaded["http_options"].get("port", 8000))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False)

@@ -290,7 +290,12 @@ class TokenizerWorker:
         crop = None if latents is None else (latents.original_size, latents.original_frames, latents.padding)
         if raw.shape[0] > 1 or tiling is not None:
             return await asyncio.to_thread(self._decode_direct, raw, latents, tiling), 1
-        pixel_size = _pixel_count(raw) * self.tokenizer.spec.spatial_compression**2
+        spec = self.tokenizer.spec
+        pixel_size = (
+            _pixel_count(raw)
+            * spec.spatial_compression**2
+            * (spec.temporal_compression if raw.ndim == 5 else 1)
+        )
         size = max(pixel_size, self.quantum)
         if size > self.config.max_batch_pixels:
             return await asyncio.to_thread(self._decode_direct, raw, latents, tiling), 1
