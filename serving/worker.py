@@ -207,7 +207,8 @@ class TokenizerWorker:
 
     @staticmethod
     def _run_buckets(items: list[_Item], run) -> list[tuple[object, int]]:
-        """Group by key, run each group as one call; an error fails only its own group."""
+        """Group by key and run each group as one call. When a group fails, its items are retried
+        one by one, so one bad request (e.g. NaN pixels) cannot fail the requests batched with it."""
         buckets: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
             buckets.setdefault(item.key, []).append(index)
@@ -215,10 +216,19 @@ class TokenizerWorker:
         for indices in buckets.values():
             try:
                 outputs = run([items[i] for i in indices])
+                sizes = [len(indices)] * len(indices)
             except TokenizerError as error:
-                outputs = [error] * len(indices)
-            for i, output in zip(indices, outputs, strict=True):
-                results[i] = (output, len(indices))
+                if len(indices) == 1:
+                    outputs, sizes = [error], [1]
+                else:
+                    outputs, sizes = [], [1] * len(indices)
+                    for i in indices:
+                        try:
+                            outputs += run([items[i]])
+                        except TokenizerError as item_error:
+                            outputs.append(item_error)
+            for i, output, size in zip(indices, outputs, sizes, strict=True):
+                results[i] = (output, size)
         return results
 
     def _encode_reply(self, latents: Latents, job: EncodeJob, batch: int) -> Reply:

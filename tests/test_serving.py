@@ -358,6 +358,30 @@ def test_batched_equals_unbatched(base_url, http, crops):
         torch.testing.assert_close(served.latents, expected.latents, rtol=1e-4, atol=1e-5)
 
 
+def test_bad_request_does_not_fail_its_batch(base_url, photo_nchw, tokenizer):
+    """Same shape/dtype/options, so the NaN request is stacked with good ones; only it fails."""
+    good = photo_nchw.float() / 127.5 - 1  # (1, 3, 48, 64) float [-1, 1]
+    bad = torch.full_like(good, math.nan)
+    params = {"shape": "1,3,48,64", "dtype": "float32"}
+
+    async def send():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"/v1/models/{MODEL}/encode",
+                        content=t.numpy().tobytes(),
+                        params=params,
+                        headers={"content-type": "tensor/binary"},
+                    )
+                    for t in (good, bad, good, good, bad, good)
+                )
+            )
+
+    statuses = [r.status_code for r in asyncio.run(send())]
+    assert statuses == [200, 422, 200, 200, 422, 200]
+
+
 def test_concurrent_clients_sync_and_async(base_url, tokenizer, crops):
     async def many():
         async with AsyncClient(base_url) as client:
@@ -527,6 +551,20 @@ BAD_INPUTS = {
         "decode",
         {"content": _latent_tensor(math.inf), "ct": "tensor/binary", "q": "shape=1,4,8,8&dtype=float32"},
     ),
+    "NaN pixels": (
+        422,
+        "encode",
+        {"content": "nan-pixels", "ct": "tensor/binary", "q": "shape=1,3,8,8&dtype=float32"},
+    ),
+    "float pixels out of range": (
+        422,
+        "encode",
+        {
+            "content": (torch.full((1, 3, 8, 8), 3.0)).numpy().tobytes(),
+            "ct": "tensor/binary",
+            "q": "shape=1,3,8,8&dtype=float32",
+        },
+    ),
     "garbage latent file": (
         422,
         "decode",
@@ -548,6 +586,8 @@ def test_bad_inputs(http, crops, case):
         content = _pixel_bomb()
     elif content == "truncated":
         content = _truncated_mp4(crops)
+    elif content == "nan-pixels":
+        content = torch.full((1, 3, 8, 8), math.nan).numpy().tobytes()
     elif content == "png":
         content = _png(crops[0])
     path = {
