@@ -358,6 +358,32 @@ def test_batched_equals_unbatched(base_url, http, crops):
         torch.testing.assert_close(served.latents, expected.latents, rtol=1e-4, atol=1e-5)
 
 
+def test_batched_decode_equals_unbatched(base_url, http, crops):
+    files = [
+        http.post(
+            f"/v1/models/{MODEL}/encode", content=_png(c), headers={"content-type": "image/png"}
+        ).content
+        for c in crops
+    ]
+    headers = {"content-type": "application/x-safetensors", "accept": "tensor/binary"}
+
+    def pixels(response: httpx.Response) -> torch.Tensor:
+        assert response.status_code == 200, response.text
+        return torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(1, 3, 48, 64)
+
+    sequential = [pixels(http.post(f"/v1/models/{MODEL}/decode", content=f, headers=headers)) for f in files]
+
+    async def concurrent():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post(f"/v1/models/{MODEL}/decode", content=f, headers=headers) for f in files)
+            )
+
+    for response, expected in zip(asyncio.run(concurrent()), sequential, strict=True):
+        # float32 rounding differences of batched kernels only (see the encode test)
+        torch.testing.assert_close(pixels(response), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_request_does_not_fail_its_batch(base_url, photo_nchw, tokenizer):
     """Same shape/dtype/options, so the NaN request is stacked with good ones; only it fails."""
     good = photo_nchw.float() / 127.5 - 1  # (1, 3, 48, 64) float [-1, 1]
