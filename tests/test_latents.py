@@ -224,3 +224,11 @@ def test_bad_padding_and_numbers():
         latents_from_bytes(rewrite(latents, original_height="x"))
     with pytest.raises(InvalidLatentsError, match="no tensor named 'latents'"):
         latents_from_bytes(rewrite(latents, tensors={"z": latents.latents}))
+
+
+def test_posterior_sharing_memory_with_latents_serializes():
+    """A deterministic encode returns its mean as the latents: the same storage must still save."""
+    base = make_image_latents()
+    shared = make_image_latents(mean=base.latents, logvar=torch.zeros_like(base.latents))
+    loaded = latents_from_bytes(shared.to_bytes())
+    assert torch.equal(loaded.mean, base.latents) and torch.equal(loaded.latents, base.latents)

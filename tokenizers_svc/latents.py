@@ -112,11 +112,14 @@ class Latents:
 
     def to_bytes(self) -> bytes:
         """Serialize to safetensors bytes (the file format, also the HTTP body)."""
-        tensors = {"latents": self.latents.detach().contiguous().cpu()}
+        tensors = {"latents": self.latents}
         if self.mean is not None and self.logvar is not None:
-            tensors["mean"] = self.mean.detach().contiguous().cpu()
-            tensors["logvar"] = self.logvar.detach().contiguous().cpu()
-        return st_save(tensors, metadata=self.metadata())
+            tensors["mean"] = self.mean
+            tensors["logvar"] = self.logvar
+        # Own storage per tensor: safetensors refuses tensors that share memory, as raw latents
+        # and the posterior mean do when a deterministic encode also returns its posterior.
+        owned = {key: tensor.detach().cpu().clone().contiguous() for key, tensor in tensors.items()}
+        return st_save(owned, metadata=self.metadata())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
