@@ -1,0 +1,141 @@
+"""DC-AE: deep-compression image auto-encoders on diffusers ``AutoencoderDC``.
+
+Paper: Chen et al., "Deep Compression Autoencoder for Efficient High-Resolution Diffusion Models"
+(arXiv 2410.10733). Residual auto-encoding (space-to-channel shortcuts around every down/up stage)
+reaches 32x, 64x and 128x spatial compression. The latent is deterministic (no posterior), so
+``encode_moments`` returns ``logvar=None``. Normalization is ``z * scaling_factor`` with the factor
+from the model's config; each released variant has its own factor:
+
+============================  =========  =======================================
+variant (mit-han-lab/...)     scaling    preset here
+============================  =========  =======================================
+dc-ae-f32c32-in-1.0           0.3189     ``dc-ae-f32c32``
+dc-ae-f32c32-mix-1.0          0.4552     (same architecture; pass the directory)
+dc-ae-f32c32-sana-1.0         0.41407    (different blocks: EViT-S5 multiscale)
+dc-ae-f64c128-in-1.0          0.2889     ``dc-ae-f64c128``
+dc-ae-f64c128-mix-1.0         0.4538     (same architecture)
+dc-ae-f128c512-in-1.0         0.4883     ``dc-ae-f128c512``
+dc-ae-f128c512-mix-1.0        0.3620     (same architecture)
+============================  =========  =======================================
+
+Pixels: ``(N, 3, H, W)`` float in [-1, 1], ``H, W`` multiples of the compression factor.
+Latents: ``(N, c, H/f, W/f)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderDC
+
+from tokenizers_svc.families.base import Backend
+from tokenizers_svc.registry import Preset, register_backend, register_preset
+from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
+
+
+@register_backend
+class AutoencoderDCBackend(Backend):
+    class_names = ("AutoencoderDC",)
+
+    @classmethod
+    def from_module(cls, module: AutoencoderDC, name: str) -> AutoencoderDCBackend:
+        cfg = module.config
+        spec = TokenizerSpec(
+            name=name,
+            family="DC-AE",
+            modality="image",
+            spatial_compression=2 ** (len(cfg.encoder_block_out_channels) - 1),
+            latent_channels=cfg.latent_channels,
+            normalization=LatentNormalization(scale=float(cfg.scaling_factor)),
+            is_kl=False,
+            in_channels=cfg.in_channels,
+        )
+        return cls(module, spec)
+
+    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.module.encode(x).latent, None  # (N, c, H/f, W/f)
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.module.decode(z).sample  # (N, 3, H, W)
+
+
+def released_config(levels: int, latent_channels: int, scaling_factor: float) -> dict:
+    """The ``*-in-1.0`` / ``*-mix-1.0`` diffusers configs (``scripts/convert_dcae_to_diffusers.py``).
+
+    ``levels`` = 6 / 7 / 8 for f32 / f64 / f128: three ResBlock stages (the first with no layers),
+    then EfficientViT stages; the encoder is shallower than the decoder.
+    """
+    vit_stages = levels - 3
+    channels = [128, 256, 512, 512, 1024, 1024, 2048, 2048][:levels]
+    return {
+        "in_channels": 3,
+        "latent_channels": latent_channels,
+        "attention_head_dim": 32,
+        "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * vit_stages,
+        "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * vit_stages,
+        "encoder_block_out_channels": channels,
+        "decoder_block_out_channels": channels,
+        "encoder_layers_per_block": [0, 4, 8] + [2] * vit_stages,
+        "decoder_layers_per_block": [0, 5, 10] + [2] * vit_stages,
+        "encoder_qkv_multiscales": [[]] * levels,
+        "decoder_qkv_multiscales": [[]] * levels,
+        "upsample_block_type": "pixel_shuffle",
+        "downsample_block_type": "pixel_unshuffle",
+        "decoder_norm_types": ["batch_norm"] * 3 + ["rms_norm"] * vit_stages,
+        "decoder_act_fns": ["relu"] * 3 + ["silu"] * vit_stages,
+        "encoder_out_shortcut": True,
+        "decoder_in_shortcut": True,
+        "decoder_conv_act_fn": "relu",
+        "scaling_factor": scaling_factor,
+    }
+
+
+def tiny_config(levels: int, latent_channels: int) -> dict:
+    """Same block layout as the released models with 1 layer per stage and 16..128 channels."""
+    vit_stages = levels - 3
+    channels = [16, 32, 64, 64, 128, 128, 128, 128][:levels]
+    return {
+        **released_config(levels, latent_channels, scaling_factor=1.0),
+        "attention_head_dim": 16,
+        "encoder_block_out_channels": channels,
+        "decoder_block_out_channels": channels,
+        "encoder_layers_per_block": [0, 1, 1] + [1] * vit_stages,
+        "decoder_layers_per_block": [0, 1, 1] + [1] * vit_stages,
+    }
+
+
+RELEASED = {
+    # preset: (levels, latent channels, scaling factor, hub id of the diffusers-format weights)
+    "dc-ae-f32c32": (6, 32, 0.3189, "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers"),
+    "dc-ae-f64c128": (7, 128, 0.2889, "mit-han-lab/dc-ae-f64c128-in-1.0-diffusers"),
+    "dc-ae-f128c512": (8, 512, 0.4883, "mit-han-lab/dc-ae-f128c512-in-1.0-diffusers"),
+}
+
+for _name, (_levels, _channels, _scale, _hub_id) in RELEASED.items():
+    register_preset(
+        Preset(
+            name=_name,
+            class_name="AutoencoderDC",
+            config=released_config(_levels, _channels, _scale),
+            source=_hub_id,
+            description=f"DC-AE f{2 ** (_levels - 1)}c{_channels} ImageNet 1.0 (scaling {_scale}); {_hub_id}",
+        )
+    )
+
+register_preset(
+    Preset(
+        name="dc-ae-f32c32-tiny",
+        class_name="AutoencoderDC",
+        config=tiny_config(6, 32),
+        description="6-level DC-AE (f32c32, 1 layer per stage), random init; tests and CPU training",
+        random_init=True,
+    )
+)
+register_preset(
+    Preset(
+        name="dc-ae-f64c128-tiny",
+        class_name="AutoencoderDC",
+        config=tiny_config(7, 128),
+        description="7-level DC-AE (f64c128, 1 layer per stage), random init; tests and CPU training",
+        random_init=True,
+    )
+)

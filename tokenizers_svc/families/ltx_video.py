@@ -1,0 +1,132 @@
+"""LTX-Video style causal video VAE on diffusers ``AutoencoderKLLTXVideo``.
+
+Paper: HaCohen et al., "LTX-Video: Realtime Video Latent Diffusion" (arXiv 2501.00103). The input
+is patchified 4x4 before the first convolution, then three spatio-temporal down stages give 32x
+spatial and 8x temporal compression to 128 channels: 1:192 of the pixel floats. The encoder is
+causal in time, so a clip of ``1 + 8k`` frames maps to ``1 + k`` latent frames (the first frame is
+encoded alone and a single image is a valid one-frame clip).
+
+Pixels: ``(N, 3, T, H, W)`` float in [-1, 1], ``T = 1 + t*k``, ``H, W`` multiples of the spatial
+factor. Latents: ``(N, c, 1 + (T-1)/t, H/s, W/s)``. Normalization as in diffusers' LTX pipeline:
+``(z - latents_mean[c]) / latents_std[c] * scaling_factor``, the per-channel statistics being
+buffers saved with the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLLTXVideo
+
+from tokenizers_svc.families.base import Backend
+from tokenizers_svc.registry import Preset, register_backend, register_preset
+from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
+
+
+def _channel_stats(
+    module: AutoencoderKLLTXVideo,
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """Per-channel latents_mean/std buffers, or None while they hold no values (meta device)."""
+    mean, std = module.latents_mean, module.latents_std
+    if mean.is_meta or std.is_meta:
+        return None, None
+    return tuple(mean.float().tolist()), tuple(std.float().tolist())
+
+
+@register_backend
+class LTXVideoBackend(Backend):
+    class_names = ("AutoencoderKLLTXVideo",)
+
+    @classmethod
+    def from_module(cls, module: AutoencoderKLLTXVideo, name: str) -> LTXVideoBackend:
+        cfg = module.config
+        mean, std = _channel_stats(module)
+        spec = TokenizerSpec(
+            name=name,
+            family="LTX-Video",
+            modality="video",
+            spatial_compression=module.spatial_compression_ratio,
+            latent_channels=cfg.latent_channels,
+            frame_rule=FrameRule(temporal_compression=module.temporal_compression_ratio, causal=True),
+            normalization=LatentNormalization(scale=float(cfg.scaling_factor), mean=mean, std=std),
+            is_kl=True,
+            in_channels=cfg.in_channels,
+        )
+        return cls(module, spec)
+
+    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.module.encode(x).latent_dist  # (N, c, t, h, w) mean and logvar
+        return dist.mean, dist.logvar
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.module.decode(z).sample  # (N, 3, T, H, W)
+
+
+# Lightricks/LTX-Video vae/config.json (0.9.0); the decoder keys it omits take diffusers' defaults,
+# which equal the encoder's (that is how the released checkpoint loads).
+LTX_VIDEO_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 128,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": [4, 3, 3, 3, 4],
+    "spatio_temporal_scaling": [True, True, True, False],
+    "patch_size": 4,
+    "patch_size_t": 1,
+    "resnet_norm_eps": 1e-6,
+    "scaling_factor": 1.0,
+    "encoder_causal": True,
+    "decoder_causal": False,
+}
+
+# 16x spatial (4x4 patchify + 2 stages), 4x temporal (2 stages), 16 channels: also 1:192.
+TINY_VIDEO_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "block_out_channels": [16, 32, 64],
+    "down_block_types": ["LTXVideoDownBlock3D"] * 3,
+    "downsample_type": ["conv"] * 3,
+    "layers_per_block": [1, 1, 1, 1],
+    "spatio_temporal_scaling": [True, True, False],
+    "decoder_block_out_channels": [16, 32, 64],
+    "decoder_layers_per_block": [1, 1, 1, 1],
+    "decoder_spatio_temporal_scaling": [True, True, False],
+    "decoder_inject_noise": [False] * 4,
+    "upsample_residual": [False] * 3,
+    "upsample_factor": [1] * 3,
+    "patch_size": 4,
+    "patch_size_t": 1,
+    "resnet_norm_eps": 1e-6,
+    "scaling_factor": 1.0,
+    "encoder_causal": True,
+    "decoder_causal": False,
+}
+
+register_preset(
+    Preset(
+        name="ltx-video-vae",
+        class_name="AutoencoderKLLTXVideo",
+        config=LTX_VIDEO_VAE,
+        source="Lightricks/LTX-Video",
+        subfolder="vae",
+        description="LTX-Video 0.9 VAE (f32 t8 c128, causal, 1:192)",
+    )
+)
+register_preset(
+    Preset(
+        name="video-vae-f32t8c128",
+        class_name="AutoencoderKLLTXVideo",
+        config=LTX_VIDEO_VAE,
+        description="LTX-Video architecture (f32 t8 c128, causal 1+8k, 1:192), random init; to train",
+        random_init=True,
+    )
+)
+register_preset(
+    Preset(
+        name="video-vae-tiny",
+        class_name="AutoencoderKLLTXVideo",
+        config=TINY_VIDEO_VAE,
+        description="tiny causal video VAE (f16 t4 c16, 1+4k frames, 1:192), random init; tests and CPU",
+        random_init=True,
+    )
+)
