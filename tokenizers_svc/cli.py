@@ -76,8 +76,13 @@ def _load(model: str, device: str, dtype: DType) -> Tokenizer:
 
 
 def _preset_row(preset: Preset) -> dict:
-    """What a preset is, read from its config on the meta device: no weights are read or allocated."""
-    from tokenizers_svc.registry import backend_for, local_weights_dir, model_class
+    """What a preset is and costs, from its config on the meta device: no weights read or allocated.
+
+    GFLOPs are 10^9 multiply-accumulates for encode + decode of one 256x256 image or one 17-frame
+    256x256 clip padded to the frame rule (see :mod:`tokenizers_svc.model_stats`).
+    """
+    from tokenizers_svc.model_stats import backend_stats, meta_backend, preset_config
+    from tokenizers_svc.registry import local_weights_dir
 
     weights = local_weights_dir(preset)
     row: dict = {
@@ -85,20 +90,21 @@ def _preset_row(preset: Preset) -> dict:
         "description": preset.description,
         "weights": "yes" if weights is not None else ("random-init" if preset.random_init else "no"),
     }
-    config = preset.config
-    if weights is not None:
-        config = json.loads((weights / "config.json").read_text())
+    config = preset_config(preset)
     if not config:
         return row
-    import torch
-
+    failures = (TypeError, ValueError, RuntimeError, NotImplementedError, TokenizerError)
     try:
-        with torch.device("meta"):
-            module = model_class(preset.class_name).from_config(config)  # drops keys it does not know
-        spec = backend_for(preset.class_name).from_module(module, preset.name).spec
-    except (TypeError, ValueError, RuntimeError, NotImplementedError, TokenizerError) as exc:
+        backend = meta_backend(preset, config)  # from_config drops keys the class does not know
+    except failures as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
         return row
+    spec = backend.spec
+    try:
+        stats = backend_stats(preset.name, backend)
+        row.update({"gflops": round(stats.gflops, 2), "gflops_input": list(stats.input_shape)})
+    except failures as exc:  # a forward pass without a meta kernel: the spec is still listed
+        row["error"] = f"GFLOPs not counted: {type(exc).__name__}: {exc}"
     row.update(
         {
             "family": spec.family,
@@ -108,7 +114,7 @@ def _preset_row(preset: Preset) -> dict:
             "latent_channels": spec.latent_channels,
             "frame_rule": spec.frame_rule.describe(),
             "compression_ratio": round(spec.compression_ratio(256, 256, 17), 2),
-            "params": sum(p.numel() for p in module.parameters()),
+            "params": sum(p.numel() for p in backend.module.parameters()),
         }
     )
     return row
@@ -127,10 +133,13 @@ def _human(count: int | None) -> str:
 def models(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
-    """List registered tokenizers: family, modality, compression, channels, frame rule, params, weights.
+    """List registered tokenizers: family, modality, compression, channels, frame rule, params,
+    GFLOPs, weights.
 
-    Presets whose weights are neither local nor defined by a config show '-'. Nothing is downloaded.
-    The compression ratio is pixel values per latent value at 256x256 (17 frames for video).
+    Presets whose weights are neither local nor defined by a config show '-'. Nothing is downloaded
+    or allocated (models are built on the meta device). RATIO is pixel floats per latent float at
+    256x256 (17 frames for video); GFLOPS is 10^9 multiply-accumulates for encode + decode of that
+    input (17 frames padded to the model's frame rule).
     """
     from tokenizers_svc.registry import list_presets
 
@@ -148,6 +157,7 @@ def models(
         ("FRAMES", "frame_rule"),
         ("RATIO", "compression_ratio"),
         ("PARAMS", "params"),
+        ("GFLOPS", "gflops"),
         ("WEIGHTS", "weights"),
     ]
     table = [[title for title, _ in columns]]

@@ -89,18 +89,22 @@ def count_gflops(backend: Backend, input_shape: tuple[int, ...]) -> tuple[float,
     return encode_counter.get_total_flops() * to_gmacs, decode_counter.get_total_flops() * to_gmacs
 
 
-def preset_stats(
-    name_or_preset: str | Preset, input_shape: tuple[int, ...] | None = None, config: dict | None = None
-) -> ModelStats:
-    """Parameters and GMACs of a preset at ``input_shape`` (default: the reference input)."""
-    preset = get_preset(name_or_preset) if isinstance(name_or_preset, str) else name_or_preset
-    backend = meta_backend(preset, config)
+def backend_stats(name: str, backend: Backend, input_shape: tuple[int, ...] | None = None) -> ModelStats:
+    """Parameters and GMACs of a (meta-device) backend at ``input_shape`` (default: the reference)."""
     shape = tuple(input_shape) if input_shape is not None else reference_shape(backend.spec)
     encoder, decoder = count_gflops(backend, shape)
     return ModelStats(
-        name=preset.name,
+        name=name,
         params=count_params(backend.module),
         encoder_gflops=encoder,
         decoder_gflops=decoder,
         input_shape=shape,
     )
+
+
+def preset_stats(
+    name_or_preset: str | Preset, input_shape: tuple[int, ...] | None = None, config: dict | None = None
+) -> ModelStats:
+    """Parameters and GMACs of a preset at ``input_shape`` (default: the reference input)."""
+    preset = get_preset(name_or_preset) if isinstance(name_or_preset, str) else name_or_preset
+    return backend_stats(preset.name, meta_backend(preset, config), input_shape)
