@@ -169,3 +169,17 @@ def test_flop_convention_is_macs():
     encoder, decoder = count_gflops(OneConv(), (1, 4, 256, 256))
     assert encoder == pytest.approx(4 * 8 * 256 * 256 / 1e9)
     assert decoder == 0
+
+
+def test_models_listing_row_reports_compression_params_and_gflops():
+    """The `tokenizers-svc models` row of a paper preset: compression, parameters and GFLOPs."""
+    from tokenizers_svc.cli import _preset_row
+
+    row = _preset_row(get_preset("vitok-s-b-4x16"))
+    assert (row["family"], row["modality"], row["weights"]) == ("ViTok", "video", "random-init")
+    assert (row["spatial_compression"], row["temporal_compression"], row["latent_channels"]) == (16, 4, 16)
+    assert row["compression_ratio"] == pytest.approx(3 * 4 * 16 * 16 / 16)  # 17 frames padded to 20
+    assert row["gflops_input"] == [1, 3, 20, 256, 256]
+    stats = preset_stats("vitok-s-b-4x16")
+    assert row["params"] == stats.params and row["gflops"] == pytest.approx(stats.gflops, abs=0.005)
+    assert _preset_row(get_preset("dc-ae-f32c32"))["params"] == 323_356_460  # 1.1 GB fp32, not allocated
