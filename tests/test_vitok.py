@@ -184,3 +184,17 @@ def test_paper_presets_share_the_s_b_body():
     embed_growth = (3 * 4 * 16 * 16 - 3 * 16 * 16) * (384 + 768 + 1)  # patch embed + pixel head (+bias)
     assert preset_stats("vitok-s-b-4x16").params == s_b_16 + embed_growth
     assert preset_stats("vitok-s-l-16").params > 3 * s_b_16
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(photo_nchw):
+    x = photo_nchw.float() / 127.5 - 1
+    grads = []
+    for checkpointing in (False, True):
+        model = _tiny().train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+            assert model.encoder.gradient_checkpointing and model.decoder.gradient_checkpointing
+        reconstruction, mean, _ = model(x)
+        ((reconstruction - x).pow(2).mean() + mean.pow(2).mean()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

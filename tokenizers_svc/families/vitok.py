@@ -122,11 +122,15 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, hidden, eps) for _ in range(depth)])
         self.norm = nn.RMSNorm(width, eps=eps)
         self.head_dim = width // heads
+        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing()
 
     def forward(self, x: torch.Tensor, grid: tuple[int, ...], theta: float) -> torch.Tensor:
         cos, sin = axial_rope_tables(grid, self.head_dim, theta, x.device)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, cos, sin)  # recompute in backward
+            else:
+                x = block(x, cos, sin)
         return self.norm(x)
 
 
@@ -134,7 +138,7 @@ class Transformer(nn.Module):
 class ViTokModel(ModelMixin, ConfigMixin):
     """ViTok auto-encoder. ``encode``/``decode`` use the channels-first latent grid (module docstring)."""
 
-    config_name = "config.json"
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
