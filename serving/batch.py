@@ -585,8 +585,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     errors = sum(s["errors"] for s in summaries)
     written = sum(s["bytes"] for s in summaries)
     manifest = {
-        "command": shlex.join(sys.orig_argv),
-        "argv": argv,
+        "command": shlex.join(["python", "-m", "serving.batch", *argv]),  # rerun it to resume
+        "process": shlex.join(sys.orig_argv),  # how this run was started (CLI, ray job, tests)
         "model": {"name": plan.model_name, "source": plan.model, "weights_hash": plan.weights_hash},
         "options": plan.key(),
         "device": plan.device,

@@ -1,0 +1,311 @@
+"""The Ray Data batch job on local Ray: real photos, a real clip and corrupt files all accounted for,
+latents equal to in-process encoding, resume after a SIGKILL without duplicates or gaps.
+
+One local Ray per module (2 CPUs), reused when another module already started one (as
+tests/test_serving.py does), so both can run in one pytest session in either order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from typer.testing import CliRunner
+
+from serving import batch
+from tokenizers_svc.api import load_tokenizer
+from tokenizers_svc.cli import app
+from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
+from tokenizers_svc.registry import list_presets
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_MODEL = "sd-vae-tiny"
+VIDEO_MODEL = "video-vae-tiny"
+HAS_VIDEO = VIDEO_MODEL in {p.name for p in list_presets()}
+# 640x480 twice (board, stuff): same size after the resize, so they share one encoder call.
+PHOTOS = ("board.jpg", "stuff.jpg", "chelsea.jpg", "plant.jpg", "chicky_512.jpg")
+CLIP = "carphone_pristine.mp4"  # real footage (MANIFEST.json), 176x144 at 29.97 fps
+RESIZE = ["--resize", "shorter-side", "--resolution", "64"]
+OPTIONS = EncodeOptions(resize="shorter-side", resolution=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    started_here = not ray.is_initialized()  # another module's local Ray is reused, not replaced
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started_here:
+        ray.shutdown()
+
+
+def _corrupt_files(folder: Path, photo: Path) -> dict[str, str]:
+    """Broken inputs -> the error type each must produce."""
+    (folder / "truncated.jpg").write_bytes(photo.read_bytes()[:4000])
+    (folder / "garbage.png").write_bytes(b"this is not a png at all" * 10)
+    (folder / "empty.mp4").write_bytes(b"")
+    return {"truncated.jpg": "invalid_media", "garbage.png": "invalid_media", "empty.mp4": "invalid_media"}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, shared_data) -> tuple[Path, dict[str, str]]:
+    """Photos (one in a subfolder), a clip, corrupt files and a non-media file -> expected errors."""
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "nested").mkdir()
+    for i, name in enumerate(PHOTOS):
+        shutil.copy(shared_data / "images" / "val" / name, folder / ("nested" if i == 0 else ".") / name)
+    shutil.copy(shared_data / "videos" / CLIP, folder / CLIP)
+    (folder / "notes.txt").write_text("not media, ignored")
+    errors = _corrupt_files(folder, shared_data / "images" / "val" / PHOTOS[0])
+    errors[CLIP] = "invalid_request"  # an image-only model refuses videos, as a row, not a crash
+    return folder, errors
+
+
+def _rows(output: Path) -> list[dict]:
+    return pa.concat_tables(pq.read_table(p) for p in batch.shard_paths(output)).to_pylist()
+
+
+def _run(argv: list[str]) -> int:
+    return batch.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def image_job(image_folder, tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+    folder, errors = image_folder
+    out = tmp_path_factory.mktemp("image_job")
+    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "4"]
+    assert _run([*argv, "--shard-rows", "3"]) == 0
+    return folder, out, errors
+
+
+def test_every_input_accounted_for(image_job):
+    folder, out, errors = image_job
+    rows = _rows(out)
+    by_name = {Path(r["source_path"]).name: r for r in rows}
+    assert len(rows) == len(by_name) == len(PHOTOS) + len(errors)  # exactly one row per input
+    assert len({r["id"] for r in rows}) == len(rows)
+    for name, error_type in errors.items():
+        row = by_name[name]
+        assert row["error"].startswith(f"{error_type}: "), row["error"]
+        assert row["latents"] is None and row["shape"] is None
+    assert by_name[CLIP]["kind"] == "video" and "images only" in by_name[CLIP]["error"]
+    for name in PHOTOS:
+        assert by_name[name]["error"] is None and by_name[name]["kind"] == "image"
+    assert by_name[PHOTOS[0]]["source_path"] == str((folder / "nested" / PHOTOS[0]).resolve())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["missing"] == []
+    assert manifest["inputs"]["count"] == len(rows)
+    assert manifest["inputs"]["ignored"] == [str((folder / "notes.txt").resolve())]
+    assert manifest["outputs"]["rows"] == len(rows) and manifest["outputs"]["duplicate_rows"] == 0
+    assert manifest["run"]["rows_ok"] == len(PHOTOS) and manifest["run"]["rows_error"] == len(errors)
+    assert manifest["run"]["bytes_written"] == sum(p.stat().st_size for p in batch.shard_paths(out))
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in batch.shard_paths(out)]
+    assert max(sizes) <= 3 and len(sizes) == len(manifest["outputs"]["shards"])  # --shard-rows 3
+    assert "serving.batch" in manifest["command"] and "--shard-rows 3" in manifest["command"]
+
+
+def test_latents_equal_in_process_encoding(image_job):
+    _, out, _ = image_job
+    tokenizer = load_tokenizer(IMAGE_MODEL)
+    for row in _rows(out):
+        if row["error"] is not None:
+            continue
+        data = Path(row["source_path"]).read_bytes()
+        expected = encode_media(tokenizer, load_media(data, options=OPTIONS), OPTIONS)
+        got = latents_from_bytes(row["latents"])
+        torch.testing.assert_close(got.latents, expected.latents)
+        assert row["shape"] == list(expected.latents.shape) and row["dtype"] == "float32"
+        assert got.original_size == expected.original_size and got.padding == expected.padding
+        assert got.resized_from == expected.resized_from == (row["original_height"], row["original_width"])
+        assert got.source_sha256 == row["sha256"] == expected.source_sha256
+        assert got.weights_hash == row["weights_hash"] == tokenizer.weights_hash
+        assert got.normalized and row["normalized"]
+        assert json.loads(row["normalization"]) == tokenizer.spec.normalization.to_dict()
+
+
+def test_rerun_skips_everything(image_job):
+    folder, out, _ = image_job
+    before = sorted(p.name for p in batch.shard_paths(out))
+    assert (
+        _run(["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "4"]) == 0
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in batch.shard_paths(out)) == before
+    assert manifest["run"]["inputs_skipped"] == manifest["inputs"]["count"]
+    assert manifest["run"]["inputs_encoded"] == 0 and len(manifest["runs"]) == 2
+
+
+def test_rerun_with_other_options_is_refused(image_job, capsys):
+    folder, out, _ = image_job
+    argv = [
+        "--input",
+        folder,
+        "--output",
+        out,
+        "--model",
+        IMAGE_MODEL,
+        "--resize",
+        "fit",
+        "--resolution",
+        "64",
+    ]
+    assert _run(argv) == 1
+    assert "different options" in capsys.readouterr().err
+
+
+def test_cli_batch_encode_delegates(image_job):
+    folder, out, _ = image_job
+    argv = ["batch-encode", "--input", str(folder), "--output", str(out), "--model", IMAGE_MODEL, *RESIZE]
+    result = CliRunner().invoke(app, [*argv, "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "complete" in result.stdout and f"{len(_rows(out))} rows in" in result.stdout
+
+
+def test_bad_arguments_are_config_errors(image_folder, tmp_path, capsys):
+    folder, _ = image_folder
+    assert (
+        _run(["--input", tmp_path / "nothing-*.png", "--output", tmp_path / "o", "--model", IMAGE_MODEL]) == 1
+    )
+    assert "matched no media files" in capsys.readouterr().err
+    assert (
+        _run(["--input", folder, "--output", tmp_path / "o", "--model", IMAGE_MODEL, "--resize", "fit"]) == 1
+    )
+    assert "needs --resolution" in capsys.readouterr().err
+    assert _run(["--input", folder, "--output", tmp_path / "o", "--model", "no-such-model"]) == 1
+    assert "unsupported_model" in capsys.readouterr().err
+
+
+def test_manifest_input_with_missing_file_and_limit(image_folder, tmp_path):
+    """A Parquet manifest (paths relative to it) naming a missing file; --limit stops after N
+    pending inputs and the rerun encodes exactly the rest."""
+    folder, _ = image_folder
+    paths = [str(Path(os.path.relpath(folder, tmp_path)) / name) for name in PHOTOS[1:3]] + ["gone.jpg"]
+    pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
+    argv = [
+        "--input",
+        tmp_path / "list.parquet",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        IMAGE_MODEL,
+        *RESIZE,
+    ]
+    assert _run([*argv, "--limit", "2"]) == 0
+    first = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert not first["complete"] and len(first["missing"]) == 1 and len(_rows(tmp_path / "out")) == 2
+    assert _run(argv) == 0
+    rows = _rows(tmp_path / "out")
+    assert sorted(Path(r["source_path"]).name for r in rows) == sorted([*PHOTOS[1:3], "gone.jpg"])
+    missing = next(r for r in rows if r["source_path"].endswith("gone.jpg"))
+    assert missing["error"].startswith("invalid_media: cannot read gone.jpg") and missing["sha256"] is None
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes in session ``sid`` (the killed job's driver started it; Ray's workers inherit it)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_no_duplicates_no_gaps(image_folder, tmp_path):
+    """SIGKILL the job (driver, its own local Ray and every worker) as soon as its first shard is
+    on disk, leave a half-written shard behind, rerun: every input exactly once."""
+    folder, errors = image_folder
+    out = tmp_path / "out"
+    argv = [
+        "--input",
+        folder,
+        "--output",
+        out,
+        "--model",
+        IMAGE_MODEL,
+        *RESIZE,
+        "--shard-rows",
+        "1",
+        "--batch-size",
+        "1",
+    ]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "serving.batch", *map(str, argv), "--address", "local"],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    deadline = time.monotonic() + 120
+    while not batch.shard_paths(out) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for pid in _session_pids(job.pid):
+        os.kill(pid, signal.SIGKILL)
+    job.wait()
+    first = {p.name for p in batch.shard_paths(out)}
+    total = len(PHOTOS) + len(errors)
+    assert 0 < len(first) < total, "the job must be killed midway"
+    assert not (out / "manifest.json").exists()
+    (out / ".part-interrupted.parquet.tmp").write_bytes(b"PAR1 half a shard")
+
+    assert _run(argv) == 0
+    rows = _rows(out)
+    assert {p.name for p in batch.shard_paths(out)} >= first  # nothing written before is rewritten
+    assert sorted(Path(r["source_path"]).name for r in rows) == sorted([*PHOTOS, *errors])
+    assert len({r["id"] for r in rows}) == len(rows) == total
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["inputs_skipped"] == len(first) and manifest["complete"]
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(not HAS_VIDEO, reason=f"{VIDEO_MODEL} is not registered")
+def test_video_clips_follow_frame_rule_and_equal_in_process(shared_data, tmp_path):
+    """A real clip cut into 9-frame windows (1 + 4k) plus a photo (a one-frame clip) with the tiny
+    LTX-Video preset; each clip row equals encoding its frames in process."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(shared_data / "videos" / CLIP, folder / CLIP)
+    shutil.copy(shared_data / "images" / "val" / "chelsea.jpg", folder / "chelsea.jpg")
+    out = tmp_path / "out"
+    argv = ["--input", folder, "--output", out, "--model", VIDEO_MODEL, "--max-frames", "20"]
+    assert _run([*argv, "--clip-frames", "8"]) == 1  # 8 is not 1 + 4k
+    assert _run([*argv, "--clip-frames", "9", *RESIZE]) == 0
+    rows = sorted(_rows(out), key=lambda r: (r["source_path"], r["clip_index"] or 0))
+    clips = [r for r in rows if r["kind"] == "video"]
+    assert [(r["clip_start_frame"], r["clip_end_frame"]) for r in clips] == [(0, 9), (9, 18), (18, 20)]
+    assert all(r["clip_count"] == 3 and r["original_frames"] == 20 and r["error"] is None for r in clips)
+    fps = clips[0]["fps"]
+    assert fps == pytest.approx(30000 / 1001)
+    assert [(r["clip_start"], r["clip_end"]) for r in clips] == [
+        (pytest.approx(s / fps), pytest.approx(e / fps)) for s, e in ((0, 9), (9, 18), (18, 20))
+    ]
+    tokenizer = load_tokenizer(VIDEO_MODEL)
+    options = EncodeOptions(resize="shorter-side", resolution=64, max_frames=20)
+    video = load_media((folder / CLIP).read_bytes(), options=options)
+    for row in clips:
+        s, e = row["clip_start_frame"], row["clip_end_frame"]
+        clip = MediaInput(video.pixels[:, :, s:e], "video", video.fps, video.sha256, video.original_size)
+        expected = encode_media(tokenizer, clip, options)
+        got = latents_from_bytes(row["latents"])
+        torch.testing.assert_close(got.latents, expected.latents)
+        assert got.original_frames == e - s and got.fps == pytest.approx(fps)
+        assert float(got.extra["clip_start"]) == pytest.approx(row["clip_start"])
+    photo = next(r for r in rows if r["kind"] == "image")
+    assert photo["error"] is None and len(photo["shape"]) == 5  # (1, C, 1, h, w): a one-frame clip

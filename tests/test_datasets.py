@@ -1,0 +1,134 @@
+"""LatentDataset over real batch-encode shards: latents and metadata back, raw/normalized spaces,
+decode to pixels equal to the in-process path, a torch DataLoader over same-shape rows."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from serving import batch
+from tokenizers_svc.api import load_tokenizer
+from tokenizers_svc.datasets import LatentDataset
+from tokenizers_svc.errors import InvalidLatentsError, InvalidRequestError
+from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
+
+MODEL = "sd-vae-tiny"
+PHOTOS = ("board.jpg", "stuff.jpg", "plant.jpg")  # board and stuff: both 640x480
+OPTIONS = EncodeOptions(resize="shorter-side", resolution=48)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, shared_data):
+    started_here = not ray.is_initialized()  # another module's local Ray is reused, not replaced
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    folder = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        shutil.copy(shared_data / "images" / "val" / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path_factory.mktemp("latents")
+    argv = [
+        "--input",
+        folder,
+        "--output",
+        out,
+        "--model",
+        MODEL,
+        "--resize",
+        "shorter-side",
+        "--resolution",
+        "48",
+    ]
+    code = batch.main([str(a) for a in argv])
+    if started_here:
+        ray.shutdown()
+    assert code == 0
+    return folder, out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(MODEL)
+
+
+def test_rows_latents_and_metadata(job, tokenizer):
+    folder, out = job
+    dataset = LatentDataset(out)
+    assert len(dataset) == len(PHOTOS)
+    assert [e["source_path"] for e in dataset.errors()] == [str((folder / "broken.jpg").resolve())]
+    assert dataset.errors()[0]["error"].startswith("invalid_media: ")
+    for i in range(len(dataset)):
+        item = dataset[i]
+        expected = encode_media(
+            tokenizer, load_media(Path(item["source_path"]).read_bytes(), options=OPTIONS), OPTIONS
+        )
+        torch.testing.assert_close(item["latents"], expected.latents[0])  # (C, h, w), normalized
+        assert item["normalized"] and item["model"] == MODEL and item["kind"] == "image"
+        assert item["shape"] == [1, *item["latents"].shape]
+        assert item["normalization"] == tokenizer.spec.normalization.to_dict()
+        assert "latents" not in dataset.metadata(i)
+
+
+def test_raw_space_is_the_inverse_normalization(job, tokenizer):
+    _, out = job
+    normalized, raw, stored = (
+        LatentDataset(out),
+        LatentDataset(out, normalized=False),
+        LatentDataset(out, normalized=None),
+    )
+    torch.testing.assert_close(
+        raw[0]["latents"], tokenizer.spec.normalization.invert(normalized[0]["latents"][None])[0]
+    )
+    torch.testing.assert_close(stored[0]["latents"], normalized[0]["latents"])
+    assert not torch.equal(raw[0]["latents"], normalized[0]["latents"])  # sd scale 0.18215 applied
+
+
+def test_decode_to_pixels_equals_in_process_decode(job, tokenizer):
+    _, out = job
+    dataset = LatentDataset(out)
+    for i in (0, len(dataset) - 1):
+        row = dataset.metadata(i)
+        pixels = dataset.decode(i)  # loads the job's model by itself
+        data = Path(row["source_path"]).read_bytes()
+        expected = tokenizer.decode(
+            encode_media(tokenizer, load_media(data, options=OPTIONS), OPTIONS), output_dtype=torch.uint8
+        )
+        assert pixels.dtype == torch.uint8 and pixels.shape == expected.shape
+        assert pixels.shape[2] == 48  # shorter side after --resize, cropped back from padding
+        torch.testing.assert_close(pixels, expected, atol=1, rtol=0)  # uint8 rounding of equal floats
+        torch.testing.assert_close(
+            dataset.decode(i, tokenizer, output_dtype=torch.float32), tokenizer.decode(dataset.latent_file(i))
+        )
+
+
+def test_decode_refuses_other_weights(job):
+    _, out = job
+    dataset = LatentDataset(out)
+    other = load_tokenizer(MODEL)
+    with torch.no_grad():
+        next(other.module.parameters()).add_(1.0)  # before the (lazy) weights hash is taken
+    assert other.weights_hash != dataset.metadata(0)["weights_hash"]
+    with pytest.raises(InvalidLatentsError, match="weights"):
+        dataset.decode(0, other)
+
+
+def test_dataloader_batches_same_shape_rows(job):
+    _, out = job
+    dataset = LatentDataset(out)
+    same = [i for i in range(len(dataset)) if dataset.metadata(i)["original_width"] == 640]
+    assert len(same) == 2
+    loader = DataLoader(Subset(dataset, same), batch_size=2, collate_fn=LatentDataset.collate)
+    (latents, metadata) = next(iter(loader))
+    assert latents.shape == (2, *dataset[same[0]]["latents"].shape)
+    torch.testing.assert_close(latents[1], dataset[same[1]]["latents"])
+    assert [m["source_path"] for m in metadata] == [dataset.metadata(i)["source_path"] for i in same]
+
+
+def test_empty_directory_is_refused(tmp_path):
+    with pytest.raises(InvalidRequestError, match=r"no part-\*\.parquet shards"):
+        LatentDataset(tmp_path)

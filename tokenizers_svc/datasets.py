@@ -1,0 +1,146 @@
+"""Reading batch-encode outputs (Parquet shards of latent files) for diffusion training.
+
+A shard row holds one latent file (``Latents.to_bytes``: safetensors bytes whose metadata says how
+to decode it back exactly) plus its source metadata; docs/batch.md has the schema. Error rows
+(``error`` set, no latents) are kept out of the dataset and listed by :meth:`LatentDataset.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset
+
+from tokenizers_svc.errors import InvalidRequestError
+from tokenizers_svc.latents import Latents, latents_from_bytes
+
+SHARD_GLOB = "part-*.parquet"  # the batch job's shard names (serving.batch SHARD_PREFIX/SUFFIX)
+METADATA_COLUMNS = (
+    "id",
+    "source_path",
+    "sha256",
+    "kind",
+    "clip_index",
+    "clip_count",
+    "clip_start_frame",
+    "clip_end_frame",
+    "clip_start",
+    "clip_end",
+    "fps",
+    "original_height",
+    "original_width",
+    "original_frames",
+    "shape",
+    "dtype",
+    "model",
+    "weights_hash",
+    "normalized",
+    "normalization",  # JSON of LatentNormalization in the shards, a dict in the dataset's rows
+    "error",
+)
+SHARD_CACHE = 4  # shards whose latent column stays in memory; sequential reads touch one at a time
+
+
+class LatentDataset(Dataset):
+    """Map-style dataset over the success rows of a batch-encode output directory.
+
+    ``dataset[i]`` is ``{"latents": tensor, **metadata}``: latents without the leading item axis,
+    (C, h, w) for an image or (C, t, h, w) for a video clip, float (dtype as stored), in the space
+    asked for by ``normalized`` (True: diffusion-ready, the model's normalization applied; False:
+    raw encoder output; None: as stored). Metadata values are plain Python (see METADATA_COLUMNS).
+    Rows are ordered by shard file name, then row; latents are read lazily per shard.
+    """
+
+    def __init__(self, root: str | Path, *, normalized: bool | None = True) -> None:
+        self.root = Path(root)
+        self.normalized = normalized
+        self.shards = sorted(self.root.glob(SHARD_GLOB))
+        if not self.shards:
+            raise InvalidRequestError(
+                f"no {SHARD_GLOB} shards in {self.root}; expected a batch-encode --output directory",
+                param="root",
+            )
+        self._rows: list[dict] = []
+        self._index: list[tuple[int, int]] = []  # dataset index -> (shard, row in shard)
+        self._errors: list[dict] = []
+        for shard, path in enumerate(self.shards):
+            table = pq.read_table(path, columns=list(METADATA_COLUMNS))
+            for row_number, row in enumerate(table.to_pylist()):
+                if row["normalization"] is not None:
+                    row["normalization"] = json.loads(row["normalization"])
+                if row["error"] is None:
+                    self._rows.append(row)
+                    self._index.append((shard, row_number))
+                else:
+                    self._errors.append(row)
+        self._columns: OrderedDict[int, pa.ChunkedArray] = OrderedDict()  # shard -> latents column
+        self._tokenizers: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.latent_file(index)
+        if self.normalized is not None:
+            item = item.with_normalized(self.normalized)
+        return {"latents": item.latents[0], **self._rows[index]}
+
+    @staticmethod
+    def collate(items: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+        """``DataLoader(..., collate_fn=LatentDataset.collate)``: same-shape items -> (latents
+        stacked to (B, C, [t,] h, w), metadata dicts). Metadata holds None values (e.g. clip
+        fields of images), which torch's default collate refuses."""
+        latents = torch.stack([item["latents"] for item in items])
+        return latents, [{k: v for k, v in item.items() if k != "latents"} for item in items]
+
+    def metadata(self, index: int) -> dict:
+        """Row ``index`` without its latents."""
+        return dict(self._rows[index])
+
+    def errors(self) -> list[dict]:
+        """The error rows (inputs or clips that could not be encoded), ``error`` = "type: message"."""
+        return [dict(row) for row in self._errors]
+
+    def latent_file(self, index: int) -> Latents:
+        """Row ``index`` as :class:`Latents` (one item, with crop and normalization metadata)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} rows")
+        shard, row = self._index[index]
+        return latents_from_bytes(self._latent_column(shard)[row].as_py())
+
+    def _latent_column(self, shard: int) -> pa.ChunkedArray:
+        if shard not in self._columns:
+            self._columns[shard] = pq.read_table(self.shards[shard], columns=["latents"]).column("latents")
+            while len(self._columns) > SHARD_CACHE:
+                self._columns.popitem(last=False)
+        self._columns.move_to_end(shard)
+        return self._columns[shard]
+
+    def decode(self, index: int, tokenizer=None, *, output_dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """Row ``index`` back to pixels for spot checks: (1, 3, H, W) for an image or (1, 3, T, H, W)
+        for a clip, cropped to the encoded size and frame count; uint8 [0, 255] (or float [-1, 1]
+        with ``output_dtype=torch.float32``). ``tokenizer``: a loaded Tokenizer, else the row's
+        model is loaded on CPU (the job's ``--model`` from manifest.json, else the row's model
+        name); latents from other weights are refused (InvalidLatentsError)."""
+        latents = self.latent_file(index)
+        if tokenizer is None:
+            tokenizer = self._tokenizer(self._rows[index]["model"])
+        return tokenizer.decode(latents, output_dtype=output_dtype)
+
+    def _tokenizer(self, model: str):
+        from tokenizers_svc.api import load_tokenizer
+
+        if model not in self._tokenizers:
+            manifest = self.root / "manifest.json"
+            job = json.loads(manifest.read_text())["model"] if manifest.is_file() else {}
+            source = job["source"] if job.get("name") == model else model
+            self._tokenizers[model] = load_tokenizer(source)
+        return self._tokenizers[model]
+
+    def __repr__(self) -> str:
+        return f"LatentDataset({str(self.root)!r}, rows={len(self)}, errors={len(self._errors)})"
