@@ -235,7 +235,6 @@ def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
     common = {"sha256": sha, "kind": loaded.kind, "original_height": height, "original_width": width}
     if loaded.kind == "image":
         return [_with_pixels(_row(plan, key, path, **common), loaded.pixels, plan.options)]
-    start = plan.options.start or 0.0
     ranges = clip_ranges(loaded.num_frames, plan.clip_frames)
     rows = []
     for index, (s, e) in enumerate(ranges):
@@ -249,8 +248,8 @@ def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
             clip_count=len(ranges),
             clip_start_frame=s,
             clip_end_frame=e,
-            clip_start=start + s / loaded.fps,
-            clip_end=start + e / loaded.fps,
+            clip_start=s / loaded.fps,
+            clip_end=e / loaded.fps,
             fps=loaded.fps,
             original_frames=loaded.num_frames,
         )
