@@ -1,6 +1,6 @@
 """Adapters over diffusers autoencoder classes: each knows its family's normalization and frame rule.
 
-Only the image ``AutoencoderKL`` is wired so far; other diffusers classes plug in the same way.
+This file holds the image ``AutoencoderKL`` (SD / SDXL / FLUX); other classes have their own files.
 """
 
 from __future__ import annotations
@@ -63,10 +63,23 @@ register_preset(
         random_init=True,
     )
 )
+# The published architecture of the SD-family VAEs (the hub config.json files), so the registry can
+# describe them and training can build them without their weights; the hub weights override nothing
+# here, they are loaded from ``source`` with their own config.
+_SD_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+
 register_preset(
     Preset(
         name="sd-vae-ft-mse",
         class_name="AutoencoderKL",
+        config={**_SD_VAE, "sample_size": 256, "scaling_factor": 0.18215},
         source="stabilityai/sd-vae-ft-mse",
         description="Stable Diffusion 1.x VAE (f8c4, scaling 0.18215)",
     )
@@ -75,6 +88,7 @@ register_preset(
     Preset(
         name="sdxl-vae",
         class_name="AutoencoderKL",
+        config={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
         source="stabilityai/sdxl-vae",
         description="SDXL VAE (f8c4, scaling 0.13025)",
     )
@@ -83,6 +97,15 @@ register_preset(
     Preset(
         name="flux-vae",
         class_name="AutoencoderKL",
+        config={
+            **_SD_VAE,
+            "latent_channels": 16,
+            "sample_size": 1024,
+            "scaling_factor": 0.3611,
+            "shift_factor": 0.1159,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
         source="black-forest-labs/FLUX.1-dev",
         subfolder="vae",
         description="FLUX.1 VAE (f8c16, shift 0.1159, scaling 0.3611)",
