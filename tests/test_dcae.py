@@ -13,7 +13,7 @@ from diffusers import AutoencoderDC
 from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.media import image_to_tensor, read_image
-from tokenizers_svc.model_stats import count_params, meta_backend
+from tokenizers_svc.model_stats import count_params, meta_backend, safetensors_bytes
 from tokenizers_svc.registry import get_preset
 
 # dc-ae-f32c32-in-1.0 as written by diffusers' scripts/convert_dcae_to_diffusers.py (the config of
@@ -37,9 +37,14 @@ PUBLISHED_DEEPER = {
     "dc-ae-f64c128": (128, [128, 256, 512, 512, 1024, 1024, 2048], 0.2889),
     "dc-ae-f128c512": (512, [128, 256, 512, 512, 1024, 1024, 2048, 2048], 0.4883),
 }
-# Parameters of the published configs counted on the meta device (pinned: a change to a config
-# changes these; no offline source gives the released checkpoints' counts, see docs/models.md).
+# Parameters of the published configs counted on the meta device (pinned; checked against the
+# released files' sizes below).
 PARAMS = {"dc-ae-f32c32": 323_356_460, "dc-ae-f64c128": 676_896_140, "dc-ae-f128c512": 1_120_682_252}
+# Released float32 weight files as the hub lists them (GB = 10^9 bytes, 2 decimals): f128c512-in
+# diffusion_pytorch_model.safetensors 4.48 GB; the f64c128 and f32c32 "mix" files, which share the
+# "in" architecture, 2.71 GB (diffusers format) and 1.29 GB (original format, same tensors). The
+# f32c32-sana file (other blocks) is 1.25 GB, so 0.01 GB separates architectures.
+RELEASED_GB = {"dc-ae-f32c32": 1.29, "dc-ae-f64c128": 2.71, "dc-ae-f128c512": 4.48}
 HUB_IDS = {
     "dc-ae-f32c32": "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers",
     "dc-ae-f64c128": "mit-han-lab/dc-ae-f64c128-in-1.0-diffusers",
@@ -92,6 +97,7 @@ def test_released_presets_spec_and_params(name):
     backend = meta_backend(preset)
     assert set(preset.config) <= set(backend.module.config)  # no key silently dropped by from_config
     assert count_params(backend.module) == PARAMS[name]
+    assert round(safetensors_bytes(backend.module.state_dict()) / 1e9, 2) == RELEASED_GB[name]
     spec = backend.spec
     factor = int(name.split("-f")[1].split("c")[0])
     channels = int(name.rsplit("c", 1)[1])

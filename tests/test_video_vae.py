@@ -5,7 +5,6 @@ as in diffusers' LTX pipeline, and the tiny preset on a real clip."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,29 +13,12 @@ import torch
 from tokenizers_svc.api import build_module, load_tokenizer
 from tokenizers_svc.families.ltx_video import LTXVideoBackend
 from tokenizers_svc.media import read_video, video_to_tensor
-from tokenizers_svc.model_stats import count_params, meta_backend
+from tokenizers_svc.model_stats import count_params, meta_backend, safetensors_bytes
 from tokenizers_svc.registry import get_preset
 
 # Lightricks/LTX-Video at revision 8984fa25007f376c1a299016d0957a37a2f797bb:
 # vae/diffusion_pytorch_model.safetensors is 1,676,798,532 bytes (float32).
 RELEASED_VAE_BYTES = 1_676_798_532
-SAFETENSORS_DTYPE = {torch.float32: ("F32", 4)}
-
-
-def safetensors_size(state_dict: dict[str, torch.Tensor]) -> int:
-    """Bytes of the safetensors file ``save_pretrained`` writes for this state dict: an 8-byte length,
-    the JSON header (compact, sorted keys, ``{"format": "pt"}`` metadata, space-padded to 8 bytes),
-    then the raw tensors. Needs shapes only, so it works on meta tensors."""
-    header, offset = {}, 0
-    for name in sorted(state_dict):
-        tensor = state_dict[name]
-        dtype, itemsize = SAFETENSORS_DTYPE[tensor.dtype]
-        size = tensor.numel() * itemsize
-        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    length = len(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
-    return 8 + length + (-length) % 8 + offset
 
 
 def test_ltx_preset_builds_exactly_the_released_weights_layout():
@@ -45,7 +27,7 @@ def test_ltx_preset_builds_exactly_the_released_weights_layout():
     preset = get_preset("ltx-video-vae")
     assert (preset.source, preset.subfolder) == ("Lightricks/LTX-Video", "vae")
     module = meta_backend(preset).module
-    assert safetensors_size(module.state_dict()) == RELEASED_VAE_BYTES
+    assert safetensors_bytes(module.state_dict()) == RELEASED_VAE_BYTES
     assert count_params(module) == 419_193_649
 
 
