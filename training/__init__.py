@@ -1,0 +1,1 @@
+"""Accelerate trainer for tokenizers: recipes (config), data, losses, discriminator, train loop."""

@@ -1,0 +1,404 @@
+"""Training data: image folders, video folders, WebDataset shards, mixed into deterministic batches.
+
+Every batch is a pure function of ``(seed, micro_step)``: which source it comes from, its crop size,
+and, for each position in the *global* batch, which file and which crop. A process of rank ``r``
+out of ``w`` takes positions ``[r * b, (r + 1) * b)`` of the global batch, so one process with batch
+``2b`` sees exactly the samples that two processes with batch ``b`` see together, and resuming at
+step ``s`` needs no loader state at all: the loader simply starts at ``s``.
+
+Batches leave the workers as uint8 (cheap to pass between processes): images ``(B, 3, S, S)``,
+clips ``(B, 3, T, S, S)``. For a video model an image is a one-frame clip ``(B, 3, 1, S, S)``
+(repeated to the smallest frame count the model accepts). Files that fail to decode are skipped
+(the next file in the epoch order takes their place) and reported with the batch, never fatal.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from tokenizers_svc.errors import ConfigError, InvalidMediaError, TokenizerError
+from tokenizers_svc.media import decode_image, read_image, read_video
+from tokenizers_svc.spec import TokenizerSpec
+from training.config import Recipe, SourceSection
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+
+
+def list_files(root: Path, extensions: tuple[str, ...], include: list[str], exclude: list[str]) -> list[Path]:
+    """Files under ``root`` (recursive, sorted) with one of ``extensions``, filtered by globs on the
+    path relative to ``root``."""
+    if not root.is_dir():
+        raise ConfigError(f"data folder {str(root)!r} does not exist", param="data.sources.path")
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if not path.is_file() or path.suffix.lower() not in extensions:
+            continue
+        if include and not any(fnmatch.fnmatch(rel, pattern) for pattern in include):
+            continue
+        if any(fnmatch.fnmatch(rel, pattern) for pattern in exclude):
+            continue
+        files.append(path)
+    return files
+
+
+class _DecodeCache:
+    """A small per-process LRU of decoded images (dataset folders of a few dozen photos decode once)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, key: str, load) -> np.ndarray:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = load()
+        if self.capacity:
+            self.items[key] = value
+            if len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+        return value
+
+
+class Source:
+    """A list of items, each loadable as frames ``(T, H, W, 3)`` uint8 (images: T = 1)."""
+
+    kind: str
+    frames: int = 1
+
+    def __init__(self, section: SourceSection, cache: _DecodeCache) -> None:
+        self.section = section
+        self.cache = cache
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        return {"kind": self.section.kind, "path": self.section.path, "items": len(self)}
+
+
+class ImageFolder(Source):
+    kind = "images"
+
+    def __init__(self, section: SourceSection, cache: _DecodeCache) -> None:
+        super().__init__(section, cache)
+        self.files = list_files(Path(section.path), IMAGE_EXTENSIONS, section.include, section.exclude)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, index: int) -> str:
+        return str(self.files[index])
+
+    def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        path = self.files[index]
+        return self.cache.get(str(path), lambda: read_image(path))[None]  # (1, H, W, 3)
+
+
+class VideoFolder(Source):
+    """Clips of ``frames`` frames, every ``frame_stride``-th, from a uniformly random start time."""
+
+    kind = "videos"
+
+    def __init__(self, section: SourceSection, cache: _DecodeCache) -> None:
+        super().__init__(section, cache)
+        self.files = list_files(Path(section.path), VIDEO_EXTENSIONS, section.include, section.exclude)
+        self.frames = section.frames
+        self._durations: dict[int, tuple[float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, index: int) -> str:
+        return str(self.files[index])
+
+    def _probe(self, index: int) -> tuple[float, float]:
+        """(duration s, fps) from the container header (PyAV), cached."""
+        if index not in self._durations:
+            try:
+                with av.open(str(self.files[index])) as container:
+                    stream = container.streams.video[0]
+                    fps = float(stream.average_rate or stream.guessed_rate or 25)
+                    if stream.duration is not None and stream.time_base:
+                        duration = float(stream.duration * stream.time_base)
+                    else:
+                        duration = float(container.duration or 0) / av.time_base
+            except (av.error.FFmpegError, IndexError) as exc:
+                raise InvalidMediaError(f"cannot probe video: {exc}", param="file") from None
+            self._durations[index] = (duration, fps)
+        return self._durations[index]
+
+    def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        duration, fps = self._probe(index)
+        span = self.frames * self.section.frame_stride / fps  # seconds one clip covers
+        start = float(rng.uniform(0.0, max(duration - span - 1.0 / fps, 0.0)))
+        video = read_video(
+            self.files[index], start=start, max_frames=self.frames, stride=self.section.frame_stride
+        )
+        frames = video.frames
+        if frames.shape[0] < self.frames:  # a clip cut short by the end of the file repeats its last frame
+            pad = np.repeat(frames[-1:], self.frames - frames.shape[0], axis=0)
+            frames = np.concatenate([frames, pad])
+        return frames  # (T, H, W, 3)
+
+
+class WebDatasetShards(Source):
+    """Images inside WebDataset ``.tar`` shards (samples grouped by key = path up to the first dot of
+    the basename, as webdataset does). Shards are indexed once (member offsets) so any sample can be
+    read directly, which keeps batches a pure function of the step."""
+
+    kind = "webdataset"
+
+    def __init__(self, section: SourceSection, cache: _DecodeCache) -> None:
+        super().__init__(section, cache)
+        root = Path(section.path)
+        shards = sorted(root.glob("*.tar")) if root.is_dir() else sorted(Path().glob(section.path))
+        if not shards:
+            raise ConfigError(f"no .tar shards found at {section.path!r}", param="data.sources.path")
+        self.entries: list[tuple[Path, str, int, int]] = []  # (shard, key, data offset, size)
+        for shard in shards:
+            with tarfile.open(shard) as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    directory, _, base = member.name.rpartition("/")
+                    stem, _, extension = base.partition(".")
+                    key = f"{directory}/{stem}" if directory else stem
+                    if f".{extension.lower()}" not in IMAGE_EXTENSIONS:
+                        continue
+                    if section.include and not any(fnmatch.fnmatch(key, p) for p in section.include):
+                        continue
+                    if any(fnmatch.fnmatch(key, p) for p in section.exclude):
+                        continue
+                    self.entries.append((shard, key, member.offset_data, member.size))
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def name(self, index: int) -> str:
+        shard, key, _, _ = self.entries[index]
+        return f"{shard}#{key}"
+
+    def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        shard, key, offset, size = self.entries[index]
+
+        def read() -> np.ndarray:
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                return decode_image(handle.read(size))
+
+        return self.cache.get(f"{shard}#{key}", read)[None]
+
+    def summary(self) -> dict:
+        return {**super().summary(), "shards": len(self.shards)}
+
+
+SOURCE_KINDS: dict[str, type[Source]] = {
+    "images": ImageFolder,
+    "videos": VideoFolder,
+    "webdataset": WebDatasetShards,
+}
+
+
+def build_sources(recipe: Recipe, cache: _DecodeCache | None = None) -> list[Source]:
+    cache = cache or _DecodeCache(recipe.data.cache_images)
+    sources = [SOURCE_KINDS[section.kind](section, cache) for section in recipe.data.sources]
+    for source in sources:
+        if not len(source):
+            raise ConfigError(
+                f"data source {source.section.path!r} ({source.kind}) has no usable files",
+                param="data.sources",
+            )
+    return sources
+
+
+def random_crop(
+    frames: np.ndarray, size: int, rng: np.random.Generator, min_scale: float, hflip: bool
+) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8: a random square window, resized to ``size``.
+
+    The window side is log-uniform in ``[size, min(short side, size / min_scale)]`` (1:1 pixels up
+    to a ``min_scale`` downscale: the multi-scale part); images smaller than ``size`` are upscaled.
+    """
+    _, h, w, _ = frames.shape  # (T, H, W, 3)
+    short = min(h, w)
+    low, high = min(size, short), min(short, max(size, int(size / min_scale)))
+    window = round(math.exp(rng.uniform(math.log(low), math.log(high)))) if high > low else low
+    top = int(rng.integers(0, h - window + 1))
+    left = int(rng.integers(0, w - window + 1))
+    flip = bool(hflip and rng.random() < 0.5)
+    crop = torch.from_numpy(np.ascontiguousarray(frames[:, top : top + window, left : left + window]))
+    crop = crop.permute(0, 3, 1, 2)  # (T, 3, window, window)
+    if window != size:
+        crop = resize_uint8(crop, size)
+    if flip:
+        crop = crop.flip(-1)
+    return crop.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
+
+
+def resize_uint8(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> (N, 3, size, size) uint8, antialiased bilinear, rounded."""
+    out = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def center_crop(frames: np.ndarray, resolution: int) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, r, r) uint8: shorter side resized to ``r``, center square."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+    h, w = x.shape[-2:]
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
+    if size != (h, w):
+        x = resize_uint8(x, size)
+    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return x[..., top : top + resolution, left : left + resolution].permute(1, 0, 2, 3).contiguous()
+
+
+@dataclass
+class BatchPlan:
+    """How micro-batches are laid out across processes (see the module docstring)."""
+
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    grad_accum: int = 1
+    start_micro_step: int = 0
+
+
+class TrainBatches(Dataset):
+    """Map-style dataset whose item ``i`` is micro-batch ``start + i`` for this process:
+    ``{"pixels": uint8 (B, 3, [T,] S, S), "skipped": [names of files that failed to decode]}``."""
+
+    def __init__(self, recipe: Recipe, sources: list[Source], spec: TokenizerSpec, plan: BatchPlan) -> None:
+        self.recipe = recipe
+        self.sources = sources
+        self.spec = spec
+        self.plan = plan
+        self.weights = np.array([s.section.weight for s in sources], dtype=np.float64)
+        self.weights /= self.weights.sum()
+        self.video_model = spec.modality != "image"
+        self.image_frames = spec.frame_rule.padded_frames(1) if self.video_model else 1
+        for source in sources:
+            if source.frames > 1 and not self.video_model:
+                raise ConfigError(
+                    f"{spec.name} is an image model; data source {source.section.path!r} gives "
+                    f"{source.frames}-frame clips (use frames: 1 or a video model)",
+                    param="data.sources.frames",
+                )
+            if source.frames > 1 and not spec.frame_rule.is_valid(source.frames):
+                raise ConfigError(
+                    f"{spec.name} accepts {spec.frame_rule.describe()} frames; data source "
+                    f"{source.section.path!r} has frames={source.frames}",
+                    param="data.sources.frames",
+                )
+        total_micro = recipe.total_steps * recipe.optim.grad_accum
+        self.length = max(total_micro - plan.start_micro_step, 0)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        micro = self.plan.start_micro_step + index
+        step = micro // self.plan.grad_accum
+        rng = np.random.default_rng([self.plan.seed, micro])
+        source_index = int(rng.choice(len(self.sources), p=self.weights))
+        source = self.sources[source_index]
+        size = int(rng.choice(self.recipe.crop_sizes_at(step)))
+        local = source.section.batch_size or self.recipe.batch_size_at(step)
+        global_batch = local * self.plan.world_size
+        skipped: list[str] = []
+        samples = []
+        for slot in range(self.plan.rank * local, (self.plan.rank + 1) * local):
+            position = micro * global_batch + slot  # this sample's place in the source's epoch order
+            sample_rng = np.random.default_rng([self.plan.seed, micro, slot])
+            samples.append(self._sample(source_index, position, size, sample_rng, skipped))
+        pixels = torch.stack(samples)  # (B, 3, T, S, S)
+        if not self.video_model:
+            pixels = pixels[:, :, 0]  # (B, 3, S, S)
+        elif pixels.shape[2] < self.image_frames:
+            pixels = pixels.expand(-1, -1, self.image_frames, -1, -1).contiguous()
+        return {"pixels": pixels, "skipped": skipped, "source": source_index}
+
+    def _sample(
+        self, source_index: int, position: int, size: int, rng: np.random.Generator, skipped: list[str]
+    ) -> torch.Tensor:
+        source = self.sources[source_index]
+        n = len(source)
+        for attempt in range(n):
+            k = position + attempt
+            epoch, offset = divmod(k, n)
+            order = np.random.default_rng([self.plan.seed, source_index, epoch]).permutation(n)
+            index = int(order[offset])
+            try:
+                frames = source.load(index, rng)
+            except TokenizerError:
+                skipped.append(source.name(index))
+                continue
+            return random_crop(frames, size, rng, self.recipe.data.min_scale, self.recipe.data.hflip)
+        raise ConfigError(
+            f"no file of data source {source.section.path!r} could be decoded", param="data.sources"
+        )
+
+
+def _collate(items: list[dict]) -> dict:
+    return items[0]  # the dataset already yields whole batches
+
+
+def make_loader(recipe: Recipe, sources: list[Source], spec: TokenizerSpec, plan: BatchPlan) -> DataLoader:
+    """Batches from ``plan.start_micro_step`` on. The loader's own generator is seeded so that
+    creating it never draws from the global torch RNG (which the checkpoint restores bit-exactly)."""
+    dataset = TrainBatches(recipe, sources, spec, plan)
+    workers = recipe.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=1,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(recipe.seed),
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def load_validation(recipe: Recipe) -> torch.Tensor | None:
+    """Held-out images, center-cropped: uint8 (N, 3, r, r), or None when validation is off."""
+    section = recipe.validation
+    if section.path is None:
+        return None
+    files = list_files(Path(section.path), IMAGE_EXTENSIONS, [], [])[: section.max_images]
+    images = []
+    for path in files:
+        try:
+            images.append(center_crop(read_image(path)[None], section.resolution)[:, 0])
+        except TokenizerError:
+            continue
+    if not images:
+        raise ConfigError(
+            f"validation folder {section.path!r} has no readable images", param="validation.path"
+        )
+    return torch.stack(images)
+
+
+def data_summary(sources: list[Source]) -> list[dict]:
+    return [{**source.summary(), "weight": source.section.weight} for source in sources]

@@ -1,0 +1,568 @@
+"""Train a tokenizer from a recipe with Hugging Face Accelerate.
+
+    accelerate launch -m training.train --recipe training/recipes/NAME.yaml [key=value ...] [--resume latest]
+    tokenizers-svc train --recipe training/recipes/NAME.yaml [key=value ...]
+
+The same script runs on one CPU, several processes (torchrun / accelerate launch) or GPUs. Reading
+order: :func:`main` -> :class:`Trainer` (build, loop, checkpoint, validate, export). Everything a
+run writes lives in the recipe's ``output_dir``: ``checkpoints/step_XXXXXXXX`` (accelerator state,
+newest ``checkpoint.keep`` kept), ``tb/`` (TensorBoard), ``export/`` (``save_pretrained`` weights +
+``card.json``) which ``tokenizers_svc.load_tokenizer(dir)``, the server and the batch job load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import accelerate
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+from tqdm import tqdm
+
+from evals.image_metrics import psnr, ssim
+from tokenizers_svc.api import build_module, to_uint8_pixels
+from tokenizers_svc.errors import ConfigError, TokenizerError
+from tokenizers_svc.families.base import Backend
+from tokenizers_svc.registry import backend_for, get_preset, model_class
+from training import losses
+from training.config import PhaseSection, Recipe, load_recipe
+from training.data import BatchPlan, build_sources, data_summary, load_validation, make_loader
+from training.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
+
+CHECKPOINT_PREFIX = "step_"
+CARD_FILE = "card.json"  # read by tokenizers_svc.api for the model's name
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_backend(recipe: Recipe) -> Backend:
+    """The recipe's preset with its config overrides, seeded random init (or ``init_from`` weights),
+    wrapped in the family backend so that any family trains through encode_moments/decode_latents."""
+    preset = get_preset(recipe.model.preset)
+    name = recipe.model.name or recipe.name
+    if recipe.model.init_from:
+        module = model_class(preset.class_name).from_pretrained(recipe.model.init_from)
+    else:
+        try:
+            module = build_module(
+                replace(preset, config={**preset.config, **recipe.model.config}), seed=recipe.seed
+            )
+        except TypeError as exc:
+            raise ConfigError(
+                f"model.config does not fit {preset.class_name}: {exc}", param="model.config"
+            ) from None
+    return backend_for(preset.class_name).from_module(module, name)
+
+
+class Autoencoder(nn.Module):
+    """Training view of a backend: pixels -> (reconstruction, posterior mean, logvar | None).
+
+    The backend's module is a submodule, so DDP (via ``accelerator.prepare``) sees every parameter.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__()
+        self.module = backend.module
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        mean, logvar = self.backend.encode_moments(x)  # (N, c, [t,] h, w) each
+        z = mean if logvar is None else mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return self.backend.decode_latents(z), mean, logvar  # recon like x, float
+
+
+def last_layer_name(module: nn.Module, configured: str | None) -> str:
+    """The decoder's last weight (for the adaptive GAN weight): configured, else the last parameter
+    with >= 2 dims under a ``decoder`` submodule, else the module's last such parameter."""
+    names = [name for name, p in module.named_parameters() if p.ndim >= 2]
+    if configured:
+        if configured not in names:
+            raise ConfigError(
+                f"loss.gan.last_layer {configured!r} is not a weight of the model; e.g. {names[-3:]}",
+                param="loss.gan.last_layer",
+            )
+        return configured
+    decoder = [name for name in names if name.startswith("decoder.") or ".decoder." in name]
+    return (decoder or names)[-1]
+
+
+def phase_parameters(module: nn.Module, phase: PhaseSection) -> list[nn.Parameter]:
+    params = [
+        p
+        for name, p in module.named_parameters()
+        if any(fnmatch.fnmatch(name, pat) for pat in phase.trainable)
+    ]
+    if not params:
+        raise ConfigError(
+            f"phase {phase.name!r}: trainable patterns {phase.trainable} match no parameter "
+            f"(names look like {next(iter(dict(module.named_parameters())))!r})",
+            param="phases.trainable",
+        )
+    return params
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+
+class Ema:
+    """Exponential moving average of a module's weights (a frozen copy); what gets exported."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool) -> None:
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        for shadow, param in zip(self.shadow.parameters(), module.parameters(), strict=True):
+            shadow.lerp_(param.detach().to(shadow.dtype), 1.0 - decay)
+        for shadow, buffer in zip(self.shadow.buffers(), module.buffers(), strict=True):
+            shadow.copy_(buffer)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow.load_state_dict(state["shadow"])
+        self.updates = int(state["updates"])
+
+
+class TrainState:
+    """Counters saved with every checkpoint (the rest of the state is Accelerate's)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.samples = 0
+        self.wall_s = 0.0
+        self.skipped: dict[str, int] = {}  # file -> times it failed to decode (this process)
+        self.initial_metrics: dict = {}
+        self.metrics: dict = {}
+        self.loss_history: list[tuple[int, float]] = []  # (step, mean total loss of the logging window)
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def lr_at(recipe: Recipe, step: int) -> float:
+    """Linear warmup then cosine to ``lr * min_lr_ratio``, restarted at each phase."""
+    _, phase, local = recipe.phase_at(step)
+    base = phase.lr or recipe.optim.lr
+    warmup = min(recipe.optim.warmup_steps, phase.steps - 1)
+    if local < warmup:
+        return base * (local + 1) / (warmup + 1)
+    progress = (local - warmup) / max(phase.steps - warmup, 1)
+    ratio = recipe.optim.min_lr_ratio
+    return base * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: str | None = None) -> None:
+        self.recipe = recipe
+        self.run_dir = recipe.run_dir
+        self.accelerator = Accelerator(
+            mixed_precision=recipe.mixed_precision,
+            log_with="tensorboard" if recipe.logging.tensorboard else None,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tb")
+            ),
+            step_scheduler_with_optimizer=False,
+        )
+        set_seed(recipe.seed)
+        acc = self.accelerator
+        self.backend = build_backend(recipe)
+        self.spec = self.backend.spec
+        self._check_sizes()
+        self.sources = build_sources(recipe)
+        self.val_images = load_validation(recipe)
+        self.perceptual = (
+            losses.Perceptual(recipe.loss.perceptual_net).to(acc.device)
+            if recipe.loss.perceptual == "lpips"
+            else None
+        )
+        module = self.backend.module
+        self.optimizers = [
+            torch.optim.AdamW(
+                phase_parameters(module, phase),
+                lr=phase.lr or recipe.optim.lr,
+                betas=recipe.optim.betas,
+                weight_decay=recipe.optim.weight_decay,
+            )
+            for phase in recipe.phases
+        ]
+        self.model = Autoencoder(self.backend)
+        self.model, *self.optimizers = acc.prepare(self.model, *self.optimizers)
+        self.gan = recipe.loss.gan
+        self.discriminator = self.disc_optimizer = None
+        if self.gan is not None:
+            config = PatchDiscriminatorConfig(channels=self.gan.disc_channels, layers=self.gan.disc_layers)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(recipe.seed + 1)
+                disc = PatchDiscriminator(config)
+            disc_opt = torch.optim.AdamW(disc.parameters(), lr=self.gan.disc_lr, betas=(0.5, 0.9))
+            self.discriminator, self.disc_optimizer = acc.prepare(disc, disc_opt)
+            self.last_layer = dict(module.named_parameters())[last_layer_name(module, self.gan.last_layer)]
+        self.ema = Ema(module, recipe.ema.decay, recipe.ema.warmup) if recipe.ema.decay > 0 else None
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        if recipe.logging.tensorboard:
+            acc.init_trackers("tb", config=_flat_config(recipe))
+        self.resumed_from = self._resume(resume) if resume else None
+
+    # ----------------------------------------------------------------------------------- setup checks
+
+    def _check_sizes(self) -> None:
+        multiple = self.spec.multiple
+        sizes = {s for phase in self.recipe.phases for s in (phase.crop_sizes or self.recipe.data.crop_sizes)}
+        if self.recipe.validation.path:
+            sizes.add(self.recipe.validation.resolution)
+        bad = sorted(s for s in sizes if s % multiple)
+        if bad:
+            raise ConfigError(
+                f"{self.spec.name} needs sizes that are multiples of {multiple}; crop/validation sizes {bad} are not",
+                param="data.crop_sizes",
+            )
+
+    def _resume(self, which: str) -> Path | None:
+        path = latest_checkpoint(self.run_dir) if which == "latest" else Path(which)
+        if path is None:
+            self.accelerator.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+            return None
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint {str(path)!r} does not exist", param="resume")
+        self.accelerator.load_state(str(path))
+        self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+        return path
+
+    # ----------------------------------------------------------------------------------- loop
+
+    def fit(self) -> Path:
+        recipe, acc, state = self.recipe, self.accelerator, self.state
+        if state.step == 0 and not state.initial_metrics:
+            state.initial_metrics = self.validate()
+        accum = recipe.optim.grad_accum
+        plan = BatchPlan(
+            seed=recipe.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            grad_accum=accum,
+            start_micro_step=state.step * accum,
+        )
+        loader = make_loader(recipe, self.sources, self.spec, plan)
+        bar = tqdm(
+            total=recipe.total_steps,
+            initial=state.step,
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+            unit="step",
+        )
+        window_samples, window_start = 0, time.perf_counter()
+        terms: dict[str, float] = {}  # loss terms summed over the steps of the logging window
+        window_steps, micro = 0, 0
+        for batch in loader:
+            x = batch["pixels"].to(acc.device).float() / 127.5 - 1.0  # (B, 3, [T,] S, S) in [-1, 1]
+            for name in batch["skipped"]:
+                state.skipped[name] = state.skipped.get(name, 0) + 1
+            micro += 1
+            sync = micro % accum == 0
+            for key, value in self.micro_step(x, sync, accum).items():
+                terms[key] = terms.get(key, 0.0) + value / accum
+            window_samples += x.shape[0] * acc.num_processes
+            if not sync:
+                continue
+            self.optimizer_step()
+            state.step += 1
+            window_steps += 1
+            state.samples += window_samples
+            if state.step % recipe.logging.every == 0 or state.step == recipe.total_steps:
+                elapsed = time.perf_counter() - window_start
+                logs = {
+                    k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in terms.items()
+                }
+                logs |= {
+                    "lr": lr_at(recipe, state.step - 1),
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                }
+                acc.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
+                state.loss_history.append((state.step, logs["loss"]))
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{logs['samples_per_s']:.2f}")
+                state.wall_s += elapsed
+                window_samples, window_steps, window_start, terms = 0, 0, time.perf_counter(), {}
+            bar.update(1)
+            if state.step % recipe.validation.every == 0 and state.step < recipe.total_steps:
+                self.validate()
+            if state.step % recipe.logging.image_every == 0:
+                self.log_images()
+            if state.step % recipe.checkpoint.every == 0 and state.step < recipe.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        state.metrics = self.validate()
+        self.log_images()
+        self.save_checkpoint()
+        export = self.export()
+        acc.end_training()
+        return export
+
+    def micro_step(self, x: torch.Tensor, sync: bool, accum: int) -> dict[str, float]:
+        """Forward + backward of one micro-batch; gradients are all-reduced only on ``sync``."""
+        recipe, acc, loss_cfg = self.recipe, self.accelerator, self.recipe.loss
+        step = self.state.step
+        _, phase, _ = recipe.phase_at(step)
+        gan_on = phase.gan and self.gan is not None and step >= self.gan.start_step
+        models = [self.model] + ([self.discriminator] if self.discriminator is not None else [])
+        contexts = [nullcontext() if sync else acc.no_sync(m) for m in models]
+        with contexts[0]:
+            recon, mean, logvar = self.model(x)
+            recon = recon.float()
+            rec = losses.reconstruction_loss(x, recon, loss_cfg.reconstruction)
+            total = loss_cfg.reconstruction_weight * rec
+            terms = {"rec": rec}
+            if logvar is not None and loss_cfg.kl_weight > 0:
+                terms["kl"] = losses.kl_loss(mean.float(), logvar.float())
+                total = total + loss_cfg.kl_weight * terms["kl"]
+            if self.perceptual is not None and loss_cfg.perceptual_weight > 0:
+                terms["perceptual"] = self.perceptual(x, recon)
+                total = total + loss_cfg.perceptual_weight * terms["perceptual"]
+            if loss_cfg.ssim_weight > 0:
+                terms["ssim"] = losses.ssim(x, recon)
+                total = total + loss_cfg.ssim_weight * (1 - terms["ssim"])
+            if gan_on:
+                disc = acc.unwrap_model(self.discriminator)  # G step: D is a frozen critic here
+                disc.requires_grad_(False)
+                with acc.autocast():
+                    g_loss = losses.hinge_g_loss(disc(recon).float())
+                disc.requires_grad_(True)
+                nll = total
+                weight = (
+                    losses.adaptive_weight(nll, g_loss, self.last_layer, self.gan.max_adaptive_weight)
+                    if self.gan.adaptive
+                    else torch.tensor(1.0, device=x.device)
+                )
+                terms |= {"g_adv": g_loss, "adaptive_weight": weight}
+                total = total + self.gan.weight * weight * g_loss
+            terms["loss"] = total
+            acc.backward(total / accum)
+        if gan_on:
+            with contexts[1]:
+                logits_real = self.discriminator(x).float()
+                logits_fake = self.discriminator(recon.detach()).float()
+                d_loss = losses.hinge_d_loss(logits_real, logits_fake)
+                acc.backward(d_loss / accum)
+            terms |= {"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def optimizer_step(self) -> None:
+        recipe, acc = self.recipe, self.accelerator
+        index, _, _ = recipe.phase_at(self.state.step)
+        optimizer = self.optimizers[index]
+        lr = lr_at(recipe, self.state.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if recipe.optim.grad_clip is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            acc.clip_grad_norm_(params, recipe.optim.grad_clip)
+        optimizer.step()
+        self.model.zero_grad(set_to_none=True)  # frozen parameters' gradients too
+        if self.discriminator is not None:
+            if any(p.grad is not None for p in self.discriminator.parameters()):
+                self.disc_optimizer.step()
+            self.discriminator.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.model).module)
+
+    # ----------------------------------------------------------------------------------- validation
+
+    def export_module(self) -> nn.Module:
+        return self.ema.shadow if self.ema is not None else self.accelerator.unwrap_model(self.model).module
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> uint8 reconstruction with the exported weights (posterior mean)."""
+        module = self.export_module()
+        backend = type(self.backend).from_module(module, self.backend.spec.name)
+        was_training = module.training
+        module.eval()
+        out = []
+        for chunk in images.split(self.recipe.validation.batch_size):
+            x = chunk.to(self.accelerator.device).float() / 127.5 - 1.0  # (n, 3, H, W) in [-1, 1]
+            if self.spec.modality != "image":
+                frames = self.spec.frame_rule.padded_frames(1)
+                x = x.unsqueeze(2).expand(-1, -1, frames, -1, -1)  # an image is a one-frame clip
+            mean, _ = backend.encode_moments(x)
+            recon = backend.decode_latents(mean).float()
+            if recon.ndim == 5:
+                recon = recon[:, :, 0]
+            out.append(to_uint8_pixels(recon).cpu())
+        module.train(was_training)
+        return torch.cat(out)
+
+    def validate(self) -> dict:
+        """PSNR/SSIM (evals.image_metrics, uint8) of the exported weights on the held-out images."""
+        if self.val_images is None or not self.accelerator.is_main_process:
+            return {}
+        recon = self.reconstruct(self.val_images)
+        metrics = {
+            "val_psnr": float(psnr(self.val_images, recon).mean()),
+            "val_ssim": float(ssim(self.val_images, recon).mean()),
+            "val_images": len(self.val_images),
+            "step": self.state.step,
+        }
+        self.accelerator.log(
+            {"val/psnr": metrics["val_psnr"], "val/ssim": metrics["val_ssim"]}, step=self.state.step
+        )
+        tqdm.write(
+            f"step {self.state.step}: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}"
+        )
+        return metrics
+
+    def log_images(self) -> None:
+        if (
+            self.val_images is None
+            or not self.accelerator.is_main_process
+            or not self.recipe.logging.tensorboard
+        ):
+            return
+        originals = self.val_images[:4]
+        recon = self.reconstruct(originals)
+        grid = torch.cat(
+            [torch.cat(list(originals), dim=2), torch.cat(list(recon), dim=2)], dim=1
+        )  # (3, 2H, 4W)
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("val/original_top_reconstruction_bottom", grid, self.state.step)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        directory = self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.step:08d}"
+        acc.wait_for_everyone()
+        acc.save_state(str(directory))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for old in list_checkpoints(self.run_dir)[: -self.recipe.checkpoint.keep]:
+                shutil.rmtree(old)
+        return directory
+
+    def export(self) -> Path:
+        """``save_pretrained`` of the exported weights + card.json into ``output_dir/export``."""
+        acc = self.accelerator
+        directory = self.run_dir / "export"
+        if acc.is_main_process:
+            if directory.exists():
+                shutil.rmtree(directory)
+            self.export_module().save_pretrained(str(directory))
+            (directory / CARD_FILE).write_text(json.dumps(self.card(), indent=2) + "\n")
+        acc.wait_for_everyone()
+        return directory
+
+    def card(self) -> dict:
+        recipe, state, acc = self.recipe, self.state, self.accelerator
+        return {
+            "name": recipe.model.name or recipe.name,
+            "preset": recipe.model.preset,
+            "family": self.spec.family,
+            "spec": self.spec.to_dict(),
+            "parameters": sum(p.numel() for p in self.export_module().parameters()),
+            "weights": "ema" if self.ema is not None else "raw",
+            "recipe": recipe.model_dump(mode="json"),
+            "data": {
+                "sources": data_summary(self.sources),
+                "validation": {
+                    "path": recipe.validation.path,
+                    "images": 0 if self.val_images is None else len(self.val_images),
+                },
+                "skipped_files": state.skipped,
+                "skipped_total": sum(state.skipped.values()),
+            },
+            "steps": state.step,
+            "samples_seen": state.samples,
+            "metrics": {"initial": state.initial_metrics, "final": state.metrics},
+            "train_loss": [list(item) for item in state.loss_history],
+            "training": {
+                "wall_s": round(state.wall_s, 1),
+                "processes": acc.num_processes,
+                "device": str(acc.device),
+                "mixed_precision": recipe.mixed_precision,
+                "hardware": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "accelerate": accelerate.__version__,
+                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            },
+        }
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _flat_config(recipe: Recipe) -> dict:
+    """TensorBoard hparams accept scalars only: the recipe flattened to dotted keys."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix] = value
+        else:
+            flat[prefix] = json.dumps(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="training.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="recipe YAML (training/recipes/*.yaml)")
+    parser.add_argument(
+        "--resume", default=None, help="'latest' (newest checkpoint of this run) or a checkpoint dir"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        export = Trainer(recipe, resume=args.resume).fit()
+    except TokenizerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
