@@ -147,7 +147,7 @@ class ViTokModel(ModelMixin, ConfigMixin):
         modality: str = "image",  # "image": NCHW, p x p patches; "video": NCTHW, q x p x p tubelets
         patch_size: int = 16,  # p: spatial compression (paper: 16 at 256p)
         tubelet_size: int = 1,  # q: temporal compression; 1 for images, 4 in the paper's video models
-        latent_channels: int = 16,  # c: bottleneck channels per token (paper's S-B/16 uses c=16)
+        latent_channels: int = 16,  # c: bottleneck channels per token; 16 gives E = 4096 floats at 256p, p=16
         encoder_width: int = 384,  # S = ViT-Small: the paper keeps the encoder small
         encoder_depth: int = 12,
         encoder_heads: int = 6,
