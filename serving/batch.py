@@ -47,6 +47,7 @@ SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
+RUN_FILE = "run.id"  # the run that owns the output directory; other runs' writers discard their shards
 DEFAULT_CLIP_FRAMES = 16  # rounded up to the model's frame rule (17 for 1 + 4k / 1 + 8k models)
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_INPUT_BLOCKS = 1000  # one CPU task per block of inputs; enough blocks to keep a cluster busy
@@ -344,22 +345,41 @@ class EncodeWorker:
 # ---------------------------------------------------------------------------------------------- shards
 
 
-def write_shard(table: pa.Table, *, output: str) -> pa.Table:
+def write_shard(table: pa.Table, *, output: str, run_id: str) -> pa.Table:
     """Writer stage (Ray Data tasks): rows -> one Parquet shard, written under a temporary name and
-    renamed, so that a shard is either complete or absent. Returns one SUMMARY_SCHEMA row."""
+    renamed, so that a shard is either complete or absent. A writer left over from a killed run
+    (its driver gone, the cluster still up) finds another run id in RUN_FILE and discards its
+    shard: the current run encodes those inputs itself. Returns one SUMMARY_SCHEMA row."""
     rows = table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
+    directory = Path(output)
     shard = f"{SHARD_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}"
-    tmp = Path(output) / f".{shard}{TMP_SUFFIX}"
+    tmp = directory / f".{shard}{TMP_SUFFIX}"
     pq.write_table(rows, tmp)
-    os.replace(tmp, Path(output) / shard)
+    if _owner(directory) != run_id:
+        tmp.unlink(missing_ok=True)
+        return pa.Table.from_pylist([{"shard": "", "ok": 0, "errors": 0, "bytes": 0}], schema=SUMMARY_SCHEMA)
+    os.replace(tmp, directory / shard)
     errors = rows.num_rows - rows.column("error").null_count
     summary = {
         "shard": shard,
         "ok": rows.num_rows - errors,
         "errors": errors,
-        "bytes": tmp.parent.joinpath(shard).stat().st_size,
+        "bytes": (directory / shard).stat().st_size,
     }
     return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)
+
+
+def _owner(output: Path) -> str | None:
+    try:
+        return (output / RUN_FILE).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def shard_paths(output: str | Path) -> list[Path]:
@@ -515,7 +535,7 @@ def _check_job_file(output: Path, plan: JobPlan, inputs: list[str]) -> None:
                 param="output",
             )
         return
-    path.write_text(json.dumps(job, indent=2, sort_keys=True))
+    _write_atomic(path, json.dumps(job, indent=2, sort_keys=True))
 
 
 def _gpus_per_worker(requested: float | None) -> float:
@@ -547,8 +567,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     _check_job_file(output, plan, inputs)
+    run_id = uuid.uuid4().hex
+    _write_atomic(output / RUN_FILE, run_id)  # from here on, writers of earlier runs discard
     for stale in output.glob(f".{SHARD_PREFIX}*{TMP_SUFFIX}"):
-        stale.unlink()  # half-written shards of a killed run; their rows are redone
+        stale.unlink(missing_ok=True)  # half-written shards of a killed run; their rows are redone
     before = read_progress(output)
     pending = [
         {"path": path, "done_ids": before.ids.get(path, [])} for path in inputs if not before.complete(path)
@@ -573,7 +595,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             num_cpus=args.cpus_per_worker,
         )
         ds = ds.map_batches(
-            write_shard, fn_kwargs={"output": str(output)}, batch_size=args.shard_rows, batch_format="pyarrow"
+            write_shard,
+            fn_kwargs={"output": str(output), "run_id": run_id},
+            batch_size=args.shard_rows,
+            batch_format="pyarrow",
         )
         summaries = list(ds.iter_rows())
     wall = time.perf_counter() - started
@@ -604,7 +629,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "inputs_encoded": len(pending),
             "rows_ok": ok,
             "rows_error": errors,
-            "shards_written": [s["shard"] for s in summaries],
+            "shards_written": [s["shard"] for s in summaries if s["shard"]],
             "bytes_written": written,
             "wall_s": round(wall, 3),
             "rows_per_s": round((ok + errors) / wall, 3) if summaries else 0.0,
@@ -617,9 +642,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         *history,
         {"command": manifest["command"], "finished_at": manifest["finished_at"], **manifest["run"]},
     ]
-    tmp = output / f".{MANIFEST_FILE}{TMP_SUFFIX}"
-    tmp.write_text(json.dumps({**manifest, "runs": runs}, indent=2))
-    os.replace(tmp, manifest_path)
+    _write_atomic(manifest_path, json.dumps({**manifest, "runs": runs}, indent=2))
     return manifest
 
 
