@@ -34,7 +34,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-MEDIA_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm"}
+MEDIA_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", *VIDEO_SUFFIXES}
 LATENT_SUFFIX = ".safetensors"
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
@@ -231,6 +232,12 @@ def _read(path: Path) -> bytes:
 # ---------------------------------------------------------------------------------------------- encode
 
 
+def _default_for(files: list[Path]) -> str:
+    from tokenizers_svc.defaults import default_model
+
+    return default_model("video" if any(f.suffix.lower() in VIDEO_SUFFIXES for f in files) else "image")
+
+
 def _expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given; a directory contributes its media files (by suffix, sorted, not recursive)."""
     files: list[Path] = []
@@ -268,7 +275,13 @@ def encode(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output file for one input; a directory for several (<stem>.safetensors)."
     ),
-    model: str = typer.Option(..., "--model", "-m", help="Preset name or model directory."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Preset name or model directory; default: the shipped image tokenizer, or the video one "
+        "when an input is a video.",
+    ),
     raw: bool = typer.Option(
         False, "--raw", help="Store raw latents (no scaling/shift); default is normalized."
     ),
@@ -315,7 +328,7 @@ def encode(
             stride=stride,
             seed=seed,
         )
-        tokenizer = _load(model, device, dtype)
+        tokenizer = _load(model or _default_for(files), device, dtype)
     except TokenizerError as exc:
         raise _fail(exc) from None
     (out if as_directory else out.parent).mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ def register_preset(preset: Preset) -> Preset:
 
 
 def _ensure_families_loaded() -> None:
+    import tokenizers_svc.defaults  # registers the shipped default tokenizers
     import tokenizers_svc.families  # noqa: F401  (registers backends and presets)
 
 

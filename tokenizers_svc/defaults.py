@@ -1,0 +1,59 @@
+"""The embedded default tokenizers: trained by this project, shipped inside the package.
+
+They are what the CLI, the server, the batch job and the eval script use when no model is named, so
+a fresh clone works offline. Each lives in ``tokenizers_svc/weights/<name>/`` as a ``save_pretrained``
+directory plus the training card (``card.json``); the recipe that produced it is named in the card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from tokenizers_svc.errors import UnsupportedModelError
+from tokenizers_svc.registry import Preset, register_preset
+
+PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+Modality = Literal["image", "video"]
+
+DEFAULT_MODELS: dict[str, str] = {
+    "image": "tsvc-image-f8c4",  # training/recipes/default-image.yaml
+    "video": "tsvc-video-f16t4c16",  # training/recipes/default-video.yaml
+}
+
+
+def default_model(modality: Modality) -> str:
+    """The shipped tokenizer for ``modality``; a clear error when this checkout has none."""
+    name = DEFAULT_MODELS[modality]
+    if not (PACKAGED_WEIGHTS / name / "config.json").is_file():
+        raise UnsupportedModelError(
+            f"no default {modality} tokenizer is shipped in this checkout (expected weights in "
+            f"tokenizers_svc/weights/{name}); name a model explicitly (see `tokenizers-svc models`)",
+            param="model",
+        )
+    return name
+
+
+def _register_shipped() -> None:
+    for modality, name in DEFAULT_MODELS.items():
+        directory = PACKAGED_WEIGHTS / name
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            continue
+        config = json.loads(config_path.read_text())
+        card_path = directory / "card.json"
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        register_preset(
+            Preset(
+                name=name,
+                class_name=config["_class_name"],
+                config={k: v for k, v in config.items() if not k.startswith("_")},
+                source=str(directory),
+                description=f"default {modality} tokenizer, trained by recipe {card.get('recipe_name', '?')}",
+            )
+        )
+
+
+_register_shipped()
