@@ -301,3 +301,12 @@ def test_video_clips_follow_frame_rule_and_equal_in_process(shared_data, tmp_pat
         assert float(got.extra["clip_start"]) == pytest.approx(row["clip_start"])
     photo = next(r for r in rows if r["kind"] == "image")
     assert photo["error"] is None and len(photo["shape"]) == 5  # (1, C, 1, h, w): a one-frame clip
+
+    # Resume of a partly written video: with clips 0 and 2 on disk, only clip 1 is prepared again,
+    # under the same id as before.
+    plan = batch.make_plan(
+        batch.build_parser().parse_args([str(a) for a in [*argv, "--clip-frames", "9", *RESIZE]]), "cpu"
+    )
+    done = [clips[0]["id"], clips[2]["id"]]
+    (again,) = batch.prepare_row({"path": clips[1]["source_path"], "done_ids": done}, plan=plan)
+    assert again["id"] == clips[1]["id"] and again["clip_index"] == 1 and again["pixels"] is not None
