@@ -33,6 +33,9 @@ class ModelSection(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)  # constructor kwargs overriding the preset's
     init_from: str | None = None  # a save_pretrained directory whose weights initialise the model
     name: str | None = None  # name written into the exported card (defaults to the recipe name)
+    # set config.scaling_factor = 1 / std of the exported model's raw latents on the validation images,
+    # so normalized latents have unit variance for diffusion training (what SD's 0.18215 was)
+    fit_scaling_factor: bool = True
 
 
 class SourceSection(_Strict):

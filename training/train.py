@@ -405,11 +405,7 @@ class Trainer:
         was_training = module.training
         module.eval()
         out = []
-        for chunk in images.split(self.recipe.validation.batch_size):
-            x = chunk.to(self.accelerator.device).float() / 127.5 - 1.0  # (n, 3, H, W) in [-1, 1]
-            if self.spec.modality != "image":
-                frames = self.spec.frame_rule.padded_frames(1)
-                x = x.unsqueeze(2).expand(-1, -1, frames, -1, -1)  # an image is a one-frame clip
+        for x in self._val_pixels(images):
             mean, _ = backend.encode_moments(x)
             recon = backend.decode_latents(mean).float()
             if recon.ndim == 5:
@@ -472,10 +468,34 @@ class Trainer:
         if acc.is_main_process:
             if directory.exists():
                 shutil.rmtree(directory)
+            self.fit_scaling_factor()
             self.export_module().save_pretrained(str(directory))
             (directory / CARD_FILE).write_text(json.dumps(self.card(), indent=2) + "\n")
         acc.wait_for_everyone()
         return directory
+
+    @torch.no_grad()
+    def fit_scaling_factor(self) -> None:
+        """Write ``scaling_factor = 1 / std(raw latents)`` on the validation images into the exported
+        config (models whose config has one, e.g. AutoencoderKL), so normalized latents have unit std."""
+        module = self.export_module()
+        if not self.recipe.model.fit_scaling_factor or self.val_images is None:
+            return
+        if "scaling_factor" not in module.config:
+            return
+        backend = type(self.backend).from_module(module, self.spec.name)
+        latents = [backend.encode_moments(x)[0] for x in self._val_pixels(self.val_images)]
+        std = float(torch.cat([z.flatten() for z in latents]).float().std())
+        module.register_to_config(scaling_factor=round(1.0 / std, 5))
+        self.state.metrics["latent_std"] = std
+
+    def _val_pixels(self, images: torch.Tensor):
+        """uint8 images -> model input batches: float [-1, 1], (n, 3, H, W) or (n, 3, T, H, W)."""
+        for chunk in images.split(self.recipe.validation.batch_size):
+            x = chunk.to(self.accelerator.device).float() / 127.5 - 1.0
+            if self.spec.modality != "image":
+                x = x.unsqueeze(2).expand(-1, -1, self.spec.frame_rule.padded_frames(1), -1, -1)
+            yield x  # a video model sees each image as a one-frame clip
 
     def card(self) -> dict:
         recipe, state, acc = self.recipe, self.state, self.accelerator
