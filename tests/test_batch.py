@@ -310,3 +310,33 @@ def test_video_clips_follow_frame_rule_and_equal_in_process(shared_data, tmp_pat
     done = [clips[0]["id"], clips[2]["id"]]
     (again,) = batch.prepare_row({"path": clips[1]["source_path"], "done_ids": done}, plan=plan)
     assert again["id"] == clips[1]["id"] and again["clip_index"] == 1 and again["pixels"] is not None
+
+
+def test_encoder_batches_same_shape_rows_and_isolates_a_bad_one(image_folder):
+    """The actor class in process: same-size photos share one model call; a NaN item in their
+    group fails the call, then the group is retried item by item and only that item errors."""
+    folder, _ = image_folder
+    plan = batch.make_plan(
+        batch.build_parser().parse_args(["--input", "x", "--output", "y", "--model", IMAGE_MODEL, *RESIZE]),
+        "cpu",
+    )
+    paths = [
+        folder / "nested" / PHOTOS[0],
+        folder / PHOTOS[1],
+        folder / PHOTOS[2],
+    ]  # 640x480, 640x480, 451x300
+    board, stuff, chelsea = (batch.prepare_input(str(p), plan, plan.key())[0] for p in paths)
+    nan = board | {"id": "nan", "pixels": torch.full(board["pixel_shape"], float("nan")).numpy().tobytes()}
+    worker = batch.EncodeWorker(plan, num_threads=1)
+    calls = []
+    encode = worker.tokenizer.encode
+    worker.tokenizer.encode = lambda pixels, **kw: calls.append(pixels.shape[0]) or encode(pixels, **kw)
+    out = worker(pa.Table.from_pylist([board, stuff, nan, chelsea], schema=batch.PREPARED_SCHEMA)).to_pylist()
+    assert calls == [3, 1, 1, 1, 1]
+    assert [r["error"] is None for r in out] == [True, True, False, True]
+    assert out[2]["error"].startswith("invalid_request: ") and "NaN" in out[2]["error"]
+    tokenizer = load_tokenizer(IMAGE_MODEL)
+    for path, row in zip([paths[0], paths[1], None, paths[2]], out, strict=True):
+        if path is not None:
+            expected = encode_media(tokenizer, load_media(path.read_bytes(), options=OPTIONS), OPTIONS)
+            torch.testing.assert_close(latents_from_bytes(row["latents"]).latents, expected.latents)
