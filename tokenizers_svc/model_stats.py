@@ -69,7 +69,11 @@ def meta_backend(preset: Preset, config: dict | None = None) -> Backend:
     config = preset_config(preset) if config is None else config
     with torch.device("meta"):
         module = model_class(preset.class_name).from_config(config)
-    return backend_for(preset.class_name).from_module(module.eval(), preset.name)
+    backend = backend_for(preset.class_name).from_module(module.eval(), preset.name)
+    # constants some classes clone from CPU tensors at init (e.g. Cosmos' wavelet filters) would
+    # meet meta activations in forward; the spec has read what it needs, so move them too
+    module.to("meta")
+    return backend
 
 
 def reference_shape(spec: TokenizerSpec, size: int = REFERENCE_SIZE, frames: int = REFERENCE_FRAMES) -> tuple:
