@@ -290,12 +290,12 @@ class Trainer:
             for key, value in self.micro_step(x, sync, accum).items():
                 terms[key] = terms.get(key, 0.0) + value / accum
             window_samples += x.shape[0] * acc.num_processes
+            state.samples += x.shape[0] * acc.num_processes
             if not sync:
                 continue
             self.optimizer_step()
             state.step += 1
             window_steps += 1
-            state.samples += window_samples
             if state.step % recipe.logging.every == 0 or state.step == recipe.total_steps:
                 elapsed = time.perf_counter() - window_start
                 logs = {

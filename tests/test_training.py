@@ -1,0 +1,107 @@
+"""End-to-end training on the shared real photos: tiny recipe trains, exports, loads; resume is exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tokenizers_svc import load_tokenizer
+from tokenizers_svc.cli import app
+from tokenizers_svc.media import image_to_tensor, read_image
+from training.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "training" / "recipes"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training runs in-process here; one intra-op thread avoids oversubscribing a busy 2-core box
+    (what `accelerate launch` does by default with OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shared_overrides(shared_data: Path, out: Path) -> list[str]:
+    """Point a recipe's relative ../shared/data paths at the fixture's folder and the run at tmp."""
+    return [
+        f"output_dir={out}",
+        f"data.sources.0.path={shared_data / 'images' / 'train'}",
+        f"validation.path={shared_data / 'images' / 'val'}",
+    ]
+
+
+@pytest.mark.slow
+def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", "--recipe", str(RECIPES / "tiny-image.yaml"), *shared_overrides(shared_data, out)]
+    )
+    assert result.exit_code == 0, result.output
+    export = out / "export"
+    card = json.loads((export / "card.json").read_text())
+    losses = [loss for _, loss in card["train_loss"]]
+    assert losses[-1] < losses[0]
+    assert card["metrics"]["final"]["val_psnr"] > card["metrics"]["initial"]["val_psnr"] + 1.0
+    assert card["steps"] == 30 and card["samples_seen"] == 30 * 4
+    assert card["data"]["sources"][0]["items"] == len(list((shared_data / "images" / "train").glob("*.jpg")))
+    assert card["recipe"]["model"]["preset"] == "sd-vae-tiny"
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000015", "step_00000030"]
+    assert list((out / "tb").rglob("events.out.tfevents*"))
+
+    tokenizer = load_tokenizer(export)  # config.json + safetensors + card.json, nothing else
+    assert tokenizer.name == "tiny-image"
+    assert tokenizer.spec.normalization.scale == pytest.approx(
+        1 / card["metrics"]["final"]["latent_std"], rel=1e-3
+    )
+    photo = image_to_tensor(read_image(shared_data / "images" / "val" / "board.jpg"))[..., :64, :96]
+    latents = tokenizer.encode(photo)
+    recon = tokenizer.decode(latents, output_dtype=torch.uint8)
+    assert recon.shape == photo.shape
+    mse = (recon.float() - photo.float()).pow(2).mean()
+    assert 10 * torch.log10(255**2 / mse) > card["metrics"]["initial"]["val_psnr"]
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_reproduces_uninterrupted_weights(shared_data, tmp_path):
+    """Run A goes 6 steps straight (saving at 3); run B starts from A's step-3 checkpoint with
+    dataloader workers. EMA, raw weights and optimizer state must match bit for bit."""
+    common = [
+        "--recipe",
+        str(RECIPES / "tiny-image.yaml"),
+        *shared_overrides(shared_data, tmp_path),
+        "phases.0.steps=6",
+        "checkpoint.every=3",
+        "checkpoint.keep=5",
+        "data.crop_sizes=[32,48]",
+        "validation.path=null",
+        "logging.tensorboard=false",
+        "logging.every=1",
+    ]
+    assert main([*common, f"output_dir={tmp_path / 'a'}"]) == 0
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a/checkpoints/step_00000003", tmp_path / "b/checkpoints/step_00000003")
+    assert main([*common, f"output_dir={tmp_path / 'b'}", "data.num_workers=2", "--resume", "latest"]) == 0
+    for name in ["export/diffusion_pytorch_model.safetensors", "checkpoints/step_00000006/model.safetensors"]:
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    card_a = json.loads((tmp_path / "a/export/card.json").read_text())
+    card_b = json.loads((tmp_path / "b/export/card.json").read_text())
+    assert card_b["train_loss"] == card_a["train_loss"]  # history restored with the state
+    assert card_b["training"]["resumed_from"].endswith("step_00000003")
+    untouched = load_file(tmp_path / "a/checkpoints/step_00000003/model.safetensors")
+    assert not all(torch.equal(untouched[k], a[k]) for k in a)  # the 3 resumed steps changed weights
+
+
+def test_resume_latest_without_checkpoints_starts_fresh_and_bad_recipe_exits_2(shared_data, tmp_path, capsys):
+    assert main(["--recipe", str(RECIPES / "tiny-image.yaml"), "data.bogus=1"]) == 2
+    assert "data.bogus" in capsys.readouterr().err
