@@ -7,7 +7,7 @@ one process, all torch threads); the job is ``serving.batch`` on a local Ray (de
 reported separately. Prints items/s for each and the ratio job/loop.
 
     .venv/bin/python benchmarks/batch_bench.py [--input ../shared/data/images] [--resolution 128]
-        [--workers 1] [--batch-size 8] [--num-cpus 2] [--model sd-vae-tiny]
+        [--workers 1] [--batch-size 8] [--num-cpus 2] [--model sd-vae-tiny] [--loop-threads N]
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--loop-threads", type=int, default=None, help="torch threads for the loop (default: torch's)"
+    )
     args = p.parse_args()
+    if args.loop_threads:
+        torch.set_num_threads(args.loop_threads)
+    load_before = os.getloadavg()[0]
 
     paths, _ = batch.list_inputs(args.input)
     options = EncodeOptions(resize="shorter-side", resolution=args.resolution)
@@ -83,7 +89,9 @@ def main() -> None:
         "workers": args.workers,
         "batch_size": args.batch_size,
         "num_cpus": args.num_cpus,
-        "torch_threads": torch.get_num_threads(),
+        "loop_torch_threads": torch.get_num_threads(),
+        "job_torch_threads_per_actor": 1,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "loop": {"seconds": round(loop_s, 2), "rows": loop_rows, "items_per_s": round(loop_rows / loop_s, 2)},
         "job": {
             "seconds": round(job_s, 2),
