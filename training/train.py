@@ -86,8 +86,9 @@ class Autoencoder(nn.Module):
 
 
 def last_layer_name(module: nn.Module, configured: str | None) -> str:
-    """The decoder's last weight (for the adaptive GAN weight): configured, else the last parameter
-    with >= 2 dims under a ``decoder`` submodule, else the module's last such parameter."""
+    """The decoder's last weight (for the adaptive GAN weight): the configured name, else the last
+    >= 2-D weight named like an output layer (``conv_out``, ``to_pixels``) after the encoder's,
+    else the last >= 2-D weight under ``decoder``."""
     names = [name for name, p in module.named_parameters() if p.ndim >= 2]
     if configured:
         if configured not in names:
@@ -96,8 +97,9 @@ def last_layer_name(module: nn.Module, configured: str | None) -> str:
                 param="loss.gan.last_layer",
             )
         return configured
-    decoder = [name for name in names if name.startswith("decoder.") or ".decoder." in name]
-    return (decoder or names)[-1]
+    outputs = [n for n in names if not n.startswith("encoder.") and ("conv_out" in n or "to_pixels" in n)]
+    decoder = [n for n in names if n.startswith("decoder.")]
+    return (outputs or decoder or names)[-1]
 
 
 def phase_parameters(module: nn.Module, phase: PhaseSection) -> list[nn.Parameter]:
@@ -153,6 +155,7 @@ class TrainState:
         self.initial_metrics: dict = {}
         self.metrics: dict = {}
         self.loss_history: list[tuple[int, float]] = []  # (step, mean total loss of the logging window)
+        self.last_terms: dict[str, float] = {}  # every logged term of the last logging window
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -307,6 +310,7 @@ class Trainer:
                 }
                 acc.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
                 state.loss_history.append((state.step, logs["loss"]))
+                state.last_terms = logs
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{logs['samples_per_s']:.2f}")
                 state.wall_s += elapsed
                 window_samples, window_steps, window_start, terms = 0, 0, time.perf_counter(), {}
@@ -520,6 +524,7 @@ class Trainer:
             "samples_seen": state.samples,
             "metrics": {"initial": state.initial_metrics, "final": state.metrics},
             "train_loss": [list(item) for item in state.loss_history],
+            "train_terms_last": state.last_terms,
             "training": {
                 "wall_s": round(state.wall_s, 1),
                 "processes": acc.num_processes,
