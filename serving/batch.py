@@ -520,10 +520,10 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
     )
 
 
-def _check_job_file(output: Path, plan: JobPlan, inputs: list[str]) -> None:
-    """One output directory holds one job: a rerun must list the same inputs with the same model
-    and options, else the ids would not match and rows would be duplicated."""
-    job = {"inputs_digest": digest(inputs), **plan.key()}
+def _check_job_file(output: Path, plan: JobPlan) -> None:
+    """One output directory holds one model and one set of options: a rerun with others would mix
+    latents of two kinds. Inputs may change (new files are encoded by the next run)."""
+    job = plan.key()
     path = output / JOB_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -566,7 +566,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     plan = replace(plan, device="cuda" if gpus > 0 else "cpu")
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    _check_job_file(output, plan, inputs)
+    _check_job_file(output, plan)
     run_id = uuid.uuid4().hex
     _write_atomic(output / RUN_FILE, run_id)  # from here on, writers of earlier runs discard
     for stale in output.glob(f".{SHARD_PREFIX}*{TMP_SUFFIX}"):

@@ -211,6 +211,13 @@ def test_manifest_input_with_missing_file_and_limit(image_folder, tmp_path):
     missing = next(r for r in rows if r["source_path"].endswith("gone.jpg"))
     assert missing["error"].startswith("invalid_media: cannot read gone.jpg") and missing["sha256"] is None
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+    # A file added to the listing later is encoded by the next run; the others are skipped.
+    paths.append(str(Path(os.path.relpath(folder, tmp_path)) / PHOTOS[3]))
+    pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
+    assert _run(argv) == 0
+    third = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert third["run"]["inputs_skipped"] == 3 and third["run"]["rows_ok"] == 1 and third["complete"]
+    assert len(_rows(tmp_path / "out")) == 4
 
 
 @pytest.mark.slow
