@@ -33,8 +33,9 @@ from tokenizers_svc.families.base import Backend
 from tokenizers_svc.registry import Preset, register_backend, register_preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
-#: Cosmos 1.0 pipelines scale normalized latents by their EDM scheduler's ``sigma_data`` (its
-#: default, 0.5, is what the Cosmos-1.0 scheduler configs use); read from diffusers, not copied.
+#: Cosmos 1.0 pipelines scale normalized latents by their EDM scheduler's ``sigma_data``, which lives
+#: in the scheduler config, not the VAE's; we use ``EDMEulerScheduler``'s default (0.5), read from
+#: diffusers rather than copied (the hub scheduler config could not be checked offline).
 COSMOS_SIGMA_DATA = float(inspect.signature(EDMEulerScheduler.__init__).parameters["sigma_data"].default)
 
 
@@ -221,7 +222,7 @@ _HUB = (
     ("wan2.1-vae", "AutoencoderKLWan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan 2.1 video VAE (f8 t4 c16, 1 + 4k frames, per-channel mean/std)"),
     ("hunyuan-video-vae", "AutoencoderKLHunyuanVideo", "hunyuanvideo-community/HunyuanVideo", "HunyuanVideo VAE (f8 t4 c16, 1 + 4k frames, scaling 0.476986)"),
     ("cogvideox-vae", "AutoencoderKLCogVideoX", "THUDM/CogVideoX-2b", "CogVideoX-2b VAE (f8 t4 c16, 1 + 4k frames, scaling 1.15258426)"),
-    ("cosmos-vae", "AutoencoderKLCosmos", "nvidia/Cosmos-1.0-Diffusion-7B-Text2World", "Cosmos 1.0 CV8x8x8 tokenizer (f8 t8 c16, 1 + 8k frames, deterministic)"),
+    ("cosmos-vae", "AutoencoderKLCosmos", "nvidia/Cosmos-1.0-Tokenizer-CV8x8x8", "Cosmos 1.0 CV8x8x8 tokenizer (f8 t8 c16, 1 + 8k frames, deterministic)"),
     ("mochi-vae", "AutoencoderKLMochi", "genmo/mochi-1-preview", "Mochi 1 VAE (f8 t6 c12, 1 + 6k frames, per-channel mean/std)"),
 )  # fmt: skip
 for _name, _class_name, _source, _description in _HUB:
