@@ -251,3 +251,16 @@ def test_video_hub_presets_describe_the_released_models(name):
         is_kl,
     )
     assert not spec.normalization.is_identity
+
+
+def test_cogvideox_even_latent_count_decodes_to_the_frame_rule():
+    """diffusers' CogVideoX decoder turns an even latent count k into 4k frames; the adapter pads to
+    an odd count so k latents give 1 + 4(k - 1) frames, leaving the earlier frames unchanged."""
+    tok = _tokenizer("cogvideox-vae-tiny")
+    z = torch.randn(1, tok.spec.latent_channels, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        even = tok.backend.decode_latents(z)  # (1, 3, 13, 24, 24)
+        odd = tok.backend.decode_latents(z[:, :, :3])  # (1, 3, 9, 24, 24), diffusers' own path
+    assert even.shape[2] == tok.spec.frame_rule.pixel_frames(4) == 13
+    assert odd.shape[2] == tok.spec.frame_rule.pixel_frames(3) == 9
+    assert torch.equal(even[:, :, :9], odd)
