@@ -47,6 +47,7 @@ SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
+INPUTS_FILE = "inputs.parquet"  # the listing of the last run; usable as an --input manifest
 RUN_FILE = "run.id"  # the run that owns the output directory; other runs' writers discard their shards
 DEFAULT_CLIP_FRAMES = 16  # rounded up to the model's frame rule (17 for 1 + 4k / 1 + 8k models)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -614,7 +615,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "model": {"name": plan.model_name, "source": plan.model, "weights_hash": plan.weights_hash},
         "options": plan.key(),
         "device": plan.device,
-        "inputs": {"spec": args.input, "count": len(inputs), "ignored": ignored, "paths": inputs},
+        "inputs": {"spec": args.input, "count": len(inputs), "listing": INPUTS_FILE, "ignored": ignored},
         "outputs": {
             "dir": str(output),
             "shards": [p.name for p in shard_paths(output)],
@@ -636,6 +637,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         },
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    tmp = output / f".{INPUTS_FILE}{TMP_SUFFIX}"
+    pq.write_table(pa.table({"path": pa.array(inputs, pa.string())}), tmp)
+    os.replace(tmp, output / INPUTS_FILE)
     manifest_path = output / MANIFEST_FILE
     history = json.loads(manifest_path.read_text()).get("runs", []) if manifest_path.is_file() else []
     runs = [

@@ -108,6 +108,8 @@ def test_every_input_accounted_for(image_job):
     assert manifest["complete"] and manifest["missing"] == []
     assert manifest["inputs"]["count"] == len(rows)
     assert manifest["inputs"]["ignored"] == [str((folder / "notes.txt").resolve())]
+    listing = pq.read_table(out / manifest["inputs"]["listing"]).column("path").to_pylist()
+    assert listing == sorted(r["source_path"] for r in rows)
     assert manifest["outputs"]["rows"] == len(rows) and manifest["outputs"]["duplicate_rows"] == 0
     assert manifest["run"]["rows_ok"] == len(PHOTOS) and manifest["run"]["rows_error"] == len(errors)
     assert manifest["run"]["bytes_written"] == sum(p.stat().st_size for p in batch.shard_paths(out))
