@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tokenizers_svc import load_tokenizer
+from tokenizers_svc.api import build_module
 from tokenizers_svc.cli import app
 from tokenizers_svc.media import image_to_tensor, read_image
+from tokenizers_svc.registry import get_preset
 from training.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,3 +132,51 @@ def test_tiny_recipes_train_on_real_data(name, shared_data, tmp_path):
     if name == "tiny-video":
         assert [s["kind"] for s in card["data"]["sources"]] == ["videos", "images"]
         assert card["data"]["sources"][0]["items"] == 4  # the real clips only
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(shared_data, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU) with batch 2 per process vs one process with batch 4:
+    same samples, same posterior noise, all-reduced gradients -> same losses and weight updates up to
+    float summation order."""
+    recipe = RECIPES / "tiny-image.yaml"
+    common = [
+        "--recipe",
+        str(recipe),
+        *shared_overrides(recipe, shared_data, tmp_path),
+        "phases.0.steps=4",
+        "validation.path=null",
+        "logging.tensorboard=false",
+        "logging.every=1",
+        "data.crop_sizes=[32]",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bin_dir = Path(sys.executable).parent
+    one = [
+        sys.executable,
+        "-m",
+        "training.train",
+        *common,
+        f"output_dir={tmp_path / 'one'}",
+        "data.batch_size=4",
+    ]
+    two = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "training.train"]
+    two += [*common, f"output_dir={tmp_path / 'two'}", "data.batch_size=2"]
+    for command in (one, two):
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    card_one = json.loads((tmp_path / "one/export/card.json").read_text())
+    card_two = json.loads((tmp_path / "two/export/card.json").read_text())
+    assert card_two["training"]["processes"] == 2 and card_one["training"]["processes"] == 1
+    assert card_two["samples_seen"] == card_one["samples_seen"] == 16
+    for (step_a, loss_a), (step_b, loss_b) in zip(
+        card_one["train_loss"], card_two["train_loss"], strict=True
+    ):
+        assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-5)
+    start = build_module(get_preset("sd-vae-tiny"), seed=0).state_dict()
+    a = load_file(tmp_path / "one/checkpoints/step_00000004/model.safetensors")
+    b = load_file(tmp_path / "two/checkpoints/step_00000004/model.safetensors")
+    delta_a = torch.cat([(a[k] - start[k.removeprefix("module.")]).flatten() for k in a])
+    delta_b = torch.cat([(b[k] - start[k.removeprefix("module.")]).flatten() for k in a])
+    assert delta_a.norm() > 0
+    assert (delta_b - delta_a).norm() / delta_a.norm() < 1e-2

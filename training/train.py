@@ -74,15 +74,23 @@ class Autoencoder(nn.Module):
     The backend's module is a submodule, so DDP (via ``accelerator.prepare``) sees every parameter.
     """
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         self.module = backend.module
         self.backend = backend
+        self.rank, self.world_size = rank, world_size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         mean, logvar = self.backend.encode_moments(x)  # (N, c, [t,] h, w) each
-        z = mean if logvar is None else mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        z = mean if logvar is None else mean + torch.exp(0.5 * logvar) * self.posterior_noise(mean)
         return self.backend.decode_latents(z), mean, logvar  # recon like x, float
+
+    def posterior_noise(self, mean: torch.Tensor) -> torch.Tensor:
+        """Noise for this process's slice of the *global* batch: every process draws the global
+        batch's noise and keeps its rows, so the run is the same for any number of processes."""
+        n = mean.shape[0]
+        noise = torch.randn((n * self.world_size, *mean.shape[1:]), device=mean.device, dtype=mean.dtype)
+        return noise[self.rank * n : (self.rank + 1) * n]
 
 
 def last_layer_name(module: nn.Module, configured: str | None) -> str:
@@ -184,6 +192,9 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = recipe.run_dir
         self.accelerator = Accelerator(
+            # without CUDA, several processes (torchrun / accelerate launch) train on CPU over gloo;
+            # accelerate only sets that up when told the run is a CPU run
+            cpu=not torch.cuda.is_available(),
             mixed_precision=recipe.mixed_precision,
             log_with="tensorboard" if recipe.logging.tensorboard else None,
             project_config=ProjectConfiguration(
@@ -213,7 +224,7 @@ class Trainer:
             )
             for phase in recipe.phases
         ]
-        self.model = Autoencoder(self.backend)
+        self.model = Autoencoder(self.backend, acc.process_index, acc.num_processes)
         self.model, *self.optimizers = acc.prepare(self.model, *self.optimizers)
         self.gan = recipe.loss.gan
         self.discriminator = self.disc_optimizer = None
@@ -581,11 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        export = Trainer(recipe, resume=args.resume).fit()
+        trainer = Trainer(recipe, resume=args.resume)
+        export = trainer.fit()
     except TokenizerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported {export}")
+    trainer.accelerator.print(f"exported {export}")
     return 0
 
 
