@@ -57,6 +57,9 @@ def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path):
     losses = [loss for _, loss in card["train_loss"]]
     assert losses[-1] < losses[0]
     assert card["metrics"]["final"]["val_psnr"] > card["metrics"]["initial"]["val_psnr"] + 1.0
+    terms = card["train_terms_last"]  # means over the last logging window, not sums
+    assert terms["loss"] == pytest.approx(terms["rec"] + 1e-6 * terms["kl"], rel=1e-4)
+    assert 0 < terms["rec"] < 0.5  # L1 on [-1, 1] pixels after training
     assert card["steps"] == 30 and card["samples_seen"] == 30 * 4
     assert card["data"]["sources"][0]["items"] == len(list((shared_data / "images" / "train").glob("*.jpg")))
     assert card["recipe"]["model"]["preset"] == "sd-vae-tiny"

@@ -313,7 +313,8 @@ class Trainer:
             if state.step % recipe.logging.every == 0 or state.step == recipe.total_steps:
                 elapsed = time.perf_counter() - window_start
                 logs = {
-                    k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in terms.items()
+                    k: float(acc.reduce(torch.tensor(v / window_steps, device=acc.device), "mean"))
+                    for k, v in terms.items()
                 }
                 logs |= {
                     "lr": lr_at(recipe, state.step - 1),
