@@ -38,48 +38,19 @@ import torch
 from tokenizers_svc import media
 from tokenizers_svc.api import RESIZE_POLICIES, load_tokenizer, resize_pixels, to_float_pixels
 from tokenizers_svc.cli import MEDIA_SUFFIXES
+from tokenizers_svc.datasets import MANIFEST_FILE, ROW_SCHEMA, SHARD_GLOB, SHARD_PREFIX, SHARD_SUFFIX
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 from tokenizers_svc.spec import FrameRule
 
-SHARD_PREFIX = "part-"
-SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 JOB_FILE = "job.json"
-MANIFEST_FILE = "manifest.json"
 INPUTS_FILE = "inputs.parquet"  # the listing of the last run; usable as an --input manifest
 RUN_FILE = "run.id"  # the run that owns the output directory; other runs' writers discard their shards
 DEFAULT_CLIP_FRAMES = 16  # rounded up to the model's frame rule (17 for 1 + 4k / 1 + 8k models)
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_INPUT_BLOCKS = 1000  # one CPU task per block of inputs; enough blocks to keep a cluster busy
 
-# Output rows: one per image, one per video clip, or one error row per input (or clip) that failed.
-ROW_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),  # digest of source_path + clip frame range + job options
-        ("source_path", pa.string()),  # absolute path as listed
-        ("sha256", pa.string()),  # of the file bytes; null when the file could not be read
-        ("kind", pa.string()),  # image | video; null when unreadable or not recognized media
-        ("clip_index", pa.int32()),  # 0-based clip number within the video; null for images
-        ("clip_count", pa.int32()),  # rows this input produces (1 for images and failed inputs)
-        ("clip_start_frame", pa.int64()),  # index in the decoded (strided) frames, inclusive
-        ("clip_end_frame", pa.int64()),  # exclusive
-        ("clip_start", pa.float64()),  # seconds from the stream's first timestamp
-        ("clip_end", pa.float64()),
-        ("fps", pa.float64()),  # of the decoded (strided) frames; null for images
-        ("original_height", pa.int32()),  # decoded size, before any --resize
-        ("original_width", pa.int32()),
-        ("original_frames", pa.int32()),  # frames decoded from the whole video
-        ("latents", pa.binary()),  # a complete latent file (Latents.to_bytes); null on error
-        ("shape", pa.list_(pa.int64())),  # of the stored latent tensor: (1, C, h, w) / (1, C, t, h, w)
-        ("dtype", pa.string()),
-        ("model", pa.string()),
-        ("weights_hash", pa.string()),
-        ("normalized", pa.bool_()),
-        ("normalization", pa.string()),  # JSON of LatentNormalization
-        ("error", pa.string()),  # null on success, "type: message" on failure
-    ]
-)
 # Between the CPU and the encoder stage: pixels as raw C-order bytes, uint8 [0, 255] as decoded or
 # float32 [-1, 1] after --resize, shape (1, 3, H, W) or (1, 3, T, H, W). Null on error rows.
 PREPARED_SCHEMA = pa.schema(
@@ -384,7 +355,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def shard_paths(output: str | Path) -> list[Path]:
-    return sorted(Path(output).glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}"))
+    return sorted(Path(output).glob(SHARD_GLOB))
 
 
 @dataclass

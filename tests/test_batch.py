@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from serving import batch
 from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.cli import app
+from tokenizers_svc.datasets import LatentDataset
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 from tokenizers_svc.registry import list_presets
@@ -310,6 +311,12 @@ def test_video_clips_follow_frame_rule_and_equal_in_process(shared_data, tmp_pat
         assert float(got.extra["clip_start"]) == pytest.approx(row["clip_start"])
     photo = next(r for r in rows if r["kind"] == "image")
     assert photo["error"] is None and len(photo["shape"]) == 5  # (1, C, 1, h, w): a one-frame clip
+
+    # Read back: the short last clip decodes to its own 2 frames at the resized size.
+    dataset = LatentDataset(out)
+    last = next(i for i in range(len(dataset)) if dataset.metadata(i)["clip_index"] == 2)
+    assert dataset[last]["latents"].ndim == 4  # (C, t, h, w)
+    assert dataset.decode(last, tokenizer).shape == (1, 3, 2, 64, 78)  # 176x144 -> shorter side 64
 
     # Resume of a partly written video: with clips 0 and 2 on disk, only clip 1 is prepared again,
     # under the same id as before.

@@ -1,8 +1,10 @@
 """Reading batch-encode outputs (Parquet shards of latent files) for diffusion training.
 
 A shard row holds one latent file (``Latents.to_bytes``: safetensors bytes whose metadata says how
-to decode it back exactly) plus its source metadata; docs/batch.md has the schema. Error rows
-(``error`` set, no latents) are kept out of the dataset and listed by :meth:`LatentDataset.errors`.
+to decode it back exactly) plus its source metadata. The schema (ROW_SCHEMA) and file names live
+here, the reader's side, and ``serving.batch`` writes them; docs/batch.md describes the columns.
+Error rows (``error`` set, no latents) are kept out of the dataset and listed by
+:meth:`LatentDataset.errors`.
 """
 
 from __future__ import annotations
@@ -19,30 +21,40 @@ from torch.utils.data import Dataset
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.latents import Latents, latents_from_bytes
 
-SHARD_GLOB = "part-*.parquet"  # the batch job's shard names (serving.batch SHARD_PREFIX/SUFFIX)
-METADATA_COLUMNS = (
-    "id",
-    "source_path",
-    "sha256",
-    "kind",
-    "clip_index",
-    "clip_count",
-    "clip_start_frame",
-    "clip_end_frame",
-    "clip_start",
-    "clip_end",
-    "fps",
-    "original_height",
-    "original_width",
-    "original_frames",
-    "shape",
-    "dtype",
-    "model",
-    "weights_hash",
-    "normalized",
-    "normalization",  # JSON of LatentNormalization in the shards, a dict in the dataset's rows
-    "error",
+SHARD_PREFIX = "part-"
+SHARD_SUFFIX = ".parquet"
+SHARD_GLOB = f"{SHARD_PREFIX}*{SHARD_SUFFIX}"
+MANIFEST_FILE = "manifest.json"
+
+# The shard schema (written by serving.batch): one row per image, per video clip, or per input (or
+# clip) that failed.
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # digest of source_path + clip frame range + job options
+        ("source_path", pa.string()),  # absolute path as listed
+        ("sha256", pa.string()),  # of the file bytes; null when the file could not be read
+        ("kind", pa.string()),  # image | video; null when unreadable or not recognized media
+        ("clip_index", pa.int32()),  # 0-based clip number within the video; null for images
+        ("clip_count", pa.int32()),  # rows this input produces (1 for images and failed inputs)
+        ("clip_start_frame", pa.int64()),  # index in the decoded (strided) frames, inclusive
+        ("clip_end_frame", pa.int64()),  # exclusive
+        ("clip_start", pa.float64()),  # seconds from the stream's first timestamp
+        ("clip_end", pa.float64()),
+        ("fps", pa.float64()),  # of the decoded (strided) frames; null for images
+        ("original_height", pa.int32()),  # decoded size, before any --resize
+        ("original_width", pa.int32()),
+        ("original_frames", pa.int32()),  # frames decoded from the whole video
+        ("latents", pa.binary()),  # a complete latent file (Latents.to_bytes); null on error
+        ("shape", pa.list_(pa.int64())),  # of the stored latent tensor: (1, C, h, w) / (1, C, t, h, w)
+        ("dtype", pa.string()),
+        ("model", pa.string()),
+        ("weights_hash", pa.string()),
+        ("normalized", pa.bool_()),
+        ("normalization", pa.string()),  # JSON of LatentNormalization
+        ("error", pa.string()),  # null on success, "type: message" on failure
+    ]
 )
+METADATA_COLUMNS = [name for name in ROW_SCHEMA.names if name != "latents"]
 SHARD_CACHE = 4  # shards whose latent column stays in memory; sequential reads touch one at a time
 
 
@@ -69,7 +81,7 @@ class LatentDataset(Dataset):
         self._index: list[tuple[int, int]] = []  # dataset index -> (shard, row in shard)
         self._errors: list[dict] = []
         for shard, path in enumerate(self.shards):
-            table = pq.read_table(path, columns=list(METADATA_COLUMNS))
+            table = pq.read_table(path, columns=METADATA_COLUMNS)
             for row_number, row in enumerate(table.to_pylist()):
                 if row["normalization"] is not None:
                     row["normalization"] = json.loads(row["normalization"])
@@ -136,7 +148,7 @@ class LatentDataset(Dataset):
         from tokenizers_svc.api import load_tokenizer
 
         if model not in self._tokenizers:
-            manifest = self.root / "manifest.json"
+            manifest = self.root / MANIFEST_FILE
             job = json.loads(manifest.read_text())["model"] if manifest.is_file() else {}
             source = job["source"] if job.get("name") == model else model
             self._tokenizers[model] = load_tokenizer(source)
