@@ -190,37 +190,29 @@ def test_bad_arguments_are_config_errors(image_folder, tmp_path, capsys):
     assert "unsupported_model" in capsys.readouterr().err
 
 
-def test_manifest_input_with_missing_file_and_limit(image_folder, tmp_path):
+def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp_path):
     """A Parquet manifest (paths relative to it) naming a missing file; --limit stops after N
-    pending inputs and the rerun encodes exactly the rest."""
+    pending inputs; the rerun encodes exactly the rest plus a file added to the listing since."""
     folder, _ = image_folder
-    paths = [str(Path(os.path.relpath(folder, tmp_path)) / name) for name in PHOTOS[1:3]] + ["gone.jpg"]
+    relative = Path(os.path.relpath(folder, tmp_path))
+    paths = [str(relative / name) for name in PHOTOS[1:3]] + ["gone.jpg"]
     pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
-    argv = [
-        "--input",
-        tmp_path / "list.parquet",
-        "--output",
-        tmp_path / "out",
-        "--model",
-        IMAGE_MODEL,
-        *RESIZE,
-    ]
+    out = tmp_path / "out"
+    argv = ["--input", tmp_path / "list.parquet", "--output", out, "--model", IMAGE_MODEL, *RESIZE]
     assert _run([*argv, "--limit", "2"]) == 0
-    first = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert not first["complete"] and len(first["missing"]) == 1 and len(_rows(tmp_path / "out")) == 2
+    first = json.loads((out / "manifest.json").read_text())
+    assert not first["complete"] and len(first["missing"]) == 1 and len(_rows(out)) == 2
+
+    paths.append(str(relative / PHOTOS[3]))
+    pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
     assert _run(argv) == 0
-    rows = _rows(tmp_path / "out")
-    assert sorted(Path(r["source_path"]).name for r in rows) == sorted([*PHOTOS[1:3], "gone.jpg"])
+    rows = _rows(out)
+    assert sorted(Path(r["source_path"]).name for r in rows) == sorted([*PHOTOS[1:4], "gone.jpg"])
     missing = next(r for r in rows if r["source_path"].endswith("gone.jpg"))
     assert missing["error"].startswith("invalid_media: cannot read gone.jpg") and missing["sha256"] is None
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
-    # A file added to the listing later is encoded by the next run; the others are skipped.
-    paths.append(str(Path(os.path.relpath(folder, tmp_path)) / PHOTOS[3]))
-    pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
-    assert _run(argv) == 0
-    third = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert third["run"]["inputs_skipped"] == 3 and third["run"]["rows_ok"] == 1 and third["complete"]
-    assert len(_rows(tmp_path / "out")) == 4
+    second = json.loads((out / "manifest.json").read_text())
+    assert second["complete"] and second["run"]["inputs_skipped"] == 2
+    assert second["run"]["rows_ok"] == 1 and second["run"]["rows_error"] == 1
 
 
 @pytest.mark.slow
