@@ -461,6 +461,10 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
         raise ConfigError("--seed only applies with --sample", param="seed")
     tokenizer = load_tokenizer(args.model, device="cpu")
     spec = tokenizer.spec
+    if args.dtype not in spec.dtypes:
+        raise ConfigError(
+            f"--dtype must be one of {list(spec.dtypes)} for {spec.name}, got {args.dtype}", param="dtype"
+        )
     rule = spec.frame_rule if spec.modality != "image" else FrameRule()
     clip_frames = args.clip_frames or rule.padded_frames(DEFAULT_CLIP_FRAMES)
     if not rule.is_valid(clip_frames):
