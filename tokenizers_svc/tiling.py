@@ -33,6 +33,10 @@ so a sample drawn from the blended posterior is consistent with its blended mode
 - *non-causal* (``k t`` frames, e.g. tubelets): chunks of ``c t`` frames sharing ``o t`` frames map
   1:1 onto latent spans of ``c`` frames sharing ``o``.
 
+Backends whose model already streams frame groups through a causal cache (``streams_frames =
+True``: Wan, CogVideoX) are never chunked in time: their own streaming is exact and bounds memory
+by one group; they are still tiled spatially.
+
 **Error.** Tiling is exact only for models with a receptive field smaller than the overlap and no
 global operations. Real VAEs have GroupNorm statistics over the tile, mid-block self-attention and
 deep receptive fields, and causal video encoders carry state from the start of the clip (the
@@ -232,9 +236,15 @@ def _groups(frames: int, grid: _Grid, encoding: bool) -> int:
 
 
 def _run(
-    fn: Callable[[torch.Tensor], tuple], x: torch.Tensor, grid: _Grid, enabled: bool | None, encoding: bool
+    fn: Callable[[torch.Tensor], tuple],
+    x: torch.Tensor,
+    grid: _Grid,
+    enabled: bool | None,
+    encoding: bool,
+    chunk_time: bool,
 ) -> tuple:
-    """Temporal chunks (5-D input) of spatial tiles of ``fn``; pass-through when nothing to split."""
+    """Temporal chunks (5-D input, when ``chunk_time``) of spatial tiles of ``fn``; pass-through
+    when nothing to split."""
     if enabled is False:
         return fn(x)
     in_tile = grid.tile if encoding else grid.tile // grid.f
@@ -246,7 +256,7 @@ def _run(
         jobs, sizes = _spatial_jobs(height, width, grid, encoding)
         return _blend(fn, chunk, jobs, sizes)
 
-    if x.ndim == 5:
+    if x.ndim == 5 and chunk_time:
         groups = _groups(x.shape[2], grid, encoding)
         if groups > 0 and (enabled or groups > grid.chunk):
             jobs, frames = _temporal_jobs(groups, grid, encoding)
@@ -259,12 +269,27 @@ def encode(backend: Backend, x: torch.Tensor, options: TilingOptions) -> Moments
 
     Tiled/chunked outputs are float32; a pass-through keeps the backend's dtype."""
     grid = _Grid.build(backend.spec, options)
-    mean, logvar = _run(lambda chunk: tuple(backend.encode_moments(chunk)), x, grid, options.enabled, True)
+
+    def encode_tile(chunk: torch.Tensor) -> Moments:
+        return tuple(backend.encode_moments(chunk))
+
+    mean, logvar = _run(encode_tile, x, grid, options.enabled, True, _chunks_time(backend))
     return mean, logvar
 
 
 def decode(backend: Backend, z: torch.Tensor, options: TilingOptions) -> torch.Tensor:
     """z: raw latents (N, c, h, w) / (N, c, t, h, w) -> padded pixels float, nominally [-1, 1]."""
     grid = _Grid.build(backend.spec, options)
-    (pixels,) = _run(lambda chunk: (backend.decode_latents(chunk),), z, grid, options.enabled, False)
+
+    def decode_tile(chunk: torch.Tensor) -> tuple[torch.Tensor]:
+        return (backend.decode_latents(chunk),)
+
+    (pixels,) = _run(decode_tile, z, grid, options.enabled, False, _chunks_time(backend))
     return pixels
+
+
+def _chunks_time(backend: Backend) -> bool:
+    """False for backends that declare ``streams_frames = True``: their model already runs one frame
+    group at a time with a causal cache (exact, memory bounded by a group), so chunking would only
+    add seams."""
+    return not getattr(backend, "streams_frames", False)

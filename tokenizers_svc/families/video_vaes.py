@@ -44,6 +44,9 @@ class _VideoVAEBackend(Backend):
 
     family = ""
     is_kl = True
+    #: True when the diffusers model itself encodes/decodes one frame group at a time through a
+    #: causal cache: memory is then bounded in time already and tiling.py does not chunk frames
+    streams_frames = False
 
     @classmethod
     def from_module(cls, module: nn.Module, name: str) -> _VideoVAEBackend:
@@ -91,6 +94,7 @@ class WanVAEBackend(_VideoVAEBackend):
 
     class_names = ("AutoencoderKLWan",)
     family = "Wan"
+    streams_frames = True  # encode: 1 then 4 frames per step, decode: 1 latent per step (feat_cache)
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
@@ -138,6 +142,7 @@ class CogVideoXVAEBackend(_VideoVAEBackend):
 
     class_names = ("AutoencoderKLCogVideoX",)
     family = "CogVideoX"
+    streams_frames = True  # encode: 8 frames per step, decode: 2 latents per step (conv_cache)
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
