@@ -264,3 +264,18 @@ def test_cogvideox_even_latent_count_decodes_to_the_frame_rule():
     assert even.shape[2] == tok.spec.frame_rule.pixel_frames(4) == 13
     assert odd.shape[2] == tok.spec.frame_rule.pixel_frames(3) == 9
     assert torch.equal(even[:, :, :9], odd)
+
+
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.modality == "video"])
+def test_video_tokenizer_takes_a_photo_as_a_one_frame_clip(name):
+    tok = _tokenizer(name)
+    photo = _pixels(tok.spec, "image")  # (1, 3, H, W) uint8 real photo
+    latents = tok.encode(photo, tiling=UNTILED)
+    frames = tok.spec.frame_rule.padded_frames(1)
+    h, w = photo.shape[-2:]
+    m, f = tok.spec.multiple, tok.spec.spatial_compression
+    assert latents.latents.shape == tok.spec.latent_shape(
+        (1, 3, frames, math.ceil(h / m) * m, math.ceil(w / m) * m)
+    )
+    assert latents.latents.shape[2] == 1 and latents.latents.shape[-1] == math.ceil(w / m) * m // f
+    assert tok.decode(latents, tiling=UNTILED).shape == (1, 3, 1, h, w)
