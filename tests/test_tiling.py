@@ -255,3 +255,34 @@ def test_spans_cover_with_at_least_the_overlap():
         assert spans[0][0] == 0 and spans[-1][1] == length
         assert all(s % align == 0 and e - s == min(tile, length) for s, e in spans)
         assert all(b[0] <= a[1] - overlap for a, b in itertools.pairwise(spans))
+
+
+class RecordingBackend(LocalBackend):
+    """LocalBackend that records the largest input it was given (what bounds model memory)."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__(causal)
+        self.largest: list[int] = [0, 0, 0]  # (frames, height, width) seen by encode / latents by decode
+
+    def _see(self, x: torch.Tensor) -> None:
+        self.largest = [max(a, b) for a, b in zip(self.largest, x.shape[2:], strict=True)]
+
+    def encode_moments(self, x):
+        self._see(x)
+        return super().encode_moments(x)
+
+    def decode_latents(self, z):
+        self._see(z)
+        return super().decode_latents(z)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_model_never_sees_more_than_one_tile(causal):
+    backend = RecordingBackend(causal)
+    options = TilingOptions(tile_size=16, tile_overlap=4, chunk_frames=9, chunk_overlap=4)
+    x = torch.zeros(1, 3, 65 if causal else 64, 96, 128)  # 16 latent groups, 8 x 11 tiles of 16 px
+    z, _ = tiling.encode(backend, x, options)
+    assert backend.largest == [9 if causal else 8, 16, 16]
+    backend.largest = [0, 0, 0]
+    tiling.decode(backend, z, options)
+    assert backend.largest == [3 if causal else 2, 8, 8]  # 1 + 2 / 2 latent frames, 16 px / f2
