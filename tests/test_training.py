@@ -68,6 +68,10 @@ def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path):
 
     tokenizer = load_tokenizer(export)  # config.json + safetensors + card.json, nothing else
     assert tokenizer.name == "tiny-image"
+    from serving.worker import TokenizerWorker  # the server's replica loads the same directory
+
+    served = TokenizerWorker({"name": "trained", "model": str(export), "allow_random_init": False}, {})
+    assert served.describe()["weights_hash"] == tokenizer.weights_hash
     assert tokenizer.spec.normalization.scale == pytest.approx(
         1 / card["metrics"]["final"]["latent_std"], rel=1e-3
     )
