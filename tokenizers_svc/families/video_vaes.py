@@ -17,7 +17,9 @@ Cosmos 1.0    1 + 8k     8     ``(z - mean[c]) / std[c] * sigma_data``     laten
 Mochi 1       1 + 6k     8     ``(z - mean[c]) / std[c] * scaling_factor`` latents_mean/latents_std
 ============  =========  ====  ==========================================  =========================
 
-Cosmos is deterministic (no posterior); the others are KL models (mean, logvar).
+Cosmos is deterministic (no posterior); the others are KL models (mean, logvar). Cosmos 1.0 ships
+per-(channel, latent frame) stats, reduced here to per-channel ones (see :class:`CosmosVAEBackend`).
+Pixel input is always RGB (Mochi's ``in_channels=15`` counts its internal Fourier features).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class _VideoVAEBackend(Backend):
             frame_rule=FrameRule(temporal_compression=temporal, causal=True),
             normalization=cls.normalization(cfg),
             is_kl=cls.is_kl,
-            in_channels=3,
+            in_channels=3,  # RGB for every family (see the module docstring)
         )
         return cls(module, spec)
 
