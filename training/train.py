@@ -382,8 +382,8 @@ class Trainer:
             acc.backward(total / accum)
         if gan_on:
             with contexts[1]:
-                logits_real = self.discriminator(x).float()
-                logits_fake = self.discriminator(recon.detach()).float()
+                logits = self.discriminator(torch.cat([x, recon.detach()])).float()  # one DDP forward
+                logits_real, logits_fake = logits.chunk(2)
                 d_loss = losses.hinge_d_loss(logits_real, logits_fake)
                 acc.backward(d_loss / accum)
             terms |= {"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
