@@ -146,7 +146,7 @@ class Tokenizer:
         }
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Tokenizer:
-        self.backend.module.to(device=device, dtype=dtype)
+        _place(self.backend.module, device, dtype)
         return self
 
     def prepare(
@@ -303,6 +303,15 @@ class Tokenizer:
             self.backend.module.train(was_training)
 
 
+def _place(module: torch.nn.Module, device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Move, and cast only when the dtype changes (diffusers warns on every ``.to(dtype)`` call)."""
+    if device is not None:
+        module.to(device=device)
+    if dtype is not None and next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
 def pad_spatial(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     """Replicate-pad the bottom rows and right columns of (N, C, [T,] H, W)."""
     if x.ndim == 5:
@@ -360,7 +369,7 @@ def load_tokenizer(
         )
     module = build_module(preset)
     backend = backend_for(preset.class_name).from_module(module, preset.name)
-    module.to(device=device, dtype=dtype).eval()
+    _place(module, device, dtype).eval()
     return Tokenizer(backend, source=f"preset:{preset.name} (random init, seed 0)")
 
 
@@ -387,7 +396,7 @@ def _load_directory(path: Path, *, name: str, device, dtype) -> Tokenizer:
         raise UnsupportedModelError(
             f"cannot load {class_name} from model directory {path.name!r}: {exc}"
         ) from None
-    module.to(device=device, dtype=dtype).eval()
+    _place(module, device, dtype).eval()
     backend = backend_cls.from_module(module, name)
     backend._weights_hash = directory_hash(path)
     return Tokenizer(backend, source=str(path))
@@ -405,7 +414,7 @@ def _load_hub(preset: Preset, *, device, dtype) -> Tokenizer:
             f"$TOKENIZERS_SVC_HOME/weights/{preset.name}",
             param="model",
         ) from None
-    module.to(device=device, dtype=dtype).eval()
+    _place(module, device, dtype).eval()
     return Tokenizer(
         backend_for(preset.class_name).from_module(module, preset.name), source=preset.source or ""
     )
