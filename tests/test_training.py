@@ -64,7 +64,12 @@ def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path):
     assert card["data"]["sources"][0]["items"] == len(list((shared_data / "images" / "train").glob("*.jpg")))
     assert card["recipe"]["model"]["preset"] == "sd-vae-tiny"
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000015", "step_00000030"]
-    assert list((out / "tb").rglob("events.out.tfevents*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tb").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert {"train/rec", "train/kl", "train/loss", "val/psnr"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["val/original_top_reconstruction_bottom"]
 
     tokenizer = load_tokenizer(export)  # config.json + safetensors + card.json, nothing else
     assert tokenizer.name == "tiny-image"

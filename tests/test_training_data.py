@@ -119,6 +119,8 @@ def test_webdataset_shards(shared_data, tmp_path):
     from tokenizers_svc.media import read_image
 
     assert np.array_equal(decoded[0], read_image(photos[0]))  # bytes read back from the tar offset
+    by_glob = build_sources(recipe_for([{"kind": "webdataset", "path": str(tmp_path / "shard-0001.tar")}]))
+    assert len(by_glob[0]) == 2
     batch = TrainBatches(recipe, sources, IMAGE_SPEC, BatchPlan(seed=0))[0]
     assert batch["pixels"].shape[:2] == (2, 3) and not batch["skipped"]
 

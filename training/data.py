@@ -15,6 +15,7 @@ clips ``(B, 3, T, S, S)``. For a video model an image is a one-frame clip ``(B, 
 from __future__ import annotations
 
 import fnmatch
+import glob
 import math
 import tarfile
 from collections import OrderedDict
@@ -171,7 +172,7 @@ class WebDatasetShards(Source):
     def __init__(self, section: SourceSection, cache: _DecodeCache) -> None:
         super().__init__(section, cache)
         root = Path(section.path)
-        shards = sorted(root.glob("*.tar")) if root.is_dir() else sorted(Path().glob(section.path))
+        shards = sorted(root.glob("*.tar")) if root.is_dir() else sorted(map(Path, glob.glob(section.path)))
         if not shards:
             raise ConfigError(f"no .tar shards found at {section.path!r}", param="data.sources.path")
         self.entries: list[tuple[Path, str, int, int]] = []  # (shard, key, data offset, size)
