@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from evals import fid, image_metrics, report, video_metrics
 from tokenizers_svc import load_tokenizer
 from tokenizers_svc.api import Tokenizer, to_uint8_pixels
+from tokenizers_svc.defaults import default_model
 from tokenizers_svc.errors import InvalidRequestError, TokenizerError
 from tokenizers_svc.media import read_image, read_video
 from tokenizers_svc.registry import weights_home
@@ -324,7 +325,10 @@ def reference_features(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evals.reconstruct", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--model", action="append", required=True, help="preset name or model directory; repeat"
+        "--model",
+        action="append",
+        default=None,
+        help="preset name or model directory; repeat (default: the shipped tokenizer for the data's kind)",
     )
     parser.add_argument("--data", type=Path, required=True, help="directory of images (or videos)")
     parser.add_argument("--resolution", type=int, default=256)
@@ -356,6 +360,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     if args.i3d is not None and data.kind != "video":
         raise InvalidRequestError("--i3d (rFVD) needs video data", param="i3d")
+    models = args.model or [default_model(data.kind)]
     inception = fid.load_inception(args.inception, device)
     protocol = {
         "resolution": args.resolution,
@@ -376,7 +381,7 @@ def run(args: argparse.Namespace) -> dict:
         evaluator.i3d = video_metrics.I3D.load(args.i3d, device)
         evaluator.reference_i3d = evaluator.i3d.features(data.pixels)
     results, baselines = [], {}
-    for name in args.model:
+    for name in models:
         tokenizer = load_tokenizer(name, device=device)
         rec = reconstruct(tokenizer, data, args.batch_size)
         metrics, per_item = evaluator.score(rec)

@@ -37,8 +37,9 @@ import torch
 
 from tokenizers_svc import media
 from tokenizers_svc.api import RESIZE_POLICIES, load_tokenizer, resize_pixels, to_float_pixels
-from tokenizers_svc.cli import MEDIA_SUFFIXES
+from tokenizers_svc.cli import MEDIA_SUFFIXES, VIDEO_SUFFIXES
 from tokenizers_svc.datasets import MANIFEST_FILE, ROW_SCHEMA, SHARD_GLOB, SHARD_PREFIX, SHARD_SUFFIX
+from tokenizers_svc.defaults import default_model
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 from tokenizers_svc.spec import FrameRule
@@ -404,7 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="directory (recursive), glob, or .parquet with a 'path' column"
     )
     p.add_argument("--output", required=True, help="output directory for shards, job.json and manifest.json")
-    p.add_argument("--model", required=True, help="preset name or local model directory")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="preset name or local model directory (default: the shipped video tokenizer when an input "
+        "is a video, else the shipped image tokenizer)",
+    )
     p.add_argument("--resize", choices=RESIZE_POLICIES, default="none", help="explicit resize policy")
     p.add_argument("--resolution", type=int, default=None, help="target size for --resize")
     p.add_argument("--no-normalize", action="store_true", help="store raw latents instead of normalized")
@@ -534,8 +540,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Plan, run the Ray Data pipeline, write manifest.json; returns the manifest."""
     import ray
 
-    plan = make_plan(args, device="cpu")
     inputs, ignored = list_inputs(args.input)
+    if args.model is None:
+        has_video = any(Path(path).suffix.lower() in VIDEO_SUFFIXES for path in inputs)
+        args.model = default_model("video" if has_video else "image")
+    plan = make_plan(args, device="cpu")
     if not ray.is_initialized():
         ray.init(address=args.address)
     gpus = _gpus_per_worker(args.num_gpus_per_worker)
