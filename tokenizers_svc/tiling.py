@@ -71,8 +71,8 @@ class TilingOptions:
     """
 
     enabled: bool | None = None
-    # 512 px: the largest side every shipped VAE handles in a few GB at fp32 (SD/Wan were trained at
-    # 256-512); larger tiles trade memory for fewer seams
+    # 512 px: within the 256-1024 px range the shipped VAEs were trained at, so a tile looks like
+    # training data; larger tiles trade memory for fewer seams
     tile_size: int = 512
     # 64 px = 8 latent cells at f8, 2 at f32: enough for the cross-fade to hide GroupNorm seams
     tile_overlap: int = 64
