@@ -191,6 +191,8 @@ class LocalBackend:
     """Average-pool encoder and repeat decoder (2x space, ``t``x time, causal or not): every output
     depends only on its own input cells, so tiling must reproduce the untiled result exactly."""
 
+    streams_frames = False
+
     def __init__(self, causal: bool, modality: str = "video") -> None:
         rule = FrameRule(4, causal) if modality == "video" else FrameRule()
         self.spec = TokenizerSpec(

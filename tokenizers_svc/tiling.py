@@ -292,4 +292,4 @@ def _chunks_time(backend: Backend) -> bool:
     """False for backends that declare ``streams_frames = True``: their model already runs one frame
     group at a time with a causal cache (exact, memory bounded by a group), so chunking would only
     add seams."""
-    return not getattr(backend, "streams_frames", False)
+    return not backend.streams_frames

@@ -25,6 +25,9 @@ class Backend(ABC):
 
     #: diffusers/native class names this backend loads (read from ``config.json`` ``_class_name``)
     class_names: tuple[str, ...] = ()
+    #: True when the model itself runs long clips a few frames at a time through a causal cache, so
+    #: temporal chunking would only add error (tiling then splits such models in space only)
+    streams_frames: bool = False
 
     def __init__(self, module: nn.Module, spec: TokenizerSpec, weights_hash: str | None = None) -> None:
         self.module = module

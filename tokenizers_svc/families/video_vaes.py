@@ -46,9 +46,6 @@ class _VideoVAEBackend(Backend):
 
     family = ""
     is_kl = True
-    #: True when the diffusers model itself encodes/decodes one frame group at a time through a
-    #: causal cache: memory is then bounded in time already and tiling.py does not chunk frames
-    streams_frames = False
 
     @classmethod
     def from_module(cls, module: nn.Module, name: str) -> _VideoVAEBackend:
