@@ -40,7 +40,7 @@ PAPER = [
     ("vitok-s-b-16", 256, 1, 8),
     ("video-vae-f32t8c128", 256, 17, 1),
 ]
-DEFAULT_IMAGE = {  # training/recipes/default-image.yaml's model (sd-vae-tiny with overrides)
+DEFAULT_IMAGE = {  # training/recipes/default-image-kl.yaml's model (sd-vae-tiny with overrides)
     "block_out_channels": [24, 48, 96, 128],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
