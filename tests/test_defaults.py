@@ -1,0 +1,148 @@
+"""The shipped default tokenizers, end to end as a new user meets them.
+
+``tokenizers-svc serve`` (what ``make serve`` runs) is started as a real process with the shipped
+``serving/config.yaml``; the README's curl requests are sent over HTTP; the decoded PNGs must be
+recognisable reconstructions of the real validation photos.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from evals.image_metrics import psnr
+from tokenizers_svc import media
+from tokenizers_svc.api import load_tokenizer
+from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS, default_model
+from tokenizers_svc.latents import latents_from_bytes
+
+IMAGE_MODEL = DEFAULT_MODELS["image"]
+VIDEO_MODEL = DEFAULT_MODELS["video"]
+# The card reports the image default at 22.3 dB on images/val (256 px crops); whole photos through
+# the server (padding, PNG) must stay recognisable: well above what a wrong or broken model gives
+# (random init: ~11 dB, a flat grey image: ~12-14 dB on these photos).
+ROUND_TRIP_PSNR_DB = 20.0  # measured 21.3-23.9 dB on the four photos tested
+# The video default (1:192) on 17 frames of bikes.mp4 through H.264 both ways: measured 20.6 dB.
+VIDEO_ROUND_TRIP_PSNR_DB = 17.0
+
+
+@pytest.mark.parametrize(("modality", "min_ratio"), [("image", 48), ("video", 48)])
+def test_defaults_are_shipped_and_resolve(modality, min_ratio):
+    name = default_model(modality)
+    assert name == DEFAULT_MODELS[modality]
+    directory = PACKAGED_WEIGHTS / name
+    assert (directory / "config.json").is_file() and (directory / "card.json").is_file()
+    size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    assert 0 < size < 50_000_000  # "tens of MB at most"
+    tokenizer = load_tokenizer(name)
+    assert tokenizer.name == name and tokenizer.spec.modality == modality
+    assert tokenizer.spec.compression_ratio() >= min_ratio
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    """``tokenizers-svc serve`` on a free port with the shipped config, as its own process."""
+    port = _free_port()
+    command = [str(Path(sys.executable).with_name("tokenizers-svc")), "serve", "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"tokenizers-svc serve exited: {process.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("tokenizers-svc serve did not become ready in 300 s")
+            time.sleep(1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.mark.slow
+def test_make_serve_round_trips_real_photos(served, shared_data):
+    photos = sorted((shared_data / "images" / "val").glob("*.jpg"))[:4]
+    assert photos, "no validation photos"
+    with httpx.Client(base_url=served, timeout=120) as http:
+        for path in photos:
+            encoded = http.post(
+                f"/v1/models/{IMAGE_MODEL}/encode",
+                content=path.read_bytes(),
+                headers={"content-type": "image/jpeg"},
+            )
+            assert encoded.status_code == 200, encoded.text
+            latents = latents_from_bytes(encoded.content)
+            assert latents.tokenizer == IMAGE_MODEL and latents.normalized
+            decoded = http.post(
+                f"/v1/models/{IMAGE_MODEL}/decode?format=png",
+                content=encoded.content,
+                headers={"content-type": "application/x-safetensors"},
+            )
+            assert decoded.status_code == 200, decoded.text
+            original = media.read_image(path)
+            reconstruction = media.decode_image(decoded.content)
+            assert reconstruction.shape == original.shape
+            score = float(psnr(_nchw(original), _nchw(reconstruction))[0])
+            assert score > ROUND_TRIP_PSNR_DB, f"{path.name}: {score:.2f} dB"
+
+
+def _nchw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None]
+
+
+@pytest.mark.slow
+def test_make_serve_round_trips_a_real_clip(served, shared_data):
+    """The README's video curl pair: 17 frames of a real clip -> latent file -> MP4."""
+    clip = shared_data / "videos" / "bikes.mp4"
+    with httpx.Client(base_url=served, timeout=300) as http:
+        encoded = http.post(
+            f"/v1/models/{VIDEO_MODEL}/encode?max_frames=17",
+            content=clip.read_bytes(),
+            headers={"content-type": "video/mp4"},
+        )
+        assert encoded.status_code == 200, encoded.text
+        latents = latents_from_bytes(encoded.content)
+        assert latents.tokenizer == VIDEO_MODEL and latents.original_frames == 17
+        assert latents.latents.shape[2] == 5  # 17 = 1 + 4 * 4 frames -> 5 latent frames (causal)
+        decoded = http.post(
+            f"/v1/models/{VIDEO_MODEL}/decode",
+            content=encoded.content,
+            headers={"content-type": "application/x-safetensors"},
+        )
+        assert decoded.status_code == 200, decoded.text
+    assert decoded.headers["content-type"] == "video/mp4"
+    original = media.read_video(clip, max_frames=17).frames
+    reconstruction = media.decode_video(decoded.content).frames
+    assert reconstruction.shape == original.shape
+    score = psnr(_nchw_video(original), _nchw_video(reconstruction)).mean()
+    assert score > VIDEO_ROUND_TRIP_PSNR_DB, f"{score:.2f} dB"
+
+
+def _nchw_video(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(frames).permute(0, 3, 1, 2)  # frames as a batch of images
