@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import small_presets
 
 from tokenizers_svc.api import Tokenizer, load_tokenizer, pad_spatial
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.latents import Latents, latents_from_bytes
 from tokenizers_svc.media import image_to_tensor, read_image, read_video, video_to_tensor
-from tokenizers_svc.registry import backend_for, get_preset, list_presets, model_class
+from tokenizers_svc.registry import backend_for, get_preset, model_class
 from tokenizers_svc.spec import TokenizerSpec
 from tokenizers_svc.tiling import TilingOptions
 
@@ -33,20 +34,7 @@ CLIP = DATA / "videos" / "bikes.mp4"  # real footage (MANIFEST.json: content "re
 UNTILED = TilingOptions(enabled=False)
 
 
-def _small_presets() -> dict[str, TokenizerSpec]:
-    """Random-init presets up to MAX_PARAMS and their specs, built on the meta device."""
-    specs = {}
-    for preset in list_presets():
-        if not preset.random_init:
-            continue
-        with torch.device("meta"):
-            module = model_class(preset.class_name)(**preset.config)
-        if sum(p.numel() for p in module.parameters()) <= MAX_PARAMS:
-            specs[preset.name] = backend_for(preset.class_name).from_module(module, preset.name).spec
-    return specs
-
-
-SPECS = _small_presets()
+SPECS = small_presets(MAX_PARAMS)
 # (preset, "image" | "video") for every modality a preset accepts
 CASES = [
     pytest.param(name, kind, id=f"{name}-{kind}")

@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_presets
 
 from tokenizers_svc import tiling
 from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import InvalidRequestError
-from tokenizers_svc.registry import backend_for, list_presets, model_class
 from tokenizers_svc.spec import FrameRule, TokenizerSpec
 from tokenizers_svc.tiling import TilingOptions
 
@@ -41,21 +41,7 @@ PSNR_BOUND_DB = 14.0  # tiled vs untiled, random init; see the module docstring 
 CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "bikes.mp4"  # real footage
 
 
-def _small_presets() -> dict[str, TokenizerSpec]:
-    """Random-init presets with at most MAX_PARAMS parameters, and their specs (built on the meta
-    device: no memory, no init)."""
-    specs = {}
-    for preset in list_presets():
-        if not preset.random_init:
-            continue
-        with torch.device("meta"):
-            module = model_class(preset.class_name)(**preset.config)
-        if sum(p.numel() for p in module.parameters()) <= MAX_PARAMS:
-            specs[preset.name] = backend_for(preset.class_name).from_module(module, preset.name).spec
-    return specs
-
-
-SMALL_PRESETS = _small_presets()
+SMALL_PRESETS = small_presets(MAX_PARAMS)
 VIDEO_PRESETS = [name for name, spec in SMALL_PRESETS.items() if spec.temporal_compression > 1]
 
 
