@@ -19,10 +19,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from evals.image_metrics import psnr
 from tokenizers_svc import TilingOptions, media
 from tokenizers_svc.api import load_tokenizer, to_uint8_pixels
+from tokenizers_svc.cli import app
 from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS, default_model
 from tokenizers_svc.latents import latents_from_bytes
 
@@ -47,6 +49,18 @@ def test_defaults_are_shipped_and_resolve(modality, min_ratio):
     tokenizer = load_tokenizer(name)
     assert tokenizer.name == name and tokenizer.spec.modality == modality
     assert tokenizer.spec.compression_ratio() >= min_ratio
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("images/val/plant.jpg", IMAGE_MODEL), ("videos/carphone_pristine.mp4", VIDEO_MODEL)],
+)
+def test_cli_encode_without_model_uses_the_default(shared_data, tmp_path, source, expected):
+    out = tmp_path / "out.safetensors"
+    command = [str(shared_data / source), "-o", str(out), "--max-frames", "5"]
+    result = CliRunner().invoke(app, ["encode", *command])
+    assert result.exit_code == 0, result.output
+    assert latents_from_bytes(out.read_bytes()).tokenizer == expected
 
 
 # Tiled vs untiled with the trained image default on a real 333 x 500 photo, 128 px tiles sharing
