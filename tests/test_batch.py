@@ -335,7 +335,9 @@ def test_encoder_batches_same_shape_rows_and_isolates_a_bad_one(image_folder):
     ]  # 640x480, 640x480, 451x300
     board, stuff, chelsea = (batch.prepare_input(str(p), plan, plan.key())[0] for p in paths)
     nan = board | {"id": "nan", "pixels": torch.full(board["pixel_shape"], float("nan")).numpy().tobytes()}
-    worker = batch.EncodeWorker(plan, num_threads=1)
+    threads = torch.get_num_threads()
+    worker = batch.EncodeWorker(plan, num_threads=1)  # sets this process's torch threads, as in an actor
+    torch.set_num_threads(threads)  # later tests (pinned metric values) must not inherit 1 thread
     calls = []
     encode = worker.tokenizer.encode
     worker.tokenizer.encode = lambda pixels, **kw: calls.append(pixels.shape[0]) or encode(pixels, **kw)

@@ -33,8 +33,22 @@ PINNED = {
 }
 
 
+# CPU float reductions depend on the thread count, and KID of 4 items amplifies that to ~2e-4
+# relative, so the pinned run fixes the count it was produced with.
+PINNED_TORCH_THREADS = 2
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[dict, object]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PINNED_TORCH_THREADS)
+    try:
+        return _run_report(tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_report(tmp_path_factory) -> tuple[dict, object]:
     root = tmp_path_factory.mktemp("eval")
     images = root / "images"
     images.mkdir()

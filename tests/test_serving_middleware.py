@@ -95,8 +95,13 @@ def test_default_config_file_parses_and_bad_config_is_refused():
     from serving.schemas import parse_config
     from tokenizers_svc.errors import ConfigError
 
+    from tokenizers_svc.defaults import DEFAULT_MODELS
+
     config = parse_config(load_config_file(DEFAULT_CONFIG)["args"])
-    assert [m.name for m in config.models] == ["sd-vae-tiny"] and config.limits.max_body_bytes > 0
+    served = [m.name for m in config.models]
+    assert served[:2] == [DEFAULT_MODELS["image"], DEFAULT_MODELS["video"]], served  # make serve: defaults
+    assert sum(m.num_cpus for m in config.models) <= 2  # every replica fits a 2-core machine
+    assert config.limits.max_body_bytes > 0
     with pytest.raises(ConfigError, match="max_batch_size"):
         parse_config({"models": [{"name": "sd-vae-tiny", "max_batch_size": 0}]})
     with pytest.raises(ConfigError, match="typo_key"):
