@@ -93,9 +93,8 @@ def test_unknown_exception_is_a_generic_500(base_url):
 def test_default_config_file_parses_and_bad_config_is_refused():
     from serving.app import DEFAULT_CONFIG, load_config_file
     from serving.schemas import parse_config
-    from tokenizers_svc.errors import ConfigError
-
     from tokenizers_svc.defaults import DEFAULT_MODELS
+    from tokenizers_svc.errors import ConfigError
 
     config = parse_config(load_config_file(DEFAULT_CONFIG)["args"])
     served = [m.name for m in config.models]
