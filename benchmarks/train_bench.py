@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import parse_recipe
+from training.config import load_recipe, parse_recipe
 from training.data import BatchPlan, make_loader
 from training.train import Trainer
 
@@ -40,14 +40,8 @@ PAPER = [
     ("vitok-s-b-16", 256, 1, 8),
     ("video-vae-f32t8c128", 256, 17, 1),
 ]
-DEFAULT_IMAGE = {  # training/recipes/default-image-kl.yaml's model (sd-vae-tiny with overrides)
-    "block_out_channels": [24, 48, 96, 128],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-}
+# The AutoencoderKL f8c4 first tried as the default image tokenizer, read from its recipe.
+DEFAULT_IMAGE_KL = load_recipe(REPO / "training" / "recipes" / "default-image-kl.yaml").model.config
 
 
 def recipe_for(preset: str, size: int, frames: int, batch: int, out: str, config: dict | None = None):
@@ -120,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cases = [(p, s, f, b, None) for p, s, f, b in TINY]
-    cases.append(("sd-vae-tiny", 128, 1, 4, DEFAULT_IMAGE))
+    cases.append(("sd-vae-tiny", 128, 1, 4, DEFAULT_IMAGE_KL))
     if args.paper:
         cases += [(p, s, f, b, None) for p, s, f, b in PAPER]
     print(f"torch threads {torch.get_num_threads()}, {args.steps} timed steps per side")
