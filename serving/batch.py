@@ -37,9 +37,8 @@ import torch
 
 from tokenizers_svc import media
 from tokenizers_svc.api import RESIZE_POLICIES, load_tokenizer, resize_pixels, to_float_pixels
-from tokenizers_svc.cli import MEDIA_SUFFIXES, VIDEO_SUFFIXES
 from tokenizers_svc.datasets import MANIFEST_FILE, ROW_SCHEMA, SHARD_GLOB, SHARD_PREFIX, SHARD_SUFFIX
-from tokenizers_svc.defaults import default_model
+from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 from tokenizers_svc.spec import FrameRule
@@ -118,8 +117,8 @@ def list_inputs(spec: str) -> tuple[list[str], list[str]]:
     ignored: list[str] = []
     if path.is_dir():
         files = sorted(p.resolve() for p in path.rglob("*") if p.is_file())
-        inputs = [str(p) for p in files if p.suffix.lower() in MEDIA_SUFFIXES]
-        ignored = [str(p) for p in files if p.suffix.lower() not in MEDIA_SUFFIXES]
+        inputs = [str(p) for p in files if p.suffix.lower() in media.MEDIA_SUFFIXES]
+        ignored = [str(p) for p in files if p.suffix.lower() not in media.MEDIA_SUFFIXES]
     elif path.is_file() and path.suffix == ".parquet":
         table = pq.read_table(path)
         if "path" not in table.column_names:
@@ -542,8 +541,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
     inputs, ignored = list_inputs(args.input)
     if args.model is None:
-        has_video = any(Path(path).suffix.lower() in VIDEO_SUFFIXES for path in inputs)
-        args.model = default_model("video" if has_video else "image")
+        args.model = default_model_for(inputs)
     plan = make_plan(args, device="cpu")
     if not ray.is_initialized():
         ray.init(address=args.address)

@@ -34,8 +34,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm"}
-MEDIA_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", *VIDEO_SUFFIXES}
 LATENT_SUFFIX = ".safetensors"
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
@@ -232,14 +230,10 @@ def _read(path: Path) -> bytes:
 # ---------------------------------------------------------------------------------------------- encode
 
 
-def _default_for(files: list[Path]) -> str:
-    from tokenizers_svc.defaults import default_model
-
-    return default_model("video" if any(f.suffix.lower() in VIDEO_SUFFIXES for f in files) else "image")
-
-
 def _expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given; a directory contributes its media files (by suffix, sorted, not recursive)."""
+    from tokenizers_svc.media import MEDIA_SUFFIXES
+
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
@@ -306,6 +300,7 @@ def encode(
     """Encode images/videos to latent files. Failures are reported per file; the exit code is 1 if any failed."""
     from tqdm import tqdm
 
+    from tokenizers_svc.defaults import default_model_for
     from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 
     files = _expand_inputs(inputs)
@@ -328,7 +323,7 @@ def encode(
             stride=stride,
             seed=seed,
         )
-        tokenizer = _load(model or _default_for(files), device, dtype)
+        tokenizer = _load(model or default_model_for(files), device, dtype)
     except TokenizerError as exc:
         raise _fail(exc) from None
     (out if as_directory else out.parent).mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,14 @@ def default_model(modality: Modality) -> str:
     return name
 
 
+def default_model_for(paths) -> str:
+    """The shipped video tokenizer when any of ``paths`` is a video (by suffix), else the image one."""
+    from tokenizers_svc.media import VIDEO_SUFFIXES
+
+    has_video = any(Path(path).suffix.lower() in VIDEO_SUFFIXES for path in paths)
+    return default_model("video" if has_video else "image")
+
+
 def _register_shipped() -> None:
     for modality, name in DEFAULT_MODELS.items():
         directory = PACKAGED_WEIGHTS / name

@@ -37,6 +37,8 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 IMAGE_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 IMAGE_MEDIA_TYPES: dict[str, str] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 VIDEO_MEDIA_TYPE = "video/mp4"
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm"}  # what directory listings treat as video
+MEDIA_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", *VIDEO_SUFFIXES}
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # alpha is composited over white, as image viewers show it
 
 # Pillow's own bomb check (process-wide Image.MAX_IMAGE_PIXELS) is left in place as a backstop: ours
