@@ -49,6 +49,15 @@ class SourceSection(_Strict):
     frames: int = Field(1, ge=1)  # clip length for video sources (images are always one frame)
     frame_stride: int = Field(1, ge=1)  # keep every n-th decoded frame inside a clip
     batch_size: int | None = Field(None, ge=1)  # per-process batch for this source (default: data's)
+    # videos: clips start inside [first, last) fractions of each file's duration (held-out segments)
+    segment: tuple[float, float] = (0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _segment_in_order(self) -> SourceSection:
+        first, last = self.segment
+        if not 0.0 <= first < last <= 1.0:
+            raise ValueError(f"segment must satisfy 0 <= first < last <= 1, got {list(self.segment)}")
+        return self
 
 
 class DataSection(_Strict):
@@ -56,6 +65,7 @@ class DataSection(_Strict):
     batch_size: int = Field(4, ge=1)  # per-process micro-batch; global = batch_size * processes
     crop_sizes: list[int] = Field(default_factory=lambda: [128], min_length=1)  # one per batch, random
     min_scale: float = Field(0.25, gt=0, le=1)  # random downscale before cropping (multi-scale)
+    max_scale: float = Field(1.0, ge=1)  # random upscale before cropping (smooth, enlarged content)
     hflip: bool = True
     num_workers: int = Field(0, ge=0)
     cache_images: int = Field(64, ge=0)  # decoded images kept per worker (small folders decode once)
@@ -81,7 +91,7 @@ class GanSection(_Strict):
 
 
 class LossSection(_Strict):
-    reconstruction: Literal["l1", "l2"] = "l1"
+    reconstruction: Literal["l1", "l2", "l1+l2"] = "l1"  # l2 is what PSNR measures
     reconstruction_weight: float = Field(1.0, ge=0)
     kl_weight: float = Field(1e-6, ge=0)  # ignored for deterministic tokenizers
     perceptual: Literal["none", "lpips"] = "none"

@@ -116,7 +116,9 @@ class ImageFolder(Source):
 
 
 class VideoFolder(Source):
-    """Clips of ``frames`` frames, every ``frame_stride``-th, from a uniformly random start time."""
+    """Clips of ``frames`` frames, every ``frame_stride``-th, from a uniformly random start time inside
+    the source's ``segment`` (fractions of each file's duration: train on one part of a clip, hold
+    out the rest)."""
 
     kind = "videos"
 
@@ -151,7 +153,8 @@ class VideoFolder(Source):
     def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
         duration, fps = self._probe(index)
         span = self.frames * self.section.frame_stride / fps  # seconds one clip covers
-        start = float(rng.uniform(0.0, max(duration - span - 1.0 / fps, 0.0)))
+        first, last = (fraction * duration for fraction in self.section.segment)
+        start = float(rng.uniform(first, max(last - span - 1.0 / fps, first)))
         video = read_video(
             self.files[index], start=start, max_frames=self.frames, stride=self.section.frame_stride
         )
@@ -234,16 +237,24 @@ def build_sources(recipe: Recipe, cache: _DecodeCache | None = None) -> list[Sou
 
 
 def random_crop(
-    frames: np.ndarray, size: int, rng: np.random.Generator, min_scale: float, hflip: bool
+    frames: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    min_scale: float,
+    hflip: bool,
+    max_scale: float = 1.0,
 ) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (3, T, size, size) uint8: a random square window, resized to ``size``.
 
-    The window side is log-uniform in ``[size, min(short side, size / min_scale)]`` (1:1 pixels up
-    to a ``min_scale`` downscale: the multi-scale part); images smaller than ``size`` are upscaled.
+    The window side is log-uniform in ``[size / max_scale, min(short side, size / min_scale)]``: from
+    a ``max_scale`` upscale (smooth content, as photos shown larger than they were taken) to a
+    ``min_scale`` downscale (dense detail): the multi-scale part. Images smaller than ``size`` are
+    upscaled.
     """
     _, h, w, _ = frames.shape  # (T, H, W, 3)
     short = min(h, w)
-    low, high = min(size, short), min(short, max(size, int(size / min_scale)))
+    low = min(math.ceil(size / max_scale), short)
+    high = min(short, max(size, int(size / min_scale)))
     window = round(math.exp(rng.uniform(math.log(low), math.log(high)))) if high > low else low
     top = int(rng.integers(0, h - window + 1))
     left = int(rng.integers(0, w - window + 1))
@@ -258,8 +269,9 @@ def random_crop(
 
 
 def resize_uint8(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> (N, 3, size, size) uint8, antialiased bilinear, rounded."""
-    out = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    """(N, 3, H, W) uint8 -> (N, 3, size, size) uint8, antialiased bicubic (as the evaluation resizes),
+    rounded and clamped."""
+    out = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
@@ -355,7 +367,8 @@ class TrainBatches(Dataset):
             except TokenizerError:
                 skipped.append(source.name(index))
                 continue
-            return random_crop(frames, size, rng, self.recipe.data.min_scale, self.recipe.data.hflip)
+            data = self.recipe.data
+            return random_crop(frames, size, rng, data.min_scale, data.hflip, data.max_scale)
         raise ConfigError(
             f"no file of data source {source.section.path!r} could be decoded", param="data.sources"
         )

@@ -34,7 +34,9 @@ def frames_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:
-    return F.l1_loss(recon, x) if kind == "l1" else F.mse_loss(recon, x)
+    """``kind``: "l1", "l2" (mean squared error, what PSNR measures) or "l1+l2" (their sum)."""
+    terms = {"l1": lambda: F.l1_loss(recon, x), "l2": lambda: F.mse_loss(recon, x)}
+    return sum(terms[part]() for part in kind.split("+"))
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""Held-out clip segments and the classical video codecs a video tokenizer has to beat at equal floats.
+
+The video default trains on the first part of each real clip (``segment: [0, 0.8]`` in its recipe) and
+is scored here on clips cut from the rest. Two baselines keep the same number of floats per clip as
+the tokenizer's latent: *spatial* (every frame bicubic down/up-sampled) and *spatio-temporal* (every
+``temporal``-th frame kept, bicubic in space, linear interpolation in time, like a t4 latent's frame
+rule). The colour cast is the per-channel mean error of the reconstruction in grey levels.
+
+Tensors: clips are uint8 ``(N, 3, T, R, R)`` in [0, 255].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from evals.image_metrics import psnr
+from evals.multiscale import bicubic_round_trip, mean_ci
+from evals.reconstruct import resize_shorter_side
+from tokenizers_svc.api import to_uint8_pixels
+from tokenizers_svc.media import read_video
+
+
+def clip_duration(path: Path) -> float:
+    """Seconds of the first video stream, from the container header."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+        return float(container.duration or 0) / av.time_base
+
+
+def heldout_clips(
+    videos: Sequence[Path],
+    segment: tuple[float, float] = (0.8, 1.0),
+    clips_per_video: int = 4,
+    frames: int = 17,
+    resolution: int = 256,
+) -> tuple[torch.Tensor, list[str]]:
+    """``clips_per_video`` clips of ``frames`` frames evenly spaced inside ``segment`` (fractions of each
+    file's duration), shorter side resized to ``resolution``, center square: uint8 (N, 3, T, R, R)."""
+    clips, names = [], []
+    for path in videos:
+        duration = clip_duration(path)
+        first, last = segment[0] * duration, segment[1] * duration
+        for k in range(clips_per_video):
+            start = first + (last - first) * k / clips_per_video
+            video = read_video(path, start=start, max_frames=frames)
+            if video.num_frames < frames:
+                continue
+            x = torch.from_numpy(video.frames).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+            x = resize_shorter_side(x, resolution)
+            h, w = x.shape[-2:]
+            top, left = (h - resolution) // 2, (w - resolution) // 2
+            x = x[..., top : top + resolution, left : left + resolution]
+            clips.append(x.permute(1, 0, 2, 3).contiguous())  # (3, T, R, R)
+            names.append(f"{path.name}@{start:.2f}s")
+    if not clips:
+        raise ValueError(f"no held-out clip of {frames} frames in segment {segment} of {list(videos)}")
+    return torch.stack(clips), names
+
+
+def _frames(clips: torch.Tensor) -> torch.Tensor:
+    """(N, 3, T, H, W) -> (N * T, 3, H, W)."""
+    n, c, t, h, w = clips.shape
+    return clips.transpose(1, 2).reshape(n * t, c, h, w)
+
+
+def _clips(frames: torch.Tensor, n: int) -> torch.Tensor:
+    """(N * T, 3, H, W) -> (N, 3, T, H, W)."""
+    _, c, h, w = frames.shape
+    return frames.reshape(n, -1, c, h, w).transpose(1, 2).contiguous()
+
+
+def spatial_bicubic(clips: torch.Tensor, floats_per_item: int) -> torch.Tensor:
+    """Every frame bicubic down/up-sampled; the clip keeps ``floats_per_item`` floats."""
+    t = clips.shape[2]
+    return _clips(bicubic_round_trip(_frames(clips), floats_per_item // t), clips.shape[0])
+
+
+def spatiotemporal_bicubic(clips: torch.Tensor, floats_per_item: int, temporal: int = 4) -> torch.Tensor:
+    """Frames 0, k, 2k, ... kept (bicubic in space, the floats shared among them), the others linearly
+    interpolated between their kept neighbours; trailing frames repeat the last kept one."""
+    n, _, t, h, w = clips.shape
+    kept = list(range(0, t, temporal))
+    small = bicubic_round_trip(_frames(clips[:, :, kept]), floats_per_item // len(kept))
+    keys = _clips(small, n).float()  # (N, 3, K, H, W)
+    out = torch.empty(n, 3, t, h, w)
+    for i in range(t):
+        left = min(i // temporal, len(kept) - 1)
+        right = min(left + 1, len(kept) - 1)
+        weight = 0.0 if right == left else (i - kept[left]) / (kept[right] - kept[left])
+        out[:, :, i] = (1 - weight) * keys[:, :, left] + weight * keys[:, :, right]
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def clip_psnr(original: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
+    """PSNR per clip over all its frames (MSE pooled over the clip)."""
+    mse = (original.float() - recon.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(255.0**2 / mse)).numpy()
+
+
+def compare_video(
+    clips: torch.Tensor,
+    names: list[str],
+    reconstruct: Callable[[torch.Tensor], torch.Tensor],
+    floats_per_item: int,
+    temporal: int = 4,
+) -> dict:
+    """Model (uint8 clip batch -> uint8) vs both baselines on every clip: PSNR mean and 95% CI, paired
+    gain over the better baseline, frame PSNR, and the model's per-channel mean error (colour cast)."""
+    recon = torch.cat([reconstruct(batch).cpu() for batch in clips.split(2)])
+    spatial = spatial_bicubic(clips, floats_per_item)
+    spatiotemporal = spatiotemporal_bicubic(clips, floats_per_item, temporal)
+    scores = {
+        "model": clip_psnr(clips, recon),
+        "bicubic_spatial": clip_psnr(clips, spatial),
+        "bicubic_spatiotemporal": clip_psnr(clips, spatiotemporal),
+    }
+    best = max(("bicubic_spatial", "bicubic_spatiotemporal"), key=lambda k: scores[k].mean())
+    cast = (recon.float() - clips.float()).mean(dim=(0, 2, 3, 4))  # (3,) grey levels
+    result = {
+        name: dict(zip(("psnr", "psnr_ci95"), mean_ci(values), strict=True))
+        for name, values in scores.items()
+    }
+    gain, gain_ci = mean_ci(scores["model"] - scores[best])
+    return {
+        **result,
+        "n": len(names),
+        "clips": names,
+        "floats_per_item": floats_per_item,
+        "best_baseline": best,
+        "gain_db": gain,
+        "gain_ci95": gain_ci,
+        "frame_psnr": float(psnr(_frames(clips), _frames(recon)).mean()),
+        "mean_error_rgb": [round(float(v), 3) for v in cast],
+        "pixel_floats_per_latent_float": 3 * math.prod(clips.shape[2:]) / floats_per_item,
+    }
+
+
+def tokenizer_round_trip(tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A Tokenizer as a uint8 -> uint8 reconstruction function (no gradients)."""
+
+    device = next(tokenizer.module.parameters()).device
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return to_uint8_pixels(tokenizer.decode(tokenizer.encode(pixels.to(device))).float())
+
+    return run
