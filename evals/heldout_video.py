@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -23,16 +22,7 @@ from evals.image_metrics import psnr
 from evals.multiscale import bicubic_round_trip, mean_ci
 from evals.reconstruct import resize_shorter_side
 from tokenizers_svc.api import to_uint8_pixels
-from tokenizers_svc.media import read_video
-
-
-def clip_duration(path: Path) -> float:
-    """Seconds of the first video stream, from the container header."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
-        return float(container.duration or 0) / av.time_base
+from tokenizers_svc.media import probe_video, read_video
 
 
 def heldout_clips(
@@ -46,7 +36,7 @@ def heldout_clips(
     file's duration), shorter side resized to ``resolution``, center square: uint8 (N, 3, T, R, R)."""
     clips, names = [], []
     for path in videos:
-        duration = clip_duration(path)
+        duration, _ = probe_video(path)
         first, last = segment[0] * duration, segment[1] * duration
         for k in range(clips_per_video):
             start = first + (last - first) * k / clips_per_video

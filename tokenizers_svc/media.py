@@ -18,10 +18,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
-import av
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:
+    import av
+except ImportError:  # a declared dependency; a bare GPU box without it still reads and writes images
+    av = None
 
 from tokenizers_svc.errors import (
     DTypeMismatchError,
@@ -269,6 +273,8 @@ def _open_container(data: bytes | str | Path) -> av.container.InputContainer:
         raise InvalidMediaError(
             f"expected a video, got an {kind}; expected {SUPPORTED_DESCRIPTION}", param="file"
         )
+    if av is None:
+        raise InvalidMediaError("reading video needs PyAV: pip install av", param="file")
     try:
         return av.open(source, mode="r")
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
@@ -294,6 +300,16 @@ def _stream_duration(
     if container.duration:
         return container.duration / 1_000_000
     return None
+
+
+def probe_video(path: str | Path) -> tuple[float, float]:
+    """(duration in seconds, frames per second) of a video file's first video stream, from its
+    header (no frame is decoded); duration 0.0 when the container declares none."""
+    with _open_container(path) as container:
+        if not container.streams.video:
+            raise InvalidMediaError("the file has no video stream", param="file")
+        stream = container.streams.video[0]
+        return _stream_duration(container, stream) or 0.0, _frame_rate(stream)
 
 
 def _validate_range(start: float | None, end: float | None, stride: int, max_frames: int | None) -> None:

@@ -22,14 +22,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from tokenizers_svc.errors import ConfigError, InvalidMediaError, TokenizerError
-from tokenizers_svc.media import decode_image, read_image, read_video
+from tokenizers_svc.errors import ConfigError, TokenizerError
+from tokenizers_svc.media import decode_image, probe_video, read_image, read_video
 from tokenizers_svc.spec import TokenizerSpec
 from training.config import Recipe, SourceSection
 
@@ -135,19 +134,9 @@ class VideoFolder(Source):
         return str(self.files[index])
 
     def _probe(self, index: int) -> tuple[float, float]:
-        """(duration s, fps) from the container header (PyAV), cached."""
+        """(duration s, fps) from the container header, cached."""
         if index not in self._durations:
-            try:
-                with av.open(str(self.files[index])) as container:
-                    stream = container.streams.video[0]
-                    fps = float(stream.average_rate or stream.guessed_rate or 25)
-                    if stream.duration is not None and stream.time_base:
-                        duration = float(stream.duration * stream.time_base)
-                    else:
-                        duration = float(container.duration or 0) / av.time_base
-            except (av.error.FFmpegError, IndexError) as exc:
-                raise InvalidMediaError(f"cannot probe video: {exc}", param="file") from None
-            self._durations[index] = (duration, fps)
+            self._durations[index] = probe_video(self.files[index])
         return self._durations[index]
 
     def load(self, index: int, rng: np.random.Generator) -> np.ndarray:
@@ -374,6 +363,12 @@ class TrainBatches(Dataset):
         )
 
 
+def _one_thread(worker_id: int) -> None:
+    """Loader workers crop and resize on the CPU; with torch's default of one thread per core in
+    every worker they oversubscribe the machine (measured: a GPU run starved for data)."""
+    torch.set_num_threads(1)
+
+
 def _collate(items: list[dict]) -> dict:
     return items[0]  # the dataset already yields whole batches
 
@@ -389,6 +384,7 @@ def make_loader(recipe: Recipe, sources: list[Source], spec: TokenizerSpec, plan
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
+        worker_init_fn=_one_thread,
         generator=torch.Generator().manual_seed(recipe.seed),
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
