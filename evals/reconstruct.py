@@ -25,10 +25,11 @@ import torch.nn.functional as F
 
 from evals import fid, image_metrics, report, video_metrics
 from tokenizers_svc import load_tokenizer
-from tokenizers_svc.api import Tokenizer, to_uint8_pixels
+from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.defaults import default_model
 from tokenizers_svc.errors import InvalidRequestError, TokenizerError
 from tokenizers_svc.media import read_image, read_video
+from tokenizers_svc.pixels import to_uint8_pixels
 from tokenizers_svc.registry import weights_home
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")

@@ -36,11 +36,12 @@ import pyarrow.parquet as pq
 import torch
 
 from tokenizers_svc import media
-from tokenizers_svc.api import RESIZE_POLICIES, load_tokenizer, resize_pixels, to_float_pixels
 from tokenizers_svc.datasets import MANIFEST_FILE, ROW_SCHEMA, SHARD_GLOB, SHARD_PREFIX, SHARD_SUFFIX
 from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
+from tokenizers_svc.pixels import RESIZE_POLICIES, resize_pixels, to_float_pixels
 from tokenizers_svc.spec import FrameRule
 
 TMP_SUFFIX = ".tmp"

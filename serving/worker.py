@@ -21,9 +21,9 @@ from ray import serve
 
 from serving.schemas import LimitsConfig, ModelConfig
 from tokenizers_svc import media
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import InvalidRequestError, LimitExceededError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media, output_media_type
 from tokenizers_svc.tiling import TilingOptions
 

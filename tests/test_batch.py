@@ -24,10 +24,10 @@ import torch
 from typer.testing import CliRunner
 
 from serving import batch
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.cli import app
 from tokenizers_svc.datasets import LatentDataset
 from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 from tokenizers_svc.registry import list_presets
 

@@ -25,9 +25,9 @@ from ray import serve
 
 from serving.app import build_app
 from tokenizers_svc import media
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.client import AsyncClient, Client, RetryPolicy
 from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 from tokenizers_svc.registry import list_presets
 

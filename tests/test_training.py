@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tokenizers_svc import load_tokenizer
-from tokenizers_svc.api import build_module
 from tokenizers_svc.cli import app
+from tokenizers_svc.loading import build_module
 from tokenizers_svc.media import image_to_tensor, read_image
 from tokenizers_svc.registry import get_preset
 from training.train import main

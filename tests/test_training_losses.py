@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from evals.image_metrics import ssim as eval_ssim
-from tokenizers_svc.api import build_module
 from tokenizers_svc.errors import ConfigError
+from tokenizers_svc.loading import build_module
 from tokenizers_svc.registry import get_preset
 from training import losses
 from training.config import PhaseSection

@@ -58,7 +58,7 @@ def _fail(exc: TokenizerError) -> typer.Exit:
 def _load(model: str, device: str, dtype: DType) -> Tokenizer:
     import torch
 
-    from tokenizers_svc.api import load_tokenizer
+    from tokenizers_svc.loading import load_tokenizer
 
     try:
         kind = torch.device(device).type
@@ -232,14 +232,12 @@ def _read(path: Path) -> bytes:
 
 def _expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given; a directory contributes its media files (by suffix, sorted, not recursive)."""
-    from tokenizers_svc.media import MEDIA_SUFFIXES
+    from tokenizers_svc.formats import is_media_file
 
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            files.extend(
-                sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES)
-            )
+            files.extend(sorted(p for p in path.iterdir() if p.is_file() and is_media_file(p)))
         else:
             files.append(path)
     return files
@@ -310,18 +308,23 @@ def encode(
     as_directory = len(files) > 1 or out.is_dir() or any(path.is_dir() for path in inputs)
     try:
         targets = _output_paths(files, out, as_directory)
-        options = EncodeOptions(
-            normalize=not raw,
-            sample=sample,
-            return_posterior=posterior,
-            resize=resize.value,
-            resolution=resolution,
-            tiling=_tiling(no_tiling, tile_size, tile_overlap, chunk_frames),
-            max_frames=max_frames,
-            start=start,
-            end=end,
-            stride=stride,
-            seed=seed,
+        options = EncodeOptions.from_flags(
+            {
+                "normalize": not raw,
+                "sample": sample,
+                "return_posterior": posterior,
+                "resize": resize.value,
+                "resolution": resolution,
+                "tiling": False if no_tiling else None,
+                "tile_size": tile_size,
+                "tile_overlap": tile_overlap,
+                "chunk_frames": chunk_frames,
+                "max_frames": max_frames,
+                "start": start,
+                "end": end,
+                "stride": stride,
+                "seed": seed,
+            }
         )
         tokenizer = _load(model or default_model_for(files), device, dtype)
     except TokenizerError as exc:
@@ -356,24 +359,6 @@ def encode(
         typer.echo(f"encoded {len(files)} inputs into {out}")
 
 
-def _tiling(no_tiling: bool, tile_size: int | None, tile_overlap: int | None, chunk_frames: int | None):
-    from dataclasses import replace
-
-    from tokenizers_svc.tiling import TilingOptions
-
-    given = {
-        k: v
-        for k, v in (("tile_size", tile_size), ("tile_overlap", tile_overlap), ("chunk_frames", chunk_frames))
-        if v is not None
-    }
-    for key, value in given.items():
-        if value < (0 if key == "tile_overlap" else 1):
-            raise InvalidRequestError(f"--{key.replace('_', '-')} must be positive, got {value}", param=key)
-    if no_tiling:
-        return TilingOptions(enabled=False)
-    return replace(TilingOptions(), **given) if given else None
-
-
 # ---------------------------------------------------------------------------------------------- decode
 
 
@@ -398,8 +383,10 @@ def decode(
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
 ) -> None:
     """Decode a latent file back to an image or video, cropped to the original size."""
+    from tokenizers_svc.formats import output_media_type
     from tokenizers_svc.latents import latents_from_bytes
-    from tokenizers_svc.pipeline import decode_to_media, output_media_type
+    from tokenizers_svc.pipeline import decode_to_media
+    from tokenizers_svc.tiling import tiling_options
 
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise _fail(InvalidRequestError(f"--fps must be a positive number, got {fps}", param="fps"))
@@ -412,7 +399,7 @@ def decode(
             latents,
             out.suffix.lstrip("."),
             fps=fps,
-            tiling=_tiling(no_tiling, None, None, None),
+            tiling=tiling_options(enabled=False if no_tiling else None),
             quality=quality,
         )
     except TokenizerError as exc:

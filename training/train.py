@@ -33,9 +33,10 @@ from torch import nn
 from tqdm import tqdm
 
 from evals.image_metrics import psnr, ssim
-from tokenizers_svc.api import build_module, to_uint8_pixels
 from tokenizers_svc.errors import ConfigError, TokenizerError
 from tokenizers_svc.families.base import Backend
+from tokenizers_svc.loading import build_module
+from tokenizers_svc.pixels import to_uint8_pixels
 from tokenizers_svc.registry import backend_for, get_preset, model_class
 from training import losses
 from training.config import PhaseSection, Recipe, load_recipe
