@@ -165,6 +165,15 @@ def encode_media(
     )
 
 
+def encode_stacked(tokenizer: Tokenizer, pixels: torch.Tensor, options: EncodeOptions) -> list[Latents]:
+    """Same-shape items stacked as (B, 3, H, W) or (B, 3, T, H, W) -> one :class:`Latents` each, from
+    one model call (the server's and the batch job's batching). Callers record fps and hashes."""
+    kind = "video" if pixels.ndim == 5 else "image"
+    batch = MediaInput(pixels, kind, None, "", (int(pixels.shape[-2]), int(pixels.shape[-1])))
+    latents = encode_media(tokenizer, batch, options)
+    return [latents.select(i) for i in range(pixels.shape[0])]
+
+
 def check_output_format(format: str, *, is_video: bool, frames: int | None) -> str:
     """The media type ``format`` writes, if it fits latents of this layout: image latents (NCHW)
     write images; video latents (NCTHW) write mp4, or an image when the clip holds one frame
