@@ -11,7 +11,7 @@ import yaml
 from tokenizers_svc.errors import ConfigError
 from tokenizers_svc.registry import get_preset
 from training.config import apply_overrides, load_recipe, parse_recipe
-from training.train import lr_at
+from training.schedule import lr_at
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "recipes").glob("*.yaml"))
 

@@ -1,9 +1,10 @@
 """The ``tokenizers-svc`` command: list models, inspect latent files, encode media, decode latents.
 
 Every command walks the shared runner (:mod:`tokenizers_svc.pipeline`), so the CLI behaves exactly
-like the HTTP server and the batch job. Errors print ``error: <type>: <message>`` to stderr and
-exit 1; bad usage exits 2. ``serve``, ``batch-encode``, ``eval`` and ``train`` hand their
-arguments to the owning module's ``main(argv)``.
+like the HTTP server and the batch job. Exit codes are every entry point's (``tokenizers_svc.errors``):
+errors print ``error: <type>: <message>`` to stderr and exit 1; bad usage exits 2. ``serve``,
+``batch-encode``, ``eval`` and ``train`` hand their arguments to the owning module's ``main(argv)``,
+found by name: the library imports no application, so the dependencies keep pointing one way.
 
 Heavy imports (torch models, diffusers) happen inside the commands so ``--help`` stays fast.
 """
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from tokenizers_svc.errors import InvalidRequestError, TokenizerError
+from tokenizers_svc.errors import EXIT_ERROR, EXIT_USAGE, InvalidRequestError, TokenizerError, print_error
 
 if TYPE_CHECKING:
     from tokenizers_svc.api import Tokenizer
@@ -51,8 +52,7 @@ class DType(str, Enum):
 
 
 def _fail(exc: TokenizerError) -> typer.Exit:
-    typer.echo(f"error: {exc.type}: {exc.message}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(print_error(exc))
 
 
 def _load(model: str, device: str, dtype: DType) -> Tokenizer:
@@ -304,7 +304,7 @@ def encode(
     files = _expand_inputs(inputs)
     if not files:
         typer.echo("error: no input files (directories contribute only media files)", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     as_directory = len(files) > 1 or out.is_dir() or any(path.is_dir() for path in inputs)
     try:
         targets = _output_paths(files, out, as_directory)
@@ -354,7 +354,7 @@ def encode(
             typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
     if failures:
         typer.echo(f"{failures} of {len(files)} inputs failed", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_ERROR)
     if len(files) > 1:
         typer.echo(f"encoded {len(files)} inputs into {out}")
 
@@ -420,11 +420,11 @@ def _delegate(module_name: str, argv: list[str]) -> None:
         if exc.name is None or not module_name.startswith(exc.name):
             raise  # a dependency of the module is missing: show the real error
         typer.echo(f"error: {module_name} is not available in this installation ({exc})", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
     main = getattr(module, "main", None)
     if main is None:
         typer.echo(f"error: {module_name} has no main(argv) entry point", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     raise typer.Exit(int(main(list(argv)) or 0))
 
 
