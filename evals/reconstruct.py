@@ -27,7 +27,7 @@ from evals import fid, image_metrics, report, video_metrics
 from tokenizers_svc import load_tokenizer
 from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.defaults import default_model
-from tokenizers_svc.errors import InvalidRequestError, TokenizerError
+from tokenizers_svc.errors import InvalidRequestError, TokenizerError, print_error
 from tokenizers_svc.formats import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from tokenizers_svc.formats import VIDEO_SUFFIXES as VIDEO_EXTENSIONS
 from tokenizers_svc.media import read_image, read_video
@@ -398,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except TokenizerError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+        return print_error(exc)
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out} ({result['n']} items)")
     return 0
