@@ -25,8 +25,8 @@ import ray
 import torch
 
 from serving import batch
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import TokenizerError
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from tokenizers_svc.api import build_module, to_uint8_pixels
+from tokenizers_svc.loading import build_module
+from tokenizers_svc.pixels import to_uint8_pixels
 from tokenizers_svc.registry import backend_for, get_preset
 
 FULL = {

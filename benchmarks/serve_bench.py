@@ -25,7 +25,7 @@ from skimage import data
 
 from serving.app import build_app
 from tokenizers_svc import media
-from tokenizers_svc.api import load_tokenizer
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 
 MODEL = "sd-vae-tiny"

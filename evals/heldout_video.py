@@ -20,9 +20,8 @@ import torch
 
 from evals.image_metrics import psnr
 from evals.multiscale import bicubic_round_trip, mean_ci
-from evals.reconstruct import resize_shorter_side
-from tokenizers_svc.api import to_uint8_pixels
 from tokenizers_svc.media import probe_video, read_video
+from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 
 
 def heldout_clips(

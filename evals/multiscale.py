@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from evals.image_metrics import psnr
-from evals.reconstruct import list_media, resize_shorter_side
-from tokenizers_svc.api import to_uint8_pixels
+from evals.reconstruct import list_media
 from tokenizers_svc.media import read_image
+from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 
 DEFAULT_SCALES = (256, 384, 512, 768)
 CROP_SIZE = 256

@@ -25,14 +25,15 @@ import torch.nn.functional as F
 
 from evals import fid, image_metrics, report, video_metrics
 from tokenizers_svc import load_tokenizer
-from tokenizers_svc.api import Tokenizer, to_uint8_pixels
+from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.defaults import default_model
-from tokenizers_svc.errors import InvalidRequestError, TokenizerError
+from tokenizers_svc.errors import InvalidRequestError, TokenizerError, print_error
+from tokenizers_svc.formats import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
+from tokenizers_svc.formats import VIDEO_SUFFIXES as VIDEO_EXTENSIONS
 from tokenizers_svc.media import read_image, read_video
+from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 from tokenizers_svc.registry import weights_home
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 CROPS = ("center", "grid")
 
 
@@ -80,19 +81,6 @@ def square_crops(image: torch.Tensor, resolution: int, crop: str) -> list[tuple[
             tile = image[..., i * resolution : (i + 1) * resolution, j * resolution : (j + 1) * resolution]
             tiles.append((f"#r{i}c{j}", tile))
     return tiles
-
-
-def resize_shorter_side(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> uint8 with shorter side == resolution (antialiased bicubic, round half up)."""
-    h, w = image.shape[-2:]
-    if min(h, w) == resolution:
-        return image
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
-    lead = image.shape[:-3]
-    x = image.reshape(-1, *image.shape[-3:]).float() / 127.5 - 1
-    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    return to_uint8_pixels(x).reshape(*lead, image.shape[-3], *size)
 
 
 def load_dataset(data: Path, resolution: int, crop: str, max_items: int | None, frames: int = 17) -> Dataset:
@@ -410,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except TokenizerError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+        return print_error(exc)
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out} ({result['n']} items)")
     return 0

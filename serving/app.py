@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import re
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ray.serve import Application
 from serving.routes import Ingress
 from serving.schemas import ModelConfig, ServiceConfig, parse_config
 from serving.worker import TokenizerWorker
-from tokenizers_svc.errors import ConfigError, TokenizerError
+from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.registry import get_preset
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_config_file(args.config)
         app = build_app(loaded["args"])
     except TokenizerError as error:
-        print(f"error: {error.type}: {error.message}", file=sys.stderr)
-        return 1
+        return print_error(error)
     port = args.port or int(loaded["http_options"].get("port", 8000))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -102,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
     serve.shutdown()
     ray.shutdown()
-    return 0
+    return EXIT_OK

@@ -1,7 +1,8 @@
 """FastAPI ingress: HTTP protocol only (bodies, content negotiation, limits, errors).
 
-Each route parses the request into a job, hands it to the model's tokenizer deployment, and turns
-the reply into a response. Media decoding, batching and the model live in ``serving.worker``.
+Each route parses the request into a job (query parameters: :mod:`serving.schemas`; the diffusers
+remote-VAE protocol: :mod:`serving.remote_vae`), hands it to the model's tokenizer deployment, and
+turns the reply into a response. Media decoding, batching and the model live in ``serving.worker``.
 Request bodies:
 
 - encode: ``image/png|jpeg|webp``, ``video/mp4`` (and other containers PyAV reads), or
@@ -12,7 +13,8 @@ Request bodies:
 import asyncio
 import math
 import os
-from typing import Literal
+from dataclasses import replace
+from typing import Annotated
 
 import torch
 from fastapi import FastAPI, Query, Request
@@ -23,10 +25,19 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
 from serving.metrics import ServiceMetrics
 from serving.middleware import MiddlewareSettings, ServiceMiddleware, error_headers
-from serving.schemas import ErrorResponse, ModelInfo, ModelList, ServiceConfig
-from serving.worker import DecodeJob, EncodeJob, ErrorReply, Reply, TensorOutput
+from serving.remote_vae import apply_decode_protocol, unpack_latents
+from serving.schemas import (
+    DecodeParams,
+    DiffusersEncodeParams,
+    EncodeParams,
+    ErrorResponse,
+    ModelInfo,
+    ModelList,
+    ServiceConfig,
+)
 from tokenizers_svc.errors import (
     DTypeMismatchError,
     InvalidRequestError,
@@ -40,7 +51,6 @@ from tokenizers_svc.errors import (
 )
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.pipeline import EncodeOptions
-from tokenizers_svc.tiling import TilingOptions
 
 TENSOR_TYPE = "tensor/binary"
 LATENT_FILE_TYPE = "application/x-safetensors"
@@ -171,59 +181,6 @@ def _accepts(request: Request) -> str:
     return request.headers.get("accept", "").split(",")[0].split(";")[0].strip().lower()
 
 
-def unpack_latents(tensor: torch.Tensor, height: int, width: int, compression: int) -> torch.Tensor:
-    """Packed (N, h/2*w/2, C*4) latents (FLUX-style 2x2 patches) -> (N, C, h, w)."""
-    n, length, packed = tensor.shape
-    h, w = 2 * (height // (compression * 2)), 2 * (width // (compression * 2))
-    if length != (h // 2) * (w // 2) or packed % 4:
-        raise ShapeMismatchError(
-            f"packed latents for {height}x{width} need shape (N, {(h // 2) * (w // 2)}, 4*C), got {tuple(tensor.shape)}",
-            param="shape",
-        )
-    grid = tensor.view(n, h // 2, w // 2, packed // 4, 2, 2)  # (N, h/2, w/2, C, 2, 2)
-    return grid.permute(0, 3, 1, 4, 2, 5).reshape(n, packed // 4, h, w)
-
-
-def _tiling(params: dict) -> TilingOptions | None:
-    if params.get("tiling") is None:
-        return None
-    return TilingOptions(
-        enabled=params["tiling"], tile_size=params["tile_size"], tile_overlap=params["tile_overlap"]
-    )
-
-
-def _scaling(scale: float | None, shift: float | None) -> tuple[float, float] | None:
-    """diffusers' explicit factors: normalized = (raw - shift) * scale; None when neither is given."""
-    if scale is None and shift is None:
-        return None
-    return (1.0 if scale is None else scale, 0.0 if shift is None else shift)
-
-
-def _apply_diffusers_protocol(
-    job: DecodeJob, request: Request, output_type: str, image_format: str, partial_postprocess: bool
-) -> None:
-    """diffusers remote_decode output choices -> this service's output fields.
-
-    - ``mp4``: MP4 bytes;  ``pil`` with Accept image/*: PNG/JPEG bytes;
-    - ``pil`` with Accept tensor/binary (a processor on the client): float [0, 1] channels-first;
-    - ``pt`` + ``partial_postprocess``: uint8 channels-last; ``pt`` alone: float [-1, 1] channels-first
-      in the request's dtype.
-    """
-    source_dtype = str((job.tensor if job.tensor is not None else job.latents.latents).dtype).removeprefix(
-        "torch."
-    )
-    if output_type == "mp4":
-        job.format = "mp4"
-    elif output_type == "pil" and _accepts(request) != TENSOR_TYPE:
-        job.format = "png" if image_format == "png" else "jpeg"
-    elif output_type == "pil":
-        job.format, job.tensor_output = None, TensorOutput(dtype=source_dtype, range="unit")
-    elif partial_postprocess:
-        job.format, job.tensor_output = None, TensorOutput(dtype="uint8", range="uint8", channels_last=True)
-    else:
-        job.format, job.tensor_output = None, TensorOutput(dtype=source_dtype, range="signed")
-
-
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
@@ -343,30 +300,11 @@ class Ingress:
         "/v1/models/{model}/encode", openapi_extra=ENCODE_BODY, responses={**ENCODE_RESPONSES, **ERRORS}
     )
     async def encode(
-        self,
-        request: Request,
-        model: str,
-        normalize: bool = Query(True, description="diffusion-ready (normalized) latents, else raw"),
-        sample: bool = Query(False, description="draw from the posterior; default: its mode"),
-        seed: int | None = Query(None, description="makes sample=true reproducible"),
-        return_posterior: bool = Query(False, description="also store the raw posterior mean/logvar"),
-        resize: Literal["none", "shorter-side", "fit"] = "none",
-        resolution: int | None = Query(None, gt=0),
-        tiling: bool | None = Query(None, description="None: tile only inputs larger than one tile"),
-        tile_size: int = Query(512, gt=0),
-        tile_overlap: int = Query(64, ge=0),
-        max_frames: int | None = Query(None, gt=0),
-        start: float | None = Query(None, ge=0),
-        end: float | None = Query(None, gt=0),
-        stride: int = Query(1, gt=0),
-        dtype: str | None = Query(
-            None, description="tensor/binary bodies: uint8, float32, float16, bfloat16"
-        ),
-        scaling_factor: float | None = Query(None, description="diffusers protocol: (raw - shift) * scale"),
-        shift_factor: float | None = Query(None),
+        self, request: Request, model: str, params: Annotated[EncodeParams, Query()]
     ) -> Response:
         """Image, video or pixel tensor -> latent file (or raw latents with ``Accept: tensor/binary``)."""
-        return await self._encode(request, model, locals(), default_output="file")
+        job = EncodeJob(options=params.to_options(), scaling=params.scaling())
+        return await self._encode(request, model, job, params, default_output="file")
 
     @app.post(
         "/v1/models/{model}/diffusers/encode",
@@ -374,49 +312,24 @@ class Ingress:
         responses={**ENCODE_RESPONSES, **ERRORS},
     )
     async def diffusers_encode(
-        self,
-        request: Request,
-        model: str,
-        dtype: str | None = None,
-        scaling_factor: float | None = None,
-        shift_factor: float | None = None,
+        self, request: Request, model: str, params: Annotated[DiffusersEncodeParams, Query()]
     ) -> Response:
         """diffusers ``remote_encode`` protocol: raw latents back as tensor/binary with shape/dtype
         headers; scaled by ``(raw - shift_factor) * scaling_factor`` only when those are given."""
-        params = {
-            "dtype": dtype,
-            "scaling_factor": scaling_factor,
-            "shift_factor": shift_factor,
-            "normalize": False,
-        }
-        return await self._encode(request, model, params, default_output="tensor")
+        job = EncodeJob(options=EncodeOptions(normalize=False), scaling=params.scaling())
+        return await self._encode(request, model, job, params, default_output="tensor")
 
-    async def _encode(self, request: Request, model: str, params: dict, default_output: str) -> Response:
+    async def _encode(
+        self, request: Request, model: str, job: EncodeJob, params: DiffusersEncodeParams, default_output: str
+    ) -> Response:
         self._handle(model)
         body = await request.body()
         content_type = _content_type(request)
-        shape_values = request.query_params.getlist("shape")
-        job = EncodeJob(
-            options=EncodeOptions(
-                normalize=params.get("normalize", True),
-                sample=params.get("sample", False),
-                return_posterior=params.get("return_posterior", False),
-                resize=params.get("resize", "none"),
-                resolution=params.get("resolution"),
-                tiling=_tiling(params),
-                max_frames=params.get("max_frames"),
-                start=params.get("start"),
-                end=params.get("end"),
-                stride=params.get("stride", 1),
-                seed=params.get("seed"),
-            ),
-            output="tensor" if _accepts(request) == TENSOR_TYPE else default_output,
-            scaling=_scaling(params.get("scaling_factor"), params.get("shift_factor")),
-        )
-        if content_type == TENSOR_TYPE or (shape_values and content_type in ("", "application/octet-stream")):
-            shape = parse_shape(shape_values)
+        job.output = "tensor" if _accepts(request) == TENSOR_TYPE else default_output
+        if content_type == TENSOR_TYPE or (params.shape and content_type in ("", "application/octet-stream")):
+            shape = parse_shape(params.shape)
             self._check_pixel_shape(shape)
-            job.tensor = parse_tensor(body, shape, params.get("dtype"), PIXEL_DTYPES)
+            job.tensor = parse_tensor(body, shape, params.dtype, PIXEL_DTYPES)
         elif content_type.startswith(("image/", "video/")) or content_type in (
             "",
             "application/octet-stream",
@@ -435,29 +348,7 @@ class Ingress:
         "/v1/models/{model}/decode", openapi_extra=DECODE_BODY, responses={**DECODE_RESPONSES, **ERRORS}
     )
     async def decode(
-        self,
-        request: Request,
-        model: str,
-        format: Literal["png", "jpeg", "jpg", "webp", "mp4", "tensor"] | None = Query(
-            None, description="output; default from Accept, else png for images and mp4 for videos"
-        ),
-        normalized: bool = Query(True, description="tensor/binary bodies: latents are normalized"),
-        fps: float | None = Query(None, gt=0, description="mp4 output; default: the latent file's fps"),
-        quality: int = Query(95, ge=1, le=100),
-        tiling: bool | None = None,
-        tile_size: int = Query(512, gt=0),
-        tile_overlap: int = Query(64, ge=0),
-        dtype: str | None = Query(None, description="tensor/binary bodies: float32, float16, bfloat16"),
-        output_type: Literal["pil", "pt", "mp4"] | None = Query(
-            None, description="diffusers remote-VAE protocol"
-        ),
-        image_format: Literal["png", "jpg"] = "jpg",
-        partial_postprocess: bool = False,
-        do_scaling: bool | None = None,
-        scaling_factor: float | None = None,
-        shift_factor: float | None = None,
-        height: int | None = Query(None, gt=0),
-        width: int | None = Query(None, gt=0),
+        self, request: Request, model: str, params: Annotated[DecodeParams, Query()]
     ) -> Response:
         """Latent file or latent tensor -> PNG/JPEG/WebP/MP4, or pixels as tensor/binary.
 
@@ -467,24 +358,12 @@ class Ingress:
         """
         self._handle(model)
         body = await request.body()
-        job = DecodeJob(tiling=_tiling(locals()), quality=quality, fps=fps)
+        job = DecodeJob(options=params.to_options())
         if _content_type(request) == TENSOR_TYPE:
-            shape = parse_shape(request.query_params.getlist("shape"))
-            if math.prod(shape) > self.config.limits.max_latent_elements:
-                raise LimitExceededError(
-                    f"latents must have at most {self.config.limits.max_latent_elements} elements, got shape {shape}",
-                    param="shape",
-                )
-            tensor = parse_tensor(body, shape, dtype, LATENT_DTYPES)
-            if tensor.ndim == 3:
-                if height is None or width is None:
-                    raise InvalidRequestError("packed (3-d) latents need height and width", param="shape")
-                info = await self._describe(model)
-                tensor = unpack_latents(tensor, height, width, info["spatial_compression"])
-            job.tensor = tensor
-            job.normalized = normalized
-            is_video, frames = tensor.ndim == 5, tensor.shape[2] if tensor.ndim == 5 else 1
-            job.fps = fps or self.config.default_fps
+            job.tensor = await self._latent_tensor(model, body, params)
+            job.normalized = params.normalized
+            is_video, frames = job.tensor.ndim == 5, job.tensor.shape[2] if job.tensor.ndim == 5 else 1
+            job.options = replace(job.options, fps=params.fps or self.config.default_fps)
         elif _content_type(request) in ("", LATENT_FILE_TYPE, "application/octet-stream"):
             job.latents = latents_from_bytes(body)
             is_video = job.latents.layout == "NCTHW"
@@ -494,14 +373,29 @@ class Ingress:
                 f"decode takes {LATENT_FILE_TYPE} or {TENSOR_TYPE} bodies, got {_content_type(request)!r}",
                 param="content-type",
             )
-        if output_type is not None:
-            _apply_diffusers_protocol(job, request, output_type, image_format, partial_postprocess)
-            job.normalized = bool(do_scaling)
-            job.scaling = _scaling(scaling_factor, shift_factor)
-        elif format == "tensor" or (format is None and _accepts(request) == TENSOR_TYPE):
+        accepts = _accepts(request)
+        if params.output_type is not None:
+            apply_decode_protocol(job, params, accepts_tensor=accepts == TENSOR_TYPE)
+        elif params.format == "tensor" or (params.format is None and accepts == TENSOR_TYPE):
             job.format = None
-        elif format is not None:
-            job.format = "jpeg" if format == "jpg" else format
+        elif params.format is not None:
+            job.format = "jpeg" if params.format == "jpg" else params.format
         else:
-            job.format = IMAGE_ACCEPT.get(_accepts(request), "mp4" if is_video and frames != 1 else "png")
+            job.format = IMAGE_ACCEPT.get(accepts, "mp4" if is_video and frames != 1 else "png")
         return await self._call(model, "decode", job)
+
+    async def _latent_tensor(self, model: str, body: bytes, params: DecodeParams) -> torch.Tensor:
+        """A tensor/binary body -> latents (N, C, [t,] h, w); FLUX-packed (N, L, 4C) ones are unpacked."""
+        shape = parse_shape(params.shape)
+        if math.prod(shape) > self.config.limits.max_latent_elements:
+            raise LimitExceededError(
+                f"latents must have at most {self.config.limits.max_latent_elements} elements, got shape {shape}",
+                param="shape",
+            )
+        tensor = parse_tensor(body, shape, params.dtype, LATENT_DTYPES)
+        if tensor.ndim != 3:
+            return tensor
+        if params.height is None or params.width is None:
+            raise InvalidRequestError("packed (3-d) latents need height and width", param="shape")
+        info = await self._describe(model)
+        return unpack_latents(tensor, params.height, params.width, info["spatial_compression"])

@@ -1,15 +1,28 @@
-"""Service configuration and response bodies (pydantic), shared by the app, the docs and the tests.
+"""Service configuration, request parameters and response bodies (pydantic), shared by the app,
+the docs and the tests.
 
 The config is the ``args`` block of a Ray Serve config file (``serving/config.yaml``), so the same
-file drives ``tokenizers-svc serve``, ``serve run`` and ``serve deploy``.
+file drives ``tokenizers-svc serve``, ``serve run`` and ``serve deploy``. The request parameter
+models are the routes' query parameters: each is declared once here, with its description (the
+OpenAPI page shows them), and turned into the library's option types by one ``to_options()``
+whose defaults are those types' own.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tokenizers_svc.errors import ConfigError
 from tokenizers_svc.media import MediaLimits
+from tokenizers_svc.pipeline import DecodeOptions, EncodeOptions
+from tokenizers_svc.pixels import ResizePolicy
+from tokenizers_svc.tiling import TilingOptions, tiling_options
+
+_ENCODE = EncodeOptions()
+_DECODE = DecodeOptions()
+_TILING = TilingOptions()
 
 
 class _Strict(BaseModel):
@@ -127,3 +140,118 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+
+
+# ---------------------------------------------------------------------------------------------- request parameters
+
+
+class TensorBodyParams(BaseModel):
+    """Parameters of a ``tensor/binary`` body."""
+
+    shape: list[str] = Field(
+        default_factory=list,
+        description="tensor/binary bodies: the tensor's shape, as shape=1&shape=3&... or shape=1,3,...",
+    )
+    dtype: str | None = Field(
+        None,
+        description="tensor/binary bodies: element type; pixels uint8, float32, float16 or bfloat16, "
+        "latents float32, float16 or bfloat16",
+    )
+
+
+class ScalingParams(BaseModel):
+    """The diffusers remote-VAE scaling: normalized = (raw - shift_factor) * scaling_factor."""
+
+    scaling_factor: float | None = Field(
+        None, description="diffusers protocol: scale latents as (raw - shift_factor) * scaling_factor"
+    )
+    shift_factor: float | None = Field(None, description="diffusers protocol: see scaling_factor")
+
+    def scaling(self) -> tuple[float, float] | None:
+        """(scale, shift), or None when neither is given (the model's own normalization applies)."""
+        if self.scaling_factor is None and self.shift_factor is None:
+            return None
+        scale = 1.0 if self.scaling_factor is None else self.scaling_factor
+        return scale, 0.0 if self.shift_factor is None else self.shift_factor
+
+
+class TilingParams(BaseModel):
+    tiling: bool | None = Field(
+        None,
+        description="true forces tiling, false disables it; default: tile only inputs larger than one tile",
+    )
+    tile_size: int | None = Field(
+        None, gt=0, description=f"spatial tile side in pixels (default {_TILING.tile_size})"
+    )
+    tile_overlap: int | None = Field(
+        None, ge=0, description=f"pixels shared by neighbouring tiles (default {_TILING.tile_overlap})"
+    )
+    chunk_frames: int | None = Field(
+        None, gt=0, description=f"video frames per temporal chunk (default {_TILING.chunk_frames})"
+    )
+
+    def tiling_options(self) -> TilingOptions | None:
+        return tiling_options(self.tiling, self.tile_size, self.tile_overlap, self.chunk_frames)
+
+
+class DiffusersEncodeParams(TensorBodyParams, ScalingParams):
+    """``/diffusers/encode``: diffusers ``remote_encode`` sends only these."""
+
+
+class EncodeParams(DiffusersEncodeParams, TilingParams):
+    """``/encode`` query parameters -> :class:`~tokenizers_svc.pipeline.EncodeOptions`."""
+
+    normalize: bool = Field(_ENCODE.normalize, description="diffusion-ready (normalized) latents, else raw")
+    sample: bool = Field(_ENCODE.sample, description="draw from the posterior; default: its mode")
+    seed: int | None = Field(_ENCODE.seed, description="makes sample=true reproducible")
+    return_posterior: bool = Field(
+        _ENCODE.return_posterior, description="also store the raw posterior mean/logvar"
+    )
+    resize: ResizePolicy = Field(
+        _ENCODE.resize, description="explicit resize before encoding; none never resizes"
+    )
+    resolution: int | None = Field(
+        _ENCODE.resolution, gt=0, description="target side for resize (shorter side, or longer for fit)"
+    )
+    max_frames: int | None = Field(
+        _ENCODE.max_frames, gt=0, description="videos: keep at most this many frames"
+    )
+    start: float | None = Field(_ENCODE.start, ge=0, description="videos: start time in seconds")
+    end: float | None = Field(_ENCODE.end, gt=0, description="videos: end time in seconds (exclusive)")
+    stride: int = Field(_ENCODE.stride, gt=0, description="videos: keep every n-th frame")
+
+    def to_options(self) -> EncodeOptions:
+        return EncodeOptions.from_flags(self.model_dump())
+
+
+class DiffusersDecodeParams(ScalingParams):
+    """The diffusers ``remote_decode`` parameters, so that client works against ``/decode`` unchanged."""
+
+    output_type: Literal["pil", "pt", "mp4"] | None = Field(
+        None, description="diffusers protocol: pil (image bytes, or float [0, 1] tensor), pt or mp4"
+    )
+    image_format: Literal["png", "jpg"] = Field(
+        "jpg", description="diffusers protocol: output_type=pil format"
+    )
+    partial_postprocess: bool = Field(
+        False, description="diffusers protocol: output_type=pt as uint8 channels-last"
+    )
+    do_scaling: bool | None = Field(
+        None, description="diffusers protocol: the latents are normalized by the model's own constants"
+    )
+    height: int | None = Field(None, gt=0, description="diffusers protocol: image height of packed latents")
+    width: int | None = Field(None, gt=0, description="diffusers protocol: image width of packed latents")
+
+
+class DecodeParams(TensorBodyParams, TilingParams, DiffusersDecodeParams):
+    """``/decode`` query parameters -> :class:`~tokenizers_svc.pipeline.DecodeOptions`."""
+
+    format: Literal["png", "jpeg", "jpg", "webp", "mp4", "tensor"] | None = Field(
+        None, description="output; default from Accept, else png for images and mp4 for videos"
+    )
+    normalized: bool = Field(True, description="tensor/binary bodies: the latents are normalized")
+    fps: float | None = Field(_DECODE.fps, gt=0, description="mp4 output; default: the latent file's fps")
+    quality: int = Field(_DECODE.quality, ge=1, le=100, description="JPEG/WebP quality")
+
+    def to_options(self) -> DecodeOptions:
+        return DecodeOptions(fps=self.fps, quality=self.quality, tiling=self.tiling_options())

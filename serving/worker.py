@@ -1,10 +1,13 @@
 """The tokenizer deployment: one model per replica, dynamic batching of stackable requests.
 
-The ingress sends an :class:`EncodeJob` or :class:`DecodeJob`; the replica decodes media with the
-shared runner (``tokenizers_svc.pipeline``), then waits briefly in a ``@serve.batch`` queue so that
-concurrent requests with the same shape, dtype and options run as one model call. Batches are sized
-in pixels (summed H*W*T), not only in requests. Library errors come back as :class:`ErrorReply`
-values, so the ingress maps them to HTTP statuses without depending on exception pickling.
+The ingress sends an :class:`~serving.jobs.EncodeJob` or :class:`~serving.jobs.DecodeJob`; the
+replica decodes media with the shared runner (``tokenizers_svc.pipeline``), then waits briefly in a
+``@serve.batch`` queue so that concurrent requests with the same shape, dtype and options run as one
+model call (``pipeline.run_in_groups``: a failing group is retried item by item, as in the batch
+job). Batches are sized in pixels (summed H*W*T), not only in requests. Decoded pixels become media
+through ``pipeline.pixels_to_media``, as in the CLI. Library errors come back as
+:class:`~serving.jobs.ErrorReply` values, so the ingress maps them to HTTP statuses without
+depending on exception pickling.
 """
 
 from __future__ import annotations
@@ -13,78 +16,29 @@ import asyncio
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import torch
 from ray import serve
 
+from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
+from serving.remote_vae import scale_latents, unscale_latents
 from serving.schemas import LimitsConfig, ModelConfig
-from tokenizers_svc import media
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import InvalidRequestError, LimitExceededError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
-from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media, output_media_type
+from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.pipeline import (
+    EncodeOptions,
+    MediaInput,
+    check_output_format,
+    encode_media,
+    encode_stacked,
+    load_media,
+    pixels_to_media,
+    run_in_groups,
+)
+from tokenizers_svc.pixels import to_uint8_pixels
 from tokenizers_svc.tiling import TilingOptions
-
-# Diffusers remote-VAE protocol: normalized = (raw - shift) * scale, instead of the model's own.
-Scaling = tuple[float, float]
-
-
-@dataclass
-class EncodeJob:
-    """``data``: image/video file bytes, or ``tensor``: pixels (N, 3, H, W) / (N, 3, T, H, W),
-    uint8 [0, 255] or float [-1, 1]. ``output``: the latent file, or the bare latent tensor."""
-
-    options: EncodeOptions
-    data: bytes | None = None
-    tensor: torch.Tensor | None = None
-    output: Literal["file", "tensor"] = "file"
-    scaling: Scaling | None = None
-
-
-@dataclass(frozen=True)
-class TensorOutput:
-    """How decoded pixels are returned as a bare tensor.
-
-    ``range``: "signed" float [-1, 1], "unit" float [0, 1], or "uint8" [0, 255];
-    ``channels_last``: (N, H, W, C) / (N, T, H, W, C) instead of channels-first.
-    """
-
-    dtype: str = "float32"
-    range: Literal["signed", "unit", "uint8"] = "signed"
-    channels_last: bool = False
-
-
-@dataclass
-class DecodeJob:
-    """``latents`` (from a latent file, metadata included) or a bare ``tensor`` (N, C, h, w) /
-    (N, C, t, h, w) float, normalized by the model's constants (``normalized``) or by ``scaling``.
-    ``format``: png | jpeg | webp | mp4 for media, or None with ``tensor_output`` for a tensor."""
-
-    latents: Latents | None = None
-    tensor: torch.Tensor | None = None
-    normalized: bool = True
-    scaling: Scaling | None = None
-    format: str | None = "png"
-    tensor_output: TensorOutput = field(default_factory=TensorOutput)
-    fps: float | None = None
-    tiling: TilingOptions | None = None
-    quality: int = 95
-
-
-@dataclass
-class Reply:
-    body: bytes
-    media_type: str
-    headers: dict[str, str]
-    batch_size: int
-
-
-@dataclass
-class ErrorReply:
-    error: dict
-    status: int
 
 
 @dataclass
@@ -97,6 +51,10 @@ class _Item:
     options: EncodeOptions | None = None
     latents: Latents | None = None  # decode: crop metadata of a latent file
     tiling: TilingOptions | None = None
+
+
+def _item_key(item: _Item) -> tuple:
+    return item.key
 
 
 def _batch_units(items: list[_Item]) -> int:
@@ -195,49 +153,20 @@ class TokenizerWorker:
 
     @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
     async def _encode_batched(self, items: list[_Item]) -> list[tuple[Latents | TokenizerError, int]]:
-        return await asyncio.to_thread(self._run_buckets, items, self._encode_bucket)
+        return await asyncio.to_thread(run_in_groups, items, _item_key, self._encode_bucket)
 
     def _encode_bucket(self, bucket: list[_Item]) -> list[Latents]:
-        first = bucket[0]
         stacked = torch.cat([item.tensor for item in bucket])  # (B, 3, [T,] H, W)
-        kind = first.key[0]
-        batch = MediaInput(stacked, kind, None, "", (int(stacked.shape[-2]), int(stacked.shape[-1])))
-        latents = encode_media(self.tokenizer, batch, first.options)
-        return [latents.select(i) for i in range(len(bucket))]
-
-    @staticmethod
-    def _run_buckets(items: list[_Item], run) -> list[tuple[object, int]]:
-        """Group by key and run each group as one call. When a group fails, its items are retried
-        one by one, so one bad request (e.g. NaN pixels) cannot fail the requests batched with it."""
-        buckets: dict[tuple, list[int]] = {}
-        for index, item in enumerate(items):
-            buckets.setdefault(item.key, []).append(index)
-        results: list[tuple[object, int]] = [(None, 0)] * len(items)
-        for indices in buckets.values():
-            try:
-                outputs = run([items[i] for i in indices])
-                sizes = [len(indices)] * len(indices)
-            except TokenizerError as error:
-                if len(indices) == 1:
-                    outputs, sizes = [error], [1]
-                else:
-                    outputs, sizes = [], [1] * len(indices)
-                    for i in indices:
-                        try:
-                            outputs += run([items[i]])
-                        except TokenizerError as item_error:
-                            outputs.append(item_error)
-            for i, output, size in zip(indices, outputs, sizes, strict=True):
-                results[i] = (output, size)
-        return results
+        return encode_stacked(self.tokenizer, stacked, bucket[0].options)
 
     def _encode_reply(self, latents: Latents, job: EncodeJob, batch: int) -> Reply:
         if latents.mean is not None and latents.mean.data_ptr() == latents.latents.data_ptr():
             # raw mode latents *are* the posterior mean; safetensors refuses to save shared memory
             latents = replace(latents, mean=latents.mean.clone())
         if job.scaling is not None:
-            scale, shift = job.scaling
-            latents = replace(latents.with_normalized(False), latents=(latents.raw() - shift) * scale)
+            latents = replace(
+                latents.with_normalized(False), latents=scale_latents(latents.raw(), job.scaling)
+            )
         if job.output == "tensor":
             normalized = job.scaling is not None or latents.normalized
             return tensor_reply(latents.latents, {"normalized": str(normalized).lower()}, batch)
@@ -260,8 +189,8 @@ class TokenizerWorker:
                     param="latents",
                 )
             if job.format is not None:
-                self._check_format(raw, latents, job.format)
-            pixels, batch = await self._decode_one(raw, latents, job.tiling)
+                self._check_media_output(raw, latents, job.format)
+            pixels, batch = await self._decode_one(raw, latents, job.options.tiling)
             return await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
         except TokenizerError as error:
             return ErrorReply(error.to_dict(), error.http_status)
@@ -275,22 +204,18 @@ class TokenizerWorker:
         tensor = job.tensor
         validate_tensor_for(tensor, spec)
         if job.scaling is not None:
-            scale, shift = job.scaling
-            return (tensor.float() / scale + shift).to(tensor.dtype), None
+            return unscale_latents(tensor, job.scaling), None
         return (spec.normalization.invert(tensor) if job.normalized else tensor), None
 
-    def _check_format(self, raw: torch.Tensor, latents: Latents | None, format: str) -> None:
-        media_type = output_media_type(format)
+    def _check_media_output(self, raw: torch.Tensor, latents: Latents | None, format: str) -> None:
+        """Before decoding: media output holds one item of a kind the format can write."""
         is_video = raw.ndim == 5
-        frames = latents.original_frames if latents is not None else None
-        if media_type == "video/mp4" and not is_video:
+        frames = latents.original_frames if latents is not None else (raw.shape[2] if is_video else None)
+        check_output_format(format, is_video=is_video, frames=frames)
+        if raw.shape[0] != 1:
             raise InvalidRequestError(
-                "these latents hold an image (NCHW); expected an image format (png, jpeg, webp), got mp4",
-                param="format",
-            )
-        if media_type != "video/mp4" and is_video and raw.shape[2] != 1 and frames != 1:
-            raise InvalidRequestError(
-                f"these latents hold a video ({raw.shape[2]} latent frames); expected format mp4, got {format!r}",
+                f"{format} output holds one item, got a batch of {raw.shape[0]}; request a tensor "
+                "(Accept: tensor/binary) or send one item",
                 param="format",
             )
 
@@ -324,7 +249,7 @@ class TokenizerWorker:
 
     @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
     async def _decode_batched(self, items: list[_Item]) -> list[tuple[torch.Tensor | TokenizerError, int]]:
-        return await asyncio.to_thread(self._run_buckets, items, self._decode_bucket)
+        return await asyncio.to_thread(run_in_groups, items, _item_key, self._decode_bucket)
 
     def _decode_bucket(self, bucket: list[_Item]) -> list[torch.Tensor]:
         stacked = torch.cat([item.tensor for item in bucket])  # (B, C, [t,] h, w) raw
@@ -335,34 +260,17 @@ class TokenizerWorker:
         self, pixels: torch.Tensor, latents: Latents | None, job: DecodeJob, batch: int
     ) -> Reply:
         """pixels: (N, 3, [T,] H, W) float [-1, 1], cropped when the latent file says how."""
-        if job.format is None:
-            out = job.tensor_output
-            if out.range == "uint8":
-                tensor = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            elif out.range == "unit":
-                tensor = ((pixels + 1) / 2).clamp(0, 1).to(getattr(torch, out.dtype))
-            else:
-                tensor = pixels.to(getattr(torch, out.dtype))
-            if out.channels_last:
-                tensor = tensor.movedim(1, -1).contiguous()
-            return tensor_reply(tensor, {}, batch)
-        media_type = output_media_type(job.format)
-        if pixels.shape[0] != 1:
-            raise InvalidRequestError(
-                f"{job.format} output holds one item, got a batch of {pixels.shape[0]}; request a tensor "
-                "(Accept: tensor/binary) or send one item",
-                param="format",
-            )
-        if media_type == "video/mp4":
-            fps = job.fps or (latents.fps if latents is not None else None)
-            if fps is None:
-                raise InvalidRequestError(
-                    "these video latents record no fps; pass fps to write an mp4", param="fps"
-                )
-            return Reply(media.encode_video(media.tensor_to_video(pixels), fps), media_type, {}, batch)
-        if pixels.ndim == 5:
-            pixels = pixels[:, :, 0]
-        image = media.encode_image(
-            media.tensor_to_image(pixels), job.format.replace("jpg", "jpeg"), job.quality
-        )
-        return Reply(image, media_type, {}, batch)
+        if job.format is not None:
+            fps = job.options.fps or (latents.fps if latents is not None else None)
+            body, media_type = pixels_to_media(pixels, job.format, fps, job.options.quality)
+            return Reply(body, media_type, {}, batch)
+        out = job.tensor_output
+        if out.range == "uint8":
+            tensor = to_uint8_pixels(pixels)
+        elif out.range == "unit":
+            tensor = ((pixels + 1) / 2).clamp(0, 1).to(getattr(torch, out.dtype))
+        else:
+            tensor = pixels.to(getattr(torch, out.dtype))
+        if out.channels_last:
+            tensor = tensor.movedim(1, -1).contiguous()
+        return tensor_reply(tensor, {}, batch)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenizers_svc.api import load_tokenizer, to_float_pixels
 from tokenizers_svc.errors import DTypeMismatchError, InvalidRequestError, ShapeMismatchError
+from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.pixels import to_float_pixels
 
 
 @pytest.fixture(scope="module")

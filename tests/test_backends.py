@@ -19,10 +19,12 @@ import pytest
 import torch
 from conftest import small_presets
 
-from tokenizers_svc.api import Tokenizer, load_tokenizer, pad_spatial
+from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.latents import Latents, latents_from_bytes
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.media import image_to_tensor, read_image, read_video, video_to_tensor
+from tokenizers_svc.pixels import pad_spatial
 from tokenizers_svc.registry import backend_for, get_preset, model_class
 from tokenizers_svc.spec import TokenizerSpec
 from tokenizers_svc.tiling import TilingOptions

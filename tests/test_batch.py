@@ -24,10 +24,10 @@ import torch
 from typer.testing import CliRunner
 
 from serving import batch
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.cli import app
 from tokenizers_svc.datasets import LatentDataset
 from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 from tokenizers_svc.registry import list_presets
 
@@ -334,7 +334,10 @@ def test_encoder_batches_same_shape_rows_and_isolates_a_bad_one(image_folder):
         folder / PHOTOS[2],
     ]  # 640x480, 640x480, 451x300
     board, stuff, chelsea = (batch.prepare_input(str(p), plan, plan.key())[0] for p in paths)
-    nan = board | {"id": "nan", "pixels": torch.full(board["pixel_shape"], float("nan")).numpy().tobytes()}
+    nan_pixels = (
+        torch.full(board["pixel_shape"], float("nan")).numpy().tobytes()
+    )  # float32 [-1, 1] rows are read too
+    nan = board | {"id": "nan", "pixels": nan_pixels, "pixel_dtype": "float32"}
     threads = torch.get_num_threads()
     worker = batch.EncodeWorker(plan, num_threads=1)  # sets this process's torch threads, as in an actor
     torch.set_num_threads(threads)  # later tests (pinned metric values) must not inherit 1 thread
@@ -350,3 +353,16 @@ def test_encoder_batches_same_shape_rows_and_isolates_a_bad_one(image_folder):
         if path is not None:
             expected = encode_media(tokenizer, load_media(path.read_bytes(), options=OPTIONS), OPTIONS)
             torch.testing.assert_close(latents_from_bytes(row["latents"]).latents, expected.latents)
+
+
+def test_pixels_leave_the_cpu_stage_as_decoded_uint8(image_folder):
+    """With --resize the CPU stage still ships the decoded uint8 pixels (a quarter of float32); the
+    encoder resizes, and rows of one resized size batch together whatever their source size."""
+    folder, _ = image_folder
+    plan = batch.make_plan(
+        batch.build_parser().parse_args(["--input", "x", "--output", "y", "--model", IMAGE_MODEL, *RESIZE]),
+        "cpu",
+    )
+    (row,) = batch.prepare_input(str(folder / PHOTOS[2]), plan, plan.key())
+    assert row["pixel_dtype"] == "uint8" and row["pixel_shape"] == [1, 3, 300, 451]
+    assert len(row["pixels"]) == 3 * 300 * 451

@@ -15,9 +15,9 @@ from skimage import data as skdata
 from typer.testing import CliRunner
 
 from tokenizers_svc import media
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.cli import _delegate, app
 from tokenizers_svc.latents import load_latents
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.registry import list_presets
 
 runner = CliRunner()

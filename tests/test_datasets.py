@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from serving import batch
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.datasets import LatentDataset
 from tokenizers_svc.errors import InvalidLatentsError, InvalidRequestError
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 
 MODEL = "sd-vae-tiny"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import AutoencoderDC
 
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import InvalidRequestError
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.media import image_to_tensor, read_image
 from tokenizers_svc.model_stats import count_params, meta_backend, safetensors_bytes
 from tokenizers_svc.registry import get_preset

@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 
 from evals.image_metrics import psnr
 from tokenizers_svc import TilingOptions, media
-from tokenizers_svc.api import load_tokenizer, to_uint8_pixels
 from tokenizers_svc.cli import app
 from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS, default_model
 from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.pixels import to_uint8_pixels
 
 IMAGE_MODEL = DEFAULT_MODELS["image"]
 VIDEO_MODEL = DEFAULT_MODELS["video"]

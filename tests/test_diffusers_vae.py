@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import UnsupportedModelError
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.model_stats import meta_backend, preset_stats
 from tokenizers_svc.registry import get_preset
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from evals import fid
 from evals.image_metrics import psnr
 from evals.reconstruct import load_dataset
-from tokenizers_svc.api import to_uint8_pixels
 from tokenizers_svc.errors import ConfigError, ShapeMismatchError
+from tokenizers_svc.pixels import to_uint8_pixels
 
 
 @pytest.fixture(scope="module")

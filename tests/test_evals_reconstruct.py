@@ -12,7 +12,7 @@ from skimage import data
 
 from evals import fid
 from evals.reconstruct import main, square_crops
-from tokenizers_svc.api import build_module
+from tokenizers_svc.loading import build_module
 from tokenizers_svc.media import encode_image
 from tokenizers_svc.registry import get_preset
 

@@ -10,7 +10,6 @@ import torch
 from skimage import data as skdata
 
 from tokenizers_svc import media
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import (
     InvalidMediaError,
     InvalidRequestError,
@@ -18,6 +17,7 @@ from tokenizers_svc.errors import (
     UnsupportedMediaTypeError,
 )
 from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.media import MediaLimits
 from tokenizers_svc.pipeline import EncodeOptions, decode_to_media, encode_media, load_media
 from tokenizers_svc.registry import list_presets

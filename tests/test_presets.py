@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from tokenizers_svc.api import build_module, load_tokenizer
 from tokenizers_svc.families.base import state_dict_hash
+from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.media import read_video, video_to_tensor
 from tokenizers_svc.model_stats import count_params, preset_stats, reference_shape, safetensors_bytes
 from tokenizers_svc.registry import backend_for, get_preset, list_presets

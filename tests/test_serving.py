@@ -25,9 +25,9 @@ from ray import serve
 
 from serving.app import build_app
 from tokenizers_svc import media
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.client import AsyncClient, Client, RetryPolicy
 from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 from tokenizers_svc.registry import list_presets
 
@@ -132,6 +132,18 @@ def test_health_ready_models_metrics_openapi(http):
     assert {"application/x-safetensors", "tensor/binary"} <= set(decode_body)
     metrics = http.get("/metrics").text
     assert 'tokenizers_requests_total{route="/healthz",status="200"}' in metrics
+
+
+def test_openapi_describes_every_query_parameter(http):
+    """Each route parameter is declared once (serving/schemas.py) and documented on the OpenAPI page."""
+    paths = http.get("/openapi.json").json()["paths"]
+    for route in ("encode", "diffusers/encode", "decode"):
+        parameters = paths[f"/v1/models/{{model}}/{route}"]["post"]["parameters"]
+        queries = {p["name"]: p for p in parameters if p["in"] == "query"}
+        assert {"shape", "dtype", "scaling_factor"} <= set(queries)
+        assert [name for name, p in queries.items() if not p.get("description")] == []
+    encode = {p["name"] for p in paths["/v1/models/{model}/encode"]["post"]["parameters"]}
+    assert {"tile_size", "tile_overlap", "chunk_frames", "resize", "stride"} <= encode
 
 
 # ---- encode bodies ----

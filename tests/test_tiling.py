@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from conftest import small_presets
 
 from tokenizers_svc import tiling
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import InvalidRequestError
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.spec import FrameRule, TokenizerSpec
 from tokenizers_svc.tiling import TilingOptions
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tokenizers_svc import load_tokenizer
-from tokenizers_svc.api import build_module
 from tokenizers_svc.cli import app
+from tokenizers_svc.loading import build_module
 from tokenizers_svc.media import image_to_tensor, read_image
 from tokenizers_svc.registry import get_preset
 from training.train import main
@@ -120,8 +120,8 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_weights(shared_data, tm
     assert not all(torch.equal(untouched[k], a[k]) for k in a)  # the 3 resumed steps changed weights
 
 
-def test_resume_latest_without_checkpoints_starts_fresh_and_bad_recipe_exits_2(shared_data, tmp_path, capsys):
-    assert main(["--recipe", str(RECIPES / "tiny-image.yaml"), "data.bogus=1"]) == 2
+def test_resume_latest_without_checkpoints_starts_fresh_and_bad_recipe_exits_1(shared_data, tmp_path, capsys):
+    assert main(["--recipe", str(RECIPES / "tiny-image.yaml"), "data.bogus=1"]) == 1  # errors.EXIT_ERROR
     assert "data.bogus" in capsys.readouterr().err
 
 

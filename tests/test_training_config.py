@@ -11,7 +11,7 @@ import yaml
 from tokenizers_svc.errors import ConfigError
 from tokenizers_svc.registry import get_preset
 from training.config import apply_overrides, load_recipe, parse_recipe
-from training.train import lr_at
+from training.schedule import lr_at
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "recipes").glob("*.yaml"))
 
@@ -53,7 +53,7 @@ def test_wrong_type_names_key_expected_and_received():
 def test_literal_choices_are_listed():
     raw = minimal()
     raw["loss"] = {"reconstruction": "l3"}
-    with pytest.raises(ConfigError, match=r"loss.reconstruction: Input should be 'l1' or 'l2'"):
+    with pytest.raises(ConfigError, match=r"loss.reconstruction: Input should be 'l1', 'l2' or 'l1\+l2'"):
         parse_recipe(raw)
 
 
@@ -103,3 +103,17 @@ def test_lr_warmup_then_cosine_per_phase():
     assert lr_at(recipe, 100) == pytest.approx(1e-5 / 11)  # phase b restarts its own warmup
     values = [lr_at(recipe, s) for s in range(10, 100)]
     assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_video_segment_must_be_ordered_fractions():
+    raw = minimal()
+    raw["data"]["sources"][0]["segment"] = [0.8, 0.2]
+    with pytest.raises(ConfigError, match=r"segment must satisfy 0 <= first < last <= 1"):
+        parse_recipe(raw)
+
+
+def test_max_scale_below_one_is_refused():
+    raw = minimal()
+    raw["data"]["max_scale"] = 0.5
+    with pytest.raises(ConfigError, match=r"data.max_scale: Input should be greater than or equal to 1"):
+        parse_recipe(raw)

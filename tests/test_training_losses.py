@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from evals.image_metrics import ssim as eval_ssim
-from tokenizers_svc.api import build_module
 from tokenizers_svc.errors import ConfigError
+from tokenizers_svc.loading import build_module
 from tokenizers_svc.registry import get_preset
 from training import losses
 from training.config import PhaseSection
 from training.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
-from training.train import Ema, last_layer_name, phase_parameters
+from training.ema import Ema
+from training.model import last_layer_name, phase_parameters
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from tokenizers_svc.api import build_module, load_tokenizer
 from tokenizers_svc.families.ltx_video import LTXVideoBackend
+from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.media import read_video, video_to_tensor
 from tokenizers_svc.model_stats import count_params, meta_backend, safetensors_bytes
 from tokenizers_svc.registry import get_preset

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from tokenizers_svc.api import load_tokenizer
 from tokenizers_svc.errors import ShapeMismatchError
 from tokenizers_svc.families.vitok import (
     VITOK_PRESETS,
@@ -17,6 +16,7 @@ from tokenizers_svc.families.vitok import (
     apply_axial_rope,
     axial_rope_tables,
 )
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.media import read_video, video_to_tensor
 from tokenizers_svc.model_stats import count_params, meta_backend, preset_stats
 from tokenizers_svc.registry import get_preset

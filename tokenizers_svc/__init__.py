@@ -1,7 +1,8 @@
 """tokenizers-svc: one API over image/video latent tokenizers (VAEs and ViT auto-encoders)."""
 
-from tokenizers_svc.api import Tokenizer, load_tokenizer
+from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.latents import Latents, latents_from_bytes, load_latents
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 from tokenizers_svc.tiling import TilingOptions
 

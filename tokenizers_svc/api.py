@@ -1,6 +1,6 @@
-"""``load_tokenizer`` and the :class:`Tokenizer` interface shared by every family.
+"""The :class:`Tokenizer` interface shared by every family (loading lives in :mod:`tokenizers_svc.loading`).
 
-The data path (see ARCHITECTURE.md): pixels -> prepare (validate, explicit resize, pad to the
+The data path (docs/architecture.md): pixels -> prepare (validate, explicit resize, pad to the
 model's constraints, remember the crop) -> encode (tiled/chunked) -> normalize -> :class:`Latents`;
 and back: latents -> raw -> decode (tiled/chunked) -> crop to the original size and frame count.
 """
@@ -9,35 +9,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from tokenizers_svc import tiling
-from tokenizers_svc.errors import (
-    DTypeMismatchError,
-    InvalidRequestError,
-    ShapeMismatchError,
-    UnsupportedModelError,
-)
-from tokenizers_svc.families.base import Backend, directory_hash
+from tokenizers_svc.errors import InvalidRequestError, ShapeMismatchError
+from tokenizers_svc.families.base import Backend
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
-from tokenizers_svc.registry import (
-    Preset,
-    backend_for,
-    get_preset,
-    local_weights_dir,
-    model_class,
-    read_class_name,
-)
+from tokenizers_svc.pixels import ResizePolicy, pad_spatial, resize_pixels, to_float_pixels, to_uint8_pixels
 from tokenizers_svc.spec import TokenizerSpec
 from tokenizers_svc.tiling import TilingOptions
-
-ResizePolicy = Literal["none", "shorter-side", "fit"]
-RESIZE_POLICIES: tuple[str, ...] = ("none", "shorter-side", "fit")
-PIXEL_RANGE_TOLERANCE = 1e-3  # float pixels may exceed [-1, 1] by rounding error only
+from tokenizers_svc.tiling import decode as tiled_decode
+from tokenizers_svc.tiling import encode as tiled_encode
 
 
 @dataclass(frozen=True)
@@ -49,63 +31,6 @@ class Prepared:
     original_frames: int | None
     padding: tuple[int, int, int]  # (bottom rows, right cols, end frames) added
     resized_from: tuple[int, int] | None
-
-
-def to_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] or float [-1, 1] (any layout) -> float32 [-1, 1]. Refuses other dtypes/ranges."""
-    if pixels.dtype == torch.uint8:
-        return pixels.float() / 127.5 - 1.0
-    if not torch.is_floating_point(pixels):
-        raise DTypeMismatchError(
-            f"pixels must be uint8 [0, 255] or float [-1, 1], got {str(pixels.dtype).removeprefix('torch.')}",
-            param="pixels",
-        )
-    if not bool(torch.isfinite(pixels).all()):
-        raise InvalidRequestError("pixels contain NaN/Inf; expected finite floats in [-1, 1]", param="pixels")
-    low, high = float(pixels.min()), float(pixels.max())
-    if low < -1 - PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
-        raise InvalidRequestError(
-            f"float pixels must be in [-1, 1], got range [{low:.3f}, {high:.3f}] "
-            "(pass uint8 for [0, 255] data)",
-            param="pixels",
-        )
-    return pixels.float().clamp(-1, 1)
-
-
-def to_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255], round half up (the convention the eval metrics use)."""
-    return torch.floor((pixels.float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
-
-
-def resize_pixels(pixels: torch.Tensor, policy: str, resolution: int | None) -> torch.Tensor:
-    """Explicit resize of float (N, C, [T,] H, W): 'shorter-side' -> shorter side == resolution,
-    'fit' -> longer side == resolution; 'none' returns the input untouched. Antialiased bicubic."""
-    if policy not in RESIZE_POLICIES:
-        raise InvalidRequestError(
-            f"resize must be one of {list(RESIZE_POLICIES)}, got {policy!r}", param="resize"
-        )
-    if policy == "none":
-        return pixels
-    if not resolution or resolution < 1:
-        raise InvalidRequestError(
-            f"resize={policy!r} needs a positive resolution, got {resolution}", param="resolution"
-        )
-    h, w = pixels.shape[-2:]
-    scale = resolution / (min(h, w) if policy == "shorter-side" else max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if size == (h, w):
-        return pixels
-    lead = pixels.shape[:-2]
-    flat = (
-        pixels.reshape(-1, *pixels.shape[-3:])
-        if pixels.ndim == 4
-        else pixels.transpose(1, 2).reshape(-1, pixels.shape[1], h, w)
-    )
-    out = F.interpolate(flat, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
-    if pixels.ndim == 4:
-        return out
-    n, c, t = lead
-    return out.reshape(n, t, c, *size).transpose(1, 2)
 
 
 class Tokenizer:
@@ -146,7 +71,7 @@ class Tokenizer:
         }
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Tokenizer:
-        _place(self.backend.module, device, dtype)
+        place_module(self.backend.module, device, dtype)
         return self
 
     def prepare(
@@ -224,7 +149,7 @@ class Tokenizer:
         prepared = self.prepare(pixels, resize=resize, resolution=resolution)
         x = prepared.pixels.to(device=self.backend.device, dtype=self.backend.dtype)
         with self._eval_mode():
-            mean, logvar = tiling_encode(self.backend, x, tiling)
+            mean, logvar = tiled_encode(self.backend, x, tiling or TilingOptions())
         mean = mean.float()
         logvar = None if logvar is None else logvar.float()
         z = mean
@@ -278,7 +203,7 @@ class Tokenizer:
             crop = None
         z = raw.to(device=self.backend.device, dtype=self.backend.dtype)
         with self._eval_mode():
-            x = tiling_decode(self.backend, z, tiling).float().clamp(-1, 1)
+            x = tiled_decode(self.backend, z, tiling or TilingOptions()).float().clamp(-1, 1)
         if crop is not None:
             h, w = crop.original_size
             x = x[..., :h, :w]
@@ -303,118 +228,10 @@ class Tokenizer:
             self.backend.module.train(was_training)
 
 
-def _place(module: torch.nn.Module, device, dtype: torch.dtype | None) -> torch.nn.Module:
+def place_module(module: torch.nn.Module, device, dtype: torch.dtype | None) -> torch.nn.Module:
     """Move, and cast only when the dtype changes (diffusers warns on every ``.to(dtype)`` call)."""
     if device is not None:
         module.to(device=device)
     if dtype is not None and next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
     return module
-
-
-def pad_spatial(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
-    """Replicate-pad the bottom rows and right columns of (N, C, [T,] H, W)."""
-    if x.ndim == 5:
-        n, c, t, h, w = x.shape
-        flat = x.transpose(1, 2).reshape(n * t, c, h, w)
-        flat = F.pad(flat, (0, pad_w, 0, pad_h), mode="replicate")
-        return flat.reshape(n, t, c, h + pad_h, w + pad_w).transpose(1, 2)
-    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-
-
-def tiling_encode(backend: Backend, x: torch.Tensor, options: TilingOptions | None):
-    return tiling.encode(backend, x, options or TilingOptions())
-
-
-def tiling_decode(backend: Backend, z: torch.Tensor, options: TilingOptions | None) -> torch.Tensor:
-    return tiling.decode(backend, z, options or TilingOptions())
-
-
-def build_module(preset: Preset, seed: int = 0) -> torch.nn.Module:
-    """Instantiate a preset's module from its config with seeded random weights (training, tests)."""
-    cls = model_class(preset.class_name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls(**preset.config)
-
-
-def load_tokenizer(
-    name_or_path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    allow_random_init: bool | None = None,
-) -> Tokenizer:
-    """Load a tokenizer by preset name, local model directory, or hub id (from the local cache only
-    when offline). Directories hold ``config.json`` (whose ``_class_name`` picks the backend) and
-    safetensors weights, as written by ``save_pretrained``.
-
-    Presets without weights are built with seeded random weights only when ``random_init`` is set
-    on the preset (tiny test presets) or ``allow_random_init=True`` is passed.
-    """
-    path = Path(name_or_path)
-    if path.is_dir():
-        return _load_directory(path, name=_directory_name(path), device=device, dtype=dtype)
-    preset = get_preset(str(name_or_path))
-    weights = local_weights_dir(preset)
-    if weights is not None:
-        return _load_directory(weights, name=preset.name, device=device, dtype=dtype)
-    if preset.source and not (allow_random_init or (allow_random_init is None and preset.random_init)):
-        return _load_hub(preset, device=device, dtype=dtype)
-    if not (allow_random_init or (allow_random_init is None and preset.random_init)):
-        raise UnsupportedModelError(
-            f"preset {preset.name!r} has no weights; train it (tokenizers-svc train) and load the exported "
-            "directory, or pass allow_random_init=True",
-            param="model",
-        )
-    module = build_module(preset)
-    backend = backend_for(preset.class_name).from_module(module, preset.name)
-    _place(module, device, dtype).eval()
-    return Tokenizer(backend, source=f"preset:{preset.name} (random init, seed 0)")
-
-
-def _directory_name(path: Path) -> str:
-    """A model directory's name: the card's ``name`` when a training card is present, else the folder."""
-    import json
-
-    card = path / "card.json"
-    if card.is_file():
-        try:
-            return str(json.loads(card.read_text()).get("name") or path.name)
-        except (OSError, json.JSONDecodeError):
-            pass
-    return path.resolve().name
-
-
-def _load_directory(path: Path, *, name: str, device, dtype) -> Tokenizer:
-    class_name = read_class_name(path)
-    backend_cls = backend_for(class_name)
-    cls = model_class(class_name)
-    try:
-        module = cls.from_pretrained(str(path))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UnsupportedModelError(
-            f"cannot load {class_name} from model directory {path.name!r}: {exc}"
-        ) from None
-    _place(module, device, dtype).eval()
-    backend = backend_cls.from_module(module, name)
-    backend._weights_hash = directory_hash(path)
-    return Tokenizer(backend, source=str(path))
-
-
-def _load_hub(preset: Preset, *, device, dtype) -> Tokenizer:
-    """Real hub loading path (``from_pretrained(hub_id)``); offline it fails with a clear message."""
-    cls = model_class(preset.class_name)
-    try:
-        module = cls.from_pretrained(preset.source, subfolder=preset.subfolder)
-    except (OSError, ValueError) as exc:
-        raise UnsupportedModelError(
-            f"weights for {preset.name!r} ({preset.source}) are not available locally and could not be "
-            f"downloaded ({type(exc).__name__}); download them and pass the directory, or place them in "
-            f"$TOKENIZERS_SVC_HOME/weights/{preset.name}",
-            param="model",
-        ) from None
-    _place(module, device, dtype).eval()
-    return Tokenizer(
-        backend_for(preset.class_name).from_module(module, preset.name), source=preset.source or ""
-    )

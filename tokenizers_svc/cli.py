@@ -1,9 +1,10 @@
 """The ``tokenizers-svc`` command: list models, inspect latent files, encode media, decode latents.
 
 Every command walks the shared runner (:mod:`tokenizers_svc.pipeline`), so the CLI behaves exactly
-like the HTTP server and the batch job. Errors print ``error: <type>: <message>`` to stderr and
-exit 1; bad usage exits 2. ``serve``, ``batch-encode``, ``eval`` and ``train`` hand their
-arguments to the owning module's ``main(argv)``.
+like the HTTP server and the batch job. Exit codes are every entry point's (``tokenizers_svc.errors``):
+errors print ``error: <type>: <message>`` to stderr and exit 1; bad usage exits 2. ``serve``,
+``batch-encode``, ``eval`` and ``train`` hand their arguments to the owning module's ``main(argv)``,
+found by name: the library imports no application, so the dependencies keep pointing one way.
 
 Heavy imports (torch models, diffusers) happen inside the commands so ``--help`` stays fast.
 """
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from tokenizers_svc.errors import InvalidRequestError, TokenizerError
+from tokenizers_svc.errors import EXIT_ERROR, EXIT_USAGE, InvalidRequestError, TokenizerError, print_error
 
 if TYPE_CHECKING:
     from tokenizers_svc.api import Tokenizer
@@ -51,14 +52,13 @@ class DType(str, Enum):
 
 
 def _fail(exc: TokenizerError) -> typer.Exit:
-    typer.echo(f"error: {exc.type}: {exc.message}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(print_error(exc))
 
 
 def _load(model: str, device: str, dtype: DType) -> Tokenizer:
     import torch
 
-    from tokenizers_svc.api import load_tokenizer
+    from tokenizers_svc.loading import load_tokenizer
 
     try:
         kind = torch.device(device).type
@@ -232,14 +232,12 @@ def _read(path: Path) -> bytes:
 
 def _expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given; a directory contributes its media files (by suffix, sorted, not recursive)."""
-    from tokenizers_svc.media import MEDIA_SUFFIXES
+    from tokenizers_svc.formats import is_media_file
 
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            files.extend(
-                sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES)
-            )
+            files.extend(sorted(p for p in path.iterdir() if p.is_file() and is_media_file(p)))
         else:
             files.append(path)
     return files
@@ -306,22 +304,27 @@ def encode(
     files = _expand_inputs(inputs)
     if not files:
         typer.echo("error: no input files (directories contribute only media files)", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     as_directory = len(files) > 1 or out.is_dir() or any(path.is_dir() for path in inputs)
     try:
         targets = _output_paths(files, out, as_directory)
-        options = EncodeOptions(
-            normalize=not raw,
-            sample=sample,
-            return_posterior=posterior,
-            resize=resize.value,
-            resolution=resolution,
-            tiling=_tiling(no_tiling, tile_size, tile_overlap, chunk_frames),
-            max_frames=max_frames,
-            start=start,
-            end=end,
-            stride=stride,
-            seed=seed,
+        options = EncodeOptions.from_flags(
+            {
+                "normalize": not raw,
+                "sample": sample,
+                "return_posterior": posterior,
+                "resize": resize.value,
+                "resolution": resolution,
+                "tiling": False if no_tiling else None,
+                "tile_size": tile_size,
+                "tile_overlap": tile_overlap,
+                "chunk_frames": chunk_frames,
+                "max_frames": max_frames,
+                "start": start,
+                "end": end,
+                "stride": stride,
+                "seed": seed,
+            }
         )
         tokenizer = _load(model or default_model_for(files), device, dtype)
     except TokenizerError as exc:
@@ -351,27 +354,9 @@ def encode(
             typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
     if failures:
         typer.echo(f"{failures} of {len(files)} inputs failed", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_ERROR)
     if len(files) > 1:
         typer.echo(f"encoded {len(files)} inputs into {out}")
-
-
-def _tiling(no_tiling: bool, tile_size: int | None, tile_overlap: int | None, chunk_frames: int | None):
-    from dataclasses import replace
-
-    from tokenizers_svc.tiling import TilingOptions
-
-    given = {
-        k: v
-        for k, v in (("tile_size", tile_size), ("tile_overlap", tile_overlap), ("chunk_frames", chunk_frames))
-        if v is not None
-    }
-    for key, value in given.items():
-        if value < (0 if key == "tile_overlap" else 1):
-            raise InvalidRequestError(f"--{key.replace('_', '-')} must be positive, got {value}", param=key)
-    if no_tiling:
-        return TilingOptions(enabled=False)
-    return replace(TilingOptions(), **given) if given else None
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -398,8 +383,10 @@ def decode(
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
 ) -> None:
     """Decode a latent file back to an image or video, cropped to the original size."""
+    from tokenizers_svc.formats import output_media_type
     from tokenizers_svc.latents import latents_from_bytes
-    from tokenizers_svc.pipeline import decode_to_media, output_media_type
+    from tokenizers_svc.pipeline import decode_to_media
+    from tokenizers_svc.tiling import tiling_options
 
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise _fail(InvalidRequestError(f"--fps must be a positive number, got {fps}", param="fps"))
@@ -412,7 +399,7 @@ def decode(
             latents,
             out.suffix.lstrip("."),
             fps=fps,
-            tiling=_tiling(no_tiling, None, None, None),
+            tiling=tiling_options(enabled=False if no_tiling else None),
             quality=quality,
         )
     except TokenizerError as exc:
@@ -433,11 +420,11 @@ def _delegate(module_name: str, argv: list[str]) -> None:
         if exc.name is None or not module_name.startswith(exc.name):
             raise  # a dependency of the module is missing: show the real error
         typer.echo(f"error: {module_name} is not available in this installation ({exc})", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
     main = getattr(module, "main", None)
     if main is None:
         typer.echo(f"error: {module_name} has no main(argv) entry point", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     raise typer.Exit(int(main(list(argv)) or 0))
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tokenizers_svc import errors
+from tokenizers_svc.formats import SUFFIX_MEDIA_TYPES
 from tokenizers_svc.latents import Latents, latents_from_bytes
 
 TENSOR_TYPE = "tensor/binary"
@@ -35,17 +36,6 @@ _TORCH_DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
-}
-_MEDIA_TYPES = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".webp": "image/webp",
-    ".mp4": "video/mp4",
-    ".webm": "video/webm",
-    ".mov": "video/quicktime",
-    ".avi": "video/x-msvideo",
-    ".mkv": "video/x-matroska",
 }
 
 
@@ -103,7 +93,7 @@ def _encode_request(model: str, data: Any, accept: str, options: dict[str, Any])
         return _Request("POST", f"/v1/models/{model}/encode", content, headers, {**params, **tensor_params})
     if isinstance(data, (str, Path)):
         path = Path(data)
-        headers["content-type"] = _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        headers["content-type"] = SUFFIX_MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
         content = path.read_bytes()
     else:
         content = bytes(data)

@@ -145,7 +145,7 @@ class LatentDataset(Dataset):
         return tokenizer.decode(latents, output_dtype=output_dtype)
 
     def _tokenizer(self, model: str):
-        from tokenizers_svc.api import load_tokenizer
+        from tokenizers_svc.loading import load_tokenizer
 
         if model not in self._tokenizers:
             manifest = self.root / MANIFEST_FILE

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from tokenizers_svc.errors import UnsupportedModelError
-from tokenizers_svc.registry import Preset, register_preset
+from tokenizers_svc.families.base import Preset
+from tokenizers_svc.formats import is_video_file
 
 PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -38,13 +39,12 @@ def default_model(modality: Modality) -> str:
 
 def default_model_for(paths) -> str:
     """The shipped video tokenizer when any of ``paths`` is a video (by suffix), else the image one."""
-    from tokenizers_svc.media import VIDEO_SUFFIXES
-
-    has_video = any(Path(path).suffix.lower() in VIDEO_SUFFIXES for path in paths)
-    return default_model("video" if has_video else "image")
+    return default_model("video" if any(is_video_file(path) for path in paths) else "image")
 
 
-def _register_shipped() -> None:
+def shipped_presets() -> list[Preset]:
+    """A preset for each default tokenizer whose weights this checkout ships (read by the registry)."""
+    presets = []
     for modality, name in DEFAULT_MODELS.items():
         directory = PACKAGED_WEIGHTS / name
         config_path = directory / "config.json"
@@ -53,7 +53,7 @@ def _register_shipped() -> None:
         config = json.loads(config_path.read_text())
         card_path = directory / "card.json"
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-        register_preset(
+        presets.append(
             Preset(
                 name=name,
                 class_name=config["_class_name"],
@@ -62,6 +62,4 @@ def _register_shipped() -> None:
                 description=f"default {modality} tokenizer, trained by recipe {card.get('recipe_name', '?')}",
             )
         )
-
-
-_register_shipped()
+    return presets

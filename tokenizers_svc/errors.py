@@ -2,11 +2,24 @@
 
 The library raises these; the server maps ``http_status`` to the response and renders
 ``{"error": {"type", "message", "param"}}``; the batch job writes ``type: message`` into the
-row's ``error`` field; the CLI prints the message and exits non-zero. Messages say what was
-expected and what was received, and never contain stack traces or internal paths.
+row's ``error`` field; every command prints ``error: type: message`` and exits with
+:data:`EXIT_ERROR`. Messages say what was expected and what was received, and never contain stack
+traces or internal paths.
+
+Exit codes, the same for every entry point (``tokenizers-svc`` and its commands, ``python -m
+serving.batch``, ``python -m training.train``, ``python -m evals.reconstruct``):
+:data:`EXIT_OK` on success; :data:`EXIT_ERROR` when a typed error stopped the command (bad input,
+bad configuration or recipe, unknown model) or some of its inputs failed; :data:`EXIT_USAGE` when
+the command line itself is wrong (argparse/typer) or the part it names is not installed.
 """
 
 from __future__ import annotations
+
+import sys
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
 
 
 class TokenizerError(Exception):
@@ -106,3 +119,9 @@ class ConfigError(TokenizerError):
 
     type = "config_error"
     http_status = 400
+
+
+def print_error(error: TokenizerError) -> int:
+    """Print ``error: type: message`` to stderr; returns :data:`EXIT_ERROR` for the caller to exit with."""
+    print(f"error: {error.type}: {error.message}", file=sys.stderr)
+    return EXIT_ERROR

@@ -35,14 +35,11 @@ from tokenizers_svc.errors import (
     ShapeMismatchError,
     UnsupportedMediaTypeError,
 )
+from tokenizers_svc.formats import IMAGE_MEDIA_TYPES, image_format
+from tokenizers_svc.pixels import as_uint8_pixels
 
 MediaKind = Literal["image", "video"]
 ImageFormat = Literal["png", "jpeg", "webp"]
-IMAGE_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
-IMAGE_MEDIA_TYPES: dict[str, str] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-VIDEO_MEDIA_TYPE = "video/mp4"
-VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm"}  # what directory listings treat as video
-MEDIA_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", *VIDEO_SUFFIXES}
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # alpha is composited over white, as image viewers show it
 
 # Pillow's own bomb check (process-wide Image.MAX_IMAGE_PIXELS) is left in place as a backstop: ours
@@ -223,16 +220,6 @@ def encode_image(pixels: np.ndarray, format: ImageFormat = "png", quality: int =
     else:
         image.save(out, format=fmt, quality=quality)
     return out.getvalue()
-
-
-def image_format(name: str) -> str:
-    """'png' / 'jpeg' / 'jpg' / 'webp' (any case, optional dot) -> Pillow's format name."""
-    key = name.lower().lstrip(".")
-    if key not in IMAGE_FORMATS:
-        raise UnsupportedMediaTypeError(
-            f"image format must be one of {sorted(set(IMAGE_FORMATS))}, got {name!r}", param="format"
-        )
-    return IMAGE_FORMATS[key]
 
 
 def read_image(path: str | Path, limits: MediaLimits = MediaLimits()) -> np.ndarray:
@@ -549,18 +536,6 @@ def video_to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
 
 
-def _as_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    if pixels.dtype == torch.uint8:
-        return pixels
-    if not torch.is_floating_point(pixels):
-        raise DTypeMismatchError(
-            f"pixels must be uint8 [0, 255] or float [-1, 1], got {pixels.dtype}", param="pixels"
-        )
-    from tokenizers_svc.api import to_uint8_pixels  # the one float -> uint8 rounding convention
-
-    return to_uint8_pixels(pixels)
-
-
 def tensor_to_image(pixels: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (1, 3, H, W), uint8 [0, 255] or float [-1, 1] -> (H, W, 3) uint8."""
     if pixels.ndim == 4 and pixels.shape[0] == 1:
@@ -570,7 +545,7 @@ def tensor_to_image(pixels: torch.Tensor) -> np.ndarray:
             f"expected one image as (3, H, W) or (1, 3, H, W), got shape {tuple(pixels.shape)}",
             param="pixels",
         )
-    return _as_uint8(pixels.detach().cpu()).permute(1, 2, 0).contiguous().numpy()
+    return as_uint8_pixels(pixels.detach().cpu()).permute(1, 2, 0).contiguous().numpy()
 
 
 def tensor_to_video(pixels: torch.Tensor) -> np.ndarray:
@@ -582,4 +557,4 @@ def tensor_to_video(pixels: torch.Tensor) -> np.ndarray:
             f"expected one video as (3, T, H, W) or (1, 3, T, H, W), got shape {tuple(pixels.shape)}",
             param="pixels",
         )
-    return _as_uint8(pixels.detach().cpu()).permute(1, 2, 3, 0).contiguous().numpy()
+    return as_uint8_pixels(pixels.detach().cpu()).permute(1, 2, 3, 0).contiguous().numpy()

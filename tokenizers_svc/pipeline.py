@@ -1,35 +1,35 @@
 """The runner every entry point shares: media bytes -> Latents and Latents -> media bytes.
 
 The CLI, the HTTP server and the Ray Data batch job differ only in where bytes come from and go
-to; they all call :func:`load_media`, :func:`encode_media` and :func:`decode_to_media`, so limits,
-hashing, fps bookkeeping and format checks behave the same everywhere.
+to; they all call :func:`load_media`, :func:`encode_media` and :func:`decode_to_media` (or its two
+halves, :func:`check_output_format` and :func:`pixels_to_media`, when the server batches the decode
+in between), and run groups of items through :func:`run_in_groups`, so limits, hashing, fps
+bookkeeping, format checks and per-item error isolation behave the same everywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
 from tokenizers_svc import media
-from tokenizers_svc.errors import InvalidRequestError, UnsupportedMediaTypeError
+from tokenizers_svc.errors import InvalidRequestError, TokenizerError
+from tokenizers_svc.formats import VIDEO_MEDIA_TYPE, output_media_type
 from tokenizers_svc.latents import Latents
-from tokenizers_svc.media import MediaLimits
-from tokenizers_svc.tiling import TilingOptions
+from tokenizers_svc.media import MediaKind, MediaLimits
+from tokenizers_svc.tiling import TilingOptions, tiling_options
 
 if TYPE_CHECKING:
-    from tokenizers_svc.api import ResizePolicy, Tokenizer
+    from tokenizers_svc.api import Tokenizer
+    from tokenizers_svc.pixels import ResizePolicy
 
 OutputFormat = Literal["png", "jpeg", "webp", "mp4"]
-OUTPUT_FORMATS: dict[str, str] = {
-    "png": "image/png",
-    "jpeg": "image/jpeg",
-    "jpg": "image/jpeg",
-    "webp": "image/webp",
-    "mp4": "video/mp4",
-}
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,28 @@ class EncodeOptions:
     stride: int = 1
     seed: int | None = None
 
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> EncodeOptions:
+        """The one place options are built from user-facing flags (HTTP query, job arguments, CLI):
+        the option fields by name, plus ``tiling``/``tile_size``/``tile_overlap``/``chunk_frames``
+        folded into TilingOptions. Names that are absent or None keep the defaults above."""
+        given = {
+            f.name: flags[f.name] for f in fields(cls) if f.name != "tiling" and flags.get(f.name) is not None
+        }
+        tiling = tiling_options(
+            flags.get("tiling"), flags.get("tile_size"), flags.get("tile_overlap"), flags.get("chunk_frames")
+        )
+        return cls(**given, tiling=tiling)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to turn latents into media; the same fields are CLI flags and HTTP query parameters."""
+
+    fps: float | None = None  # mp4 frame rate; None: the fps recorded at encode time
+    quality: int = 95  # JPEG/WebP quality: visually lossless at about a tenth of PNG's size
+    tiling: TilingOptions | None = None
+
 
 @dataclass
 class MediaInput:
@@ -63,7 +85,7 @@ class MediaInput:
     """
 
     pixels: torch.Tensor
-    kind: Literal["image", "video"]
+    kind: MediaKind
     fps: float | None
     sha256: str
     original_size: tuple[int, int]
@@ -74,11 +96,17 @@ class MediaInput:
 
 
 def load_media(
-    data: bytes, limits: MediaLimits = MediaLimits(), options: EncodeOptions = EncodeOptions()
+    data: bytes,
+    limits: MediaLimits = MediaLimits(),
+    options: EncodeOptions = EncodeOptions(),
+    *,
+    kind: MediaKind | None = None,
+    sha256: str | None = None,
 ) -> MediaInput:
-    """Image or video bytes (kind from magic bytes) -> :class:`MediaInput`, under ``limits``."""
-    kind = media.sniff_media(data)
-    digest = hashlib.sha256(data).hexdigest()
+    """Image or video bytes -> :class:`MediaInput`, under ``limits``. ``kind`` (from magic bytes)
+    and ``sha256`` are computed here unless the caller already did (each once per input)."""
+    kind = kind or media.sniff_media(data)
+    digest = sha256 or hashlib.sha256(data).hexdigest()
     if kind == "image":
         pixels = media.decode_image(data, limits)  # (H, W, 3) uint8
         return MediaInput(
@@ -137,14 +165,49 @@ def encode_media(
     )
 
 
-def output_media_type(format: str) -> str:
-    """'png' / 'jpeg' / 'jpg' / 'webp' / 'mp4' (any case, optional dot) -> media type."""
-    key = format.lower().lstrip(".")
-    if key not in OUTPUT_FORMATS:
-        raise UnsupportedMediaTypeError(
-            f"output format must be one of {sorted(OUTPUT_FORMATS)}, got {format!r}", param="format"
+def encode_stacked(tokenizer: Tokenizer, pixels: torch.Tensor, options: EncodeOptions) -> list[Latents]:
+    """Same-shape items stacked as (B, 3, H, W) or (B, 3, T, H, W) -> one :class:`Latents` each, from
+    one model call (the server's and the batch job's batching). Callers record fps and hashes."""
+    kind = "video" if pixels.ndim == 5 else "image"
+    batch = MediaInput(pixels, kind, None, "", (int(pixels.shape[-2]), int(pixels.shape[-1])))
+    latents = encode_media(tokenizer, batch, options)
+    return [latents.select(i) for i in range(pixels.shape[0])]
+
+
+def check_output_format(format: str, *, is_video: bool, frames: int | None) -> str:
+    """The media type ``format`` writes, if it fits latents of this layout: image latents (NCHW)
+    write images; video latents (NCTHW) write mp4, or an image when the clip holds one frame
+    (``frames``: the original frame count, or the latent frames of a bare tensor)."""
+    media_type = output_media_type(format)
+    if media_type == VIDEO_MEDIA_TYPE and not is_video:
+        raise InvalidRequestError(
+            "these latents hold an image (NCHW); expected an image output format (png, jpeg, webp), got mp4",
+            param="format",
         )
-    return OUTPUT_FORMATS[key]
+    if media_type != VIDEO_MEDIA_TYPE and is_video and frames != 1:
+        raise InvalidRequestError(
+            f"these latents hold a video ({frames if frames is not None else 'unknown'} frames); expected "
+            f"output format mp4, got {format!r}",
+            param="format",
+        )
+    return media_type
+
+
+def pixels_to_media(
+    pixels: torch.Tensor, format: str, fps: float | None, quality: int = DecodeOptions.quality
+) -> tuple[bytes, str]:
+    """One item of decoded pixels, (1, 3, H, W) or (1, 3, T, H, W), uint8 or float [-1, 1] ->
+    (encoded bytes, media type). mp4 needs ``fps``; an image format writes a clip's first frame."""
+    media_type = output_media_type(format)
+    if media_type == VIDEO_MEDIA_TYPE:
+        if fps is None:
+            raise InvalidRequestError(
+                "these video latents record no fps; pass fps to write an mp4", param="fps"
+            )
+        return media.encode_video(media.tensor_to_video(pixels), fps), media_type
+    if pixels.ndim == 5:
+        pixels = pixels[:, :, 0]
+    return media.encode_image(media.tensor_to_image(pixels), format, quality=quality), media_type
 
 
 def decode_to_media(
@@ -154,7 +217,7 @@ def decode_to_media(
     fps: float | None = None,
     *,
     tiling: TilingOptions | None = None,
-    quality: int = 95,
+    quality: int = DecodeOptions.quality,
 ) -> tuple[bytes, str]:
     """One item of :class:`Latents` -> (encoded bytes, media type), cropped to the original size.
 
@@ -162,35 +225,45 @@ def decode_to_media(
     the fps recorded at encode time). A video latent holding a single frame may also be written as
     an image; anything else across kinds is an InvalidRequestError.
     """
-    media_type = output_media_type(format)
     n = latents.latents.shape[0]
+    output_media_type(format)
     if n != 1:
         raise InvalidRequestError(
             f"decode_to_media writes one item, got a batch of {n}; pick one with Latents.select(i)",
             param="latents",
         )
-    is_video = latents.layout == "NCTHW"
-    frames = latents.original_frames
-    if media_type == "video/mp4" and not is_video:
-        raise InvalidRequestError(
-            "these latents hold an image (NCHW); expected an image output format (png, jpeg, webp), got mp4",
-            param="format",
-        )
-    if media_type != "video/mp4" and is_video and frames != 1:
-        raise InvalidRequestError(
-            f"these latents hold a video ({frames if frames is not None else 'unknown'} frames); expected "
-            f"output format mp4, got {format!r}",
-            param="format",
-        )
-    if media_type == "video/mp4":
-        rate = fps if fps is not None else latents.fps
-        if rate is None:
-            raise InvalidRequestError(
-                "these video latents record no fps; pass fps to write an mp4", param="fps"
-            )
-        pixels = tokenizer.decode(latents, tiling=tiling, output_dtype=torch.uint8)  # (1, 3, T, H, W)
-        return media.encode_video(media.tensor_to_video(pixels), rate), media_type
-    pixels = tokenizer.decode(latents, tiling=tiling, output_dtype=torch.uint8)  # (1, 3, [1,] H, W)
-    if pixels.ndim == 5:
-        pixels = pixels[:, :, 0]
-    return media.encode_image(media.tensor_to_image(pixels), format, quality=quality), media_type
+    check_output_format(format, is_video=latents.layout == "NCTHW", frames=latents.original_frames)
+    pixels = tokenizer.decode(latents, tiling=tiling, output_dtype=torch.uint8)  # (1, 3, [T,] H, W)
+    return pixels_to_media(pixels, format, fps if fps is not None else latents.fps, quality)
+
+
+def run_in_groups(
+    items: list[Item], key: Callable[[Item], Hashable], run: Callable[[list[Item]], list[Result]]
+) -> list[tuple[Result | TokenizerError, int]]:
+    """Run items that share a ``key`` as one call (``run``: a group -> one result per item).
+
+    When a group's call fails with a TokenizerError, its items are retried one by one, so one bad
+    item (e.g. NaN pixels) fails alone and its neighbours still succeed. Returns, per item in
+    order, its result or error and the size of the call that produced it.
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(key(item), []).append(index)
+    results: list[tuple[Result | TokenizerError, int]] = [None] * len(items)  # type: ignore[list-item]
+    for indices in groups.values():
+        try:
+            outputs = run([items[i] for i in indices])
+            for i, output in zip(indices, outputs, strict=True):
+                results[i] = (output, len(indices))
+        except TokenizerError as error:
+            for i in indices:
+                results[i] = (_run_alone(items[i], run) if len(indices) > 1 else error, 1)
+    return results
+
+
+def _run_alone(item: Item, run: Callable[[list[Item]], list[Result]]) -> Result | TokenizerError:
+    try:
+        (output,) = run([item])
+    except TokenizerError as error:
+        return error
+    return output

@@ -1,67 +1,51 @@
-"""Name -> (model class, preset config, weights source), and the backends that load each class.
+"""Name -> (model class, preset config, weights source), and the backend that wraps each class.
 
 A *preset* is a named model: a class name (as in ``config.json``'s ``_class_name``), a config for
 building it, and where its weights live (local directory, hub id, or none for random-init presets
 used in tests and training from scratch). A *backend* adapts one or more classes to the
-:class:`~tokenizers_svc.families.base.Backend` contract. Families register both on import.
+:class:`~tokenizers_svc.families.base.Backend` contract. The tables are built once, on import, from
+what every family module and the shipped defaults declare; :mod:`tokenizers_svc.loading` turns a
+name into a loaded tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import diffusers
+
+from tokenizers_svc.defaults import shipped_presets
 from tokenizers_svc.errors import UnsupportedModelError
-
-if TYPE_CHECKING:
-    from tokenizers_svc.families.base import Backend
-
-_BACKENDS: dict[str, type[Backend]] = {}
-_PRESETS: dict[str, Preset] = {}
-_MODEL_CLASSES: dict[str, type] = {}
+from tokenizers_svc.families import FAMILIES
+from tokenizers_svc.families.base import Backend, Preset
 
 
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    class_name: str  # diffusers class or native ModelMixin class, as written in config.json
-    config: dict = field(default_factory=dict)  # constructor kwargs when building from scratch
-    source: str | None = None  # local dir or hub id holding config.json + safetensors
-    subfolder: str | None = None
-    description: str = ""
-    random_init: bool = False  # may be built with seeded random weights when no weights exist
-    modality_hint: str = ""  # filled by listings; the loaded spec is authoritative
+def _presets_by_name(presets: list[Preset]) -> dict[str, Preset]:
+    table: dict[str, Preset] = {}
+    for preset in presets:
+        if preset.name in table:
+            raise ValueError(f"preset {preset.name!r} declared twice")
+        table[preset.name] = preset
+    return table
 
 
-def register_backend(backend: type[Backend]) -> type[Backend]:
-    for class_name in backend.class_names:
-        _BACKENDS[class_name] = backend
-    return backend
-
-
-def register_model_class(model_class: type) -> type:
-    """Native (non-diffusers) ModelMixin classes register here so config.json can name them."""
-    _MODEL_CLASSES[model_class.__name__] = model_class
-    return model_class
-
-
-def register_preset(preset: Preset) -> Preset:
-    if preset.name in _PRESETS:
-        raise ValueError(f"preset {preset.name!r} registered twice")
-    _PRESETS[preset.name] = preset
-    return preset
-
-
-def _ensure_families_loaded() -> None:
-    import tokenizers_svc.defaults  # registers the shipped default tokenizers
-    import tokenizers_svc.families  # noqa: F401  (registers backends and presets)
+_BACKENDS: dict[str, type[Backend]] = {
+    class_name: backend
+    for family in FAMILIES
+    for backend in family.BACKENDS
+    for class_name in backend.class_names
+}
+_MODEL_CLASSES: dict[str, type] = {
+    cls.__name__: cls for family in FAMILIES for cls in getattr(family, "MODEL_CLASSES", ())
+}
+_PRESETS: dict[str, Preset] = _presets_by_name(
+    [*(preset for family in FAMILIES for preset in family.PRESETS), *shipped_presets()]
+)
 
 
 def backend_for(class_name: str) -> type[Backend]:
-    _ensure_families_loaded()
     if class_name not in _BACKENDS:
         raise UnsupportedModelError(
             f"no backend for model class {class_name!r}; supported: {sorted(_BACKENDS)}", param="model"
@@ -71,18 +55,14 @@ def backend_for(class_name: str) -> type[Backend]:
 
 def model_class(class_name: str) -> type:
     """The nn.Module class (diffusers or native) for a config.json ``_class_name``."""
-    _ensure_families_loaded()
     if class_name in _MODEL_CLASSES:
         return _MODEL_CLASSES[class_name]
-    import diffusers
-
     if hasattr(diffusers, class_name):
         return getattr(diffusers, class_name)
     raise UnsupportedModelError(f"unknown model class {class_name!r}", param="model")
 
 
 def get_preset(name: str) -> Preset:
-    _ensure_families_loaded()
     if name not in _PRESETS:
         raise UnsupportedModelError(
             f"unknown model {name!r}; expected a preset name (see `tokenizers-svc models`) "
@@ -93,7 +73,6 @@ def get_preset(name: str) -> Preset:
 
 
 def list_presets() -> list[Preset]:
-    _ensure_families_loaded()
     return list(_PRESETS.values())
 
 

@@ -88,6 +88,21 @@ class TilingOptions:
                 raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}", param=name)
 
 
+def tiling_options(
+    enabled: bool | None = None,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    chunk_frames: int | None = None,
+) -> TilingOptions | None:
+    """User-facing tiling flags (CLI, HTTP) -> options; None when nothing was asked for (the
+    Tokenizer then uses ``TilingOptions()``). Sizes left out keep TilingOptions' defaults."""
+    sizes = {"tile_size": tile_size, "tile_overlap": tile_overlap, "chunk_frames": chunk_frames}
+    given = {name: value for name, value in sizes.items() if value is not None}
+    if enabled is None and not given:
+        return None
+    return TilingOptions(enabled=enabled, **given)
+
+
 @dataclass(frozen=True)
 class _Grid:
     """A model's tile/chunk geometry for one options set (pixel and latent units)."""

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from tokenizers_svc.errors import ConfigError, TokenizerError
+from tokenizers_svc.formats import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
+from tokenizers_svc.formats import VIDEO_SUFFIXES as VIDEO_EXTENSIONS
 from tokenizers_svc.media import decode_image, probe_video, read_image, read_video
+from tokenizers_svc.pixels import center_crop as center_square
+from tokenizers_svc.pixels import resize_uint8
 from tokenizers_svc.spec import TokenizerSpec
 from training.config import Recipe, SourceSection
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 
 
 def list_files(root: Path, extensions: tuple[str, ...], include: list[str], exclude: list[str]) -> list[Path]:
@@ -251,29 +251,17 @@ def random_crop(
     crop = torch.from_numpy(np.ascontiguousarray(frames[:, top : top + window, left : left + window]))
     crop = crop.permute(0, 3, 1, 2)  # (T, 3, window, window)
     if window != size:
-        crop = resize_uint8(crop, size)
+        crop = resize_uint8(crop, (size, size))
     if flip:
         crop = crop.flip(-1)
     return crop.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
 
 
-def resize_uint8(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> (N, 3, size, size) uint8, antialiased bicubic (as the evaluation resizes),
-    rounded and clamped."""
-    out = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
 def center_crop(frames: np.ndarray, resolution: int) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, r, r) uint8: shorter side resized to ``r``, center square."""
+    """(T, H, W, 3) uint8 -> (3, T, r, r) uint8: shorter side resized to ``r`` (bicubic, as the
+    evaluation resizes), center square."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
-    h, w = x.shape[-2:]
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
-    if size != (h, w):
-        x = resize_uint8(x, size)
-    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return x[..., top : top + resolution, left : left + resolution].permute(1, 0, 2, 3).contiguous()
+    return center_square(x, resolution).permute(1, 0, 2, 3).contiguous()
 
 
 @dataclass

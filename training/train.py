@@ -13,181 +13,40 @@ newest ``checkpoint.keep`` kept), ``tb/`` (TensorBoard), ``export/`` (``save_pre
 from __future__ import annotations
 
 import argparse
-import copy
-import fnmatch
 import json
-import math
-import platform
 import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
-import accelerate
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from tqdm import tqdm
 
-from evals.image_metrics import psnr, ssim
-from tokenizers_svc.api import build_module, to_uint8_pixels
-from tokenizers_svc.errors import ConfigError, TokenizerError
-from tokenizers_svc.families.base import Backend
-from tokenizers_svc.registry import backend_for, get_preset, model_class
+from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
+from tokenizers_svc.loading import CARD_FILE
+from tokenizers_svc.metrics import psnr, ssim
+from tokenizers_svc.pixels import to_float_pixels, to_uint8_pixels
 from training import losses
-from training.config import PhaseSection, Recipe, load_recipe
-from training.data import BatchPlan, build_sources, data_summary, load_validation, make_loader
+from training.card import RunFacts, flat_config, training_card
+from training.checkpointing import TrainState, checkpoint_dir, latest_checkpoint, prune_checkpoints
+from training.config import Recipe, load_recipe
+from training.data import BatchPlan, build_sources, load_validation, make_loader
 from training.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
-
-CHECKPOINT_PREFIX = "step_"
-CARD_FILE = "card.json"  # read by tokenizers_svc.api for the model's name
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-
-def build_backend(recipe: Recipe) -> Backend:
-    """The recipe's preset with its config overrides, seeded random init (or ``init_from`` weights),
-    wrapped in the family backend so that any family trains through encode_moments/decode_latents."""
-    preset = get_preset(recipe.model.preset)
-    name = recipe.model.name or recipe.name
-    if recipe.model.init_from:
-        module = model_class(preset.class_name).from_pretrained(recipe.model.init_from)
-    else:
-        try:
-            module = build_module(
-                replace(preset, config={**preset.config, **recipe.model.config}), seed=recipe.seed
-            )
-        except TypeError as exc:
-            raise ConfigError(
-                f"model.config does not fit {preset.class_name}: {exc}", param="model.config"
-            ) from None
-    return backend_for(preset.class_name).from_module(module, name)
-
-
-class Autoencoder(nn.Module):
-    """Training view of a backend: pixels -> (reconstruction, posterior mean, logvar | None).
-
-    The backend's module is a submodule, so DDP (via ``accelerator.prepare``) sees every parameter.
-    """
-
-    def __init__(self, backend: Backend, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__()
-        self.module = backend.module
-        self.backend = backend
-        self.rank, self.world_size = rank, world_size
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        mean, logvar = self.backend.encode_moments(x)  # (N, c, [t,] h, w) each
-        z = mean if logvar is None else mean + torch.exp(0.5 * logvar) * self.posterior_noise(mean)
-        return self.backend.decode_latents(z), mean, logvar  # recon like x, float
-
-    def posterior_noise(self, mean: torch.Tensor) -> torch.Tensor:
-        """Noise for this process's slice of the *global* batch: every process draws the global
-        batch's noise and keeps its rows, so the run is the same for any number of processes."""
-        n = mean.shape[0]
-        noise = torch.randn((n * self.world_size, *mean.shape[1:]), device=mean.device, dtype=mean.dtype)
-        return noise[self.rank * n : (self.rank + 1) * n]
-
-
-def last_layer_name(module: nn.Module, configured: str | None) -> str:
-    """The decoder's last weight (for the adaptive GAN weight): the configured name, else the last
-    >= 2-D weight named like an output layer (``conv_out``, ``to_pixels``) after the encoder's,
-    else the last >= 2-D weight under ``decoder``."""
-    names = [name for name, p in module.named_parameters() if p.ndim >= 2]
-    if configured:
-        if configured not in names:
-            raise ConfigError(
-                f"loss.gan.last_layer {configured!r} is not a weight of the model; e.g. {names[-3:]}",
-                param="loss.gan.last_layer",
-            )
-        return configured
-    outputs = [n for n in names if not n.startswith("encoder.") and ("conv_out" in n or "to_pixels" in n)]
-    decoder = [n for n in names if n.startswith("decoder.")]
-    return (outputs or decoder or names)[-1]
-
-
-def phase_parameters(module: nn.Module, phase: PhaseSection) -> list[nn.Parameter]:
-    params = [
-        p
-        for name, p in module.named_parameters()
-        if any(fnmatch.fnmatch(name, pat) for pat in phase.trainable)
-    ]
-    if not params:
-        raise ConfigError(
-            f"phase {phase.name!r}: trainable patterns {phase.trainable} match no parameter "
-            f"(names look like {next(iter(dict(module.named_parameters())))!r})",
-            param="phases.trainable",
-        )
-    return params
-
-
-# ---------------------------------------------------------------------------------------------- state
-
-
-class Ema:
-    """Exponential moving average of a module's weights (a frozen copy); what gets exported."""
-
-    def __init__(self, module: nn.Module, decay: float, warmup: bool) -> None:
-        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
-        self.decay, self.warmup, self.updates = decay, warmup, 0
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        for shadow, param in zip(self.shadow.parameters(), module.parameters(), strict=True):
-            shadow.lerp_(param.detach().to(shadow.dtype), 1.0 - decay)
-        for shadow, buffer in zip(self.shadow.buffers(), module.buffers(), strict=True):
-            shadow.copy_(buffer)
-
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow.load_state_dict(state["shadow"])
-        self.updates = int(state["updates"])
-
-
-class TrainState:
-    """Counters saved with every checkpoint (the rest of the state is Accelerate's)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.samples = 0
-        self.wall_s = 0.0
-        self.skipped: dict[str, int] = {}  # file -> times it failed to decode (this process)
-        self.initial_metrics: dict = {}
-        self.metrics: dict = {}
-        self.loss_history: list[tuple[int, float]] = []  # (step, mean total loss of the logging window)
-        self.last_terms: dict[str, float] = {}  # every logged term of the last logging window
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
-
-
-def lr_at(recipe: Recipe, step: int) -> float:
-    """Linear warmup then cosine to ``lr * min_lr_ratio``, restarted at each phase."""
-    _, phase, local = recipe.phase_at(step)
-    base = phase.lr or recipe.optim.lr
-    warmup = min(recipe.optim.warmup_steps, phase.steps - 1)
-    if local < warmup:
-        return base * (local + 1) / (warmup + 1)
-    progress = (local - warmup) / max(phase.steps - warmup, 1)
-    ratio = recipe.optim.min_lr_ratio
-    return base * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ---------------------------------------------------------------------------------------------- trainer
+from training.ema import Ema
+from training.model import Autoencoder, build_backend, last_layer_name, phase_parameters
+from training.schedule import lr_at
 
 
 class Trainer:
+    """One training run, read top to bottom: build (``__init__``), loop (:meth:`fit`: micro steps,
+    optimizer steps, logging, validation, checkpoints), export. The parts are components:
+    :mod:`training.model`, :mod:`training.ema`, :mod:`training.schedule`, :mod:`training.checkpointing`,
+    :mod:`training.card`, :mod:`training.losses`, :mod:`training.data`."""
+
     def __init__(self, recipe: Recipe, resume: str | None = None) -> None:
         self.recipe = recipe
         self.run_dir = recipe.run_dir
@@ -242,7 +101,7 @@ class Trainer:
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
         if recipe.logging.tensorboard:
-            acc.init_trackers("tb", config=_flat_config(recipe))
+            acc.init_trackers("tb", config=flat_config(recipe))
         self.resumed_from = self._resume(resume) if resume else None
 
     # ----------------------------------------------------------------------------------- setup checks
@@ -296,7 +155,7 @@ class Trainer:
         terms: dict[str, float] = {}  # loss terms summed over the steps of the logging window
         window_steps, micro = 0, 0
         for batch in loader:
-            x = batch["pixels"].to(acc.device).float() / 127.5 - 1.0  # (B, 3, [T,] S, S) in [-1, 1]
+            x = to_float_pixels(batch["pixels"].to(acc.device))  # (B, 3, [T,] S, S) in [-1, 1]
             for name in batch["skipped"]:
                 state.skipped[name] = state.skipped.get(name, 0) + 1
             micro += 1
@@ -431,7 +290,7 @@ class Trainer:
         return torch.cat(out)
 
     def validate(self) -> dict:
-        """PSNR/SSIM (evals.image_metrics, uint8) of the exported weights on the held-out images."""
+        """PSNR/SSIM (tokenizers_svc.metrics, uint8) of the exported weights on the held-out images."""
         if self.val_images is None or not self.accelerator.is_main_process:
             return {}
         recon = self.reconstruct(self.val_images)
@@ -468,13 +327,12 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
-        directory = self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.step:08d}"
+        directory = checkpoint_dir(self.run_dir, self.state.step)
         acc.wait_for_everyone()
         acc.save_state(str(directory))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            for old in list_checkpoints(self.run_dir)[: -self.recipe.checkpoint.keep]:
-                shutil.rmtree(old)
+            prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep)
         return directory
 
     def export(self) -> Path:
@@ -508,75 +366,23 @@ class Trainer:
     def _val_pixels(self, images: torch.Tensor):
         """uint8 images -> model input batches: float [-1, 1], (n, 3, H, W) or (n, 3, T, H, W)."""
         for chunk in images.split(self.recipe.validation.batch_size):
-            x = chunk.to(self.accelerator.device).float() / 127.5 - 1.0
+            x = to_float_pixels(chunk.to(self.accelerator.device))
             if self.spec.modality != "image":
                 x = x.unsqueeze(2).expand(-1, -1, self.spec.frame_rule.padded_frames(1), -1, -1)
             yield x  # a video model sees each image as a one-frame clip
 
     def card(self) -> dict:
-        recipe, state, acc = self.recipe, self.state, self.accelerator
-        return {
-            "name": recipe.model.name or recipe.name,
-            "preset": recipe.model.preset,
-            "family": self.spec.family,
-            "spec": self.spec.to_dict(),
-            "parameters": sum(p.numel() for p in self.export_module().parameters()),
-            "weights": "ema" if self.ema is not None else "raw",
-            "recipe": recipe.model_dump(mode="json"),
-            "data": {
-                "sources": data_summary(self.sources),
-                "validation": {
-                    "path": recipe.validation.path,
-                    "images": 0 if self.val_images is None else len(self.val_images),
-                },
-                "skipped_files": state.skipped,
-                "skipped_total": sum(state.skipped.values()),
-            },
-            "steps": state.step,
-            "samples_seen": state.samples,
-            "metrics": {"initial": state.initial_metrics, "final": state.metrics},
-            "train_loss": [list(item) for item in state.loss_history],
-            "train_terms_last": state.last_terms,
-            "training": {
-                "wall_s": round(state.wall_s, 1),
-                "processes": acc.num_processes,
-                "device": str(acc.device),
-                "mixed_precision": recipe.mixed_precision,
-                "hardware": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "accelerate": accelerate.__version__,
-                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            },
-        }
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
-def _flat_config(recipe: Recipe) -> dict:
-    """TensorBoard hparams accept scalars only: the recipe flattened to dotted keys."""
-    flat: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, item)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix] = value
-        else:
-            flat[prefix] = json.dumps(value)
-
-    walk("", recipe.model_dump(mode="json"))
-    return flat
+        facts = RunFacts(
+            spec=self.spec,
+            exported=self.export_module(),
+            ema=self.ema is not None,
+            sources=self.sources,
+            validation_images=0 if self.val_images is None else len(self.val_images),
+            processes=self.accelerator.num_processes,
+            device=str(self.accelerator.device),
+            resumed_from=self.resumed_from,
+        )
+        return training_card(self.recipe, self.state, facts)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -596,10 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(recipe, resume=args.resume)
         export = trainer.fit()
     except TokenizerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     trainer.accelerator.print(f"exported {export}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Model families. Importing this package registers every backend and preset."""
+"""Model families, one module each; :mod:`tokenizers_svc.registry` reads ``FAMILIES``.
 
-from tokenizers_svc.families import (
-    dcae,  # noqa: F401
-    diffusers_vae,  # noqa: F401
-    ltx_video,  # noqa: F401
-    video_vaes,  # noqa: F401
-    vitok,  # noqa: F401
-)
+Each family module declares ``BACKENDS``, ``PRESETS`` and (native models only) ``MODEL_CLASSES``;
+see :mod:`tokenizers_svc.families.base` for the contract.
+"""
+
+from tokenizers_svc.families import dcae, diffusers_vae, ltx_video, video_vaes, vitok
+
+FAMILIES = (dcae, diffusers_vae, ltx_video, video_vaes, vitok)

@@ -1,5 +1,10 @@
 """The contract between the generic :class:`~tokenizers_svc.api.Tokenizer` and a model family.
 
+A family module declares what it adds, and :mod:`tokenizers_svc.registry` collects it:
+``BACKENDS`` (:class:`Backend` subclasses), ``PRESETS`` (:class:`Preset` values) and, for native
+models that diffusers does not know, ``MODEL_CLASSES``. Families import this module and the spec,
+never the registry, so the registry can import every family without a cycle.
+
 A backend does raw compute only: no padding, no normalization, no tiling (the Tokenizer layer does
 those once for every family). Inputs it receives already satisfy ``spec`` constraints.
 """
@@ -8,12 +13,26 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tokenizers_svc.spec import TokenizerSpec
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: its class, a config to build it, and where its weights live."""
+
+    name: str
+    class_name: str  # diffusers class or native ModelMixin class, as written in config.json
+    config: dict = field(default_factory=dict)  # constructor kwargs when building from scratch
+    source: str | None = None  # local dir or hub id holding config.json + safetensors
+    subfolder: str | None = None
+    description: str = ""
+    random_init: bool = False  # may be built with seeded random weights when no weights exist
 
 
 class Backend(ABC):
@@ -36,8 +55,9 @@ class Backend(ABC):
 
     @classmethod
     @abstractmethod
-    def from_module(cls, module: nn.Module, name: str) -> Backend:
-        """Wrap an instantiated module; the spec is read from ``module.config``."""
+    def from_module(cls, module: nn.Module, name: str, weights_hash: str | None = None) -> Backend:
+        """Wrap an instantiated module; the spec is read from ``module.config``. ``weights_hash``:
+        known when the weights came from files (:func:`directory_hash`), else hashed on first use."""
 
     @abstractmethod
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

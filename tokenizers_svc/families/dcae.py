@@ -27,17 +27,17 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderDC
 
-from tokenizers_svc.families.base import Backend
-from tokenizers_svc.registry import Preset, register_backend, register_preset
+from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
 
 
-@register_backend
 class AutoencoderDCBackend(Backend):
     class_names = ("AutoencoderDC",)
 
     @classmethod
-    def from_module(cls, module: AutoencoderDC, name: str) -> AutoencoderDCBackend:
+    def from_module(
+        cls, module: AutoencoderDC, name: str, weights_hash: str | None = None
+    ) -> AutoencoderDCBackend:
         cfg = module.config
         spec = TokenizerSpec(
             name=name,
@@ -49,7 +49,7 @@ class AutoencoderDCBackend(Backend):
             is_kl=False,
             in_channels=cfg.in_channels,
         )
-        return cls(module, spec)
+        return cls(module, spec, weights_hash)
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.module.encode(x).latent, None  # (N, c, H/f, W/f)
@@ -110,32 +110,30 @@ RELEASED = {
     "dc-ae-f128c512": (8, 512, 0.4883, "mit-han-lab/dc-ae-f128c512-in-1.0-diffusers"),
 }
 
-for _name, (_levels, _channels, _scale, _hub_id) in RELEASED.items():
-    register_preset(
+BACKENDS = (AutoencoderDCBackend,)
+PRESETS = (
+    *(
         Preset(
-            name=_name,
+            name=name,
             class_name="AutoencoderDC",
-            config=released_config(_levels, _channels, _scale),
-            source=_hub_id,
-            description=f"DC-AE f{2 ** (_levels - 1)}c{_channels} ImageNet 1.0 (scaling {_scale}); {_hub_id}",
+            config=released_config(levels, channels, scale),
+            source=hub_id,
+            description=f"DC-AE f{2 ** (levels - 1)}c{channels} ImageNet 1.0 (scaling {scale}); {hub_id}",
         )
-    )
-
-register_preset(
+        for name, (levels, channels, scale, hub_id) in RELEASED.items()
+    ),
     Preset(
         name="dc-ae-f32c32-tiny",
         class_name="AutoencoderDC",
         config=tiny_config(6, 32),
         description="6-level DC-AE (f32c32, 1 layer per stage), random init; tests and CPU training",
         random_init=True,
-    )
-)
-register_preset(
+    ),
     Preset(
         name="dc-ae-f64c128-tiny",
         class_name="AutoencoderDC",
         config=tiny_config(7, 128),
         description="7-level DC-AE (f64c128, 1 layer per stage), random init; tests and CPU training",
         random_init=True,
-    )
+    ),
 )

@@ -8,19 +8,19 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from tokenizers_svc.families.base import Backend
-from tokenizers_svc.registry import Preset, register_backend, register_preset
+from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
 
 
-@register_backend
 class AutoencoderKLBackend(Backend):
     """SD / SDXL / FLUX style image VAE. Normalization: ``(z - shift_factor) * scaling_factor``."""
 
     class_names = ("AutoencoderKL",)
 
     @classmethod
-    def from_module(cls, module: AutoencoderKL, name: str) -> AutoencoderKLBackend:
+    def from_module(
+        cls, module: AutoencoderKL, name: str, weights_hash: str | None = None
+    ) -> AutoencoderKLBackend:
         cfg = module.config
         spec = TokenizerSpec(
             name=name,
@@ -34,7 +34,7 @@ class AutoencoderKLBackend(Backend):
             is_kl=True,
             in_channels=cfg.in_channels,
         )
-        return cls(module, spec)
+        return cls(module, spec, weights_hash)
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.module.encode(x).latent_dist  # (N, 2c, h, w) split into mean, logvar
@@ -54,15 +54,6 @@ _TINY_KL = {
     "sample_size": 64,
 }
 
-register_preset(
-    Preset(
-        name="sd-vae-tiny",
-        class_name="AutoencoderKL",
-        config={**_TINY_KL, "scaling_factor": 0.18215},
-        description="2-level AutoencoderKL (f2c4), random init; for tests and CPU development",
-        random_init=True,
-    )
-)
 # The published architecture of the SD-family VAEs (the hub config.json files), so the registry can
 # describe them and training can build them without their weights; the hub weights override nothing
 # here, they are loaded from ``source`` with their own config.
@@ -75,25 +66,29 @@ _SD_VAE = {
     "norm_num_groups": 32,
 }
 
-register_preset(
+BACKENDS = (AutoencoderKLBackend,)
+PRESETS = (
+    Preset(
+        name="sd-vae-tiny",
+        class_name="AutoencoderKL",
+        config={**_TINY_KL, "scaling_factor": 0.18215},
+        description="2-level AutoencoderKL (f2c4), random init; for tests and CPU development",
+        random_init=True,
+    ),
     Preset(
         name="sd-vae-ft-mse",
         class_name="AutoencoderKL",
         config={**_SD_VAE, "sample_size": 256, "scaling_factor": 0.18215},
         source="stabilityai/sd-vae-ft-mse",
         description="Stable Diffusion 1.x VAE (f8c4, scaling 0.18215)",
-    )
-)
-register_preset(
+    ),
     Preset(
         name="sdxl-vae",
         class_name="AutoencoderKL",
         config={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
         source="stabilityai/sdxl-vae",
         description="SDXL VAE (f8c4, scaling 0.13025)",
-    )
-)
-register_preset(
+    ),
     Preset(
         name="flux-vae",
         class_name="AutoencoderKL",
@@ -109,5 +104,5 @@ register_preset(
         source="black-forest-labs/FLUX.1-dev",
         subfolder="vae",
         description="FLUX.1 VAE (f8c16, shift 0.1159, scaling 0.3611)",
-    )
+    ),
 )

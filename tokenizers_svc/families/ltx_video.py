@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKLLTXVideo
 
-from tokenizers_svc.families.base import Backend
-from tokenizers_svc.registry import Preset, register_backend, register_preset
+from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
 
@@ -32,12 +31,13 @@ def _channel_stats(
     return tuple(mean.float().tolist()), tuple(std.float().tolist())
 
 
-@register_backend
 class LTXVideoBackend(Backend):
     class_names = ("AutoencoderKLLTXVideo",)
 
     @classmethod
-    def from_module(cls, module: AutoencoderKLLTXVideo, name: str) -> LTXVideoBackend:
+    def from_module(
+        cls, module: AutoencoderKLLTXVideo, name: str, weights_hash: str | None = None
+    ) -> LTXVideoBackend:
         cfg = module.config
         mean, std = _channel_stats(module)
         spec = TokenizerSpec(
@@ -51,7 +51,7 @@ class LTXVideoBackend(Backend):
             is_kl=True,
             in_channels=cfg.in_channels,
         )
-        return cls(module, spec)
+        return cls(module, spec, weights_hash)
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.module.encode(x).latent_dist  # (N, c, t, h, w) mean and logvar
@@ -102,7 +102,8 @@ TINY_VIDEO_VAE = {
     "decoder_causal": False,
 }
 
-register_preset(
+BACKENDS = (LTXVideoBackend,)
+PRESETS = (
     Preset(
         name="ltx-video-vae",
         class_name="AutoencoderKLLTXVideo",
@@ -110,23 +111,19 @@ register_preset(
         source="Lightricks/LTX-Video",
         subfolder="vae",
         description="LTX-Video 0.9 VAE (f32 t8 c128, causal, 1:192)",
-    )
-)
-register_preset(
+    ),
     Preset(
         name="video-vae-f32t8c128",
         class_name="AutoencoderKLLTXVideo",
         config=LTX_VIDEO_VAE,
         description="LTX-Video architecture (f32 t8 c128, causal 1+8k, 1:192), random init; to train",
         random_init=True,
-    )
-)
-register_preset(
+    ),
     Preset(
         name="video-vae-tiny",
         class_name="AutoencoderKLLTXVideo",
         config=TINY_VIDEO_VAE,
         description="tiny causal video VAE (f16 t4 c16, 1+4k frames, 1:192), random init; tests and CPU",
         random_init=True,
-    )
+    ),
 )

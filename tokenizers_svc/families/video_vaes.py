@@ -31,8 +31,7 @@ import torch
 from diffusers import EDMEulerScheduler
 from torch import nn
 
-from tokenizers_svc.families.base import Backend
-from tokenizers_svc.registry import Preset, register_backend, register_preset
+from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
 #: Cosmos 1.0 pipelines scale normalized latents by their EDM scheduler's ``sigma_data``, which lives
@@ -48,7 +47,7 @@ class _VideoVAEBackend(Backend):
     is_kl = True
 
     @classmethod
-    def from_module(cls, module: nn.Module, name: str) -> _VideoVAEBackend:
+    def from_module(cls, module: nn.Module, name: str, weights_hash: str | None = None) -> _VideoVAEBackend:
         cfg = module.config
         spatial, temporal = cls.compression(cfg)
         spec = TokenizerSpec(
@@ -62,7 +61,7 @@ class _VideoVAEBackend(Backend):
             is_kl=cls.is_kl,
             in_channels=3,  # RGB for every family (see the module docstring)
         )
-        return cls(module, spec)
+        return cls(module, spec, weights_hash)
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
@@ -87,7 +86,6 @@ class _VideoVAEBackend(Backend):
         return self.module.decode(z).sample
 
 
-@register_backend
 class WanVAEBackend(_VideoVAEBackend):
     """Wan 2.1 (and Wan-style, e.g. Cosmos 2) VAE. Pipeline: ``(z - latents_mean) / latents_std``."""
 
@@ -111,7 +109,6 @@ class WanVAEBackend(_VideoVAEBackend):
         return LatentNormalization(mean=tuple(cfg.latents_mean), std=tuple(cfg.latents_std))
 
 
-@register_backend
 class HunyuanVideoVAEBackend(_VideoVAEBackend):
     """HunyuanVideo VAE. Pipeline: ``z * scaling_factor``."""
 
@@ -127,7 +124,6 @@ class HunyuanVideoVAEBackend(_VideoVAEBackend):
         return LatentNormalization(scale=float(cfg.scaling_factor))
 
 
-@register_backend
 class CogVideoXVAEBackend(_VideoVAEBackend):
     """CogVideoX VAE. Pipeline: ``z * scaling_factor`` (1.15258426 for 2b, 0.7 for 5b).
 
@@ -159,7 +155,6 @@ class CogVideoXVAEBackend(_VideoVAEBackend):
         return self.module.decode(padded).sample[:, :, : -self.spec.temporal_compression]
 
 
-@register_backend
 class CosmosVAEBackend(_VideoVAEBackend):
     """Cosmos 1.0 continuous tokenizer (CV8x8x8), deterministic. Pipeline:
     ``(z - latents_mean) / latents_std * sigma_data``.
@@ -197,7 +192,6 @@ class CosmosVAEBackend(_VideoVAEBackend):
         return self.module.encode(x).latent_dist.mode(), None
 
 
-@register_backend
 class MochiVAEBackend(_VideoVAEBackend):
     """Mochi 1 VAE (1 + 6k frames). Pipeline: ``(z - latents_mean) / latents_std * scaling_factor``."""
 
@@ -229,10 +223,6 @@ _HUB = (
     ("cosmos-vae", "AutoencoderKLCosmos", "nvidia/Cosmos-1.0-Tokenizer-CV8x8x8", "Cosmos 1.0 CV8x8x8 tokenizer (f8 t8 c16, 1 + 8k frames, deterministic)"),
     ("mochi-vae", "AutoencoderKLMochi", "genmo/mochi-1-preview", "Mochi 1 VAE (f8 t6 c12, 1 + 6k frames, per-channel mean/std)"),
 )  # fmt: skip
-for _name, _class_name, _source, _description in _HUB:
-    register_preset(
-        Preset(name=_name, class_name=_class_name, source=_source, subfolder="vae", description=_description)
-    )
 
 # Non-trivial per-channel stats in the tiny presets, so a normalization round trip can fail.
 _TINY_MEAN = [0.1, -0.2, 0.3, 0.05]
@@ -277,7 +267,14 @@ _TINY = {
         "Mochi-style VAE (f8 t6 c4, 1 + 6k frames), random init",
     ),
 }  # fmt: skip
-for _name, (_class_name, _config, _description) in _TINY.items():
-    register_preset(
-        Preset(name=_name, class_name=_class_name, config=_config, description=_description, random_init=True)
-    )
+BACKENDS = (WanVAEBackend, HunyuanVideoVAEBackend, CogVideoXVAEBackend, CosmosVAEBackend, MochiVAEBackend)
+PRESETS = (
+    *(
+        Preset(name=name, class_name=class_name, source=source, subfolder="vae", description=description)
+        for name, class_name, source, description in _HUB
+    ),
+    *(
+        Preset(name=name, class_name=class_name, config=config, description=description, random_init=True)
+        for name, (class_name, config, description) in _TINY.items()
+    ),
+)

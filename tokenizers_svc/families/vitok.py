@@ -27,8 +27,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from tokenizers_svc.errors import ShapeMismatchError
-from tokenizers_svc.families.base import Backend
-from tokenizers_svc.registry import Preset, register_backend, register_model_class, register_preset
+from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp as in the SD posterior, keeps exp(logvar) finite in bf16
@@ -134,7 +133,6 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
-@register_model_class
 class ViTokModel(ModelMixin, ConfigMixin):
     """ViTok auto-encoder. ``encode``/``decode`` use the channels-first latent grid (module docstring)."""
 
@@ -268,14 +266,13 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-@register_backend
 class ViTokBackend(Backend):
     """Native ViTok. Normalization: ``(z - shift_factor) * scaling_factor`` from the saved config."""
 
     class_names = ("ViTokModel",)
 
     @classmethod
-    def from_module(cls, module: ViTokModel, name: str) -> ViTokBackend:
+    def from_module(cls, module: ViTokModel, name: str, weights_hash: str | None = None) -> ViTokBackend:
         cfg = module.config
         spec = TokenizerSpec(
             name=name,
@@ -288,7 +285,7 @@ class ViTokBackend(Backend):
             is_kl=bool(cfg.variational),
             in_channels=cfg.in_channels,
         )
-        return cls(module, spec)
+        return cls(module, spec, weights_hash)
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.module.encode(x)
@@ -337,13 +334,15 @@ VITOK_PRESETS: dict[str, tuple[dict, str]] = {
     ),
 }
 
-for _name, (_config, _description) in VITOK_PRESETS.items():
-    register_preset(
-        Preset(
-            name=_name,
-            class_name="ViTokModel",
-            config=_config,
-            description=f"{_description}, random init",
-            random_init=True,
-        )
+BACKENDS = (ViTokBackend,)
+MODEL_CLASSES = (ViTokModel,)  # native: config.json names it, diffusers does not know it
+PRESETS = tuple(
+    Preset(
+        name=name,
+        class_name="ViTokModel",
+        config=config,
+        description=f"{description}, random init",
+        random_init=True,
     )
+    for name, (config, description) in VITOK_PRESETS.items()
+)

@@ -1,0 +1,288 @@
+"""The batch job's driver: plan, run the Ray Data pipeline, write the manifest.
+
+    tokenizers-svc batch-encode --input DIR|GLOB|MANIFEST.parquet --output OUT --model NAME [...]
+    python -m serving.batch ...                              (same arguments)
+    ray job submit --working-dir . -- python -m serving.batch ...
+
+Reading order: :func:`main` -> :func:`run`: list the inputs and drop those already done, then
+``prepare_row`` (CPU tasks) -> ``EncodeWorker`` (actor pool) -> ``write_shard`` (CPU tasks), then
+the manifest (what was written, what is missing, the history of runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from serving.batch.output import (
+    INPUTS_FILE,
+    JOB_FILE,
+    RUN_FILE,
+    TMP_SUFFIX,
+    Progress,
+    read_progress,
+    shard_paths,
+    write_atomic,
+)
+from serving.batch.plan import DTYPES, JobPlan, list_inputs, make_plan
+from serving.batch.stages import EncodeWorker, prepare_row, write_shard
+from tokenizers_svc.datasets import MANIFEST_FILE, SHARD_PREFIX
+from tokenizers_svc.defaults import default_model_for
+from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
+from tokenizers_svc.pixels import RESIZE_POLICIES
+
+MAX_INPUT_BLOCKS = 1000  # one CPU task per block of inputs; enough blocks to keep a cluster busy
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenizers-svc batch-encode",
+        description="Encode a dataset of images/videos into Parquet shards of latents with Ray Data.",
+    )
+    p.add_argument(
+        "--input", required=True, help="directory (recursive), glob, or .parquet with a 'path' column"
+    )
+    p.add_argument("--output", required=True, help="output directory for shards, job.json and manifest.json")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="preset name or local model directory (default: the shipped video tokenizer when an input "
+        "is a video, else the shipped image tokenizer)",
+    )
+    p.add_argument("--resize", choices=RESIZE_POLICIES, default="none", help="explicit resize policy")
+    p.add_argument("--resolution", type=int, default=None, help="target size for --resize")
+    p.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        help="store raw latents instead of normalized",
+    )
+    p.add_argument("--sample", action="store_true", help="sample the posterior (KL models); default its mode")
+    p.add_argument("--seed", type=int, default=None, help="seed for --sample (per item)")
+    p.add_argument(
+        "--clip-frames",
+        type=int,
+        default=None,
+        help="frames per video clip (default: 16 rounded up to the frame rule)",
+    )
+    p.add_argument("--stride", type=int, default=1, help="keep every n-th video frame before cutting clips")
+    p.add_argument("--max-frames", type=int, default=None, help="decode at most this many frames per video")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="rows per encoder call (same shapes batch together)"
+    )
+    p.add_argument("--shard-rows", type=int, default=256, help="rows per Parquet shard (at most)")
+    p.add_argument("--workers", type=int, default=1, help="encoder actors")
+    p.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per encoder actor (default: 1 when the Ray cluster has GPUs, else 0)",
+    )
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per encoder actor")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype")
+    p.add_argument(
+        "--limit", type=int, default=None, help="encode at most this many pending inputs, then stop"
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray address (default: RAY_ADDRESS, else start a local Ray)"
+    )
+    return p
+
+
+def _check_job_file(output: Path, plan: JobPlan) -> None:
+    """One output directory holds one model and one set of options: a rerun with others would mix
+    latents of two kinds. Inputs may change (new files are encoded by the next run)."""
+    job = plan.key()
+    path = output / JOB_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != job:
+            changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+            raise ConfigError(
+                f"{output} holds a job with different {', '.join(changed)}; rerun the same command to "
+                "resume, or use a new --output",
+                param="output",
+            )
+        return
+    write_atomic(path, json.dumps(job, indent=2, sort_keys=True))
+
+
+def _gpus_per_worker(requested: float | None) -> float:
+    import ray
+
+    available = ray.cluster_resources().get("GPU", 0)
+    if requested is None:
+        return 1.0 if available else 0.0
+    if requested < 0:
+        raise ConfigError(f"--num-gpus-per-worker must be >= 0, got {requested}", param="num_gpus_per_worker")
+    if requested > available:
+        raise ConfigError(
+            f"--num-gpus-per-worker {requested} but the Ray cluster has {available:g} GPUs",
+            param="num_gpus_per_worker",
+        )
+    return requested
+
+
+def _claim(output: Path, plan: JobPlan) -> str:
+    """Make this run the owner of ``output``; returns its run id. From here on, writers of earlier
+    runs discard their shards, and their half-written shards are removed (their rows are redone)."""
+    output.mkdir(parents=True, exist_ok=True)
+    _check_job_file(output, plan)
+    run_id = uuid.uuid4().hex
+    write_atomic(output / RUN_FILE, run_id)
+    for stale in output.glob(f".{SHARD_PREFIX}*{TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+    return run_id
+
+
+def _encode(
+    pending: list[dict], plan: JobPlan, args: argparse.Namespace, gpus: float, output: Path, run_id: str
+) -> list[dict]:
+    """The Ray Data pipeline over ``pending`` inputs -> one summary row per shard written."""
+    import ray
+
+    ds = ray.data.from_items(pending, override_num_blocks=min(len(pending), MAX_INPUT_BLOCKS))
+    # flat_map: one input -> several rows (clips); Ray Data keeps it in CPU tasks instead of
+    # fusing it into the encoder actors.
+    ds = ds.flat_map(prepare_row, fn_kwargs={"plan": plan})
+    ds = ds.map_batches(
+        EncodeWorker,
+        fn_constructor_args=(plan, int(args.cpus_per_worker)),
+        batch_size=args.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=args.workers),
+        num_gpus=gpus,
+        num_cpus=args.cpus_per_worker,
+    )
+    ds = ds.map_batches(
+        write_shard,
+        fn_kwargs={"output": str(output), "run_id": run_id},
+        batch_size=args.shard_rows,
+        batch_format="pyarrow",
+    )
+    return list(ds.iter_rows())
+
+
+def _manifest(
+    args: argparse.Namespace,
+    argv: list[str],
+    plan: JobPlan,
+    inputs: list[str],
+    ignored: list[str],
+    run: dict,
+    after: Progress,
+    output: Path,
+) -> dict:
+    missing = [path for path in inputs if not after.complete(path)]
+    return {
+        "command": shlex.join(["python", "-m", "serving.batch", *argv]),  # rerun it to resume
+        "process": shlex.join(sys.orig_argv),  # how this run was started (CLI, ray job, tests)
+        "model": {"name": plan.model_name, "source": plan.model, "weights_hash": plan.weights_hash},
+        "options": plan.key(),
+        "device": plan.device,
+        "inputs": {"spec": args.input, "count": len(inputs), "listing": INPUTS_FILE, "ignored": ignored},
+        "outputs": {
+            "dir": str(output),
+            "shards": [p.name for p in shard_paths(output)],
+            "rows": after.rows,
+            "error_rows": after.errors,
+            "duplicate_rows": after.duplicates,
+        },
+        "complete": not missing,
+        "missing": missing,
+        "run": run,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _write_manifest(output: Path, inputs: list[str], manifest: dict) -> None:
+    """The input listing (usable as a manifest) and manifest.json with the history of every run."""
+    tmp = output / f".{INPUTS_FILE}{TMP_SUFFIX}"
+    pq.write_table(pa.table({"path": pa.array(inputs, pa.string())}), tmp)
+    tmp.replace(output / INPUTS_FILE)
+    path = output / MANIFEST_FILE
+    history = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+    runs = [
+        *history,
+        {"command": manifest["command"], "finished_at": manifest["finished_at"], **manifest["run"]},
+    ]
+    write_atomic(path, json.dumps({**manifest, "runs": runs}, indent=2))
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Plan, run the Ray Data pipeline, write manifest.json; returns the manifest."""
+    import ray
+
+    inputs, ignored = list_inputs(args.input)
+    if args.model is None:
+        args.model = default_model_for(inputs)
+    plan = make_plan(args, device="cpu")
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    gpus = _gpus_per_worker(args.num_gpus_per_worker)
+    plan = replace(plan, device="cuda" if gpus > 0 else "cpu")
+    output = Path(args.output).resolve()
+    run_id = _claim(output, plan)
+    before = read_progress(output)
+    pending = [
+        {"path": path, "done_ids": before.ids.get(path, [])} for path in inputs if not before.complete(path)
+    ]
+    skipped = len(inputs) - len(pending)
+    pending = pending[: args.limit]
+
+    started = time.perf_counter()
+    summaries = _encode(pending, plan, args, gpus, output, run_id) if pending else []
+    wall = time.perf_counter() - started
+
+    ok = sum(s["ok"] for s in summaries)
+    errors = sum(s["errors"] for s in summaries)
+    run = {
+        "inputs_skipped": skipped,
+        "inputs_encoded": len(pending),
+        "rows_ok": ok,
+        "rows_error": errors,
+        "shards_written": [s["shard"] for s in summaries if s["shard"]],
+        "bytes_written": sum(s["bytes"] for s in summaries),
+        "wall_s": round(wall, 3),
+        "rows_per_s": round((ok + errors) / wall, 3) if summaries else 0.0,
+    }
+    manifest = _manifest(args, argv, plan, inputs, ignored, run, read_progress(output), output)
+    _write_manifest(output, inputs, manifest)
+    return manifest
+
+
+def summary_line(manifest: dict) -> str:
+    run, out = manifest["run"], manifest["outputs"]
+    done = run["rows_ok"] + run["rows_error"]
+    state = (
+        "complete" if manifest["complete"] else f"{len(manifest['missing'])} inputs left (rerun to resume)"
+    )
+    return (
+        f"batch-encode: {done} rows ({run['rows_ok']} ok, {run['rows_error']} errors) from "
+        f"{run['inputs_encoded']} inputs in {run['wall_s']:.1f} s = {run['rows_per_s']:.2f} items/s, "
+        f"{run['inputs_skipped']} inputs already done; {run['bytes_written'] / 1e6:.2f} MB written to "
+        f"{len(run['shards_written'])} shards; {out['rows']} rows in {out['dir']}: {state}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tokenizers-svc batch-encode`` and ``python -m serving.batch``. Exit codes as
+    every entry point (``tokenizers_svc.errors``): 0 when the run finished (error rows included),
+    1 on a typed error or when inputs are missing although no --limit was given, 2 on bad usage."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = run(args, argv)
+    except TokenizerError as exc:
+        return print_error(exc)
+    print(summary_line(manifest))
+    return EXIT_OK if manifest["complete"] or args.limit else EXIT_ERROR

@@ -1,0 +1,148 @@
+"""What a batch job will do, decided on the driver before any work: the inputs, the model, the options.
+
+A :class:`JobPlan` travels to every task and actor; its :meth:`JobPlan.key` (model, weights, options)
+goes into every row id and into ``job.json``, so a rerun of the same command recognizes its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tokenizers_svc.errors import ConfigError, TokenizerError
+from tokenizers_svc.formats import is_media_file
+from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.pipeline import EncodeOptions
+from tokenizers_svc.spec import FrameRule
+
+DEFAULT_CLIP_FRAMES = 16  # rounded up to the model's frame rule (17 for 1 + 4k / 1 + 8k models)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything the workers need, validated on the driver before any work."""
+
+    model: str  # as given: preset name or model directory
+    model_name: str
+    weights_hash: str
+    modality: str  # of the model: image | video | both
+    frame_rule: FrameRule
+    options: EncodeOptions
+    clip_frames: int
+    device: str
+    dtype: str
+
+    def key(self) -> dict:
+        """What determines a row's latents; part of every id and of job.json."""
+        options = asdict(self.options)
+        options.pop("tiling")
+        return {
+            "model": self.model_name,
+            "weights_hash": self.weights_hash,
+            "options": options,
+            "clip_frames": self.clip_frames,
+            "dtype": self.dtype,
+        }
+
+
+def digest(value: object) -> str:
+    """Stable 32-hex-digit id of a JSON-able value."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def row_id(plan_key: dict, path: str, clip: tuple[int, int] | None) -> str:
+    return digest({"path": path, "clip": list(clip) if clip else None, **plan_key})
+
+
+def error_text(exc: TokenizerError) -> str:
+    """A library error as the row's ``error`` field: ``type: message``."""
+    return f"{exc.type}: {exc.message}"
+
+
+def list_inputs(spec: str) -> tuple[list[str], list[str]]:
+    """DIR (recursive, media suffixes), GLOB, or a Parquet manifest with a ``path`` column ->
+    (sorted absolute input paths, ignored non-media paths). Manifest paths are relative to it."""
+    path = Path(spec)
+    ignored: list[str] = []
+    if path.is_dir():
+        files = sorted(p.resolve() for p in path.rglob("*") if p.is_file())
+        inputs = [str(p) for p in files if is_media_file(p)]
+        ignored = [str(p) for p in files if not is_media_file(p)]
+    elif path.is_file() and path.suffix == ".parquet":
+        table = pq.read_table(path)
+        if "path" not in table.column_names:
+            raise ConfigError(
+                f"manifest {path.name} needs a 'path' column, got columns {table.column_names}",
+                param="input",
+            )
+        base = path.resolve().parent
+        inputs = [str((base / p).resolve()) for p in table.column("path").to_pylist() if p]
+    else:
+        inputs = [str(Path(p).resolve()) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+    if not inputs:
+        raise ConfigError(
+            f"--input {spec!r} matched no media files; expected a directory, a glob or a .parquet "
+            "manifest with a 'path' column",
+            param="input",
+        )
+    return sorted(set(inputs)), ignored
+
+
+def clip_ranges(frames: int, clip_frames: int) -> list[tuple[int, int]]:
+    """Consecutive windows of ``clip_frames`` frames; the last one may be shorter (the model pads
+    it to its frame rule and decode crops back to the clip's length), so no frame is dropped."""
+    return [(s, min(s + clip_frames, frames)) for s in range(0, frames, clip_frames)]
+
+
+def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
+    """Validate the arguments against the model (loaded once here, on CPU) before any work."""
+    for name in (
+        "batch_size",
+        "shard_rows",
+        "workers",
+        "clip_frames",
+        "stride",
+        "max_frames",
+        "resolution",
+        "limit",
+    ):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}", param=name)
+    if args.resize != "none" and args.resolution is None:
+        raise ConfigError(f"--resize {args.resize} needs --resolution", param="resolution")
+    if args.seed is not None and not args.sample:
+        raise ConfigError("--seed only applies with --sample", param="seed")
+    tokenizer = load_tokenizer(args.model, device="cpu")
+    spec = tokenizer.spec
+    if args.dtype not in spec.dtypes:
+        raise ConfigError(
+            f"--dtype must be one of {list(spec.dtypes)} for {spec.name}, got {args.dtype}", param="dtype"
+        )
+    rule = spec.frame_rule if spec.modality != "image" else FrameRule()
+    clip_frames = args.clip_frames or rule.padded_frames(DEFAULT_CLIP_FRAMES)
+    if not rule.is_valid(clip_frames):
+        lower = rule.padded_frames(max(clip_frames - rule.temporal_compression, 1))
+        raise ConfigError(
+            f"--clip-frames must follow {spec.name}'s frame rule ({rule.describe()}), got {clip_frames}; "
+            f"nearest valid: {lower} or {rule.padded_frames(clip_frames)}",
+            param="clip_frames",
+        )
+    return JobPlan(
+        model=args.model,
+        model_name=spec.name,
+        weights_hash=tokenizer.weights_hash,
+        modality=spec.modality,
+        frame_rule=rule,
+        options=EncodeOptions.from_flags(vars(args)),  # the job's flags are named like the options
+        clip_frames=clip_frames,
+        device=device,
+        dtype=args.dtype,
+    )

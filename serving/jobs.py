@@ -1,0 +1,73 @@
+"""What the ingress sends a model deployment, and what comes back.
+
+The ingress turns an HTTP request into an :class:`EncodeJob` or :class:`DecodeJob` (bodies parsed,
+options built); the replica answers with a :class:`Reply`, or an :class:`ErrorReply` carrying a
+library error's JSON shape and status, so that no exception has to survive pickling between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tokenizers_svc.latents import Latents
+from tokenizers_svc.pipeline import DecodeOptions, EncodeOptions
+
+# Diffusers remote-VAE protocol: normalized = (raw - shift) * scale, instead of the model's own.
+Scaling = tuple[float, float]
+
+
+@dataclass
+class EncodeJob:
+    """``data``: image/video file bytes, or ``tensor``: pixels (N, 3, H, W) / (N, 3, T, H, W),
+    uint8 [0, 255] or float [-1, 1]. ``output``: the latent file, or the bare latent tensor."""
+
+    options: EncodeOptions
+    data: bytes | None = None
+    tensor: torch.Tensor | None = None
+    output: Literal["file", "tensor"] = "file"
+    scaling: Scaling | None = None
+
+
+@dataclass(frozen=True)
+class TensorOutput:
+    """How decoded pixels are returned as a bare tensor.
+
+    ``range``: "signed" float [-1, 1], "unit" float [0, 1], or "uint8" [0, 255];
+    ``channels_last``: (N, H, W, C) / (N, T, H, W, C) instead of channels-first.
+    """
+
+    dtype: str = "float32"
+    range: Literal["signed", "unit", "uint8"] = "signed"
+    channels_last: bool = False
+
+
+@dataclass
+class DecodeJob:
+    """``latents`` (from a latent file, metadata included) or a bare ``tensor`` (N, C, h, w) /
+    (N, C, t, h, w) float, normalized by the model's constants (``normalized``) or by ``scaling``.
+    ``format``: png | jpeg | webp | mp4 for media, or None with ``tensor_output`` for a tensor."""
+
+    options: DecodeOptions = field(default_factory=DecodeOptions)
+    latents: Latents | None = None
+    tensor: torch.Tensor | None = None
+    normalized: bool = True
+    scaling: Scaling | None = None
+    format: str | None = "png"
+    tensor_output: TensorOutput = field(default_factory=TensorOutput)
+
+
+@dataclass
+class Reply:
+    body: bytes
+    media_type: str
+    headers: dict[str, str]
+    batch_size: int
+
+
+@dataclass
+class ErrorReply:
+    error: dict
+    status: int

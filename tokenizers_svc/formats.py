@@ -1,0 +1,71 @@
+"""File formats by name and suffix: the one list every part reads (media, CLI, client, batch job,
+training data, evals).
+
+A leaf module (it imports only the errors), so that listing files or naming an output format never
+pulls in Pillow, PyAV or torch. Kinds are decided from magic bytes when bytes are read
+(:func:`tokenizers_svc.media.sniff_media`); suffixes only choose which files a listing picks up
+and which content type a client announces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers_svc.errors import UnsupportedMediaTypeError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what directory listings treat as images
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm")  # ... and as videos
+MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+
+# Pillow format names of the image formats this service writes, by the names users type.
+IMAGE_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+IMAGE_MEDIA_TYPES: dict[str, str] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+VIDEO_MEDIA_TYPE = "video/mp4"
+# Output formats of decode (image formats and mp4) -> the media type of their bytes.
+OUTPUT_FORMATS: dict[str, str] = {
+    **{name: IMAGE_MEDIA_TYPES[pillow] for name, pillow in IMAGE_FORMATS.items()},
+    "mp4": VIDEO_MEDIA_TYPE,
+}
+# What a client announces for a file it uploads (the server sniffs the bytes anyway).
+SUFFIX_MEDIA_TYPES: dict[str, str] = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".mp4": "video/mp4",
+    ".m4v": "video/mp4",
+    ".webm": "video/webm",
+    ".mov": "video/quicktime",
+    ".avi": "video/x-msvideo",
+    ".mkv": "video/x-matroska",
+}
+
+
+def _key(name: str) -> str:
+    return name.lower().lstrip(".")
+
+
+def image_format(name: str) -> str:
+    """'png' / 'jpeg' / 'jpg' / 'webp' (any case, optional dot) -> Pillow's format name."""
+    if _key(name) not in IMAGE_FORMATS:
+        raise UnsupportedMediaTypeError(
+            f"image format must be one of {sorted(IMAGE_FORMATS)}, got {name!r}", param="format"
+        )
+    return IMAGE_FORMATS[_key(name)]
+
+
+def output_media_type(format: str) -> str:
+    """'png' / 'jpeg' / 'jpg' / 'webp' / 'mp4' (any case, optional dot) -> media type."""
+    if _key(format) not in OUTPUT_FORMATS:
+        raise UnsupportedMediaTypeError(
+            f"output format must be one of {sorted(OUTPUT_FORMATS)}, got {format!r}", param="format"
+        )
+    return OUTPUT_FORMATS[_key(format)]
+
+
+def is_media_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in MEDIA_SUFFIXES
+
+
+def is_video_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES

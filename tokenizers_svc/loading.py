@@ -1,0 +1,112 @@
+"""Name or directory -> :class:`~tokenizers_svc.api.Tokenizer`: the one loading path of every entry point.
+
+Beside the registry it reads: a preset name resolves to its local weights directory, a hub id (from
+the local cache only when offline), or seeded random weights for presets that allow them. A model
+directory holds ``config.json`` (whose ``_class_name`` picks the backend) and safetensors weights, as
+written by ``save_pretrained``, plus an optional training card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tokenizers_svc.api import Tokenizer, place_module
+from tokenizers_svc.errors import UnsupportedModelError
+from tokenizers_svc.families.base import directory_hash
+from tokenizers_svc.registry import (
+    Preset,
+    backend_for,
+    get_preset,
+    local_weights_dir,
+    model_class,
+    read_class_name,
+)
+
+CARD_FILE = "card.json"  # written by training next to the exported weights; names the model
+
+
+def build_module(preset: Preset, seed: int = 0) -> torch.nn.Module:
+    """Instantiate a preset's module from its config with seeded random weights (training, tests)."""
+    cls = model_class(preset.class_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(**preset.config)
+
+
+def load_tokenizer(
+    name_or_path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_random_init: bool | None = None,
+) -> Tokenizer:
+    """Load a tokenizer by preset name, local model directory, or hub id (from the local cache only
+    when offline).
+
+    Presets without weights are built with seeded random weights only when ``random_init`` is set
+    on the preset (tiny test presets) or ``allow_random_init=True`` is passed.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return load_directory(path, name=directory_name(path), device=device, dtype=dtype)
+    preset = get_preset(str(name_or_path))
+    weights = local_weights_dir(preset)
+    if weights is not None:
+        return load_directory(weights, name=preset.name, device=device, dtype=dtype)
+    random_init = allow_random_init or (allow_random_init is None and preset.random_init)
+    if preset.source and not random_init:
+        return load_hub(preset, device=device, dtype=dtype)
+    if not random_init:
+        raise UnsupportedModelError(
+            f"preset {preset.name!r} has no weights; train it (tokenizers-svc train) and load the exported "
+            "directory, or pass allow_random_init=True",
+            param="model",
+        )
+    module = place_module(build_module(preset), device, dtype).eval()
+    backend = backend_for(preset.class_name).from_module(module, preset.name)
+    return Tokenizer(backend, source=f"preset:{preset.name} (random init, seed 0)")
+
+
+def directory_name(path: Path) -> str:
+    """A model directory's name: the card's ``name`` when a training card is present, else the folder."""
+    card = path / CARD_FILE
+    if card.is_file():
+        try:
+            return str(json.loads(card.read_text()).get("name") or path.name)
+        except (OSError, json.JSONDecodeError):
+            pass
+    return path.resolve().name
+
+
+def load_directory(path: Path, *, name: str, device, dtype) -> Tokenizer:
+    """A ``save_pretrained`` directory -> Tokenizer; its weights hash is the hash of its files."""
+    class_name = read_class_name(path)
+    backend_cls = backend_for(class_name)
+    try:
+        module = model_class(class_name).from_pretrained(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UnsupportedModelError(
+            f"cannot load {class_name} from model directory {path.name!r}: {exc}"
+        ) from None
+    place_module(module, device, dtype).eval()
+    return Tokenizer(backend_cls.from_module(module, name, directory_hash(path)), source=str(path))
+
+
+def load_hub(preset: Preset, *, device, dtype) -> Tokenizer:
+    """Real hub loading path (``from_pretrained(hub_id)``); offline it fails with a clear message."""
+    try:
+        module = model_class(preset.class_name).from_pretrained(preset.source, subfolder=preset.subfolder)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(
+            f"weights for {preset.name!r} ({preset.source}) are not available locally and could not be "
+            f"downloaded ({type(exc).__name__}); download them and pass the directory, or place them in "
+            f"$TOKENIZERS_SVC_HOME/weights/{preset.name}",
+            param="model",
+        ) from None
+    place_module(module, device, dtype).eval()
+    return Tokenizer(
+        backend_for(preset.class_name).from_module(module, preset.name), source=preset.source or ""
+    )

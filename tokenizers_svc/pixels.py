@@ -1,0 +1,120 @@
+"""Pixel conversions and resizing: the one place that says how uint8 and float pixels map onto
+each other and how images are resized and cropped.
+
+A leaf module (torch and the errors only), imported by the Tokenizer, media, evals and training.
+Conventions: uint8 is [0, 255]; float is [-1, 1]; float -> uint8 rounds half up (what the eval
+metrics assume); resizing is antialiased, bicubic unless a caller names another kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from tokenizers_svc.errors import DTypeMismatchError, InvalidRequestError
+
+ResizePolicy = Literal["none", "shorter-side", "fit"]
+RESIZE_POLICIES: tuple[str, ...] = ("none", "shorter-side", "fit")
+ResizeMode = Literal["bicubic", "bilinear"]
+PIXEL_RANGE_TOLERANCE = 1e-3  # float pixels may exceed [-1, 1] by rounding error only
+
+
+def to_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [-1, 1] (any layout) -> float32 [-1, 1]. Refuses other dtypes/ranges."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float() / 127.5 - 1.0
+    if not torch.is_floating_point(pixels):
+        raise DTypeMismatchError(
+            f"pixels must be uint8 [0, 255] or float [-1, 1], got {str(pixels.dtype).removeprefix('torch.')}",
+            param="pixels",
+        )
+    if not bool(torch.isfinite(pixels).all()):
+        raise InvalidRequestError("pixels contain NaN/Inf; expected finite floats in [-1, 1]", param="pixels")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < -1 - PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+        raise InvalidRequestError(
+            f"float pixels must be in [-1, 1], got range [{low:.3f}, {high:.3f}] "
+            "(pass uint8 for [0, 255] data)",
+            param="pixels",
+        )
+    return pixels.float().clamp(-1, 1)
+
+
+def to_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], round half up (the convention the eval metrics use)."""
+    return torch.floor((pixels.float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
+
+
+def as_uint8_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 passes through; float [-1, 1] is rounded (:func:`to_uint8_pixels`); other dtypes are refused."""
+    if pixels.dtype == torch.uint8:
+        return pixels
+    if not torch.is_floating_point(pixels):
+        raise DTypeMismatchError(
+            f"pixels must be uint8 [0, 255] or float [-1, 1], got {pixels.dtype}", param="pixels"
+        )
+    return to_uint8_pixels(pixels)
+
+
+def policy_size(height: int, width: int, policy: str, resolution: int) -> tuple[int, int]:
+    """(H, W) after ``policy``: 'shorter-side' -> shorter side == resolution, 'fit' -> longer side."""
+    scale = resolution / (min(height, width) if policy == "shorter-side" else max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _interpolate(x: torch.Tensor, size: tuple[int, int], mode: ResizeMode) -> torch.Tensor:
+    """float (..., H, W) -> (..., h, w): the leading dims are flattened into one batch of planes."""
+    planes = x.reshape(-1, 1, *x.shape[-2:])  # (P, 1, H, W); every plane is resized on its own
+    out = F.interpolate(planes, size=size, mode=mode, antialias=True, align_corners=False)
+    return out.reshape(*x.shape[:-2], *size)
+
+
+def resize_pixels(pixels: torch.Tensor, policy: str, resolution: int | None) -> torch.Tensor:
+    """Explicit resize of float (N, C, [T,] H, W): 'shorter-side' -> shorter side == resolution,
+    'fit' -> longer side == resolution; 'none' returns the input untouched. Antialiased bicubic."""
+    if policy not in RESIZE_POLICIES:
+        raise InvalidRequestError(
+            f"resize must be one of {list(RESIZE_POLICIES)}, got {policy!r}", param="resize"
+        )
+    if policy == "none":
+        return pixels
+    if not resolution or resolution < 1:
+        raise InvalidRequestError(
+            f"resize={policy!r} needs a positive resolution, got {resolution}", param="resolution"
+        )
+    size = policy_size(*pixels.shape[-2:], policy, resolution)
+    if size == tuple(pixels.shape[-2:]):
+        return pixels
+    return _interpolate(pixels, size, "bicubic").clamp(-1, 1)
+
+
+def resize_uint8(pixels: torch.Tensor, size: tuple[int, int], mode: ResizeMode = "bicubic") -> torch.Tensor:
+    """uint8 (..., H, W) -> uint8 (..., size[0], size[1]), antialiased, rounded half up."""
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    return to_uint8_pixels(_interpolate(to_float_pixels(pixels), size, mode))
+
+
+def resize_shorter_side(pixels: torch.Tensor, resolution: int, mode: ResizeMode = "bicubic") -> torch.Tensor:
+    """uint8 (..., C, H, W) -> uint8 with the shorter side == resolution (aspect kept)."""
+    return resize_uint8(pixels, policy_size(*pixels.shape[-2:], "shorter-side", resolution), mode)
+
+
+def center_crop(pixels: torch.Tensor, resolution: int, mode: ResizeMode = "bicubic") -> torch.Tensor:
+    """uint8 (..., C, H, W) -> uint8 (..., C, R, R): shorter side resized to R, then the center square."""
+    pixels = resize_shorter_side(pixels, resolution, mode)
+    h, w = pixels.shape[-2:]
+    top, left = (h - resolution) // 2, (w - resolution) // 2
+    return pixels[..., top : top + resolution, left : left + resolution]
+
+
+def pad_spatial(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Replicate-pad the bottom rows and right columns of (N, C, [T,] H, W)."""
+    if x.ndim == 5:
+        n, c, t, h, w = x.shape
+        flat = x.transpose(1, 2).reshape(n * t, c, h, w)
+        flat = F.pad(flat, (0, pad_w, 0, pad_h), mode="replicate")
+        return flat.reshape(n, t, c, h + pad_h, w + pad_w).transpose(1, 2)
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")

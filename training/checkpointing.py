@@ -1,0 +1,54 @@
+"""Checkpoints: the counters saved beside Accelerate's state, where checkpoints live, which are kept.
+
+A run's checkpoints are ``output_dir/checkpoints/step_XXXXXXXX`` (accelerator state: model,
+optimizers, EMA, :class:`TrainState`); the newest ``checkpoint.keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "step_"
+
+
+class TrainState:
+    """Counters saved with every checkpoint (the rest of the state is Accelerate's)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.samples = 0
+        self.wall_s = 0.0
+        self.skipped: dict[str, int] = {}  # file -> times it failed to decode (this process)
+        self.initial_metrics: dict = {}
+        self.metrics: dict = {}
+        self.loss_history: list[tuple[int, float]] = []  # (step, mean total loss of the logging window)
+        self.last_terms: dict[str, float] = {}  # every logged term of the last logging window
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)

@@ -1,0 +1,95 @@
+"""The model being trained: a preset built from the recipe, seen as one autoencoder by the losses.
+
+Any family trains through its backend's ``encode_moments``/``decode_latents``, so the trainer never
+branches on the family.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from tokenizers_svc.errors import ConfigError
+from tokenizers_svc.families.base import Backend
+from tokenizers_svc.loading import build_module
+from tokenizers_svc.registry import backend_for, get_preset, model_class
+from training.config import PhaseSection, Recipe
+
+
+def build_backend(recipe: Recipe) -> Backend:
+    """The recipe's preset with its config overrides, seeded random init (or ``init_from`` weights),
+    wrapped in the family backend so that any family trains through encode_moments/decode_latents."""
+    preset = get_preset(recipe.model.preset)
+    name = recipe.model.name or recipe.name
+    if recipe.model.init_from:
+        module = model_class(preset.class_name).from_pretrained(recipe.model.init_from)
+    else:
+        try:
+            module = build_module(
+                replace(preset, config={**preset.config, **recipe.model.config}), seed=recipe.seed
+            )
+        except TypeError as exc:
+            raise ConfigError(
+                f"model.config does not fit {preset.class_name}: {exc}", param="model.config"
+            ) from None
+    return backend_for(preset.class_name).from_module(module, name)
+
+
+class Autoencoder(nn.Module):
+    """Training view of a backend: pixels -> (reconstruction, posterior mean, logvar | None).
+
+    The backend's module is a submodule, so DDP (via ``accelerator.prepare``) sees every parameter.
+    """
+
+    def __init__(self, backend: Backend, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.module = backend.module
+        self.backend = backend
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        mean, logvar = self.backend.encode_moments(x)  # (N, c, [t,] h, w) each
+        z = mean if logvar is None else mean + torch.exp(0.5 * logvar) * self.posterior_noise(mean)
+        return self.backend.decode_latents(z), mean, logvar  # recon like x, float
+
+    def posterior_noise(self, mean: torch.Tensor) -> torch.Tensor:
+        """Noise for this process's slice of the *global* batch: every process draws the global
+        batch's noise and keeps its rows, so the run is the same for any number of processes."""
+        n = mean.shape[0]
+        noise = torch.randn((n * self.world_size, *mean.shape[1:]), device=mean.device, dtype=mean.dtype)
+        return noise[self.rank * n : (self.rank + 1) * n]
+
+
+def last_layer_name(module: nn.Module, configured: str | None) -> str:
+    """The decoder's last weight (for the adaptive GAN weight): the configured name, else the last
+    >= 2-D weight named like an output layer (``conv_out``, ``to_pixels``) after the encoder's,
+    else the last >= 2-D weight under ``decoder``."""
+    names = [name for name, p in module.named_parameters() if p.ndim >= 2]
+    if configured:
+        if configured not in names:
+            raise ConfigError(
+                f"loss.gan.last_layer {configured!r} is not a weight of the model; e.g. {names[-3:]}",
+                param="loss.gan.last_layer",
+            )
+        return configured
+    outputs = [n for n in names if not n.startswith("encoder.") and ("conv_out" in n or "to_pixels" in n)]
+    decoder = [n for n in names if n.startswith("decoder.")]
+    return (outputs or decoder or names)[-1]
+
+
+def phase_parameters(module: nn.Module, phase: PhaseSection) -> list[nn.Parameter]:
+    params = [
+        p
+        for name, p in module.named_parameters()
+        if any(fnmatch.fnmatch(name, pat) for pat in phase.trainable)
+    ]
+    if not params:
+        raise ConfigError(
+            f"phase {phase.name!r}: trainable patterns {phase.trainable} match no parameter "
+            f"(names look like {next(iter(dict(module.named_parameters())))!r})",
+            param="phases.trainable",
+        )
+    return params
