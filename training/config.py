@@ -36,6 +36,9 @@ class ModelSection(_Strict):
     # set config.scaling_factor = 1 / std of the exported model's raw latents on the validation images,
     # so normalized latents have unit variance for diffusion training (what SD's 0.18215 was)
     fit_scaling_factor: bool = True
+    # "per_channel": fit latents_mean/std per channel on crops of the first image source at export
+    # (training.latent_stats), so normalized latents are centred as well as unit-variance
+    latent_statistics: Literal["scalar", "per_channel"] = "scalar"
 
 
 class SourceSection(_Strict):

@@ -31,8 +31,8 @@ from evals.multiscale import compare, load_multiscale
 from tokenizers_svc import load_tokenizer
 
 RECIPES = Path(__file__).parent / "recipes"
-IMAGE_CANDIDATES = ("gpu-image-f8c4", "gpu-image-f16c16")
-VIDEO_RECIPE = "gpu-video"
+IMAGE_CANDIDATES = ("default-image", "gpu-image-f16c16")
+VIDEO_RECIPE = "default-video"
 REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")
 PROBE_STEPS = 40
 STARTUP_S = 25.0  # imports, photo decoding and the first validation of a real run

@@ -37,6 +37,7 @@ from training.config import Recipe, load_recipe
 from training.data import BatchPlan, build_sources, load_validation, make_loader
 from training.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
 from training.ema import Ema
+from training.latent_stats import fit_export
 from training.model import Autoencoder, build_backend, last_layer_name, phase_parameters
 from training.schedule import lr_at
 
@@ -344,6 +345,9 @@ class Trainer:
                 shutil.rmtree(directory)
             self.fit_scaling_factor()
             self.export_module().save_pretrained(str(directory))
+            if self.recipe.model.latent_statistics == "per_channel":
+                photos = [Path(s.section.path) for s in self.sources if s.kind == "images"]
+                self.state.metrics["latent_statistics"] = fit_export(directory, photos, str(acc.device))
             (directory / CARD_FILE).write_text(json.dumps(self.card(), indent=2) + "\n")
         acc.wait_for_everyone()
         return directory

@@ -24,11 +24,35 @@ Latents: ``(N, c, H/f, W/f)``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers import AutoencoderDC
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
+
+
+def _normalization(cfg) -> LatentNormalization:
+    """Per-channel ``latents_mean``/``latents_std`` when the export carries them (fitted by
+    ``training.latent_stats``; ``scaling_factor``/``shift_factor`` are then only the scalar fallback
+    for other pipelines), else the released models' ``z * scaling_factor``."""
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    if mean is not None and std is not None:
+        return LatentNormalization(scale=1.0, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+    return LatentNormalization(scale=float(cfg.scaling_factor))
+
+
+class _FittedStatisticsFilter(logging.Filter):
+    """diffusers warns that config keys AutoencoderDC does not take "will be ignored"; the backend
+    reads the fitted statistics itself, so that warning would mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("latents_mean" in message and "will be ignored" in message)
+
+
+logging.getLogger("diffusers.configuration_utils").addFilter(_FittedStatisticsFilter())
 
 
 class AutoencoderDCBackend(Backend):
@@ -45,7 +69,7 @@ class AutoencoderDCBackend(Backend):
             modality="image",
             spatial_compression=2 ** (len(cfg.encoder_block_out_channels) - 1),
             latent_channels=cfg.latent_channels,
-            normalization=LatentNormalization(scale=float(cfg.scaling_factor)),
+            normalization=_normalization(cfg),
             is_kl=False,
             in_channels=cfg.in_channels,
         )

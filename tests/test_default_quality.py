@@ -1,0 +1,62 @@
+"""Quality of the shipped defaults, measured the way users' data looks (issue 11).
+
+Images: the multi-scale crop protocol (evals.multiscale) on the validation photos, against bicubic
+at the same number of floats. Video: clips from the held-out last 20% of the real clips (never
+trained on), against bicubic in space, with the colour cast checked per channel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evals.heldout_video import compare_video, heldout_clips, tokenizer_round_trip
+from evals.multiscale import compare, load_multiscale
+from tokenizers_svc.defaults import DEFAULT_MODELS
+from tokenizers_svc.loading import load_tokenizer
+
+# Issue 11's bar: >= 1.5 dB over bicubic at equal floats on the multi-scale val crops
+# (measured 2.56 dB on the H200 and on this CPU, see the card).
+IMAGE_GAIN_DB = 1.5
+REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")
+MAX_COLOUR_CAST = 1.5  # grey levels of mean error per channel (the old video default was green)
+
+
+def floats_per_item(tokenizer, shape: tuple[int, ...]) -> int:
+    return int(torch.Size(tokenizer.spec.latent_shape(shape)[1:]).numel())
+
+
+@pytest.mark.slow
+def test_image_default_beats_bicubic_on_multiscale_val_crops(shared_data):
+    tokenizer = load_tokenizer(DEFAULT_MODELS["image"])
+    crops = load_multiscale(shared_data / "images" / "val")
+    result = compare(crops, tokenizer_round_trip(tokenizer), floats_per_item(tokenizer, (1, 3, 256, 256)))
+    assert result["n"] >= 200
+    assert result["gain_db"] >= IMAGE_GAIN_DB, result
+    assert all(scale["gain_db"] > 0 for scale in result["per_scale"].values()), result["per_scale"]
+
+
+def test_image_default_latents_are_centred_on_training_photos(shared_data):
+    """Normalized latents: per-channel |mean| <= 0.1 and std in [0.8, 1.25] on multi-scale crops of
+    the training photos the statistics were fitted on (issue 11, item 5)."""
+    tokenizer = load_tokenizer(DEFAULT_MODELS["image"])
+    crops = load_multiscale(shared_data / "images" / "train").pixels[::6]
+    with torch.no_grad():
+        z = torch.cat([tokenizer.encode(batch).latents for batch in crops.split(16)])
+    per_channel = z.transpose(0, 1).flatten(1)  # (c, elements)
+    mean, std = per_channel.mean(1), per_channel.std(1)
+    assert mean.abs().max() <= 0.1, mean
+    assert bool(((std >= 0.8) & (std <= 1.25)).all()), std
+
+
+@pytest.mark.slow
+def test_video_default_beats_spatial_bicubic_without_colour_cast(shared_data):
+    tokenizer = load_tokenizer(DEFAULT_MODELS["video"])
+    clips, names = heldout_clips(
+        [shared_data / "videos" / name for name in REAL_CLIPS], clips_per_video=2, frames=17, resolution=128
+    )
+    result = compare_video(
+        clips, names, tokenizer_round_trip(tokenizer), floats_per_item(tokenizer, tuple(clips.shape))
+    )
+    assert result["model"]["psnr"] > result["bicubic_spatial"]["psnr"], result
+    assert max(abs(v) for v in result["mean_error_rgb"]) <= MAX_COLOUR_CAST, result["mean_error_rgb"]
