@@ -15,7 +15,9 @@ from training import gpu_defaults
 
 @pytest.mark.slow
 def test_gpu_defaults_dry_run_trains_evaluates_and_exports(shared_data, tmp_path):
-    code = gpu_defaults.main(["--dry-run", "--budget-s", "300", "--out", str(tmp_path), "--data", str(shared_data)])
+    code = gpu_defaults.main(
+        ["--dry-run", "--budget-s", "300", "--out", str(tmp_path), "--data", str(shared_data)]
+    )
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     for recipe in (*gpu_defaults.IMAGE_CANDIDATES, gpu_defaults.VIDEO_RECIPE):
@@ -34,13 +36,25 @@ def test_gpu_defaults_dry_run_trains_evaluates_and_exports(shared_data, tmp_path
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_measures_every_section_within_budget(tmp_path):
-    assert gpu_check.main(["--dry-run", "--budget-s", "240", "--out", str(tmp_path), "--default-model", "sd-vae-tiny"]) == 0
+    assert (
+        gpu_check.main(
+            ["--dry-run", "--budget-s", "240", "--out", str(tmp_path), "--default-model", "sd-vae-tiny"]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     sections = results["sections"]
-    assert {"default model precision", "inference", "training", "largest untiled image (bf16)"} <= set(sections)
+    assert {"default model precision", "inference", "training", "largest untiled image (bf16)"} <= set(
+        sections
+    )
     assert "errors" not in sections
     ok = [row for row in sections["inference"] if row.get("status") == "ok"]
-    assert {row["model"] for row in ok} == {"sd-vae-tiny", "dc-ae-f32c32-tiny", "vitok-tiny-8", "video-vae-tiny"}
+    assert {row["model"] for row in ok} == {
+        "sd-vae-tiny",
+        "dc-ae-f32c32-tiny",
+        "vitok-tiny-8",
+        "video-vae-tiny",
+    }
     assert any("compile" in row["variant"] for row in ok)
     assert all(row["status"] == "ok" and row["samples_s"] > 0 for row in sections["training"])
     assert (tmp_path / "results.md").read_text().startswith("# GPU check on cpu")
