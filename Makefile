@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint format bench clean
+.PHONY: install serve test test-fast lint format bench clean train-defaults-gpu gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# On one GPU (install with TORCH_SPEC=torch): train the image candidates and the video default inside
+# GPU_BUDGET seconds, score them (multi-scale val crops, held-out clip segments), export + cards.
+GPU_BUDGET ?= 300
+train-defaults-gpu: install
+	$(BIN)/python -m training.gpu_defaults --budget-s $(GPU_BUDGET) --out runs/gpu-defaults
+
+# Every GPU measurement (inference dtypes/layouts/compile, training, memory) inside GPU_BUDGET seconds.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --budget-s $(GPU_BUDGET) --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
