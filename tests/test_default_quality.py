@@ -11,13 +11,16 @@ import pytest
 import torch
 
 from evals.heldout_video import compare_video, heldout_clips, tokenizer_round_trip
-from evals.multiscale import compare, load_multiscale
+from evals.multiscale import MultiscaleCrops, compare, load_multiscale
 from tokenizers_svc.defaults import DEFAULT_MODELS
 from tokenizers_svc.loading import load_tokenizer
+from training.latent_stats import skimage_photo_crops
 
 # Issue 11's bar: >= 1.5 dB over bicubic at equal floats on the multi-scale val crops
-# (measured 2.56 dB on the H200 and on this CPU, see the card).
+# (measured +2.56 ± 0.27 dB on all 256 crops, on the H200 and on this CPU, see the card). The test
+# scores every 4th crop (64, all four scales) to keep a CPU round trip of ~1 s per crop affordable.
 IMAGE_GAIN_DB = 1.5
+CROP_STRIDE = 4
 REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")
 MAX_COLOUR_CAST = 1.5  # grey levels of mean error per channel (the old video default was green)
 
@@ -29,18 +32,25 @@ def floats_per_item(tokenizer, shape: tuple[int, ...]) -> int:
 @pytest.mark.slow
 def test_image_default_beats_bicubic_on_multiscale_val_crops(shared_data):
     tokenizer = load_tokenizer(DEFAULT_MODELS["image"])
-    crops = load_multiscale(shared_data / "images" / "val")
+    every = load_multiscale(shared_data / "images" / "val")
+    crops = MultiscaleCrops(
+        every.pixels[::CROP_STRIDE], every.names[::CROP_STRIDE], every.scales[::CROP_STRIDE]
+    )
     result = compare(crops, tokenizer_round_trip(tokenizer), floats_per_item(tokenizer, (1, 3, 256, 256)))
-    assert result["n"] >= 200
+    assert result["n"] == 64 and len(result["per_scale"]) == 4
     assert result["gain_db"] >= IMAGE_GAIN_DB, result
     assert all(scale["gain_db"] > 0 for scale in result["per_scale"].values()), result["per_scale"]
 
 
 def test_image_default_latents_are_centred_on_training_photos(shared_data):
     """Normalized latents: per-channel |mean| <= 0.1 and std in [0.8, 1.25] on multi-scale crops of
-    the training photos the statistics were fitted on (issue 11, item 5)."""
+    the photos the statistics were fitted on, the training folder and scikit-image's colour photos
+    (issue 11, item 5; training.latent_stats)."""
     tokenizer = load_tokenizer(DEFAULT_MODELS["image"])
-    crops = load_multiscale(shared_data / "images" / "train").pixels[::6]
+    train = load_multiscale(shared_data / "images" / "train").pixels
+    extra = skimage_photo_crops()
+    # the same mix as the fit (crop-weighted), subsampled to ~60 crops for a CPU test
+    crops = torch.cat([train[::12], extra[::12]])
     with torch.no_grad():
         z = torch.cat([tokenizer.encode(batch).latents for batch in crops.split(16)])
     per_channel = z.transpose(0, 1).flatten(1)  # (c, elements)
