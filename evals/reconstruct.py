@@ -10,7 +10,6 @@ directory gets report.json, report.md, items.csv and samples.png (see evals/repo
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import threading
@@ -21,20 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from evals import fid, image_metrics, report, video_metrics
+from evals import fid, image_metrics, multiscale, report, video_metrics
+from evals.crops import SQUARE_CROPS, bicubic_round_trip, bicubic_size, list_media, square_crops
 from tokenizers_svc import load_tokenizer
 from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.defaults import default_model
 from tokenizers_svc.errors import InvalidRequestError, TokenizerError, print_error
-from tokenizers_svc.formats import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
-from tokenizers_svc.formats import VIDEO_SUFFIXES as VIDEO_EXTENSIONS
 from tokenizers_svc.media import read_image, read_video
-from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 from tokenizers_svc.registry import weights_home
 
-CROPS = ("center", "grid")
+CROPS = (*SQUARE_CROPS, "multiscale")
 
 
 @dataclass
@@ -45,6 +41,7 @@ class Dataset:
     names: list[str]
     files: list[Path]
     kind: str  # "image" | "video"
+    scales: list[int] | None = None  # --crop multiscale: each item's shorter-side scale
 
     def frames(self, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """``pixels`` (default: the inputs) as uint8 (M, 3, R, R) images; clips become their frames."""
@@ -52,44 +49,27 @@ class Dataset:
         return pixels if self.kind == "image" else video_metrics.frames(pixels)
 
 
-def list_media(data: Path, kind: str) -> list[Path]:
-    """Files of ``kind`` under ``data`` (recursive), sorted by relative path: the deterministic order."""
-    if not data.is_dir():
-        raise InvalidRequestError(f"--data must be a directory, got {data}", param="data")
-    suffixes = IMAGE_EXTENSIONS if kind == "image" else VIDEO_EXTENSIONS
-    return sorted(
-        (p for p in data.rglob("*") if p.suffix.lower() in suffixes), key=lambda p: str(p.relative_to(data))
-    )
-
-
-def square_crops(image: torch.Tensor, resolution: int, crop: str) -> list[tuple[str, torch.Tensor]]:
-    """uint8 (C, H, W) -> [(suffix, (C, R, R) uint8)]. 'center': shorter side resized to R (antialiased
-    bicubic) then the center square; 'grid': non-overlapping R x R tiles at native resolution, row-major
-    (images with a side below R are first resized so their shorter side is R)."""
-    if crop not in CROPS:
-        raise InvalidRequestError(f"--crop must be one of {list(CROPS)}, got {crop!r}", param="crop")
-    h, w = image.shape[-2:]
-    if crop == "center" or min(h, w) < resolution:
-        image = resize_shorter_side(image, resolution)
-        h, w = image.shape[-2:]
-    if crop == "center":
-        top, left = (h - resolution) // 2, (w - resolution) // 2
-        return [("", image[..., top : top + resolution, left : left + resolution])]
-    tiles = []
-    for i in range(h // resolution):
-        for j in range(w // resolution):
-            tile = image[..., i * resolution : (i + 1) * resolution, j * resolution : (j + 1) * resolution]
-            tiles.append((f"#r{i}c{j}", tile))
-    return tiles
-
-
-def load_dataset(data: Path, resolution: int, crop: str, max_items: int | None, frames: int = 17) -> Dataset:
-    """Images under ``data`` if there are any, else videos (first ``frames`` frames of each clip)."""
+def load_dataset(
+    data: Path,
+    resolution: int,
+    crop: str,
+    max_items: int | None,
+    frames: int = 17,
+    scales: tuple[int, ...] = multiscale.DEFAULT_SCALES,
+) -> Dataset:
+    """Images under ``data`` if there are any, else videos (first ``frames`` frames of each clip).
+    ``crop="multiscale"`` cuts each image at every shorter-side scale in ``scales`` (see evals/multiscale.py)."""
     kind = "image" if list_media(data, "image") else "video"
     files = list_media(data, kind)
     if not files:
         raise InvalidRequestError(f"no images or videos found under {data}", param="data")
-    items, names, used = [], [], []
+    if crop == "multiscale" and kind == "video":
+        raise InvalidRequestError("--crop multiscale is defined for images only", param="crop")
+    if crop == "multiscale" and min(scales) < resolution:
+        raise InvalidRequestError(
+            f"every --scales value must be >= --resolution {resolution}, got {list(scales)}", param="scales"
+        )
+    items, names, used, item_scales = [], [], [], []
     for path in files:
         if kind == "image":
             pixels = torch.from_numpy(read_image(path)).permute(2, 0, 1)  # (3, H, W) uint8
@@ -99,14 +79,21 @@ def load_dataset(data: Path, resolution: int, crop: str, max_items: int | None, 
                 continue  # shorter clips would make the batch ragged
             pixels = torch.from_numpy(clip).permute(3, 0, 1, 2)  # (3, T, H, W) uint8
         used.append(path)
-        for suffix, crop_pixels in square_crops(pixels, resolution, crop):
+        if crop == "multiscale":
+            cut = multiscale.multiscale_crops(pixels, scales, resolution)
+        else:
+            cut = [(None, suffix, tile) for suffix, tile in square_crops(pixels, resolution, crop)]
+        for scale, suffix, crop_pixels in cut:
             items.append(crop_pixels.contiguous())
             names.append(str(path.relative_to(data)) + suffix)
+            item_scales.append(scale)
             if max_items and len(items) >= max_items:
-                return Dataset(torch.stack(items), names, used, kind)
+                break
+        if max_items and len(items) >= max_items:
+            break
     if not items:
         raise InvalidRequestError(f"no usable {kind}s under {data} at resolution {resolution}", param="data")
-    return Dataset(torch.stack(items), names, used, kind)
+    return Dataset(torch.stack(items), names, used, kind, item_scales if crop == "multiscale" else None)
 
 
 class PeakMemory:
@@ -228,23 +215,18 @@ def reconstruct(tokenizer: Tokenizer, data: Dataset, batch_size: int) -> Reconst
 
 def bicubic_baseline(data: Dataset, floats_per_item: int) -> Reconstruction:
     """Bicubic down- then up-sampling (antialiased) keeping ``floats_per_item`` values per item, like a latent
-    of that size: side factor = sqrt(pixel floats / latent floats)."""
-    pixels = data.pixels if data.kind == "image" else video_metrics.frames(data.pixels)
-    h, w = pixels.shape[-2:]
-    per_item_frames = 1 if data.kind == "image" else data.pixels.shape[2]
-    factor = math.sqrt(3 * h * w * per_item_frames / floats_per_item)
-    size = (max(1, round(h / factor)), max(1, round(w / factor)))
-    x = pixels.float() / 127.5 - 1
-    small = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    up = F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
-    out = to_uint8_pixels(up)
+    of that size (clips: the same share of floats per frame)."""
+    frames_per_item = 1 if data.kind == "image" else data.pixels.shape[2]
+    h, w = data.pixels.shape[-2:]
+    size, factor = bicubic_size(h, w, floats_per_item / frames_per_item)
+    out = bicubic_round_trip(data.frames(), floats_per_item / frames_per_item)
     if data.kind == "video":
         n, c, t = data.pixels.shape[:3]
         out = out.reshape(n, t, c, h, w).transpose(1, 2).contiguous()
     return Reconstruction(
         name=f"bicubic-x{factor:.2f}",
         pixels=out,
-        floats_per_item=3 * size[0] * size[1] * per_item_frames,
+        floats_per_item=3 * size[0] * size[1] * frames_per_item,
         info={
             "downsampled_size": list(size),
             "side_factor": factor,
@@ -285,6 +267,7 @@ class Evaluator:
             )
         feats = self.inception.features(self.data.frames(b))
         metrics = {key: float(np.mean(value)) for key, value in per_item.items()}
+        metrics["psnr_ci95"] = multiscale.mean_ci(per_item["psnr"])[1]
         metrics["rfid"] = fid.frechet_distance(self.reference_stats, fid.FeatureStats.from_features(feats))
         metrics["kid"], metrics["kid_std"] = fid.kernel_inception_distance(self.reference_features, feats)
         metrics["fid_n"] = int(feats.shape[0])
@@ -310,6 +293,14 @@ def reference_features(
     return feats
 
 
+def parse_scales(text: str) -> tuple[int, ...]:
+    """ "256,384" -> (256, 384)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales takes comma-separated integers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evals.reconstruct", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -319,8 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset name or model directory; repeat (default: the shipped tokenizer for the data's kind)",
     )
     parser.add_argument("--data", type=Path, required=True, help="directory of images (or videos)")
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--resolution", type=int, default=256, help="items are R x R crops")
     parser.add_argument("--crop", choices=CROPS, default="center")
+    parser.add_argument(
+        "--scales",
+        type=parse_scales,
+        default=multiscale.DEFAULT_SCALES,
+        help="--crop multiscale: shorter-side sizes, comma-separated (default 256,384,512,768)",
+    )
     parser.add_argument("--max-items", type=int, default=None)
     parser.add_argument("--frames", type=int, default=17, help="frames per clip for video data")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -340,7 +337,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.resolution < 16:
         raise InvalidRequestError(f"--resolution must be >= 16, got {args.resolution}", param="resolution")
     device = torch.device(args.device)
-    data = load_dataset(args.data, args.resolution, args.crop, args.max_items, args.frames)
+    data = load_dataset(args.data, args.resolution, args.crop, args.max_items, args.frames, args.scales)
     if len(data.frames()) < 2:
         raise InvalidRequestError(
             f"FID/KID need at least 2 images (or frames), got {len(data.frames())} from {args.data}",
@@ -358,6 +355,8 @@ def run(args: argparse.Namespace) -> dict:
         "kind": data.kind,
         "fid": fid.PROTOCOL,
     }
+    if args.crop == "multiscale":
+        protocol["multiscale"] = {"scales": list(args.scales), "min_std": multiscale.MIN_STD}
     cache_dir = args.cache_dir or weights_home().parent / "fid-stats"
     evaluator = Evaluator(
         data=data,
@@ -378,6 +377,11 @@ def run(args: argparse.Namespace) -> dict:
             base = bicubic_baseline(data, rec.floats_per_item)
             base_metrics, base_items = evaluator.score(base)
             baselines[rec.floats_per_item] = (base, base_metrics, base_items)
+        if data.scales is not None:  # paired per-crop comparison with bicubic at this model's float budget
+            base_items = baselines[rec.floats_per_item][2]
+            rec.info["vs_bicubic"] = multiscale.psnr_comparison(
+                per_item["psnr"], base_items["psnr"], data.scales
+            )
         del tokenizer
     return report.write_report(
         args.out,

@@ -107,7 +107,7 @@ def _fmt(value, digits: int = 2) -> str:
 def markdown_table(result: dict) -> str:
     """The comparison table (models first, then the bicubic baselines at matching latent sizes)."""
     video = result["kind"] == "video"
-    head = ["model", "latent/item", "compression", "rFID", "KIDx1e3", "PSNR", "SSIM", "LPIPS"]
+    head = ["model", "latent/item", "compression", "rFID", "KIDx1e3", "PSNR ± 95% CI", "SSIM", "LPIPS"]
     head += ["tPSNR"] * video + (["rFVD"] if result["protocol"]["i3d"] else [])
     head += ["enc items/s", "dec items/s", "enc peak MB", "dec peak MB"]
     lines = [
@@ -127,7 +127,7 @@ def markdown_table(result: dict) -> str:
             f"{row['compression_ratio']:.1f}",
             _fmt(m["rfid"]),
             _fmt(1e3 * m["kid"]),
-            _fmt(m["psnr"]),
+            _fmt(m["psnr"]) + (f" ± {_fmt(m['psnr_ci95'])}" if "psnr_ci95" in m else ""),
             _fmt(m["ssim"], 4),
             _fmt(m.get("lpips"), 4),
         ]
@@ -146,7 +146,30 @@ def markdown_table(result: dict) -> str:
         f"peak memory: {memory}.",
         "",
     ]
+    lines += per_scale_table(result)
     return "\n".join(lines)
+
+
+def per_scale_table(result: dict) -> list[str]:
+    """Markdown lines: each model's PSNR against bicubic at its float budget, over all crops and per scale
+    (paired per-crop gain with its 95% CI); empty unless the run used --crop multiscale."""
+    models = [row for row in result["results"] if "vs_bicubic" in row]
+    if not models:
+        return []
+    lines = [
+        "PSNR against bicubic at equal floats, per shorter-side scale (mean ± 95% CI; gain is paired per crop):",
+        "",
+        "| model | scale | n | PSNR | bicubic PSNR | gain dB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in models:
+        vs = row["vs_bicubic"]
+        for scale, s in [("all", vs), *vs["per_scale"].items()]:
+            cells = [row["name"], scale, str(s["n"]), f"{_fmt(s['psnr'])} ± {_fmt(s['psnr_ci95'])}"]
+            cells += [f"{_fmt(s['bicubic_psnr'])} ± {_fmt(s['bicubic_psnr_ci95'])}"]
+            cells += [f"{s['gain_db']:+.2f} ± {_fmt(s['gain_ci95'])}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_items_csv(path: Path, names: list[str], results: list) -> None:
