@@ -22,6 +22,7 @@ import torch
 
 from evals.crops import bicubic_round_trip, grid_tiles, list_media
 from evals.image_metrics import psnr
+from evals.stats import MetricSums
 from tokenizers_svc.media import read_image
 from tokenizers_svc.pixels import resize_shorter_side
 
@@ -107,17 +108,25 @@ def compare(
 
 
 def psnr_comparison(model_psnr: np.ndarray, bicubic_psnr: np.ndarray, scales: Sequence[int]) -> dict:
-    """Per-crop PSNR of a model and of bicubic at equal floats on the same crops -> overall mean with 95% CI,
-    the paired difference (gain) with its CI, and the same per scale under "per_scale"."""
-    model_psnr, bicubic_psnr = np.asarray(model_psnr), np.asarray(bicubic_psnr)
-    scales = np.asarray(scales)
+    """Per-crop PSNR of a model and of bicubic at equal floats on the same crops -> :func:`comparison_from_sums`."""
+    groups = [str(s) for s in scales]
+    model, bicubic = MetricSums(), MetricSums()
+    model.add("psnr", model_psnr, groups)
+    model.add("gain_db", np.asarray(model_psnr) - np.asarray(bicubic_psnr), groups)
+    bicubic.add("psnr", bicubic_psnr, groups)
+    return comparison_from_sums(model, bicubic)
 
-    def summary(mask: np.ndarray) -> dict:
-        m, m_ci = mean_ci(model_psnr[mask])
-        b, b_ci = mean_ci(bicubic_psnr[mask])
-        d, d_ci = mean_ci(model_psnr[mask] - bicubic_psnr[mask])
+
+def comparison_from_sums(model: MetricSums, bicubic: MetricSums) -> dict:
+    """A model's per-item "psnr" and paired "gain_db" sums and its bicubic baseline's "psnr" sums -> overall
+    mean with 95% CI, the paired gain with its CI, and the same per scale under "per_scale"."""
+
+    def summary(group: str) -> dict:
+        n, m, m_ci = model.mean_ci("psnr", group)
+        _, b, b_ci = bicubic.mean_ci("psnr", group)
+        _, d, d_ci = model.mean_ci("gain_db", group)
         return {
-            "n": int(mask.sum()),
+            "n": n,
             "psnr": m,
             "psnr_ci95": m_ci,
             "bicubic_psnr": b,
@@ -126,7 +135,5 @@ def psnr_comparison(model_psnr: np.ndarray, bicubic_psnr: np.ndarray, scales: Se
             "gain_ci95": d_ci,
         }
 
-    return {
-        **summary(np.ones(len(scales), dtype=bool)),
-        "per_scale": {str(s): summary(scales == s) for s in sorted(set(scales.tolist()))},
-    }
+    scales = sorted((g for g in model.groups("psnr") if g != "all"), key=int)
+    return {**summary("all"), "per_scale": {scale: summary(scale) for scale in scales}}
