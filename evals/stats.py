@@ -68,8 +68,8 @@ class Moments:
         total = state[f"{prefix}.total"]
         moments = cls(total.shape[0], device)
         moments.n = int(state[f"{prefix}.n"])
-        moments.total += torch.from_numpy(total).to(device)
-        moments.outer += torch.from_numpy(state[f"{prefix}.outer"]).to(device)
+        moments.total += torch.tensor(total, device=device)  # copies: Ray hands out read-only arrays
+        moments.outer += torch.tensor(state[f"{prefix}.outer"], device=device)
         return moments
 
 

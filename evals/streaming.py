@@ -524,7 +524,8 @@ def _run_ray(config, pending, totals, done, checkpoint, progress, with_reference
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         ray.init(address=address, **({} if address else {"num_cpus": actors}), log_to_driver=False)
     gpus = 1 if torch.device(config.device).type == "cuda" else 0
     worker_class = ray.remote(num_cpus=1, num_gpus=gpus)(ShardWorker)
@@ -546,3 +547,5 @@ def _run_ray(config, pending, totals, done, checkpoint, progress, with_reference
             in_flight[worker.score_shard.remote(queue.pop(0), with_reference, per_chunk)] = worker
     for worker in workers:
         ray.kill(worker)
+    if started_here:
+        ray.shutdown()
