@@ -59,7 +59,6 @@ def load_dataset(
     ]
     if not items:
         raise InvalidRequestError(f"no usable {kind}s under {data} at resolution {resolution}", param="data")
-    items = items[:max_items] if max_items else items
     return Dataset(
         torch.stack([p for _, _, p in items]), [n for n, _, _ in items], kind, [s for _, s, _ in items]
     )

@@ -74,28 +74,41 @@ class Moments:
 
 
 class KidSample:
-    """The ``capacity`` items with the smallest name keys, with their float32 features (KID's input)."""
+    """The ``capacity`` items with the smallest name keys, with their float32 features (KID's input).
+    Batches are appended and pruned only past twice the capacity, so adding stays O(batch) amortized."""
 
     def __init__(self, capacity: int = KID_CAPACITY) -> None:
         self.capacity = capacity
-        self.keys = np.zeros(0, dtype=np.uint64)
-        self.feats: np.ndarray | None = None  # (k, D) float32
+        self._keys: list[np.ndarray] = []
+        self._feats: list[np.ndarray] = []  # (b, D) float32 each
+        self._count = 0
 
     def add(self, keys: np.ndarray, feats: np.ndarray) -> None:
-        feats = np.asarray(feats, dtype=np.float32)
-        self.keys = np.concatenate([self.keys, keys])
-        self.feats = feats if self.feats is None else np.concatenate([self.feats, feats])
-        if len(self.keys) > self.capacity:
-            keep = np.sort(np.argsort(self.keys, kind="stable")[: self.capacity])
-            self.keys, self.feats = self.keys[keep], self.feats[keep]
+        self._keys.append(np.asarray(keys, dtype=np.uint64))
+        self._feats.append(np.asarray(feats, dtype=np.float32))
+        self._count += len(keys)
+        if self._count > 2 * self.capacity:
+            self._prune()
+
+    def _prune(self) -> None:
+        keys, feats = self.arrays()
+        keep = np.argsort(keys, kind="stable")[: self.capacity]  # key order
+        self._keys, self._feats, self._count = [keys[keep]], [feats[keep]], len(keep)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys (k,), features (k, D)) as held, at most twice the capacity."""
+        if not self._keys:
+            return np.zeros(0, dtype=np.uint64), np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(self._keys), np.concatenate(self._feats)
 
     def merge(self, other: KidSample) -> None:
-        if other.feats is not None:
-            self.add(other.keys, other.feats)
+        if other._count:
+            self.add(*other.arrays())
 
     def sorted_features(self) -> np.ndarray:
-        """(k, D) features in key order: the same order whatever the sharding."""
-        return self.feats[np.argsort(self.keys, kind="stable")]
+        """(k, D) features of the ``capacity`` smallest keys in key order: the same whatever the sharding."""
+        self._prune()
+        return self._feats[0]
 
 
 class MetricSums:
@@ -151,10 +164,7 @@ class StreamStats:
         out = self.inception.state(f"{prefix}.inception")
         if self.i3d is not None:
             out.update(self.i3d.state(f"{prefix}.i3d"))
-        out[f"{prefix}.kid_keys"] = self.kid.keys
-        out[f"{prefix}.kid_feats"] = (
-            self.kid.feats if self.kid.feats is not None else np.zeros((0, 0), np.float32)
-        )
+        out[f"{prefix}.kid_keys"], out[f"{prefix}.kid_feats"] = self.kid.arrays()
         out[f"{prefix}.metrics"] = np.array(json.dumps({k: v.tolist() for k, v in self.metrics.sums.items()}))
         return out
 

@@ -78,8 +78,12 @@ class Accumulator:
             self.streams[name] = stats.StreamStats(fid.FEATURE_DIM, self.device, self.config.kid_capacity)
         return self.streams[name]
 
+    def wants_sample(self, key: tuple[int, int]) -> bool:
+        """Whether the item at (shard, position) is among the first ``samples`` items seen so far."""
+        return len(self.samples) < self.config.samples or key < self.samples[-1][0]
+
     def add_sample(self, key: tuple[int, int], name: str, pixels: dict[str, torch.Tensor]) -> None:
-        if len(self.samples) >= self.config.samples and key > self.samples[-1][0]:
+        if not self.wants_sample(key):
             return
         self.samples = sorted([*self.samples, (key, name, pixels)], key=lambda s: s[0])[: self.config.samples]
 
@@ -232,9 +236,7 @@ class Scorer:
                 frames_per_item = acc.frames_per_item
                 size, factor = bicubic_size(*x.shape[-2:], floats / frames_per_item)
                 name = f"bicubic-x{factor:.2f}"
-                base = bicubic_round_trip(self.frames(x), floats / frames_per_item).reshape(
-                    self.frames(x).shape
-                )
+                base = bicubic_round_trip(self.frames(x), floats / frames_per_item)  # (B or B*T, 3, R, R)
                 base = base.reshape(x.shape[0], -1, *base.shape[1:]).transpose(1, 2) if self.video else base
                 acc.info[name] = {
                     "kind": "baseline",
@@ -252,11 +254,13 @@ class Scorer:
             gain = model_psnr - baseline_psnr[baselines[floats]]  # paired per item
             acc.streams[tokenizer.name].metrics.add("gain_db", gain, groups)
         for pos, name in enumerate(names):
-            acc.add_sample(
-                (chunk["shard"], first_position + pos),
-                name,
-                {"original": chunk["pixels"][pos], **{m: rec[pos].cpu() for m, rec in outputs.items()}},
-            )
+            key = (chunk["shard"], first_position + pos)
+            if acc.wants_sample(key):
+                pixels = {
+                    "original": chunk["pixels"][pos],
+                    **{m: rec[pos].cpu() for m, rec in outputs.items()},
+                }
+                acc.add_sample(key, name, pixels)
         return rows
 
     def _reconstruct(self, tokenizer, x: torch.Tensor, acc: Accumulator) -> tuple[torch.Tensor, int, dict]:
