@@ -302,9 +302,8 @@ class Scorer:
         }
         return rec.contiguous(), floats, info
 
-    def _add_features(
-        self, stream: stats.StreamStats, pixels: torch.Tensor, keys: np.ndarray
-    ) -> torch.Tensor:
+    def _add_features(self, stream: stats.StreamStats, pixels: torch.Tensor, keys: np.ndarray) -> None:
+        """Inception (and I3D) features of ``pixels`` into the stream's FID sums and KID sample."""
         feats = self.inception.device_features(self.frames(pixels))  # (B or B*T, 2048) float32
         stream.inception.add(feats)
         frame_keys = np.repeat(keys, pixels.shape[2]) if self.video else keys
@@ -316,7 +315,6 @@ class Scorer:
             if stream.i3d is None:
                 stream.i3d = stats.Moments(i3d.shape[1], self.device)
             stream.i3d.add(i3d)
-        return feats
 
     def _score_stream(self, acc, name, x, rec, keys, groups, names, rows) -> np.ndarray:
         """Per-item metrics and features of one reconstruction; -> its per-item PSNR."""
