@@ -208,3 +208,17 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(val_dir, tmp_path, uni
     result, rows = _report(out)
     _assert_same_metrics(result, uninterrupted[0], rel=1e-6)
     assert rows == uninterrupted[1]  # every item once: no lost or repeated rows
+
+
+def test_progress_logs_counts_rate_and_eta(caplog):
+    from evals.streaming import Progress
+
+    progress = Progress(total_entries=10, done_entries=2, interval_s=0.0)  # resumed with 2 files done
+    with caplog.at_level("INFO", logger="evals"):
+        time.sleep(0.05)
+        progress.update(entries=4, items=12)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("eval: 6/10 files, 12 items, ")
+    rate = float(line.split(", ")[2].split()[0])
+    assert 0 < rate < 12 / 0.05 + 1
+    assert "ETA 00:00:0" in line  # 4 files left at > 40 files/s
