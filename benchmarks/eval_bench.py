@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "images"
 
 
-def write_crops(folder: Path, n: int) -> None:
+def write_crops(folder: Path, n: int, photos: Path = PHOTOS) -> None:
     """The first ``n`` multi-scale crops of the shared photos as PNG files (cycling when there are fewer)."""
     import torch
 
@@ -38,7 +38,7 @@ def write_crops(folder: Path, n: int) -> None:
 
     crops = []
     for split in ("train", "val"):
-        for path in sorted((PHOTOS / split).iterdir()):
+        for path in sorted((photos / split).iterdir()) if (photos / split).is_dir() else []:
             image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
             crops += [
                 (f"{split}-{path.stem}{name}", tile) for _, name, tile in multiscale.multiscale_crops(image)
@@ -54,7 +54,7 @@ def write_crops(folder: Path, n: int) -> None:
         (folder / f"{i:05d}-{name.replace('@', '_').replace('#', '_')}.png").write_bytes(data)
 
 
-def bare_loop(folder: str, model: str, device: str, batch_size: int) -> dict:
+def bare_loop(folder: str, model: str, device: str, batch_size: int, inception_path: str | None) -> dict:
     """Read, model, bicubic and three Inception passes per batch; nothing kept."""
     import torch
 
@@ -65,13 +65,13 @@ def bare_loop(folder: str, model: str, device: str, batch_size: int) -> dict:
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(model, device=device)
-    inception = fid.load_inception(None, device)
+    inception = fid.load_inception(inception_path, device)
     paths = sorted(Path(folder).glob("*.png"))
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
             x = torch.stack(
                 [torch.from_numpy(read_image(p)).permute(2, 0, 1) for p in paths[i : i + batch_size]]
-            )
+            ).to(device)
             latents = tokenizer.encode(x)
             rec = tokenizer.decode(latents, output_dtype=torch.uint8)
             base = bicubic_round_trip(x, latents.latents[0].numel())
@@ -107,31 +107,25 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the streaming side")
+    p.add_argument("--photos", type=Path, default=PHOTOS, help="folder with train/ and val/ photos")
+    p.add_argument("--inception", default=None, help="another Inception TorchScript (default: the standard)")
     p.add_argument("--bare", nargs=1, help=argparse.SUPPRESS)  # internal: run the bare loop on a folder
     args = p.parse_args()
     if args.bare:
-        print(json.dumps(bare_loop(args.bare[0], args.model, args.device, args.batch_size)))
+        print(json.dumps(bare_loop(args.bare[0], args.model, args.device, args.batch_size, args.inception)))
         return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(int(s) for s in args.sizes.split(",")):
             folder = Path(tmp) / f"crops{n}"
-            write_crops(folder, n)
-            stream_argv = ["-c", STREAM_CHILD, str(folder), args.model, args.device, str(args.batch_size)]
-            stream = run_child([*stream_argv, str(args.workers), str(Path(tmp) / f"out{n}")])
-            bare = run_child(
-                [
-                    __file__,
-                    "--bare",
-                    str(folder),
-                    "--model",
-                    args.model,
-                    "--device",
-                    args.device,
-                    "--batch-size",
-                    str(args.batch_size),
-                ]
+            write_crops(folder, n, args.photos)
+            common = ["--model", args.model, "--device", args.device, "--batch-size", str(args.batch_size)]
+            common += ["--inception", args.inception] if args.inception else []
+            out = str(Path(tmp) / f"out{n}")
+            stream = run_child(
+                ["-c", STREAM_CHILD, str(folder), out, *common, "--workers", str(args.workers)]
             )
+            bare = run_child([__file__, "--bare", str(folder), *common])
             results.append(
                 {
                     "n": n,
@@ -165,10 +159,9 @@ STREAM_CHILD = """
 import json, resource, sys, time
 start = time.perf_counter()
 from evals.reconstruct import main
-folder, model, device, batch, workers, out = sys.argv[1:]
-argv = ["--model", model, "--data", folder, "--resolution", "256", "--out", out, "--device", device,
-        "--batch-size", batch, "--workers", workers, "--cache-dir", out + "-cache", "--samples", "2"]
-assert main(argv) == 0
+folder, out, *options = sys.argv[1:]
+argv = ["--data", folder, "--resolution", "256", "--out", out, "--cache-dir", out + "-cache", "--samples", "2"]
+assert main([*argv, *options]) == 0
 result = json.load(open(out + "/report.json"))
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

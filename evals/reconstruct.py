@@ -12,6 +12,7 @@ report.json, report.md, items.csv (written as shards finish) and samples.png (se
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -205,8 +206,6 @@ def load_reference(path: Path, kid_capacity: int) -> stats.StreamStats | None:
 
 
 def save_reference(path: Path, reference: stats.StreamStats, key: dict) -> None:
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, key=np.array(json.dumps(key)), **reference.state("reference"))
 
