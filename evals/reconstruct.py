@@ -66,7 +66,7 @@ def load_dataset(
 
 
 def parse_scales(text: str) -> tuple[int, ...]:
-    """ "256,384" -> (256, 384)."""
+    """Parse "256,384" into (256, 384)."""
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -212,11 +212,10 @@ def save_reference(path: Path, reference: stats.StreamStats, key: dict) -> None:
 
 def summarize(totals: streaming.Accumulator, protocol: dict, inception, config, columns: list[str]) -> dict:
     """Statistics of every stream -> report.json's dict (metrics, throughput, per-scale comparison)."""
-    reference = totals.streams[streaming.REFERENCE]
-    if reference.inception.n < 2:
-        raise InvalidRequestError(
-            f"FID/KID need at least 2 images (or frames), got {reference.inception.n}", param="data"
-        )
+    reference = totals.streams.get(streaming.REFERENCE)
+    if reference is None or reference.inception.n < 2:
+        count = 0 if reference is None else reference.inception.n
+        raise InvalidRequestError(f"FID/KID need at least 2 images (or frames), got {count}", param="data")
     reference_stats = reference.inception.feature_stats()
     reference_kid = reference.kid.sorted_features()
     rows = []
