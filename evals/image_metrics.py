@@ -61,19 +61,19 @@ def ssim_device(original: torch.Tensor, reconstruction: torch.Tensor) -> torch.T
             f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(original.shape[-2:])}",
             param="pixels",
         )
-    n, c = original.shape[:2]
-    x = original.float().reshape(n * c, 1, *original.shape[-2:]) - 128  # (N*C, 1, H, W) in [-128, 127]
-    y = reconstruction.float().reshape(n * c, 1, *original.shape[-2:]) - 128
+    n, c, h, w = original.shape
+    x = original.float().reshape(n * c, h, w) - 128  # (P, H, W) planes in [-128, 127]
+    y = reconstruction.float().reshape(n * c, h, w) - 128
+    planes = torch.cat([x, y, x * x, y * y, x * y]).unsqueeze(0)  # (1, 5P, H, W): one depthwise blur
     g = gaussian_window().float().to(original.device)
-    taps = (g.reshape(1, 1, -1, 1), g.reshape(1, 1, 1, -1))
-
-    def blur(t: torch.Tensor) -> torch.Tensor:  # separable valid filtering: (B, 1, H-10, W-10)
-        return F.conv2d(F.conv2d(t, taps[0]), taps[1])
-
-    mu_x, mu_y = blur(x), blur(y)  # centred means; the luminance term needs the uncentred ones
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
+    channels = planes.shape[1]
+    # depthwise (groups = channels) separable valid filtering: ~20x faster on CPU than (5P, 1, H, W) batches
+    blurred = F.conv2d(planes, g.reshape(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+    blurred = F.conv2d(blurred, g.reshape(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    mu_x, mu_y, xx, yy, xy = blurred[0].reshape(5, n * c, h - SSIM_WINDOW + 1, w - SSIM_WINDOW + 1)
+    var_x = xx - mu_x**2  # centred second moments; the luminance term needs the uncentred means
+    var_y = yy - mu_y**2
+    cov = xy - mu_x * mu_y
     mean_x, mean_y = mu_x + 128, mu_y + 128
     c1, c2 = (SSIM_K1 * PEAK) ** 2, (SSIM_K2 * PEAK) ** 2
     s = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2))
