@@ -77,18 +77,25 @@ def bare_loop(folder: str, model: str, device: str, batch_size: int, inception_p
             base = bicubic_round_trip(x, latents.latents[0].numel())
             for pixels in (x, rec, base):
                 inception.device_features(pixels).cpu()
+    return measurement(len(paths), start)
+
+
+def measurement(items: int, start: float) -> dict:
+    """Items/s by wall clock and by CPU seconds of this process and its reaped children (DataLoader
+    workers), this process's peak RSS (Linux ru_maxrss is in KiB), and the load average: on a shared
+    machine the CPU-second rate is the comparable one."""
     seconds = time.perf_counter() - start
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
     return {
-        "items": len(paths),
+        "items": items,
         "seconds": seconds,
-        "items_per_s": len(paths) / seconds,
-        "peak_rss_mb": peak_rss_mb(),
+        "items_per_s": items / seconds,
+        "cpu_seconds": cpu,
+        "items_per_cpu_s": items / cpu,
+        "peak_rss_mb": own.ru_maxrss / 1024,
+        "load_average_1min": os.getloadavg()[0],
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(argv: list[str]) -> dict:
@@ -126,46 +133,44 @@ def main() -> None:
                 ["-c", STREAM_CHILD, str(folder), out, *common, "--workers", str(args.workers)]
             )
             bare = run_child([__file__, "--bare", str(folder), *common])
-            results.append(
-                {
-                    "n": n,
-                    "stream_items_per_s": stream["items_per_s"],
-                    "bare_items_per_s": bare["items_per_s"],
-                    "ratio": stream["items_per_s"] / bare["items_per_s"],
-                    "stream_peak_rss_mb": stream["peak_rss_mb"],
-                    "bare_peak_rss_mb": bare["peak_rss_mb"],
-                    "stream_seconds": stream["seconds"],
-                    "bare_seconds": bare["seconds"],
-                }
-            )
+            results.append({"n": n, "stream": stream, "bare": bare})
             print(json.dumps(results[-1]), flush=True)
-    import torch
-
     print(
-        f"\nmodel {args.model}, device {args.device}, batch {args.batch_size}, workers {args.workers}, "
-        f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}"
+        f"\nmodel {args.model}, device {args.device}, batch {args.batch_size}, workers {args.workers}, cpus {os.cpu_count()}"
     )
-    print("| N | streaming items/s | bare loop items/s | ratio | streaming peak RSS MB | bare peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| N | streaming items/s | bare items/s | ratio | streaming items/CPU-s | bare items/CPU-s | ratio | "
+        "streaming peak RSS MB | bare peak RSS MB | load avg (stream, bare) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(
-            f"| {r['n']} | {r['stream_items_per_s']:.2f} | {r['bare_items_per_s']:.2f} | {r['ratio']:.2f} | "
-            f"{r['stream_peak_rss_mb']:.0f} | {r['bare_peak_rss_mb']:.0f} |"
-        )
+        st, ba = r["stream"], r["bare"]
+        cells = [
+            r["n"],
+            f"{st['items_per_s']:.3f}",
+            f"{ba['items_per_s']:.3f}",
+            f"{st['items_per_s'] / ba['items_per_s']:.2f}",
+        ]
+        cells += [f"{st['items_per_cpu_s']:.3f}", f"{ba['items_per_cpu_s']:.3f}"]
+        cells += [
+            f"{st['items_per_cpu_s'] / ba['items_per_cpu_s']:.2f}",
+            f"{st['peak_rss_mb']:.0f}",
+            f"{ba['peak_rss_mb']:.0f}",
+        ]
+        cells += [f"{st['load_average_1min']:.1f}, {ba['load_average_1min']:.1f}"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 # The streaming side, timed from its own start like the bare loop (model and Inception loading included).
 STREAM_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 start = time.perf_counter()
+from benchmarks.eval_bench import measurement
 from evals.reconstruct import main
 folder, out, *options = sys.argv[1:]
 argv = ["--data", folder, "--resolution", "256", "--out", out, "--cache-dir", out + "-cache", "--samples", "2"]
 assert main([*argv, *options]) == 0
-result = json.load(open(out + "/report.json"))
-seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"items": result["n"], "seconds": seconds, "items_per_s": result["n"] / seconds, "peak_rss_mb": peak}))
+print(json.dumps(measurement(json.load(open(out + "/report.json"))["n"], start)))
 """
 
 if __name__ == "__main__":
