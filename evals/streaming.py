@@ -130,7 +130,9 @@ class Accumulator:
         acc.info, acc.timing = meta["info"], meta["timing"]
         acc.item_shape, acc.frames_per_item = meta["item_shape"], meta["frames_per_item"]
         for j, (key, name, names) in enumerate(meta["samples"]):
-            pixels = {s: torch.from_numpy(state[f"sample{j}.{k}"]) for k, s in enumerate(names)}
+            pixels = {
+                s: torch.tensor(state[f"sample{j}.{k}"]) for k, s in enumerate(names)
+            }  # a copy: Ray arrays are read-only
             acc.samples.append((tuple(key), name, pixels))
         return acc
 
