@@ -132,6 +132,9 @@ def main() -> None:
             stream = run_child(
                 ["-c", STREAM_CHILD, str(folder), out, *common, "--workers", str(args.workers)]
             )
+            print(
+                json.dumps({"n": n, "stream": stream}), flush=True
+            )  # a long run's first half survives a kill
             bare = run_child([__file__, "--bare", str(folder), *common])
             results.append({"n": n, "stream": stream, "bare": bare})
             print(json.dumps(results[-1]), flush=True)
