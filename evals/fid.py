@@ -61,19 +61,23 @@ class Inception:
     standard: bool  # True only for the checked default_1.pt: numbers comparable to papers
     device: torch.device
 
-    @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-        """uint8 (N, 3, H, W) [0, 255] -> (N, 2048) float64 pool3 features."""
-        check_uint8_images(images)
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            x = tf1_bilinear_resize(
-                images[start : start + batch_size].float(), INCEPTION_SIZE, INCEPTION_SIZE
-            )
-            x = (x - 128.0) / 128.0  # (B, 3, 299, 299) in [-1, 0.9921875], the TF graph's input range
-            feats = self.module(x.to(self.device))  # (B, 2048)
-            out.append(feats.reshape(feats.shape[0], -1).double().cpu().numpy())
+        """uint8 (N, 3, H, W) [0, 255] -> (N, 2048) float64 pool3 features (numpy, on the CPU)."""
+        out = [
+            self.device_features(images[start : start + batch_size]).double().cpu().numpy()
+            for start in range(0, images.shape[0], batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
+
+    @torch.no_grad()
+    def device_features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) [0, 255] -> (B, 2048) float32 pool3 features on the Inception's device, one
+        batch: the resize runs there too, so a GPU run moves only uint8 pixels."""
+        check_uint8_images(images)
+        x = tf1_bilinear_resize(images.to(self.device).float(), INCEPTION_SIZE, INCEPTION_SIZE)
+        x = (x - 128.0) / 128.0  # (B, 3, 299, 299) in [-1, 0.9921875], the TF graph's input range
+        feats = self.module(x)  # (B, 2048)
+        return feats.reshape(feats.shape[0], -1).float()
 
 
 def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> Inception:
@@ -127,7 +131,7 @@ def _resize_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     n_in = x.shape[dim]
     if n_in == size:
         return x
-    src = torch.arange(size, dtype=torch.float64) * (n_in / size)  # (size,) source coordinates
+    src = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)  # source coordinates
     low = src.floor().long().clamp(max=n_in - 1)
     high = (low + 1).clamp(max=n_in - 1)
     frac = (src - low.double()).to(x.dtype)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evals.crops import bicubic_round_trip
 from evals.image_metrics import psnr
-from evals.multiscale import bicubic_round_trip, mean_ci
+from evals.multiscale import mean_ci
 from tokenizers_svc.media import probe_video, read_video
 from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from evals.crops import bicubic_round_trip, grid_tiles, list_media
 from evals.image_metrics import psnr
-from evals.reconstruct import list_media
+from evals.stats import MetricSums
 from tokenizers_svc.media import read_image
-from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
+from tokenizers_svc.pixels import resize_shorter_side
 
 DEFAULT_SCALES = (256, 384, 512, 768)
 CROP_SIZE = 256
@@ -55,13 +55,9 @@ def multiscale_crops(
         if scale < size:
             raise ValueError(f"every scale must be >= the crop size {size}, got {scale}")
         resized = resize_shorter_side(image, scale)  # (3, H', W'), shorter side == scale
-        h, w = resized.shape[-2:]
-        for i in range(h // size):
-            for j in range(w // size):
-                crop = resized[:, i * size : (i + 1) * size, j * size : (j + 1) * size]
-                if float(crop.float().std()) < min_std:
-                    continue
-                crops.append((scale, f"@{scale}#r{i}c{j}", crop.contiguous()))
+        for suffix, crop in grid_tiles(resized, size):
+            if float(crop.float().std()) >= min_std:
+                crops.append((scale, f"@{scale}{suffix}", crop.contiguous()))
     return crops
 
 
@@ -87,17 +83,6 @@ def load_multiscale(
     return MultiscaleCrops(torch.stack(pixels), names, crop_scales)
 
 
-def bicubic_round_trip(pixels: torch.Tensor, floats_per_item: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> uint8 (N, 3, H, W): antialiased bicubic down to ``floats_per_item`` floats
-    (3 * h * w), bicubic back up. The classical codec a tokenizer has to beat at equal floats."""
-    h, w = pixels.shape[-2:]
-    factor = math.sqrt(3 * h * w / floats_per_item)
-    small_size = (max(1, round(h / factor)), max(1, round(w / factor)))
-    x = pixels.float() / 127.5 - 1  # (N, 3, H, W) float [-1, 1]
-    small = F.interpolate(x, size=small_size, mode="bicubic", antialias=True, align_corners=False)
-    return to_uint8_pixels(F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False))
-
-
 def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """(mean, half width of the 95% confidence interval of the mean; normal approximation)."""
     values = np.asarray(values, dtype=np.float64)
@@ -112,21 +97,36 @@ def compare(
     floats_per_item: int,
     batch_size: int = 16,
 ) -> dict:
-    """PSNR of ``reconstruct`` (uint8 batch -> uint8 batch) and of bicubic at equal floats on every crop:
-    overall mean with 95% CI, the paired difference with its CI, and the same per scale."""
+    """PSNR of ``reconstruct`` (uint8 batch -> uint8 batch) and of bicubic at equal floats on every crop,
+    summarized by :func:`psnr_comparison`."""
     model, bicubic = [], []
     for batch in crops.pixels.split(batch_size):
         model.append(psnr(batch, reconstruct(batch).cpu()))
         bicubic.append(psnr(batch, bicubic_round_trip(batch, floats_per_item)))
-    model_psnr, bicubic_psnr = np.concatenate(model), np.concatenate(bicubic)
-    scales = np.asarray(crops.scales)
+    comparison = psnr_comparison(np.concatenate(model), np.concatenate(bicubic), crops.scales)
+    return {**comparison, "floats_per_item": floats_per_item}
 
-    def summary(mask: np.ndarray) -> dict:
-        m, m_ci = mean_ci(model_psnr[mask])
-        b, b_ci = mean_ci(bicubic_psnr[mask])
-        d, d_ci = mean_ci(model_psnr[mask] - bicubic_psnr[mask])
+
+def psnr_comparison(model_psnr: np.ndarray, bicubic_psnr: np.ndarray, scales: Sequence[int]) -> dict:
+    """Per-crop PSNR of a model and of bicubic at equal floats on the same crops -> :func:`comparison_from_sums`."""
+    groups = [str(s) for s in scales]
+    model, bicubic = MetricSums(), MetricSums()
+    model.add("psnr", model_psnr, groups)
+    model.add("gain_db", np.asarray(model_psnr) - np.asarray(bicubic_psnr), groups)
+    bicubic.add("psnr", bicubic_psnr, groups)
+    return comparison_from_sums(model, bicubic)
+
+
+def comparison_from_sums(model: MetricSums, bicubic: MetricSums) -> dict:
+    """A model's per-item "psnr" and paired "gain_db" sums and its bicubic baseline's "psnr" sums -> overall
+    mean with 95% CI, the paired gain with its CI, and the same per scale under "per_scale"."""
+
+    def summary(group: str) -> dict:
+        n, m, m_ci = model.mean_ci("psnr", group)
+        _, b, b_ci = bicubic.mean_ci("psnr", group)
+        _, d, d_ci = model.mean_ci("gain_db", group)
         return {
-            "n": int(mask.sum()),
+            "n": n,
             "psnr": m,
             "psnr_ci95": m_ci,
             "bicubic_psnr": b,
@@ -135,8 +135,5 @@ def compare(
             "gain_ci95": d_ci,
         }
 
-    return {
-        **summary(np.ones(len(scales), dtype=bool)),
-        "floats_per_item": floats_per_item,
-        "per_scale": {str(s): summary(scales == s) for s in sorted(set(crops.scales))},
-    }
+    scales = sorted((g for g in model.groups("psnr") if g != "all"), key=int)
+    return {**summary("all"), "per_scale": {scale: summary(scale) for scale in scales}}

@@ -1,313 +1,76 @@
-"""Reconstruction evaluation of one or more tokenizers on the same inputs.
+"""Reconstruction evaluation of one or more tokenizers on the same inputs, streamed with bounded memory.
 
-    python -m evals.reconstruct --model sd-vae-tiny --model DIR --data DIR --resolution 256 \
-        --crop center --max-items 1000 --out REPORT_DIR [--inception PATH] [--i3d PATH] [--device cpu]
+    python -m evals.reconstruct --model sd-vae-tiny --model DIR --data DIR|'shards/*.tar'|paths.parquet \
+        --resolution 256 --crop center|grid|multiscale --out REPORT_DIR [--device cuda] [--workers 8] \
+        [--ray [--ray-actors N]] [--resume]
 
-Every model sees exactly the same uint8 inputs (files in sorted order, deterministic crops). The report
-directory gets report.json, report.md, items.csv and samples.png (see evals/report.py).
+Every model sees exactly the same uint8 inputs (entries in sorted order, deterministic crops). Items are
+read, reconstructed, scored and dropped in batches (evals/streaming.py); the report directory gets
+report.json, report.md, items.csv (written as shards finish) and samples.png (see evals/report.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
+import json
+import logging
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from evals import fid, image_metrics, report, video_metrics
-from tokenizers_svc import load_tokenizer
-from tokenizers_svc.api import Tokenizer
+from evals import fid, multiscale, report, sources, stats, streaming
+from evals.crops import SQUARE_CROPS
 from tokenizers_svc.defaults import default_model
 from tokenizers_svc.errors import InvalidRequestError, TokenizerError, print_error
-from tokenizers_svc.formats import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
-from tokenizers_svc.formats import VIDEO_SUFFIXES as VIDEO_EXTENSIONS
-from tokenizers_svc.media import read_image, read_video
-from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 from tokenizers_svc.registry import weights_home
 
-CROPS = ("center", "grid")
+CROPS = (*SQUARE_CROPS, "multiscale")
+DEFAULT_SHARD_SIZE = 1000  # entries per shard: the unit of resume, Ray work and checkpoints
 
 
 @dataclass
 class Dataset:
-    """The evaluation inputs: uint8 (N, 3, R, R) images or (N, 3, T, R, R) clips, with item names."""
+    """Every item in memory, for small sets and tests: uint8 (N, 3, R, R) images or (N, 3, T, R, R) clips."""
 
     pixels: torch.Tensor
     names: list[str]
-    files: list[Path]
     kind: str  # "image" | "video"
-
-    def frames(self, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """``pixels`` (default: the inputs) as uint8 (M, 3, R, R) images; clips become their frames."""
-        pixels = self.pixels if pixels is None else pixels
-        return pixels if self.kind == "image" else video_metrics.frames(pixels)
+    scales: list[int | None]
 
 
-def list_media(data: Path, kind: str) -> list[Path]:
-    """Files of ``kind`` under ``data`` (recursive), sorted by relative path: the deterministic order."""
-    if not data.is_dir():
-        raise InvalidRequestError(f"--data must be a directory, got {data}", param="data")
-    suffixes = IMAGE_EXTENSIONS if kind == "image" else VIDEO_EXTENSIONS
-    return sorted(
-        (p for p in data.rglob("*") if p.suffix.lower() in suffixes), key=lambda p: str(p.relative_to(data))
-    )
-
-
-def square_crops(image: torch.Tensor, resolution: int, crop: str) -> list[tuple[str, torch.Tensor]]:
-    """uint8 (C, H, W) -> [(suffix, (C, R, R) uint8)]. 'center': shorter side resized to R (antialiased
-    bicubic) then the center square; 'grid': non-overlapping R x R tiles at native resolution, row-major
-    (images with a side below R are first resized so their shorter side is R)."""
-    if crop not in CROPS:
-        raise InvalidRequestError(f"--crop must be one of {list(CROPS)}, got {crop!r}", param="crop")
-    h, w = image.shape[-2:]
-    if crop == "center" or min(h, w) < resolution:
-        image = resize_shorter_side(image, resolution)
-        h, w = image.shape[-2:]
-    if crop == "center":
-        top, left = (h - resolution) // 2, (w - resolution) // 2
-        return [("", image[..., top : top + resolution, left : left + resolution])]
-    tiles = []
-    for i in range(h // resolution):
-        for j in range(w // resolution):
-            tile = image[..., i * resolution : (i + 1) * resolution, j * resolution : (j + 1) * resolution]
-            tiles.append((f"#r{i}c{j}", tile))
-    return tiles
-
-
-def load_dataset(data: Path, resolution: int, crop: str, max_items: int | None, frames: int = 17) -> Dataset:
-    """Images under ``data`` if there are any, else videos (first ``frames`` frames of each clip)."""
-    kind = "image" if list_media(data, "image") else "video"
-    files = list_media(data, kind)
-    if not files:
-        raise InvalidRequestError(f"no images or videos found under {data}", param="data")
-    items, names, used = [], [], []
-    for path in files:
-        if kind == "image":
-            pixels = torch.from_numpy(read_image(path)).permute(2, 0, 1)  # (3, H, W) uint8
-        else:
-            clip = read_video(path, max_frames=frames).frames  # (T, H, W, 3) uint8
-            if clip.shape[0] < frames:
-                continue  # shorter clips would make the batch ragged
-            pixels = torch.from_numpy(clip).permute(3, 0, 1, 2)  # (3, T, H, W) uint8
-        used.append(path)
-        for suffix, crop_pixels in square_crops(pixels, resolution, crop):
-            items.append(crop_pixels.contiguous())
-            names.append(str(path.relative_to(data)) + suffix)
-            if max_items and len(items) >= max_items:
-                return Dataset(torch.stack(items), names, used, kind)
+def load_dataset(
+    data: Path,
+    resolution: int,
+    crop: str,
+    max_items: int | None,
+    frames: int = 17,
+    scales: tuple[int, ...] = multiscale.DEFAULT_SCALES,
+) -> Dataset:
+    """The items the streaming evaluation would see, stacked."""
+    kind, entries = sources.list_entries(data)
+    spec = sources.CropSpec(kind, crop, resolution, tuple(scales), frames)
+    items = [
+        item
+        for entry in sources.limit_entries(entries, spec, max_items)
+        for item in sources.entry_items(entry, spec)
+    ]
     if not items:
         raise InvalidRequestError(f"no usable {kind}s under {data} at resolution {resolution}", param="data")
-    return Dataset(torch.stack(items), names, used, kind)
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA ``max_memory_allocated`` on GPU; on CPU the peak resident-set growth
-    above the block's start, sampled from /proc/self/statm every 2 ms (torch's CPU allocations are
-    invisible to tracemalloc, so RSS is the honest measure there)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.method = (
-            "cuda max_memory_allocated"
-            if device.type == "cuda"
-            else "cpu peak RSS delta (sampled /proc/self/statm, 2 ms)"
-        )
-        self.peak_bytes = 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        self._base = _rss_bytes()
-        self._peak = self._base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._peak = max(self._peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = max(self._peak, _rss_bytes()) - self._base
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@dataclass
-class Reconstruction:
-    """One model's (or baseline's) output on the dataset, with what the report needs about it."""
-
-    name: str
-    pixels: torch.Tensor  # uint8, same shape as Dataset.pixels
-    floats_per_item: int
-    info: dict = field(default_factory=dict)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reconstruct(tokenizer: Tokenizer, data: Dataset, batch_size: int) -> Reconstruction:
-    """Encode/decode every item in batches; times each phase separately (after one warm-up batch)."""
-    device = tokenizer.backend.device
-    per_frame = data.kind == "video" and tokenizer.spec.modality == "image"
-
-    def as_input(x: torch.Tensor) -> torch.Tensor:  # image models see clips as independent frames
-        return video_metrics.frames(x) if per_frame else x
-
-    warm = as_input(data.pixels[:1])
-    tokenizer.decode(tokenizer.encode(warm), output_dtype=torch.uint8)
-    latents, outputs = [], []
-    encode_s = decode_s = 0.0
-    with PeakMemory(device) as encode_mem:
-        for start in range(0, len(data.pixels), batch_size):
-            _sync(device)
-            t0 = time.perf_counter()
-            latents.append(tokenizer.encode(as_input(data.pixels[start : start + batch_size])))
-            _sync(device)
-            encode_s += time.perf_counter() - t0
-    with PeakMemory(device) as decode_mem:
-        for lat in latents:
-            _sync(device)
-            t0 = time.perf_counter()
-            outputs.append(tokenizer.decode(lat, output_dtype=torch.uint8))  # round half up to uint8
-            _sync(device)
-            decode_s += time.perf_counter() - t0
-    pixels = torch.cat(outputs)
-    if per_frame:
-        n, c, t, h, w = data.pixels.shape
-        pixels = pixels.reshape(n, t, c, h, w).transpose(1, 2)
-    n = len(data.pixels)
-    first = latents[0].latents
-    floats = first[0].numel() * (data.pixels.shape[2] if per_frame else 1)
-    return Reconstruction(
-        name=tokenizer.name,
-        pixels=pixels.contiguous(),
-        floats_per_item=floats,
-        info={
-            "source": tokenizer.source,
-            "weights_hash": tokenizer.weights_hash,
-            "spec": tokenizer.spec.to_dict(),
-            "latent_shape_per_item": list(first.shape[1:]),
-            "frames_encoded_independently": per_frame,
-            "throughput": {
-                "device": str(device),
-                "batch_size": batch_size,
-                "encode_items_per_s": n / encode_s,
-                "decode_items_per_s": n / decode_s,
-                "encode_peak_memory_mb": encode_mem.peak_bytes / 2**20,
-                "decode_peak_memory_mb": decode_mem.peak_bytes / 2**20,
-                "memory_method": encode_mem.method,
-            },
-        },
+    return Dataset(
+        torch.stack([p for _, _, p in items]), [n for n, _, _ in items], kind, [s for _, s, _ in items]
     )
 
 
-def bicubic_baseline(data: Dataset, floats_per_item: int) -> Reconstruction:
-    """Bicubic down- then up-sampling (antialiased) keeping ``floats_per_item`` values per item, like a latent
-    of that size: side factor = sqrt(pixel floats / latent floats)."""
-    pixels = data.pixels if data.kind == "image" else video_metrics.frames(data.pixels)
-    h, w = pixels.shape[-2:]
-    per_item_frames = 1 if data.kind == "image" else data.pixels.shape[2]
-    factor = math.sqrt(3 * h * w * per_item_frames / floats_per_item)
-    size = (max(1, round(h / factor)), max(1, round(w / factor)))
-    x = pixels.float() / 127.5 - 1
-    small = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    up = F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
-    out = to_uint8_pixels(up)
-    if data.kind == "video":
-        n, c, t = data.pixels.shape[:3]
-        out = out.reshape(n, t, c, h, w).transpose(1, 2).contiguous()
-    return Reconstruction(
-        name=f"bicubic-x{factor:.2f}",
-        pixels=out,
-        floats_per_item=3 * size[0] * size[1] * per_item_frames,
-        info={
-            "downsampled_size": list(size),
-            "side_factor": factor,
-            "target_floats_per_item": floats_per_item,
-        },
-    )
-
-
-@dataclass
-class Evaluator:
-    """Metrics shared by every reconstruction of one dataset (reference features are computed once)."""
-
-    data: Dataset
-    inception: fid.Inception
-    lpips: image_metrics.Lpips
-    reference_features: np.ndarray
-    i3d: video_metrics.I3D | None = None
-    reference_i3d: np.ndarray | None = None
-
-    @cached_property
-    def reference_stats(self) -> fid.FeatureStats:
-        return fid.FeatureStats.from_features(self.reference_features)  # its sqrt factor is reused too
-
-    def score(self, rec: Reconstruction) -> tuple[dict, dict]:
-        """-> (aggregate metrics, per-item columns)."""
-        a, b = self.data.pixels, rec.pixels
-        per_item: dict[str, np.ndarray] = {}
-        if self.data.kind == "image":
-            per_item["psnr"] = image_metrics.psnr(a, b)
-            per_item["ssim"] = image_metrics.ssim(a, b)
-        else:
-            per_item["psnr"] = video_metrics.per_frame_psnr(a, b)
-            per_item["ssim"] = video_metrics.per_frame_ssim(a, b)
-            per_item["temporal_diff_psnr"] = video_metrics.temporal_difference_psnr(a, b)
-        if self.lpips.available:
-            per_item["lpips"] = (
-                self.lpips(self.data.frames(a), self.data.frames(b)).reshape(len(a), -1).mean(1)
-            )
-        feats = self.inception.features(self.data.frames(b))
-        metrics = {key: float(np.mean(value)) for key, value in per_item.items()}
-        metrics["rfid"] = fid.frechet_distance(self.reference_stats, fid.FeatureStats.from_features(feats))
-        metrics["kid"], metrics["kid_std"] = fid.kernel_inception_distance(self.reference_features, feats)
-        metrics["fid_n"] = int(feats.shape[0])
-        if self.i3d is not None:
-            fake = self.i3d.features(b)
-            metrics["rfvd"] = fid.frechet_distance(
-                fid.FeatureStats.from_features(self.reference_i3d), fid.FeatureStats.from_features(fake)
-            )
-        return metrics, per_item
-
-
-def reference_features(
-    data: Dataset, inception: fid.Inception, cache_dir: Path, protocol: dict
-) -> np.ndarray:
-    """Inception features of the originals, cached as .npz keyed by the inputs' bytes and the protocol."""
-    key = {
-        **protocol,
-        "inception_sha1": inception.sha1,
-        "pixels_sha256": report.sha256_tensor(data.pixels),
-        "names": data.names,
-    }
-    feats, _ = fid.cached_features(cache_dir, key, lambda: inception.features(data.frames()))
-    return feats
+def parse_scales(text: str) -> tuple[int, ...]:
+    """Parse "256,384" into (256, 384)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales takes comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,9 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="preset name or model directory; repeat (default: the shipped tokenizer for the data's kind)",
     )
-    parser.add_argument("--data", type=Path, required=True, help="directory of images (or videos)")
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="directory of images (class folders welcome) or videos, a WebDataset tar glob, or a Parquet of paths",
+    )
+    parser.add_argument("--resolution", type=int, default=256, help="items are R x R crops")
     parser.add_argument("--crop", choices=CROPS, default="center")
+    parser.add_argument(
+        "--scales",
+        type=parse_scales,
+        default=multiscale.DEFAULT_SCALES,
+        help="--crop multiscale: shorter-side sizes, comma-separated (default 256,384,512,768)",
+    )
     parser.add_argument("--max-items", type=int, default=None)
     parser.add_argument("--frames", type=int, default=17, help="frames per clip for video data")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -332,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", type=Path, default=None, help="reference statistics cache")
     parser.add_argument("--samples", type=int, default=4, help="items shown in samples.png")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (decode + crop)")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="entries per shard")
+    parser.add_argument(
+        "--kid-items", type=int, default=stats.KID_CAPACITY, help="items kept (float32 features) for KID"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    parser.add_argument(
+        "--ray", action="store_true", help="score shards with Ray actors (RAY_ADDRESS: cluster)"
+    )
+    parser.add_argument("--ray-actors", type=int, default=2, help="--ray: number of actors")
     return parser
 
 
@@ -339,62 +123,170 @@ def run(args: argparse.Namespace) -> dict:
     """Evaluate every model and the matching bicubic baselines; write the report; return report.json's dict."""
     if args.resolution < 16:
         raise InvalidRequestError(f"--resolution must be >= 16, got {args.resolution}", param="resolution")
-    device = torch.device(args.device)
-    data = load_dataset(args.data, args.resolution, args.crop, args.max_items, args.frames)
-    if len(data.frames()) < 2:
+    started = time.perf_counter()
+    kind, entries = sources.list_entries(args.data)
+    spec = sources.CropSpec(kind, args.crop, args.resolution, tuple(args.scales), args.frames)
+    if args.crop == "multiscale" and kind == "video":
+        raise InvalidRequestError("--crop multiscale is defined for images only", param="crop")
+    if args.crop == "multiscale" and min(args.scales) < args.resolution:
         raise InvalidRequestError(
-            f"FID/KID need at least 2 images (or frames), got {len(data.frames())} from {args.data}",
-            param="data",
+            f"every --scales value must be >= --resolution {args.resolution}, got {list(args.scales)}",
+            param="scales",
         )
-    if args.i3d is not None and data.kind != "video":
+    if args.i3d is not None and kind != "video":
         raise InvalidRequestError("--i3d (rFVD) needs video data", param="i3d")
-    models = args.model or [default_model(data.kind)]
-    inception = fid.load_inception(args.inception, device)
+    entries = sources.limit_entries(entries, spec, args.max_items)
+    models = args.model or [default_model(kind)]
+    inception = fid.load_inception(args.inception, "cpu")  # identity and checks; scorers load their own
     protocol = {
         "resolution": args.resolution,
         "crop": args.crop,
         "max_items": args.max_items,
-        "frames": args.frames if data.kind == "video" else None,
-        "kind": data.kind,
+        "frames": args.frames if kind == "video" else None,
+        "kind": kind,
         "fid": fid.PROTOCOL,
     }
-    cache_dir = args.cache_dir or weights_home().parent / "fid-stats"
-    evaluator = Evaluator(
-        data=data,
-        inception=inception,
-        lpips=image_metrics.Lpips.load(),
-        reference_features=reference_features(data, inception, cache_dir, protocol),
-    )
-    if args.i3d is not None:
-        evaluator.i3d = video_metrics.I3D.load(args.i3d, device)
-        evaluator.reference_i3d = evaluator.i3d.features(data.pixels)
-    results, baselines = [], {}
-    for name in models:
-        tokenizer = load_tokenizer(name, device=device)
-        rec = reconstruct(tokenizer, data, args.batch_size)
-        metrics, per_item = evaluator.score(rec)
-        results.append((rec, metrics, per_item))
-        if rec.floats_per_item not in baselines:
-            base = bicubic_baseline(data, rec.floats_per_item)
-            base_metrics, base_items = evaluator.score(base)
-            baselines[rec.floats_per_item] = (base, base_metrics, base_items)
-        del tokenizer
-    return report.write_report(
-        args.out,
-        data=data,
-        protocol=protocol,
-        inception=inception,
-        lpips=evaluator.lpips,
-        i3d=evaluator.i3d,
-        models=results,
-        baselines=list(baselines.values()),
+    if args.crop == "multiscale":
+        protocol["multiscale"] = {"scales": list(args.scales), "min_std": multiscale.MIN_STD}
+    data_sha256 = sources.content_hash(entries)
+    reference_key = {**protocol, "inception_sha1": inception.sha1, "data_sha256": data_sha256}
+    cache_path = (
+        args.cache_dir or weights_home().parent / "fid-stats"
+    ) / f"ref-{fid.stats_cache_key(reference_key)}.npz"
+    reference = load_reference(cache_path, args.kid_items)
+    config = streaming.EvalConfig(
+        models=models,
+        spec=spec,
+        device=args.device,
+        inception=None if args.inception is None else str(args.inception),
+        i3d=None if args.i3d is None else str(args.i3d),
+        batch_size=args.batch_size,
+        kid_capacity=args.kid_items,
         samples=args.samples,
     )
+    run_key = fid.stats_cache_key({**reference_key, "models": models, "shard_size": args.shard_size})
+    shards = sources.make_shards(entries, args.shard_size)
+    per_chunk = args.batch_size if (args.crop == "center" or kind == "video") else 1
+    totals, columns = streaming.evaluate(
+        config,
+        shards,
+        args.out,
+        run_key,
+        reference,
+        resume=args.resume,
+        workers=args.workers,
+        ray_actors=args.ray_actors if args.ray else None,
+        entries_per_chunk=per_chunk,
+    )
+    if reference is None:
+        save_reference(cache_path, totals.streams[streaming.REFERENCE], reference_key)
+    result = summarize(totals, protocol, inception, config, columns)
+    result["data"] = {"source": str(args.data), "entries": len(entries), "sha256": data_sha256}
+    wall = time.perf_counter() - started
+    result["run"] = {
+        "shards": len(shards),
+        "shard_size": args.shard_size,
+        "workers": args.workers,
+        "ray_actors": args.ray_actors if args.ray else None,
+        "wall_s": wall,
+        "items_per_s": result["n"] / wall,
+    }
+    model_names = [row["name"] for row in result["results"] if row["kind"] == "model"]
+    report.write_report(args.out, result, totals.samples, model_names)
+    (args.out / streaming.CHECKPOINT).unlink(missing_ok=True)  # finished: nothing left to resume
+    return result
+
+
+def load_reference(path: Path, kid_capacity: int) -> stats.StreamStats | None:
+    """Cached statistics of the originals (keyed by protocol, Inception and the data's content hash)."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return stats.StreamStats.from_state(dict(saved), "reference", "cpu", kid_capacity)
+
+
+def save_reference(path: Path, reference: stats.StreamStats, key: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, key=np.array(json.dumps(key)), **reference.state("reference"))
+
+
+def summarize(totals: streaming.Accumulator, protocol: dict, inception, config, columns: list[str]) -> dict:
+    """Statistics of every stream -> report.json's dict (metrics, throughput, per-scale comparison)."""
+    reference = totals.streams.get(streaming.REFERENCE)
+    if reference is None or reference.inception.n < 2:
+        count = 0 if reference is None else reference.inception.n
+        raise InvalidRequestError(f"FID/KID need at least 2 images (or frames), got {count}", param="data")
+    reference_stats = reference.inception.feature_stats()
+    reference_kid = reference.kid.sorted_features()
+    rows = []
+    by_kind = sorted(totals.info.items(), key=lambda item: item[1]["kind"] != "model")  # models, baselines
+    for name, info in by_kind:
+        stream = totals.streams[name]
+        metrics = {column: stream.metrics.mean_ci(column)[1] for column in columns}
+        metrics["psnr_ci95"] = stream.metrics.mean_ci("psnr")[2]
+        metrics["rfid"] = fid.frechet_distance(reference_stats, stream.inception.feature_stats())
+        metrics["kid"], metrics["kid_std"] = fid.kernel_inception_distance(
+            reference_kid, stream.kid.sorted_features()
+        )
+        metrics["fid_n"] = stream.inception.n
+        if reference.i3d is not None:
+            metrics["rfvd"] = fid.frechet_distance(reference.i3d.feature_stats(), stream.i3d.feature_stats())
+        row = {"name": name, **info, "metrics": metrics}
+        if info["kind"] == "model":
+            timing = totals.timing[name]
+            row["throughput"] = {
+                "device": config.device,
+                "batch_size": config.batch_size,
+                "encode_items_per_s": timing["items"] / timing["encode_s"],
+                "decode_items_per_s": timing["items"] / timing["decode_s"],
+                "encode_peak_memory_mb": timing["encode_peak_bytes"] / 2**20,
+                "decode_peak_memory_mb": timing["decode_peak_bytes"] / 2**20,
+                "memory_method": streaming.PeakMemory(torch.device(config.device)).method,
+            }
+            if protocol["crop"] == "multiscale":
+                row["vs_bicubic"] = multiscale.comparison_from_sums(
+                    stream.metrics, totals.streams[info["baseline"]].metrics
+                )
+        rows.append(row)
+    n = totals.streams[rows[0]["name"]].metrics.mean_ci("psnr")[0]
+    pixel_floats = int(np.prod(totals.item_shape))
+    for row in rows:
+        row["compression_ratio"] = pixel_floats / row["floats_per_item"]
+    return {
+        "n": n,
+        "fid_n": reference.inception.n,
+        "sample_size_label": fid.sample_size_label(reference.inception.n),
+        "kind": protocol["kind"],
+        "item_shape": totals.item_shape,
+        "protocol": {
+            **protocol,
+            "inception": {
+                "path": str(inception.path),
+                "sha1": inception.sha1,
+                "standard": inception.standard,
+            },
+            "kid": (
+                "unbiased MMD^2, polynomial kernel (x.y/d + 1)^3, 100 subsets of min(1000, N), over the "
+                f"{config.kid_capacity} items with the smallest name hash (all items when N is smaller)"
+            ),
+            "psnr": "per-item mean, uint8, peak 255 (video: per-frame mean); float32 on the device",
+            "ssim": "Gaussian window 11, sigma 1.5, data range 255, per-channel mean (RGB); float32",
+            "lpips": streaming.image_metrics.Lpips.load().reason,
+            "i3d": None
+            if config.i3d is None
+            else {"path": config.i3d, "sha1": fid.sha1_file(Path(config.i3d))},
+            "reconstruction_quantization": "round half up to uint8",
+            "fid_statistics": "streamed float64 count, sum, sum of outer products",
+        },
+        "versions": report.versions(),
+        "results": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry (also ``tokenizers-svc eval``): 0 on success, 1 on a typed error, 2 on bad usage."""
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = run(args)
     except TokenizerError as exc:

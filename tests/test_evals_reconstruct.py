@@ -11,7 +11,8 @@ import torch
 from skimage import data
 
 from evals import fid
-from evals.reconstruct import main, square_crops
+from evals.crops import square_crops
+from evals.reconstruct import main
 from tokenizers_svc.loading import build_module
 from tokenizers_svc.media import encode_image
 from tokenizers_svc.registry import get_preset
