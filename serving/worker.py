@@ -16,6 +16,8 @@ import asyncio
 import hashlib
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,12 +26,16 @@ from ray import serve
 from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
 from serving.remote_vae import scale_latents, unscale_latents
 from serving.schemas import LimitsConfig, ModelConfig
-from tokenizers_svc.errors import InvalidRequestError, LimitExceededError, TokenizerError
+from tokenizers_svc import abandon
+from tokenizers_svc.abandon import WorkToken
+from tokenizers_svc.errors import InvalidRequestError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import (
     EncodeOptions,
     MediaInput,
+    check_decode_cost,
+    check_encode_cost,
     check_output_format,
     encode_media,
     encode_stacked,
@@ -48,6 +54,7 @@ class _Item:
     key: tuple
     tensor: torch.Tensor  # (1, C, [T,] H, W): pixels for encode, raw latents for decode
     size: int  # batch-size units: max(pixels, max_batch_pixels // max_batch_size)
+    token: WorkToken
     options: EncodeOptions | None = None
     latents: Latents | None = None  # decode: crop metadata of a latent file
     tiling: TilingOptions | None = None
@@ -87,7 +94,10 @@ class TokenizerWorker:
 
     def __init__(self, config: dict, limits: dict) -> None:
         self.config = ModelConfig.model_validate(config)
-        self.limits = LimitsConfig.model_validate(limits)
+        self.limits = LimitsConfig.model_validate(limits).work()
+        # One model call at a time per replica: memory holds one piece of work, and the service
+        # time the ingress measures per pixel is the time a queue takes to drain.
+        self.compute = asyncio.Lock()
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         self.tokenizer = load_tokenizer(
             self.config.source,
@@ -114,22 +124,24 @@ class TokenizerWorker:
 
     async def encode(self, job: EncodeJob) -> Reply | ErrorReply:
         try:
-            if job.data is not None:
-                media_input = await asyncio.to_thread(load_media, job.data, self.limits.media(), job.options)
-            else:
-                media_input = self._tensor_media(job.tensor)
-            latents, batch = await self._encode_one(media_input, job.options)
-            return self._encode_reply(latents, job, batch)
+            with abandon.scope(WorkToken(job.deadline)) as token:
+                if job.data is not None:
+                    media_input = await asyncio.to_thread(load_media, job.data, self.limits, job.options)
+                else:
+                    media_input = self._tensor_media(job.tensor, job.options)
+                latents, batch, compute_s = await self._encode_one(media_input, job.options, token)
+            return self._encode_reply(latents, job, batch, compute_s)
         except TokenizerError as error:
             return ErrorReply(error.to_dict(), error.http_status)
 
-    def _tensor_media(self, tensor: torch.Tensor) -> MediaInput:
+    def _tensor_media(self, tensor: torch.Tensor, options: EncodeOptions) -> MediaInput:
         """Bare pixel tensor -> MediaInput; the hash is of its bytes, so identical inputs match."""
         if tensor.ndim not in (4, 5) or tensor.shape[0] != 1:
             raise InvalidRequestError(
                 f"pixel tensors must be one item, (1, 3, H, W) or (1, 3, T, H, W); got shape {tuple(tensor.shape)}",
                 param="shape",
             )
+        check_encode_cost(tuple(tensor.shape), options, self.limits)
         return MediaInput(
             pixels=tensor,
             kind="image" if tensor.ndim == 4 else "video",
@@ -138,28 +150,56 @@ class TokenizerWorker:
             original_size=(int(tensor.shape[-2]), int(tensor.shape[-1])),
         )
 
-    async def _encode_one(self, media_input: MediaInput, options: EncodeOptions) -> tuple[Latents, int]:
+    async def _encode_one(
+        self, media_input: MediaInput, options: EncodeOptions, token: WorkToken
+    ) -> tuple[Latents, int, float]:
         pixels = media_input.pixels
         size = max(_pixel_count(pixels), self.quantum)
         # Sampled encodes draw per-request noise (and seeds); oversized ones would not fit a batch.
         if options.sample or size > self.config.max_batch_pixels:
-            latents = await asyncio.to_thread(encode_media, self.tokenizer, media_input, options)
-            return latents, 1
+            latents, compute_s = await self._run_alone(encode_media, self.tokenizer, media_input, options)
+            return latents, 1, compute_s
         key = (media_input.kind, tuple(pixels.shape), pixels.dtype, options)
-        result, batch = await self._encode_batched(_Item(key=key, tensor=pixels, size=size, options=options))
+        item = _Item(key=key, tensor=pixels, size=size, token=token, options=options)
+        result, batch, compute_s = await self._encode_batched(item)
         if isinstance(result, TokenizerError):
             raise result
-        return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch
+        return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch, compute_s
+
+    async def _run_alone(self, fn: Callable, *args) -> tuple:
+        """``fn(*args)`` in a thread, after the model calls before it: (result, seconds it took)."""
+        async with self.compute:
+            started = time.perf_counter()
+            result = await asyncio.to_thread(fn, *args)
+            return result, time.perf_counter() - started
+
+    async def _run_batch(
+        self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
+    ) -> list[tuple[object, int, float]]:
+        """A @serve.batch batch: items nobody waits for any more are dropped; the rest run grouped
+        (``run_in_groups``) until every one of them is abandoned. Per item: (result or error, size
+        of its model call, its share of the batch's model time, by batch units)."""
+        live = [item for item in items if not item.token.abandoned]
+        results: dict[int, tuple[object, int, float]] = {}
+        if live:
+            batch_token = WorkToken(parts=tuple(item.token for item in live))
+            with abandon.scope(batch_token):
+                outcomes, elapsed = await self._run_alone(run_in_groups, live, _item_key, run_bucket)
+            units = _batch_units(live)
+            for item, (result, size) in zip(live, outcomes, strict=True):
+                results[id(item)] = (result, size, elapsed * item.size / units)
+        gone = RequestTimeoutError("the request was abandoned before its batch ran", param="model")
+        return [results.get(id(item), (gone, 1, 0.0)) for item in items]
 
     @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
-    async def _encode_batched(self, items: list[_Item]) -> list[tuple[Latents | TokenizerError, int]]:
-        return await asyncio.to_thread(run_in_groups, items, _item_key, self._encode_bucket)
+    async def _encode_batched(self, items: list[_Item]) -> list[tuple[Latents | TokenizerError, int, float]]:
+        return await self._run_batch(items, self._encode_bucket)
 
     def _encode_bucket(self, bucket: list[_Item]) -> list[Latents]:
         stacked = torch.cat([item.tensor for item in bucket])  # (B, 3, [T,] H, W)
         return encode_stacked(self.tokenizer, stacked, bucket[0].options)
 
-    def _encode_reply(self, latents: Latents, job: EncodeJob, batch: int) -> Reply:
+    def _encode_reply(self, latents: Latents, job: EncodeJob, batch: int, compute_s: float) -> Reply:
         if latents.mean is not None and latents.mean.data_ptr() == latents.latents.data_ptr():
             # raw mode latents *are* the posterior mean; safetensors refuses to save shared memory
             latents = replace(latents, mean=latents.mean.clone())
@@ -169,31 +209,35 @@ class TokenizerWorker:
             )
         if job.output == "tensor":
             normalized = job.scaling is not None or latents.normalized
-            return tensor_reply(latents.latents, {"normalized": str(normalized).lower()}, batch)
-        return Reply(
-            latents.to_bytes(),
-            "application/x-safetensors",
-            {"normalized": str(latents.normalized).lower()},
-            batch,
-        )
+            reply = tensor_reply(latents.latents, {"normalized": str(normalized).lower()}, batch)
+        else:
+            reply = Reply(
+                latents.to_bytes(),
+                "application/x-safetensors",
+                {"normalized": str(latents.normalized).lower()},
+                batch,
+            )
+        return replace(reply, compute_s=compute_s)
 
     # ---- decode ----
 
     async def decode(self, job: DecodeJob) -> Reply | ErrorReply:
         try:
-            raw, latents = self._raw_latents(job)
-            n_elements = raw.numel()
-            if n_elements > self.limits.max_latent_elements:
-                raise LimitExceededError(
-                    f"latents must have at most {self.limits.max_latent_elements} elements, got {n_elements}",
-                    param="latents",
-                )
-            if job.format is not None:
-                self._check_media_output(raw, latents, job.format)
-            pixels, batch = await self._decode_one(raw, latents, job.options.tiling)
-            return await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
+            spec = self.tokenizer.spec
+            check_decode_cost(self._latent_shape(job), spec.spatial_compression, spec.frame_rule, self.limits)
+            with abandon.scope(WorkToken(job.deadline)) as token:
+                raw, latents = self._raw_latents(job)
+                if job.format is not None:
+                    self._check_media_output(raw, latents, job.format)
+                pixels, batch, compute_s = await self._decode_one(raw, latents, job.options.tiling, token)
+                reply = await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
+            return replace(reply, compute_s=compute_s)
         except TokenizerError as error:
             return ErrorReply(error.to_dict(), error.http_status)
+
+    @staticmethod
+    def _latent_shape(job: DecodeJob) -> tuple[int, ...]:
+        return tuple((job.latents.latents if job.latents is not None else job.tensor).shape)
 
     def _raw_latents(self, job: DecodeJob) -> tuple[torch.Tensor, Latents | None]:
         """Raw latents (N, C, [t,] h, w) float, plus the file's metadata when there is one."""
@@ -220,11 +264,12 @@ class TokenizerWorker:
             )
 
     async def _decode_one(
-        self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None
-    ) -> tuple[torch.Tensor, int]:
+        self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None, token: WorkToken
+    ) -> tuple[torch.Tensor, int, float]:
         crop = None if latents is None else (latents.original_size, latents.original_frames, latents.padding)
         if raw.shape[0] > 1 or tiling is not None:
-            return await asyncio.to_thread(self._decode_direct, raw, latents, tiling), 1
+            pixels, compute_s = await self._run_alone(self._decode_direct, raw, latents, tiling)
+            return pixels, 1, compute_s
         spec = self.tokenizer.spec
         pixel_size = (
             _pixel_count(raw)
@@ -233,12 +278,14 @@ class TokenizerWorker:
         )
         size = max(pixel_size, self.quantum)
         if size > self.config.max_batch_pixels:
-            return await asyncio.to_thread(self._decode_direct, raw, latents, tiling), 1
+            pixels, compute_s = await self._run_alone(self._decode_direct, raw, latents, tiling)
+            return pixels, 1, compute_s
         key = (tuple(raw.shape), raw.dtype, crop)
-        result, batch = await self._decode_batched(_Item(key=key, tensor=raw, size=size, latents=latents))
+        item = _Item(key=key, tensor=raw, size=size, token=token, latents=latents)
+        result, batch, compute_s = await self._decode_batched(item)
         if isinstance(result, TokenizerError):
             raise result
-        return result, batch
+        return result, batch, compute_s
 
     def _decode_direct(
         self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None
@@ -248,8 +295,10 @@ class TokenizerWorker:
         return self.tokenizer.decode(raw, normalized=False, tiling=tiling)
 
     @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
-    async def _decode_batched(self, items: list[_Item]) -> list[tuple[torch.Tensor | TokenizerError, int]]:
-        return await asyncio.to_thread(run_in_groups, items, _item_key, self._decode_bucket)
+    async def _decode_batched(
+        self, items: list[_Item]
+    ) -> list[tuple[torch.Tensor | TokenizerError, int, float]]:
+        return await self._run_batch(items, self._decode_bucket)
 
     def _decode_bucket(self, bucket: list[_Item]) -> list[torch.Tensor]:
         stacked = torch.cat([item.tensor for item in bucket])  # (B, C, [t,] h, w) raw
