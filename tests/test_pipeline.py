@@ -17,8 +17,8 @@ from tokenizers_svc.errors import (
     UnsupportedMediaTypeError,
 )
 from tokenizers_svc.latents import latents_from_bytes
-from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.limits import Limits
+from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, decode_to_media, encode_media, load_media
 from tokenizers_svc.registry import list_presets
 

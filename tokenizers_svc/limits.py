@@ -11,9 +11,9 @@ the caps were meant to prevent: an upscale past the pixel cap, a decode of gigap
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from tokenizers_svc.errors import LimitExceededError
+from tokenizers_svc.errors import ConfigError, LimitExceededError
 from tokenizers_svc.media import MediaLimits
 from tokenizers_svc.pixels import policy_size
 from tokenizers_svc.spec import FrameRule
@@ -33,6 +33,28 @@ class Limits:
     max_duration_s: float = 120.0
     max_total_pixels: int = 256_000_000
     max_latent_elements: int = 64_000_000
+
+    def with_settings(self, settings: list[str]) -> Limits:
+        """These limits with ``NAME=VALUE`` settings applied (the CLI's and the batch job's
+        ``--set-limit``; names as in the server config's ``limits``); a typo is an error."""
+        changes: dict[str, float] = {}
+        for setting in settings:
+            name, _, text = setting.partition("=")
+            name = name.strip().replace("-", "_")
+            if name not in self.__dataclass_fields__:
+                raise ConfigError(
+                    f"--set-limit {setting!r}: expected NAME=VALUE with NAME one of "
+                    f"{sorted(self.__dataclass_fields__)}",
+                    param="set_limit",
+                )
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--set-limit {setting!r}: expected a positive number", param="set_limit")
+            changes[name] = value if name == "max_duration_s" else int(value)
+        return replace(self, **changes)
 
     def media(self) -> MediaLimits:
         """The caps the media decoder enforces while it reads (before any resize)."""
