@@ -258,6 +258,9 @@ class Ingress:
             raise OverloadedError(
                 f"{model} replica is restarting; retry after {retry} s", param="model", retry_after=retry
             ) from None
+        except asyncio.CancelledError:  # the client left: its work is abandoned on the replica too
+            response.cancel()
+            raise
         except TimeoutError:
             response.cancel()
             self.metrics.rejected.labels(model, "timeout").inc()
