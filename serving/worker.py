@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -28,7 +29,7 @@ from serving.remote_vae import scale_latents, unscale_latents
 from serving.schemas import LimitsConfig, ModelConfig
 from tokenizers_svc import abandon
 from tokenizers_svc.abandon import WorkToken
-from tokenizers_svc.errors import InvalidRequestError, RequestTimeoutError, TokenizerError
+from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import (
@@ -45,6 +46,9 @@ from tokenizers_svc.pipeline import (
 )
 from tokenizers_svc.pixels import to_uint8_pixels
 from tokenizers_svc.tiling import TilingOptions
+
+RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
+LATE_RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -98,6 +102,7 @@ class TokenizerWorker:
         # One model call at a time per replica: memory holds one piece of work, and the service
         # time the ingress measures per pixel is the time a queue takes to drain.
         self.compute = asyncio.Lock()
+        self.recent_rates: deque[float] = deque(maxlen=RECENT_RATES)  # model seconds per batch unit
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         self.tokenizer = load_tokenizer(
             self.config.source,
@@ -157,7 +162,9 @@ class TokenizerWorker:
         size = max(_pixel_count(pixels), self.quantum)
         # Sampled encodes draw per-request noise (and seeds); oversized ones would not fit a batch.
         if options.sample or size > self.config.max_batch_pixels:
-            latents, compute_s = await self._run_alone(encode_media, self.tokenizer, media_input, options)
+            latents, compute_s = await self._run_alone(
+                encode_media, self.tokenizer, media_input, options, token=token, size=size
+            )
             return latents, 1, compute_s
         key = (media_input.kind, tuple(pixels.shape), pixels.dtype, options)
         item = _Item(key=key, tensor=pixels, size=size, token=token, options=options)
@@ -166,30 +173,63 @@ class TokenizerWorker:
             raise result
         return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch, compute_s
 
-    async def _run_alone(self, fn: Callable, *args) -> tuple:
-        """``fn(*args)`` in a thread, after the model calls before it: (result, seconds it took)."""
+    async def _run_alone(self, fn: Callable, *args, token: WorkToken, size: int) -> tuple:
+        """``fn(*args)`` in a thread when the model calls before it are done: (result, seconds it
+        took); refused with 503 instead when, by then, it could no longer finish in time."""
         async with self.compute:
-            started = time.perf_counter()
-            result = await asyncio.to_thread(fn, *args)
-            return result, time.perf_counter() - started
+            if self._too_late(token, size):
+                raise self._late()
+            return await self._timed(size, fn, *args)
 
     async def _run_batch(
         self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
     ) -> list[tuple[object, int, float]]:
-        """A @serve.batch batch: items nobody waits for any more are dropped; the rest run grouped
-        (``run_in_groups``) until every one of them is abandoned. Per item: (result or error, size
-        of its model call, its share of the batch's model time, by batch units)."""
-        live = [item for item in items if not item.token.abandoned]
-        results: dict[int, tuple[object, int, float]] = {}
-        if live:
-            batch_token = WorkToken(parts=tuple(item.token for item in live))
-            with abandon.scope(batch_token):
-                outcomes, elapsed = await self._run_alone(run_in_groups, live, _item_key, run_bucket)
-            units = _batch_units(live)
-            for item, (result, size) in zip(live, outcomes, strict=True):
-                results[id(item)] = (result, size, elapsed * item.size / units)
+        """A @serve.batch batch: items nobody waits for any more are dropped, those that could no
+        longer finish in time get 503; the rest run grouped (``run_in_groups``) until every one of
+        them is abandoned. Per item: (result or error, size of its model call, its share of the
+        batch's model time, by batch units)."""
         gone = RequestTimeoutError("the request was abandoned before its batch ran", param="model")
-        return [results.get(id(item), (gone, 1, 0.0)) for item in items]
+        results: dict[int, tuple[object, int, float]] = {}
+        async with self.compute:
+            live = []
+            for item in items:
+                if item.token.abandoned:
+                    results[id(item)] = (gone, 1, 0.0)
+                elif self._too_late(item.token, item.size):
+                    results[id(item)] = (self._late(), 1, 0.0)
+                else:
+                    live.append(item)
+            if live:
+                units = _batch_units(live)
+                with abandon.scope(WorkToken(parts=tuple(item.token for item in live))):
+                    outcomes, elapsed = await self._timed(units, run_in_groups, live, _item_key, run_bucket)
+                for item, (result, size) in zip(live, outcomes, strict=True):
+                    results[id(item)] = (result, size, elapsed * item.size / units)
+        return [results[id(item)] for item in items]
+
+    async def _timed(self, units: int, fn: Callable, *args) -> tuple:
+        """(fn(*args) in a thread, seconds it took); the seconds per unit join the recent ones."""
+        started = time.perf_counter()
+        result = await asyncio.to_thread(fn, *args)
+        elapsed = time.perf_counter() - started
+        self.recent_rates.append(elapsed / units)
+        return result, elapsed
+
+    def _too_late(self, token: WorkToken, size: int) -> bool:
+        """Whether work of ``size`` units, started now, would end after the request's deadline at
+        the slowest recent rate: the replica's own check behind the ingress's admission, whose
+        estimate a burst's contention can beat."""
+        if token.deadline is None or not self.recent_rates:
+            return False
+        return time.time() + size * max(self.recent_rates) > token.deadline
+
+    def _late(self) -> OverloadedError:
+        return OverloadedError(
+            f"{self.config.name} could not start this request in time to finish it; retry after "
+            f"{LATE_RETRY_AFTER_S} s",
+            param="model",
+            retry_after=LATE_RETRY_AFTER_S,
+        )
 
     @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
     async def _encode_batched(self, items: list[_Item]) -> list[tuple[Latents | TokenizerError, int, float]]:
@@ -267,18 +307,18 @@ class TokenizerWorker:
         self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None, token: WorkToken
     ) -> tuple[torch.Tensor, int, float]:
         crop = None if latents is None else (latents.original_size, latents.original_frames, latents.padding)
-        if raw.shape[0] > 1 or tiling is not None:
-            pixels, compute_s = await self._run_alone(self._decode_direct, raw, latents, tiling)
-            return pixels, 1, compute_s
         spec = self.tokenizer.spec
-        pixel_size = (
-            _pixel_count(raw)
+        pixels_out = (
+            raw.shape[0]
+            * _pixel_count(raw)
             * spec.spatial_compression**2
             * (spec.temporal_compression if raw.ndim == 5 else 1)
         )
-        size = max(pixel_size, self.quantum)
-        if size > self.config.max_batch_pixels:
-            pixels, compute_s = await self._run_alone(self._decode_direct, raw, latents, tiling)
+        size = max(pixels_out, self.quantum)
+        if raw.shape[0] > 1 or tiling is not None or size > self.config.max_batch_pixels:
+            pixels, compute_s = await self._run_alone(
+                self._decode_direct, raw, latents, tiling, token=token, size=size
+            )
             return pixels, 1, compute_s
         key = (tuple(raw.shape), raw.dtype, crop)
         item = _Item(key=key, tensor=raw, size=size, token=token, latents=latents)
