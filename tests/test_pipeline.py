@@ -177,3 +177,23 @@ def test_image_through_video_tokenizer(video_tokenizer, photo_png):
     latents = encode_media(video_tokenizer, load_media(photo_png))
     data, kind = decode_to_media(video_tokenizer, latents, "png")
     assert kind == "image/png" and media.decode_image(data).shape == (45, 61, 3)
+
+
+def test_abandoned_work_stops_between_groups_and_tiles(tokenizer, photo_png):
+    """Work under an abandoned token runs nothing more: groups are refused, tiling stops at a tile;
+    a batch token is abandoned only when every request in it is."""
+    from tokenizers_svc import abandon
+    from tokenizers_svc.errors import RequestTimeoutError
+    from tokenizers_svc.pipeline import run_in_groups
+    from tokenizers_svc.tiling import TilingOptions
+
+    calls = []
+    gone, waiting = abandon.WorkToken(deadline=0.0), abandon.WorkToken()
+    assert gone.abandoned and not waiting.abandoned and not abandon.WorkToken(parts=(gone, waiting)).abandoned
+    with abandon.scope(abandon.WorkToken(parts=(gone,))):
+        results = run_in_groups([1, 2, 3], lambda i: i % 2, lambda group: calls.append(group) or group)
+        with pytest.raises(RequestTimeoutError):
+            tokenizer.encode(load_media(photo_png).pixels, tiling=TilingOptions(enabled=True, tile_size=16))
+    assert calls == [] and all(isinstance(result, RequestTimeoutError) for result, _ in results)
+    waiting.cancel()
+    assert waiting.abandoned
