@@ -74,3 +74,4 @@ class Reply:
 class ErrorReply:
     error: dict
     status: int
+    retry_after: float | None = None  # seconds, sent as Retry-After (503)

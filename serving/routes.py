@@ -269,7 +269,10 @@ class Ingress:
             gauge.dec()
             self.admission[model].release(ticket, reply.compute_s if isinstance(reply, Reply) else None)
         if isinstance(reply, ErrorReply):
-            return JSONResponse({"error": reply.error}, status_code=reply.status)
+            headers = (
+                {} if reply.retry_after is None else {"retry-after": str(max(1, round(reply.retry_after)))}
+            )
+            return JSONResponse({"error": reply.error}, status_code=reply.status, headers=headers)
         self.metrics.batch_size.labels(model, method).observe(reply.batch_size)
         return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
 

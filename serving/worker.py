@@ -137,7 +137,7 @@ class TokenizerWorker:
                 latents, batch, compute_s = await self._encode_one(media_input, job.options, token)
             return self._encode_reply(latents, job, batch, compute_s)
         except TokenizerError as error:
-            return ErrorReply(error.to_dict(), error.http_status)
+            return ErrorReply(error.to_dict(), error.http_status, getattr(error, "retry_after", None))
 
     def _tensor_media(self, tensor: torch.Tensor, options: EncodeOptions) -> MediaInput:
         """Bare pixel tensor -> MediaInput; the hash is of its bytes, so identical inputs match."""
@@ -179,7 +179,7 @@ class TokenizerWorker:
         async with self.compute:
             if self._too_late(token, size):
                 raise self._late()
-            return await self._timed(size, fn, *args)
+            return await self._timed(size, token, fn, *args)
 
     async def _run_batch(
         self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
@@ -201,18 +201,23 @@ class TokenizerWorker:
                     live.append(item)
             if live:
                 units = _batch_units(live)
-                with abandon.scope(WorkToken(parts=tuple(item.token for item in live))):
-                    outcomes, elapsed = await self._timed(units, run_in_groups, live, _item_key, run_bucket)
+                batch_token = WorkToken(parts=tuple(item.token for item in live))
+                with abandon.scope(batch_token):
+                    outcomes, elapsed = await self._timed(
+                        units, batch_token, run_in_groups, live, _item_key, run_bucket
+                    )
                 for item, (result, size) in zip(live, outcomes, strict=True):
                     results[id(item)] = (result, size, elapsed * item.size / units)
         return [results[id(item)] for item in items]
 
-    async def _timed(self, units: int, fn: Callable, *args) -> tuple:
-        """(fn(*args) in a thread, seconds it took); the seconds per unit join the recent ones."""
+    async def _timed(self, units: int, token: WorkToken, fn: Callable, *args) -> tuple:
+        """(fn(*args) in a thread, seconds it took); the seconds per unit join the recent ones
+        unless the work was abandoned part way (its time says nothing about the rate)."""
         started = time.perf_counter()
         result = await asyncio.to_thread(fn, *args)
         elapsed = time.perf_counter() - started
-        self.recent_rates.append(elapsed / units)
+        if not token.abandoned:
+            self.recent_rates.append(elapsed / units)
         return result, elapsed
 
     def _too_late(self, token: WorkToken, size: int) -> bool:
@@ -273,7 +278,7 @@ class TokenizerWorker:
                 reply = await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
             return replace(reply, compute_s=compute_s)
         except TokenizerError as error:
-            return ErrorReply(error.to_dict(), error.http_status)
+            return ErrorReply(error.to_dict(), error.http_status, getattr(error, "retry_after", None))
 
     @staticmethod
     def _latent_shape(job: DecodeJob) -> tuple[int, ...]:
