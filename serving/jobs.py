@@ -29,6 +29,7 @@ class EncodeJob:
     tensor: torch.Tensor | None = None
     output: Literal["file", "tensor"] = "file"
     scaling: Scaling | None = None
+    deadline: float | None = None  # time.time() after which nobody waits for the answer
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class DecodeJob:
     scaling: Scaling | None = None
     format: str | None = "png"
     tensor_output: TensorOutput = field(default_factory=TensorOutput)
+    deadline: float | None = None  # time.time() after which nobody waits for the answer
 
 
 @dataclass
@@ -65,9 +67,11 @@ class Reply:
     media_type: str
     headers: dict[str, str]
     batch_size: int
+    compute_s: float = 0.0  # model time spent on this request (its share of a batch): admission's rate
 
 
 @dataclass
 class ErrorReply:
     error: dict
     status: int
+    retry_after: float | None = None  # seconds, sent as Retry-After (503)

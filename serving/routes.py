@@ -13,6 +13,7 @@ Request bodies:
 import asyncio
 import math
 import os
+import time
 from dataclasses import replace
 from typing import Annotated
 
@@ -25,6 +26,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.admission import Admission
 from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
 from serving.metrics import ServiceMetrics
 from serving.middleware import MiddlewareSettings, ServiceMiddleware, error_headers
@@ -38,6 +40,7 @@ from serving.schemas import (
     ModelList,
     ServiceConfig,
 )
+from tokenizers_svc import media
 from tokenizers_svc.errors import (
     DTypeMismatchError,
     InvalidRequestError,
@@ -50,7 +53,9 @@ from tokenizers_svc.errors import (
     UnsupportedModelError,
 )
 from tokenizers_svc.latents import latents_from_bytes
-from tokenizers_svc.pipeline import EncodeOptions
+from tokenizers_svc.limits import Cost
+from tokenizers_svc.pipeline import EncodeOptions, check_decode_cost, check_encode_cost
+from tokenizers_svc.spec import FrameRule
 
 TENSOR_TYPE = "tensor/binary"
 LATENT_FILE_TYPE = "application/x-safetensors"
@@ -191,8 +196,20 @@ class Ingress:
         self.workers = workers
         self.metrics = ServiceMetrics()
         self.info: dict[str, dict] = {}
+        self.limits = self.config.limits.work()
         self.timeouts = {
             m.name: m.request_timeout_s or self.config.request_timeout_s for m in self.config.models
+        }
+        self.quanta = {m.name: max(1, m.max_batch_pixels // m.max_batch_size) for m in self.config.models}
+        self.admission = {
+            m.name: Admission(
+                m.name,
+                self.timeouts[m.name],
+                replicas=m.autoscaling.min_replicas if m.autoscaling else m.num_replicas,
+                concurrency=m.ongoing,
+                retry_after_s=self.config.retry_after_s,
+            )
+            for m in self.config.models
         }
         app.state.middleware = MiddlewareSettings(
             max_body_bytes=self.config.limits.max_body_bytes,
@@ -214,15 +231,23 @@ class Ingress:
             self.info[model] = await self._handle(model).describe.remote()
         return self.info[model]
 
-    async def _call(self, model: str, method: str, job) -> Response:
-        """Send a job to the model's deployment with backpressure, timeout and error mapping."""
+    async def _call(self, model: str, method: str, job, cost: Cost) -> Response:
+        """Send a job to the model's deployment with admission (serving/admission.py), backpressure,
+        a deadline the replica abandons the work at, timeout and error mapping."""
+        try:
+            ticket = self.admission[model].admit(method, max(cost.total_pixels, self.quanta[model]))
+        except OverloadedError:
+            self.metrics.rejected.labels(model, "cannot_finish_in_time").inc()
+            raise
+        timeout = self.timeouts[model]
+        job.deadline = time.time() + timeout
         response = getattr(self._handle(model), method).remote(job)
         gauge = self.metrics.in_flight.labels(model)
         gauge.inc()
         retry = self.config.retry_after_s
-        timeout = self.timeouts[model]
+        reply: Reply | ErrorReply | None = None
         try:
-            reply: Reply | ErrorReply = await asyncio.wait_for(response, timeout)
+            reply = await asyncio.wait_for(response, timeout)
         except BackPressureError:
             self.metrics.rejected.labels(model, "queue_full").inc()
             raise OverloadedError(
@@ -233,37 +258,44 @@ class Ingress:
             raise OverloadedError(
                 f"{model} replica is restarting; retry after {retry} s", param="model", retry_after=retry
             ) from None
+        except asyncio.CancelledError:  # the client left: its work is abandoned on the replica too
+            response.cancel()
+            raise
         except TimeoutError:
             response.cancel()
             self.metrics.rejected.labels(model, "timeout").inc()
             raise RequestTimeoutError(f"{model} did not answer within {timeout} s", param="model") from None
         finally:
             gauge.dec()
+            self.admission[model].release(ticket, reply.compute_s if isinstance(reply, Reply) else None)
         if isinstance(reply, ErrorReply):
-            return JSONResponse({"error": reply.error}, status_code=reply.status)
+            headers = (
+                {} if reply.retry_after is None else {"retry-after": str(max(1, round(reply.retry_after)))}
+            )
+            return JSONResponse({"error": reply.error}, status_code=reply.status, headers=headers)
         self.metrics.batch_size.labels(model, method).observe(reply.batch_size)
         return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
 
-    def _check_pixel_shape(self, shape: list[int]) -> None:
-        limits = self.config.limits
+    def _pixel_cost(self, shape: list[int], options: EncodeOptions) -> Cost:
+        """A tensor body's encode cost, refused (413) over the limits before it is parsed."""
         if len(shape) not in (4, 5):
             raise ShapeMismatchError(
                 f"pixels must be (1, 3, H, W) or (1, 3, T, H, W), got shape {shape}", param="shape"
             )
-        h, w = shape[-2:]
-        if h * w > limits.max_pixels:
-            raise LimitExceededError(
-                f"frames must have at most {limits.max_pixels} pixels, got {h}x{w}", param="shape"
-            )
-        if len(shape) == 5 and shape[2] > limits.max_frames:
-            raise LimitExceededError(
-                f"videos must have at most {limits.max_frames} frames, got {shape[2]}", param="shape"
-            )
-        if math.prod(shape[2:]) > limits.max_total_pixels:
-            raise LimitExceededError(
-                f"videos must have at most {limits.max_total_pixels} pixels in all, got {math.prod(shape[2:])}",
-                param="shape",
-            )
+        return check_encode_cost(tuple(shape), options, self.limits)
+
+    def _media_cost(self, body: bytes, options: EncodeOptions) -> Cost:
+        """An image or video body priced from its header: refused (413) when a frame, after the
+        resize, is over the pixel cap; frames are counted exactly once decoded (in the replica)."""
+        dims = media.probe_dimensions(body)
+        if dims is None:
+            return Cost(1, 1)
+        frames, height, width = dims
+        cost = check_encode_cost((1, 3, height, width), options, self.limits)
+        if frames is None:
+            return cost
+        kept = min(math.ceil(frames / options.stride), options.max_frames or self.limits.max_frames)
+        return Cost(cost.height, cost.width, frames=kept)
 
     # ---- routes ----
 
@@ -328,7 +360,7 @@ class Ingress:
         job.output = "tensor" if _accepts(request) == TENSOR_TYPE else default_output
         if content_type == TENSOR_TYPE or (params.shape and content_type in ("", "application/octet-stream")):
             shape = parse_shape(params.shape)
-            self._check_pixel_shape(shape)
+            cost = self._pixel_cost(shape, job.options)
             job.tensor = parse_tensor(body, shape, params.dtype, PIXEL_DTYPES)
         elif content_type.startswith(("image/", "video/")) or content_type in (
             "",
@@ -336,13 +368,14 @@ class Ingress:
         ):
             if not body:
                 raise InvalidRequestError("request body is empty; expected an image or a video", param="body")
+            cost = self._media_cost(body, job.options)
             job.data = body
         else:
             raise UnsupportedMediaTypeError(
                 f"encode takes image/*, video/* or {TENSOR_TYPE} bodies, got {content_type!r}",
                 param="content-type",
             )
-        return await self._call(model, "encode", job)
+        return await self._call(model, "encode", job, cost)
 
     @app.post(
         "/v1/models/{model}/decode", openapi_extra=DECODE_BODY, responses={**DECODE_RESPONSES, **ERRORS}
@@ -382,14 +415,18 @@ class Ingress:
             job.format = "jpeg" if params.format == "jpg" else params.format
         else:
             job.format = IMAGE_ACCEPT.get(accepts, "mp4" if is_video and frames != 1 else "png")
-        return await self._call(model, "decode", job)
+        latent_shape = tuple((job.latents.latents if job.latents is not None else job.tensor).shape)
+        info = await self._describe(model)
+        rule = FrameRule(info["temporal_compression"], info["causal"])
+        cost = check_decode_cost(latent_shape, info["spatial_compression"], rule, self.limits)
+        return await self._call(model, "decode", job, cost)
 
     async def _latent_tensor(self, model: str, body: bytes, params: DecodeParams) -> torch.Tensor:
         """A tensor/binary body -> latents (N, C, [t,] h, w); FLUX-packed (N, L, 4C) ones are unpacked."""
         shape = parse_shape(params.shape)
-        if math.prod(shape) > self.config.limits.max_latent_elements:
+        if math.prod(shape) > self.limits.max_latent_elements:  # before the body becomes a tensor
             raise LimitExceededError(
-                f"latents must have at most {self.config.limits.max_latent_elements} elements, got shape {shape}",
+                f"latents must have at most {self.limits.max_latent_elements:,} elements, got shape {shape}",
                 param="shape",
             )
         tensor = parse_tensor(body, shape, params.dtype, LATENT_DTYPES)

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tokenizers_svc.errors import ConfigError
-from tokenizers_svc.media import MediaLimits
-from tokenizers_svc.pipeline import DecodeOptions, EncodeOptions
+from tokenizers_svc.latents import MAX_FPS
+from tokenizers_svc.limits import Limits
+from tokenizers_svc.pipeline import MAX_SEED, DecodeOptions, EncodeOptions
 from tokenizers_svc.pixels import ResizePolicy
 from tokenizers_svc.tiling import TilingOptions, tiling_options
 
 _ENCODE = EncodeOptions()
 _DECODE = DecodeOptions()
 _TILING = TilingOptions()
+_LIMITS = Limits()
 
 
 class _Strict(BaseModel):
@@ -67,22 +69,18 @@ class ModelConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    """Caps checked before work is done; exceeding one answers 413 (size) or 422 (shape)."""
+    """Caps checked before work is done (``tokenizers_svc.limits``, the CLI's and the batch job's
+    defaults too); exceeding one answers 413 naming the number that was over."""
 
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)  # checked in ASGI middleware, chunked too
-    max_pixels: int = Field(16_000_000, ge=1)  # H*W of one image or frame
-    max_frames: int = Field(512, ge=1)
-    max_duration_s: float = Field(120.0, gt=0)
-    max_total_pixels: int = Field(256_000_000, ge=1)  # T*H*W of one video
-    max_latent_elements: int = Field(64_000_000, ge=1)  # N*C*T*h*w of a latent tensor to decode
+    max_pixels: int = Field(_LIMITS.max_pixels, ge=1)  # H*W of one frame read (after resize) or written
+    max_frames: int = Field(_LIMITS.max_frames, ge=1)
+    max_duration_s: float = Field(_LIMITS.max_duration_s, gt=0)
+    max_total_pixels: int = Field(_LIMITS.max_total_pixels, ge=1)  # T*H*W read or written per item
+    max_latent_elements: int = Field(_LIMITS.max_latent_elements, ge=1)  # N*C*T*h*w of latents to decode
 
-    def media(self) -> MediaLimits:
-        return MediaLimits(
-            max_pixels=self.max_pixels,
-            max_frames=self.max_frames,
-            max_duration_s=self.max_duration_s,
-            max_total_pixels=self.max_total_pixels,
-        )
+    def work(self) -> Limits:
+        return Limits(**self.model_dump(exclude={"max_body_bytes"}))
 
 
 class ServiceConfig(_Strict):
@@ -163,9 +161,20 @@ class ScalingParams(BaseModel):
     """The diffusers remote-VAE scaling: normalized = (raw - shift_factor) * scaling_factor."""
 
     scaling_factor: float | None = Field(
-        None, description="diffusers protocol: scale latents as (raw - shift_factor) * scaling_factor"
+        None,
+        allow_inf_nan=False,
+        description="diffusers protocol: scale latents as (raw - shift_factor) * scaling_factor (not 0)",
     )
-    shift_factor: float | None = Field(None, description="diffusers protocol: see scaling_factor")
+    shift_factor: float | None = Field(
+        None, allow_inf_nan=False, description="diffusers protocol: see scaling_factor"
+    )
+
+    @field_validator("scaling_factor")
+    @classmethod
+    def _nonzero_scale(cls, value: float | None) -> float | None:
+        if value == 0:
+            raise ValueError("must be a finite number other than 0 (latents are divided by it)")
+        return value
 
     def scaling(self) -> tuple[float, float] | None:
         """(scale, shift), or None when neither is given (the model's own normalization applies)."""
@@ -203,7 +212,9 @@ class EncodeParams(DiffusersEncodeParams, TilingParams):
 
     normalize: bool = Field(_ENCODE.normalize, description="diffusion-ready (normalized) latents, else raw")
     sample: bool = Field(_ENCODE.sample, description="draw from the posterior; default: its mode")
-    seed: int | None = Field(_ENCODE.seed, description="makes sample=true reproducible")
+    seed: int | None = Field(
+        _ENCODE.seed, ge=0, le=MAX_SEED, description=f"makes sample=true reproducible (0 to {MAX_SEED})"
+    )
     return_posterior: bool = Field(
         _ENCODE.return_posterior, description="also store the raw posterior mean/logvar"
     )
@@ -216,8 +227,12 @@ class EncodeParams(DiffusersEncodeParams, TilingParams):
     max_frames: int | None = Field(
         _ENCODE.max_frames, gt=0, description="videos: keep at most this many frames"
     )
-    start: float | None = Field(_ENCODE.start, ge=0, description="videos: start time in seconds")
-    end: float | None = Field(_ENCODE.end, gt=0, description="videos: end time in seconds (exclusive)")
+    start: float | None = Field(
+        _ENCODE.start, ge=0, allow_inf_nan=False, description="videos: start time in seconds"
+    )
+    end: float | None = Field(
+        _ENCODE.end, gt=0, allow_inf_nan=False, description="videos: end time in seconds (exclusive)"
+    )
     stride: int = Field(_ENCODE.stride, gt=0, description="videos: keep every n-th frame")
 
     def to_options(self) -> EncodeOptions:
@@ -250,7 +265,9 @@ class DecodeParams(TensorBodyParams, TilingParams, DiffusersDecodeParams):
         None, description="output; default from Accept, else png for images and mp4 for videos"
     )
     normalized: bool = Field(True, description="tensor/binary bodies: the latents are normalized")
-    fps: float | None = Field(_DECODE.fps, gt=0, description="mp4 output; default: the latent file's fps")
+    fps: float | None = Field(
+        _DECODE.fps, gt=0, le=MAX_FPS, description="mp4 output; default: the latent file's fps"
+    )
     quality: int = Field(_DECODE.quality, ge=1, le=100, description="JPEG/WebP quality")
 
     def to_options(self) -> DecodeOptions:

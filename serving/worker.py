@@ -16,6 +16,9 @@ import asyncio
 import hashlib
 import json
 import math
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,12 +27,16 @@ from ray import serve
 from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
 from serving.remote_vae import scale_latents, unscale_latents
 from serving.schemas import LimitsConfig, ModelConfig
-from tokenizers_svc.errors import InvalidRequestError, LimitExceededError, TokenizerError
+from tokenizers_svc import abandon
+from tokenizers_svc.abandon import WorkToken
+from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import (
     EncodeOptions,
     MediaInput,
+    check_decode_cost,
+    check_encode_cost,
     check_output_format,
     encode_media,
     encode_stacked,
@@ -40,6 +47,9 @@ from tokenizers_svc.pipeline import (
 from tokenizers_svc.pixels import to_uint8_pixels
 from tokenizers_svc.tiling import TilingOptions
 
+RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
+LATE_RETRY_AFTER_S = 1
+
 
 @dataclass
 class _Item:
@@ -48,6 +58,7 @@ class _Item:
     key: tuple
     tensor: torch.Tensor  # (1, C, [T,] H, W): pixels for encode, raw latents for decode
     size: int  # batch-size units: max(pixels, max_batch_pixels // max_batch_size)
+    token: WorkToken
     options: EncodeOptions | None = None
     latents: Latents | None = None  # decode: crop metadata of a latent file
     tiling: TilingOptions | None = None
@@ -87,7 +98,11 @@ class TokenizerWorker:
 
     def __init__(self, config: dict, limits: dict) -> None:
         self.config = ModelConfig.model_validate(config)
-        self.limits = LimitsConfig.model_validate(limits)
+        self.limits = LimitsConfig.model_validate(limits).work()
+        # One model call at a time per replica: memory holds one piece of work, and the service
+        # time the ingress measures per pixel is the time a queue takes to drain.
+        self.compute = asyncio.Lock()
+        self.recent_rates: deque[float] = deque(maxlen=RECENT_RATES)  # model seconds per batch unit
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         self.tokenizer = load_tokenizer(
             self.config.source,
@@ -114,22 +129,24 @@ class TokenizerWorker:
 
     async def encode(self, job: EncodeJob) -> Reply | ErrorReply:
         try:
-            if job.data is not None:
-                media_input = await asyncio.to_thread(load_media, job.data, self.limits.media(), job.options)
-            else:
-                media_input = self._tensor_media(job.tensor)
-            latents, batch = await self._encode_one(media_input, job.options)
-            return self._encode_reply(latents, job, batch)
+            with abandon.scope(WorkToken(job.deadline)) as token:
+                if job.data is not None:
+                    media_input = await asyncio.to_thread(load_media, job.data, self.limits, job.options)
+                else:
+                    media_input = self._tensor_media(job.tensor, job.options)
+                latents, batch, compute_s = await self._encode_one(media_input, job.options, token)
+            return self._encode_reply(latents, job, batch, compute_s)
         except TokenizerError as error:
-            return ErrorReply(error.to_dict(), error.http_status)
+            return ErrorReply(error.to_dict(), error.http_status, getattr(error, "retry_after", None))
 
-    def _tensor_media(self, tensor: torch.Tensor) -> MediaInput:
+    def _tensor_media(self, tensor: torch.Tensor, options: EncodeOptions) -> MediaInput:
         """Bare pixel tensor -> MediaInput; the hash is of its bytes, so identical inputs match."""
         if tensor.ndim not in (4, 5) or tensor.shape[0] != 1:
             raise InvalidRequestError(
                 f"pixel tensors must be one item, (1, 3, H, W) or (1, 3, T, H, W); got shape {tuple(tensor.shape)}",
                 param="shape",
             )
+        check_encode_cost(tuple(tensor.shape), options, self.limits)
         return MediaInput(
             pixels=tensor,
             kind="image" if tensor.ndim == 4 else "video",
@@ -138,28 +155,96 @@ class TokenizerWorker:
             original_size=(int(tensor.shape[-2]), int(tensor.shape[-1])),
         )
 
-    async def _encode_one(self, media_input: MediaInput, options: EncodeOptions) -> tuple[Latents, int]:
+    async def _encode_one(
+        self, media_input: MediaInput, options: EncodeOptions, token: WorkToken
+    ) -> tuple[Latents, int, float]:
         pixels = media_input.pixels
         size = max(_pixel_count(pixels), self.quantum)
         # Sampled encodes draw per-request noise (and seeds); oversized ones would not fit a batch.
         if options.sample or size > self.config.max_batch_pixels:
-            latents = await asyncio.to_thread(encode_media, self.tokenizer, media_input, options)
-            return latents, 1
+            latents, compute_s = await self._run_alone(
+                encode_media, self.tokenizer, media_input, options, token=token, size=size
+            )
+            return latents, 1, compute_s
         key = (media_input.kind, tuple(pixels.shape), pixels.dtype, options)
-        result, batch = await self._encode_batched(_Item(key=key, tensor=pixels, size=size, options=options))
+        item = _Item(key=key, tensor=pixels, size=size, token=token, options=options)
+        result, batch, compute_s = await self._encode_batched(item)
         if isinstance(result, TokenizerError):
             raise result
-        return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch
+        return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch, compute_s
+
+    async def _run_alone(self, fn: Callable, *args, token: WorkToken, size: int) -> tuple:
+        """``fn(*args)`` in a thread when the model calls before it are done: (result, seconds it
+        took); refused with 503 instead when, by then, it could no longer finish in time."""
+        async with self.compute:
+            if self._too_late(token, size):
+                raise self._late()
+            return await self._timed(size, token, fn, *args)
+
+    async def _run_batch(
+        self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
+    ) -> list[tuple[object, int, float]]:
+        """A @serve.batch batch: items nobody waits for any more are dropped, those that could no
+        longer finish in time get 503; the rest run grouped (``run_in_groups``) until every one of
+        them is abandoned. Per item: (result or error, size of its model call, its share of the
+        batch's model time, by batch units)."""
+        gone = RequestTimeoutError("the request was abandoned before its batch ran", param="model")
+        results: dict[int, tuple[object, int, float]] = {}
+        async with self.compute:
+            live = []
+            for item in items:
+                if item.token.abandoned:
+                    results[id(item)] = (gone, 1, 0.0)
+                elif self._too_late(item.token, item.size):
+                    results[id(item)] = (self._late(), 1, 0.0)
+                else:
+                    live.append(item)
+            if live:
+                units = _batch_units(live)
+                batch_token = WorkToken(parts=tuple(item.token for item in live))
+                with abandon.scope(batch_token):
+                    outcomes, elapsed = await self._timed(
+                        units, batch_token, run_in_groups, live, _item_key, run_bucket
+                    )
+                for item, (result, size) in zip(live, outcomes, strict=True):
+                    results[id(item)] = (result, size, elapsed * item.size / units)
+        return [results[id(item)] for item in items]
+
+    async def _timed(self, units: int, token: WorkToken, fn: Callable, *args) -> tuple:
+        """(fn(*args) in a thread, seconds it took); the seconds per unit join the recent ones
+        unless the work was abandoned part way (its time says nothing about the rate)."""
+        started = time.perf_counter()
+        result = await asyncio.to_thread(fn, *args)
+        elapsed = time.perf_counter() - started
+        if not token.abandoned:
+            self.recent_rates.append(elapsed / units)
+        return result, elapsed
+
+    def _too_late(self, token: WorkToken, size: int) -> bool:
+        """Whether work of ``size`` units, started now, would end after the request's deadline at
+        the slowest recent rate: the replica's own check behind the ingress's admission, whose
+        estimate a burst's contention can beat."""
+        if token.deadline is None or not self.recent_rates:
+            return False
+        return time.time() + size * max(self.recent_rates) > token.deadline
+
+    def _late(self) -> OverloadedError:
+        return OverloadedError(
+            f"{self.config.name} could not start this request in time to finish it; retry after "
+            f"{LATE_RETRY_AFTER_S} s",
+            param="model",
+            retry_after=LATE_RETRY_AFTER_S,
+        )
 
     @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
-    async def _encode_batched(self, items: list[_Item]) -> list[tuple[Latents | TokenizerError, int]]:
-        return await asyncio.to_thread(run_in_groups, items, _item_key, self._encode_bucket)
+    async def _encode_batched(self, items: list[_Item]) -> list[tuple[Latents | TokenizerError, int, float]]:
+        return await self._run_batch(items, self._encode_bucket)
 
     def _encode_bucket(self, bucket: list[_Item]) -> list[Latents]:
         stacked = torch.cat([item.tensor for item in bucket])  # (B, 3, [T,] H, W)
         return encode_stacked(self.tokenizer, stacked, bucket[0].options)
 
-    def _encode_reply(self, latents: Latents, job: EncodeJob, batch: int) -> Reply:
+    def _encode_reply(self, latents: Latents, job: EncodeJob, batch: int, compute_s: float) -> Reply:
         if latents.mean is not None and latents.mean.data_ptr() == latents.latents.data_ptr():
             # raw mode latents *are* the posterior mean; safetensors refuses to save shared memory
             latents = replace(latents, mean=latents.mean.clone())
@@ -169,31 +254,35 @@ class TokenizerWorker:
             )
         if job.output == "tensor":
             normalized = job.scaling is not None or latents.normalized
-            return tensor_reply(latents.latents, {"normalized": str(normalized).lower()}, batch)
-        return Reply(
-            latents.to_bytes(),
-            "application/x-safetensors",
-            {"normalized": str(latents.normalized).lower()},
-            batch,
-        )
+            reply = tensor_reply(latents.latents, {"normalized": str(normalized).lower()}, batch)
+        else:
+            reply = Reply(
+                latents.to_bytes(),
+                "application/x-safetensors",
+                {"normalized": str(latents.normalized).lower()},
+                batch,
+            )
+        return replace(reply, compute_s=compute_s)
 
     # ---- decode ----
 
     async def decode(self, job: DecodeJob) -> Reply | ErrorReply:
         try:
-            raw, latents = self._raw_latents(job)
-            n_elements = raw.numel()
-            if n_elements > self.limits.max_latent_elements:
-                raise LimitExceededError(
-                    f"latents must have at most {self.limits.max_latent_elements} elements, got {n_elements}",
-                    param="latents",
-                )
-            if job.format is not None:
-                self._check_media_output(raw, latents, job.format)
-            pixels, batch = await self._decode_one(raw, latents, job.options.tiling)
-            return await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
+            spec = self.tokenizer.spec
+            check_decode_cost(self._latent_shape(job), spec.spatial_compression, spec.frame_rule, self.limits)
+            with abandon.scope(WorkToken(job.deadline)) as token:
+                raw, latents = self._raw_latents(job)
+                if job.format is not None:
+                    self._check_media_output(raw, latents, job.format)
+                pixels, batch, compute_s = await self._decode_one(raw, latents, job.options.tiling, token)
+                reply = await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
+            return replace(reply, compute_s=compute_s)
         except TokenizerError as error:
-            return ErrorReply(error.to_dict(), error.http_status)
+            return ErrorReply(error.to_dict(), error.http_status, getattr(error, "retry_after", None))
+
+    @staticmethod
+    def _latent_shape(job: DecodeJob) -> tuple[int, ...]:
+        return tuple((job.latents.latents if job.latents is not None else job.tensor).shape)
 
     def _raw_latents(self, job: DecodeJob) -> tuple[torch.Tensor, Latents | None]:
         """Raw latents (N, C, [t,] h, w) float, plus the file's metadata when there is one."""
@@ -220,25 +309,28 @@ class TokenizerWorker:
             )
 
     async def _decode_one(
-        self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None
-    ) -> tuple[torch.Tensor, int]:
+        self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None, token: WorkToken
+    ) -> tuple[torch.Tensor, int, float]:
         crop = None if latents is None else (latents.original_size, latents.original_frames, latents.padding)
-        if raw.shape[0] > 1 or tiling is not None:
-            return await asyncio.to_thread(self._decode_direct, raw, latents, tiling), 1
         spec = self.tokenizer.spec
-        pixel_size = (
-            _pixel_count(raw)
+        pixels_out = (
+            raw.shape[0]
+            * _pixel_count(raw)
             * spec.spatial_compression**2
             * (spec.temporal_compression if raw.ndim == 5 else 1)
         )
-        size = max(pixel_size, self.quantum)
-        if size > self.config.max_batch_pixels:
-            return await asyncio.to_thread(self._decode_direct, raw, latents, tiling), 1
+        size = max(pixels_out, self.quantum)
+        if raw.shape[0] > 1 or tiling is not None or size > self.config.max_batch_pixels:
+            pixels, compute_s = await self._run_alone(
+                self._decode_direct, raw, latents, tiling, token=token, size=size
+            )
+            return pixels, 1, compute_s
         key = (tuple(raw.shape), raw.dtype, crop)
-        result, batch = await self._decode_batched(_Item(key=key, tensor=raw, size=size, latents=latents))
+        item = _Item(key=key, tensor=raw, size=size, token=token, latents=latents)
+        result, batch, compute_s = await self._decode_batched(item)
         if isinstance(result, TokenizerError):
             raise result
-        return result, batch
+        return result, batch, compute_s
 
     def _decode_direct(
         self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None
@@ -248,8 +340,10 @@ class TokenizerWorker:
         return self.tokenizer.decode(raw, normalized=False, tiling=tiling)
 
     @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
-    async def _decode_batched(self, items: list[_Item]) -> list[tuple[torch.Tensor | TokenizerError, int]]:
-        return await asyncio.to_thread(run_in_groups, items, _item_key, self._decode_bucket)
+    async def _decode_batched(
+        self, items: list[_Item]
+    ) -> list[tuple[torch.Tensor | TokenizerError, int, float]]:
+        return await self._run_batch(items, self._decode_bucket)
 
     def _decode_bucket(self, bucket: list[_Item]) -> list[torch.Tensor]:
         stacked = torch.cat([item.tensor for item in bucket])  # (B, C, [t,] h, w) raw

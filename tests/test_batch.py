@@ -40,6 +40,7 @@ PHOTOS = ("board.jpg", "stuff.jpg", "chelsea.jpg", "plant.jpg", "chicky_512.jpg"
 CLIP = "carphone_pristine.mp4"  # real footage (MANIFEST.json), 176x144 at 29.97 fps
 RESIZE = ["--resize", "shorter-side", "--resolution", "64"]
 OPTIONS = EncodeOptions(resize="shorter-side", resolution=64)
+BAD_NAME = b"bad\xff\xfename.jpg"  # not UTF-8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,6 +70,11 @@ def image_folder(tmp_path_factory, shared_data) -> tuple[Path, dict[str, str]]:
         shutil.copy(shared_data / "images" / "val" / name, folder / ("nested" if i == 0 else ".") / name)
     shutil.copy(shared_data / "videos" / CLIP, folder / CLIP)
     (folder / "notes.txt").write_text("not media, ignored")
+    # issue 13 cases 5 and 7: a name that is not UTF-8 is encoded; a symlink loop and a directory
+    # with a media suffix are listed as ignored, with the reason
+    shutil.copy(shared_data / "images" / "val" / PHOTOS[1], os.fsencode(folder) + b"/" + BAD_NAME)
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    (folder / "x.jpg").mkdir()
     errors = _corrupt_files(folder, shared_data / "images" / "val" / PHOTOS[0])
     errors[CLIP] = "invalid_request"  # an image-only model refuses videos, as a row, not a crash
     return folder, errors
@@ -87,15 +93,18 @@ def image_job(image_folder, tmp_path_factory) -> tuple[Path, Path, dict[str, str
     folder, errors = image_folder
     out = tmp_path_factory.mktemp("image_job")
     argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "4"]
-    assert _run([*argv, "--shard-rows", "3"]) == 0
+    # --workers 2 on 2 CPUs: the README command, which used to leave no CPU for the read tasks (hang)
+    assert _run([*argv, "--shard-rows", "3", "--workers", "2"]) == 0
     return folder, out, errors
 
 
 def test_every_input_accounted_for(image_job):
     folder, out, errors = image_job
     rows = _rows(out)
-    by_name = {Path(r["source_path"]).name: r for r in rows}
-    assert len(rows) == len(by_name) == len(PHOTOS) + len(errors)  # exactly one row per input
+    by_name = {Path(os.fsdecode(r["source_path_bytes"])).name: r for r in rows}
+    assert len(rows) == len(by_name) == len(PHOTOS) + 1 + len(errors)  # exactly one row per input
+    bad = by_name.pop(os.fsdecode(BAD_NAME))
+    assert bad["error"] is None and bad["source_path"].endswith("bad\ufffd\ufffdname.jpg")
     assert len({r["id"] for r in rows}) == len(rows)
     for name, error_type in errors.items():
         row = by_name[name]
@@ -108,11 +117,16 @@ def test_every_input_accounted_for(image_job):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["missing"] == []
     assert manifest["inputs"]["count"] == len(rows)
-    assert manifest["inputs"]["ignored"] == [str((folder / "notes.txt").resolve())]
-    listing = pq.read_table(out / manifest["inputs"]["listing"]).column("path").to_pylist()
-    assert listing == sorted(r["source_path"] for r in rows)
+    folder = folder.resolve()
+    assert manifest["inputs"]["ignored"] == [
+        {"path": str(folder / "loop.jpg"), "reason": "cannot stat: Too many levels of symbolic links"},
+        {"path": str(folder / "notes.txt"), "reason": "not a media file suffix"},
+        {"path": str(folder / "x.jpg"), "reason": "a directory with a media suffix"},
+    ]
+    listing = pq.read_table(out / manifest["inputs"]["listing"]).column("path_bytes").to_pylist()
+    assert listing == sorted(r["source_path_bytes"] for r in rows)
     assert manifest["outputs"]["rows"] == len(rows) and manifest["outputs"]["duplicate_rows"] == 0
-    assert manifest["run"]["rows_ok"] == len(PHOTOS) and manifest["run"]["rows_error"] == len(errors)
+    assert manifest["run"]["rows_ok"] == len(PHOTOS) + 1 and manifest["run"]["rows_error"] == len(errors)
     assert manifest["run"]["bytes_written"] == sum(p.stat().st_size for p in batch.shard_paths(out))
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in batch.shard_paths(out)]
     assert max(sizes) <= 3 and len(sizes) == len(manifest["outputs"]["shards"])  # --shard-rows 3
@@ -125,7 +139,7 @@ def test_latents_equal_in_process_encoding(image_job):
     for row in _rows(out):
         if row["error"] is not None:
             continue
-        data = Path(row["source_path"]).read_bytes()
+        data = Path(os.fsdecode(row["source_path_bytes"])).read_bytes()
         expected = encode_media(tokenizer, load_media(data, options=OPTIONS), OPTIONS)
         got = latents_from_bytes(row["latents"])
         torch.testing.assert_close(got.latents, expected.latents)
@@ -236,7 +250,7 @@ def test_resume_after_sigkill_no_duplicates_no_gaps(image_folder, tmp_path):
     job.send_signal(signal.SIGKILL)
     job.wait()
     first = {p.name for p in batch.shard_paths(out)}
-    total = len(PHOTOS) + len(errors)
+    total = len(PHOTOS) + 1 + len(errors)  # + the file whose name is not UTF-8
     assert 0 < len(first) < total, "the job must be killed midway"
     assert not (out / "manifest.json").exists()
     (out / ".part-interrupted.parquet.tmp").write_bytes(b"PAR1 half a shard")
@@ -244,7 +258,8 @@ def test_resume_after_sigkill_no_duplicates_no_gaps(image_folder, tmp_path):
     assert _run(argv) == 0
     rows = _rows(out)
     assert {p.name for p in batch.shard_paths(out)} >= first  # nothing written before is rewritten
-    assert sorted(Path(r["source_path"]).name for r in rows) == sorted([*PHOTOS, *errors])
+    names = sorted(Path(os.fsdecode(r["source_path_bytes"])).name for r in rows)
+    assert names == sorted([*PHOTOS, os.fsdecode(BAD_NAME), *errors])
     assert len({r["id"] for r in rows}) == len(rows) == total
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["outputs"]["duplicate_rows"] == 0

@@ -198,3 +198,54 @@ def test_local_weights_are_listed_and_loadable(photos, tmp_path, monkeypatch):
     from_dir = runner.invoke(app, ["decode", str(out), "-o", str(tmp_path / "a.png"), "-m", model_dir])
     # a directory is named after its folder, so the latent file's tokenizer name still matches
     assert from_dir.exit_code == 0, from_dir.output
+
+
+def _png_header_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels, in a few hundred bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+
+
+def test_encode_applies_the_servers_limits(tmp_path, photos):
+    """Issue 13 case 8: the CLI refuses what the server refuses (16 MP per frame, after --resize),
+    one error line and exit 1; --set-limit raises a cap, a typo in it is an error."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_bomb(5000, 4000))  # 20 MP: under the old 64 MP CLI default
+    result = runner.invoke(
+        app, ["encode", str(bomb), "-o", str(tmp_path / "b.safetensors"), "-m", "sd-vae-tiny"]
+    )
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {bomb}: limit_exceeded: PNG image is 5000x4000 = 20,000,000 pixels; the limit is 16,000,000 pixels"
+    ]
+    upscale = ["encode", str(photos[0]), "-o", str(tmp_path / "u.safetensors"), "-m", "sd-vae-tiny"]
+    result = runner.invoke(app, [*upscale, "--resize", "fit", "--resolution", "20000"])
+    assert result.exit_code == 1 and "pixels per frame; the limit is 16,000,000" in result.stderr
+    result = runner.invoke(
+        app, [*upscale, "--resize", "fit", "--resolution", "64", "--set-limit", "max_pixels=1000"]
+    )
+    assert result.exit_code == 1 and "the limit is 1,000" in result.stderr
+    result = runner.invoke(app, [*upscale, "--set-limit", "max_pixel=1"])
+    assert result.exit_code == 1 and "expected NAME=VALUE with NAME one of" in result.stderr
+
+
+def test_unwritable_outputs_are_one_error_line(tmp_path, photos):
+    latent = tmp_path / "a.safetensors"
+    assert (
+        runner.invoke(app, ["encode", str(photos[0]), "-o", str(latent), "-m", "sd-vae-tiny"]).exit_code == 0
+    )
+    for argv in (
+        ["encode", str(photos[0]), "-o", "/proc/nope/x.safetensors", "-m", "sd-vae-tiny"],
+        ["decode", str(latent), "-o", "/proc/nope/x.png"],
+        ["decode", str(latent), "-o", "/proc/version.png"],  # the directory exists; the file is not writable
+    ):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 1, argv
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: invalid_request: cannot ") and "Traceback" not in result.output

@@ -216,14 +216,62 @@ def test_newer_format_version():
         latents_from_bytes(rewrite(make_image_latents(), format_version=newer))
 
 
-def test_bad_padding_and_numbers():
+# Issue 13 case 4: each malformed field -> InvalidLatentsError (422) naming the field and what was expected.
+MALFORMED_METADATA = {
+    "padding": ("padding", json.dumps([1, -1, 0]), "padding", "non-negative integers"),
+    "height not int": ("original_height", "x", "original_height", "an integer >= 1"),
+    "height negative": ("original_height", "-5", "original_height", "an integer >= 1"),
+    "height zero": ("original_height", "0", "original_height", "an integer >= 1"),
+    "frames not int": ("original_frames", "x", "original_frames", "an integer >= 1"),
+    "frames negative": ("original_frames", "-3", "original_frames", "an integer >= 1"),
+    "fps not a number": ("fps", "abc", "fps", "a number in"),
+    "fps tiny": ("fps", "1e-09", "fps", "a number in"),
+    "fps huge": ("fps", "1e9", "fps", "a number in"),
+    "resized_from not json": ("resized_from", "notjson", "resized_from", r"JSON \[height, width\]"),
+    "resized_from negative": ("resized_from", "[-1, 4]", "resized_from", "positive integers"),
+    "scale not a number": ("normalization", '{"scale": "abc"}', "normalization.scale", "a finite number"),
+    "scale zero": ("normalization", '{"scale": 0}', "normalization.scale", "not 0"),
+    "normalization a list": ("normalization", "[1, 2]", "normalization", "a JSON object"),
+    "normalization not json": ("normalization", "{", "normalization", "a JSON object"),
+    "unknown key": ("normalization", '{"scale": 1, "offset": 2}', "normalization.offset", "known keys"),
+    "mean wrong length": ("normalization", '{"mean": [0, 0]}', "normalization.mean", "a list of 16"),
+    "std not positive": ("normalization", json.dumps({"std": [0.0] * 16}), "normalization.std", "> 0"),
+    "normalized not bool": ("normalized", "yes", "normalized", "'true' or 'false'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_METADATA))
+def test_malformed_metadata_names_the_field(case):
+    key, value, param, expected = MALFORMED_METADATA[case]
+    with pytest.raises(InvalidLatentsError, match=f"'{param}' must be .*{expected}") as info:
+        latents_from_bytes(rewrite(make_video_latents(), **{key: value}))
+    assert info.value.param == param and info.value.http_status == 422
+
+
+def test_image_latents_refuse_frames_and_missing_tensor():
     latents = make_image_latents()
-    with pytest.raises(InvalidLatentsError, match="3 non-negative ints"):
-        latents_from_bytes(rewrite(latents, padding=json.dumps([1, -1, 0])))
-    with pytest.raises(InvalidLatentsError, match="'original_height' must be an integer, got 'x'"):
-        latents_from_bytes(rewrite(latents, original_height="x"))
+    with pytest.raises(InvalidLatentsError, match="'original_frames' must be empty for image latents"):
+        latents_from_bytes(rewrite(latents, original_frames="3"))
     with pytest.raises(InvalidLatentsError, match="no tensor named 'latents'"):
         latents_from_bytes(rewrite(latents, tensors={"z": latents.latents}))
+
+
+def test_crop_larger_than_the_latents_decode_to_is_refused():
+    """The original size and frames must fit what the latents decode to (f=8: 4x5 latents -> 32x40)."""
+    with pytest.raises(InvalidLatentsError, match="original size 33x37 is larger than") as info:
+        validate_for(latents_from_bytes(rewrite(make_video_latents(), original_height="33")), VIDEO_SPEC)
+    assert info.value.param == "original_height"
+    with pytest.raises(InvalidLatentsError, match="original_frames 10 is more than") as info:
+        validate_for(latents_from_bytes(rewrite(make_video_latents(), original_frames="10")), VIDEO_SPEC)
+    assert info.value.param == "original_frames"
+
+
+def test_huge_finite_latents_are_named_as_such():
+    """3e38 is finite; it used to be reported as NaN/Inf once un-normalized."""
+    z = torch.zeros(1, 4, 3, 5)
+    z[0, 0, 0, 0] = 3e38
+    with pytest.raises(InvalidLatentsError, match=r"values up to 3e\+38 in magnitude"):
+        latents_from_bytes(make_image_latents(latents=z).to_bytes())
 
 
 def test_posterior_sharing_memory_with_latents_serializes():

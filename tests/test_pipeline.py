@@ -17,8 +17,8 @@ from tokenizers_svc.errors import (
     UnsupportedMediaTypeError,
 )
 from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.limits import Limits
 from tokenizers_svc.loading import load_tokenizer
-from tokenizers_svc.media import MediaLimits
 from tokenizers_svc.pipeline import EncodeOptions, decode_to_media, encode_media, load_media
 from tokenizers_svc.registry import list_presets
 
@@ -85,11 +85,36 @@ def test_load_video_with_frame_options(clip_mp4):
 
 def test_load_media_limits_and_garbage(photo_png, clip_mp4):
     with pytest.raises(LimitExceededError, match="limit is 1,000 pixels"):
-        load_media(photo_png, MediaLimits(max_pixels=1000))
+        load_media(photo_png, Limits(max_pixels=1000))
     with pytest.raises(LimitExceededError, match="limit is 4 frames"):
-        load_media(clip_mp4, MediaLimits(max_frames=4))
+        load_media(clip_mp4, Limits(max_frames=4))
     with pytest.raises(InvalidMediaError):
         load_media(b"\x00" * 100)
+
+
+@pytest.mark.parametrize("resolution", [20_000, 100_000])
+def test_resize_past_the_pixel_cap_is_refused_before_resizing(photo_png, resolution):
+    """Issue 13 case 1: a 45x61 photo upscaled to `fit` 20000 would be 14754x20000 = 295 MP."""
+    options = EncodeOptions(resize="fit", resolution=resolution)
+    with pytest.raises(
+        LimitExceededError,
+        match=r"resize=fit to \d+ is \d+x\d+ = [\d,]+ pixels per frame; the limit is 16,000,000",
+    ) as info:
+        load_media(photo_png, options=options)
+    assert info.value.param == "resolution" and info.value.http_status == 413
+    assert load_media(photo_png, options=EncodeOptions(resize="fit", resolution=256)).original_size == (
+        45,
+        61,
+    )
+
+
+def test_decode_output_pixels_are_capped(tokenizer, photo_png):
+    """Issue 13 case 2: the decode's output pixels (not only latent elements) are counted first."""
+    latents = encode_media(tokenizer, load_media(photo_png))  # f2: 23x31 latents -> 46x62 pixels
+    with pytest.raises(LimitExceededError, match="46x62 = 2,852 pixels per frame; the limit is 2,000"):
+        decode_to_media(tokenizer, latents, "png", limits=Limits(max_pixels=2000))
+    with pytest.raises(LimitExceededError, match="2,852 latent elements; the limit is 100"):
+        decode_to_media(tokenizer, latents, "png", limits=Limits(max_latent_elements=100))
 
 
 def test_image_round_trip_through_every_format(tokenizer, photo_png):
@@ -152,3 +177,23 @@ def test_image_through_video_tokenizer(video_tokenizer, photo_png):
     latents = encode_media(video_tokenizer, load_media(photo_png))
     data, kind = decode_to_media(video_tokenizer, latents, "png")
     assert kind == "image/png" and media.decode_image(data).shape == (45, 61, 3)
+
+
+def test_abandoned_work_stops_between_groups_and_tiles(tokenizer, photo_png):
+    """Work under an abandoned token runs nothing more: groups are refused, tiling stops at a tile;
+    a batch token is abandoned only when every request in it is."""
+    from tokenizers_svc import abandon
+    from tokenizers_svc.errors import RequestTimeoutError
+    from tokenizers_svc.pipeline import run_in_groups
+    from tokenizers_svc.tiling import TilingOptions
+
+    calls = []
+    gone, waiting = abandon.WorkToken(deadline=0.0), abandon.WorkToken()
+    assert gone.abandoned and not waiting.abandoned and not abandon.WorkToken(parts=(gone, waiting)).abandoned
+    with abandon.scope(abandon.WorkToken(parts=(gone,))):
+        results = run_in_groups([1, 2, 3], lambda i: i % 2, lambda group: calls.append(group) or group)
+        with pytest.raises(RequestTimeoutError):
+            tokenizer.encode(load_media(photo_png).pixels, tiling=TilingOptions(enabled=True, tile_size=16))
+    assert calls == [] and all(isinstance(result, RequestTimeoutError) for result, _ in results)
+    waiting.cancel()
+    assert waiting.abandoned

@@ -227,6 +227,38 @@ def _read(path: Path) -> bytes:
         raise InvalidRequestError(f"cannot read {str(path)!r}: {exc.strerror}", param="file") from None
 
 
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"cannot write {str(path)!r}: {exc.strerror or type(exc).__name__}", param="out"
+        ) from None
+
+
+def _make_directory(path: Path) -> None:
+    """Create an output directory, or fail the way every error does (one line, exit 1)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"cannot create output directory {str(path)!r}: {exc.strerror or type(exc).__name__}", param="out"
+        ) from None
+
+
+def _limits(settings: list[str] | None):
+    """The server's default limits (``tokenizers_svc.limits``) with the command's --set-limit applied."""
+    from tokenizers_svc.limits import Limits
+
+    return Limits().with_settings(settings or [])
+
+
+SET_LIMIT_HELP = (
+    "NAME=VALUE: raise (or lower) a cap, names and defaults as the server's limits (max_pixels, "
+    "max_frames, max_duration_s, max_total_pixels, max_latent_elements); repeatable."
+)
+
+
 # ---------------------------------------------------------------------------------------------- encode
 
 
@@ -294,8 +326,10 @@ def encode(
     stride: int = typer.Option(1, "--stride", help="Keep every n-th video frame."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
+    set_limit: list[str] | None = typer.Option(None, "--set-limit", help=SET_LIMIT_HELP),
 ) -> None:
-    """Encode images/videos to latent files. Failures are reported per file; the exit code is 1 if any failed."""
+    """Encode images/videos to latent files, under the server's limits. Failures are reported per
+    file; the exit code is 1 if any failed."""
     from tqdm import tqdm
 
     from tokenizers_svc.defaults import default_model_for
@@ -326,10 +360,11 @@ def encode(
                 "seed": seed,
             }
         )
+        limits = _limits(set_limit)
         tokenizer = _load(model or default_model_for(files), device, dtype)
+        _make_directory(out if as_directory else out.parent)
     except TokenizerError as exc:
         raise _fail(exc) from None
-    (out if as_directory else out.parent).mkdir(parents=True, exist_ok=True)
     failures = 0
     progress = tqdm(
         list(zip(files, targets, strict=True)),
@@ -340,7 +375,7 @@ def encode(
     )
     for source, target in progress:
         try:
-            latents = encode_media(tokenizer, load_media(_read(source), options=options), options)
+            latents = encode_media(tokenizer, load_media(_read(source), limits, options), options)
             latents.save(target)
         except TokenizerError as exc:
             failures += 1
@@ -353,7 +388,8 @@ def encode(
         if len(files) == 1:
             typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
     if failures:
-        typer.echo(f"{failures} of {len(files)} inputs failed", err=True)
+        if len(files) > 1:  # one input: its own error line says it all
+            typer.echo(f"error: {failures} of {len(files)} inputs failed", err=True)
         raise typer.Exit(EXIT_ERROR)
     if len(files) > 1:
         typer.echo(f"encoded {len(files)} inputs into {out}")
@@ -381,8 +417,10 @@ def decode(
     no_tiling: bool = typer.Option(False, "--no-tiling", help="Decode in one pass (more memory)."),
     device: str = typer.Option("cpu", "--device", help="torch device."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
+    set_limit: list[str] | None = typer.Option(None, "--set-limit", help=SET_LIMIT_HELP),
 ) -> None:
-    """Decode a latent file back to an image or video, cropped to the original size."""
+    """Decode a latent file back to an image or video, cropped to the original size, under the
+    server's limits."""
     from tokenizers_svc.formats import output_media_type
     from tokenizers_svc.latents import latents_from_bytes
     from tokenizers_svc.pipeline import decode_to_media
@@ -401,11 +439,12 @@ def decode(
             fps=fps,
             tiling=tiling_options(enabled=False if no_tiling else None),
             quality=quality,
+            limits=_limits(set_limit),
         )
+        _make_directory(out.parent)
+        _write(out, data)
     except TokenizerError as exc:
         raise _fail(exc) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
     typer.echo(f"{latents_file} -> {out} ({media_type}, {len(data)} bytes)")
 
 

@@ -31,7 +31,7 @@ MANIFEST_FILE = "manifest.json"
 ROW_SCHEMA = pa.schema(
     [
         ("id", pa.string()),  # digest of source_path + clip frame range + job options
-        ("source_path", pa.string()),  # absolute path as listed
+        ("source_path", pa.string()),  # absolute path as listed (bytes not UTF-8 shown as U+FFFD)
         ("sha256", pa.string()),  # of the file bytes; null when the file could not be read
         ("kind", pa.string()),  # image | video; null when unreadable or not recognized media
         ("clip_index", pa.int32()),  # 0-based clip number within the video; null for images
@@ -52,6 +52,7 @@ ROW_SCHEMA = pa.schema(
         ("normalized", pa.bool_()),
         ("normalization", pa.string()),  # JSON of LatentNormalization
         ("error", pa.string()),  # null on success, "type: message" on failure
+        ("source_path_bytes", pa.binary()),  # source_path exactly, for names that are not UTF-8
     ]
 )
 METADATA_COLUMNS = [name for name in ROW_SCHEMA.names if name != "latents"]

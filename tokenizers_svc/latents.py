@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 FORMAT_NAME = "tokenizers-svc.latents"
 FORMAT_VERSION = 1
 LATENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_FPS, MAX_FPS = 0.001, 1000.0  # a recorded frame rate outside this is corrupt metadata
+MAX_LATENT_ABS = 1e6  # VAE latents are O(10); larger finite values overflow once un-normalized
 
 
 @dataclass
@@ -133,24 +135,145 @@ def _meta(meta: dict[str, str], key: str) -> str:
     return meta[key]
 
 
-def _parse_int(meta: dict[str, str], key: str) -> int:
-    value = _meta(meta, key)
+def _bad(key: str, expected: str, value: object) -> InvalidLatentsError:
+    return InvalidLatentsError(f"metadata '{key}' must be {expected}, got {value!r}", param=key)
+
+
+def _parse_int(meta: dict[str, str], key: str, low: int = 0, *, optional: bool = False) -> int | None:
+    """An integer >= ``low``; an empty string is None when ``optional``."""
+    value = _meta(meta, key) if not optional else meta.get(key, "")
+    if optional and value == "":
+        return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise InvalidLatentsError(f"metadata '{key}' must be an integer, got {value!r}", param=key) from None
+        raise _bad(key, f"an integer >= {low}", value) from None
+    if number < low:
+        raise _bad(key, f"an integer >= {low}", value)
+    return number
 
 
-def _parse_json(meta: dict[str, str], key: str):
+def _parse_json(meta: dict[str, str], key: str, expected: str):
     value = _meta(meta, key)
     try:
         return json.loads(value)
     except json.JSONDecodeError:
-        raise InvalidLatentsError(f"metadata '{key}' must be JSON, got {value!r}", param=key) from None
+        raise _bad(key, expected, value) from None
+
+
+def _is_int(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_normalization(meta: dict[str, str], channels: int) -> LatentNormalization:
+    """A JSON object with finite ``scale`` (non-zero) and ``shift``, and optional per-channel
+    ``mean``/``std`` lists of ``channels`` finite numbers (std > 0); no other keys."""
+    key = "normalization"
+    data = _parse_json(meta, key, "a JSON object {scale, shift, mean, std}")
+    if not isinstance(data, dict):
+        raise _bad(key, "a JSON object {scale, shift, mean, std}", meta[key])
+    unknown = sorted(set(data) - {"scale", "shift", "mean", "std"})
+    if unknown:
+        raise _bad(f"{key}.{unknown[0]}", "absent (known keys: scale, shift, mean, std)", data[unknown[0]])
+    for name, default in (("scale", 1.0), ("shift", 0.0)):
+        value = data.get(name, default)
+        if not _is_number(value) or (name == "scale" and value == 0):
+            raise _bad(f"{key}.{name}", "a finite number" + (", not 0" if name == "scale" else ""), value)
+    for name in ("mean", "std"):
+        value = data.get(name)
+        if value is None:
+            continue
+        if not (
+            isinstance(value, list)
+            and len(value) == channels
+            and all(_is_number(v) and (name == "mean" or v > 0) for v in value)
+        ):
+            sign = "finite numbers" if name == "mean" else "finite numbers > 0"
+            raise _bad(f"{key}.{name}", f"a list of {channels} {sign} (one per latent channel)", value)
+    return LatentNormalization.from_dict(data)
+
+
+def _parse_pair(meta: dict[str, str], key: str) -> tuple[int, int] | None:
+    """Optional JSON [height, width] of positive integers."""
+    if not meta.get(key, ""):
+        return None
+    value = _parse_json(meta, key, "JSON [height, width] of positive integers")
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v, 1) for v in value)):
+        raise _bad(key, "JSON [height, width] of positive integers", meta[key])
+    return value[0], value[1]
+
+
+def _parse_fps(meta: dict[str, str]) -> float | None:
+    value = meta.get("fps", "")
+    if value == "":
+        return None
+    try:
+        fps = float(value)
+    except ValueError:
+        raise _bad("fps", f"a number in [{MIN_FPS:g}, {MAX_FPS:g}]", value) from None
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise _bad("fps", f"a number in [{MIN_FPS:g}, {MAX_FPS:g}]", value)
+    return fps
+
+
+def _parse_bool(meta: dict[str, str], key: str, *, required: bool) -> bool:
+    value = _meta(meta, key) if required else meta.get(key, "false")
+    if value not in ("true", "false"):
+        raise _bad(key, "'true' or 'false'", value)
+    return value == "true"
+
+
+def parse_metadata(meta: dict[str, str], latents: torch.Tensor) -> dict:
+    """The one validating parser of a latent file's metadata -> :class:`Latents` fields (all but the
+    tensors). Every malformed field is an InvalidLatentsError (422) naming the field and what was
+    expected; the tensor's rank, dtype and shape are checked against the metadata here too."""
+    layout = _meta(meta, "layout")
+    expected_rank = {"NCHW": 4, "NCTHW": 5}.get(layout)
+    if expected_rank is None:
+        raise _bad("layout", "NCHW or NCTHW", layout)
+    if latents.ndim != expected_rank:
+        raise ShapeMismatchError(
+            f"layout {layout} expects a {expected_rank}-d tensor, got shape {tuple(latents.shape)}",
+            param="latents",
+        )
+    dtype = _meta(meta, "dtype")
+    if str(latents.dtype).removeprefix("torch.") != dtype:
+        raise InvalidLatentsError(
+            f"metadata dtype {dtype!r} does not match tensor dtype {latents.dtype}", param="dtype"
+        )
+    shape = _parse_json(meta, "shape", "a JSON list of integers")
+    if list(latents.shape) != shape:
+        raise ShapeMismatchError(
+            f"metadata shape {shape} does not match tensor shape {list(latents.shape)}", param="shape"
+        )
+    padding = _parse_json(meta, "padding", "JSON [bottom, right, end_frames] of non-negative integers")
+    if not (isinstance(padding, list) and len(padding) == 3 and all(_is_int(p, 0) for p in padding)):
+        raise _bad("padding", "JSON [bottom, right, end_frames] of non-negative integers", meta["padding"])
+    frames = _parse_int(meta, "original_frames", 1, optional=True)
+    if layout == "NCHW" and frames is not None:
+        raise _bad("original_frames", "empty for image latents (NCHW)", meta["original_frames"])
+    return {
+        "tokenizer": _meta(meta, "tokenizer"),
+        "normalized": _parse_bool(meta, "normalized", required=True),
+        "normalization": _parse_normalization(meta, int(latents.shape[1])),
+        "original_size": (_parse_int(meta, "original_height", 1), _parse_int(meta, "original_width", 1)),
+        "original_frames": frames,
+        "padding": tuple(padding),
+        "weights_hash": meta.get("weights_hash", ""),
+        "fps": _parse_fps(meta),
+        "source_sha256": meta.get("source_sha256") or None,
+        "resized_from": _parse_pair(meta, "resized_from"),
+        "sampled": _parse_bool(meta, "sampled", required=False),
+        "extra": {k[2:]: v for k, v in meta.items() if k.startswith("x-")},
+    }
 
 
 def latents_from_bytes(data: bytes) -> Latents:
-    """Parse and validate a latent file's bytes (internal consistency, finiteness)."""
+    """Parse and validate a latent file's bytes (metadata: :func:`parse_metadata`; finiteness)."""
     try:
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
@@ -164,7 +287,7 @@ def latents_from_bytes(data: bytes) -> Latents:
     fmt = meta.get("format")
     if fmt != FORMAT_NAME:
         raise InvalidLatentsError(f"metadata 'format' must be {FORMAT_NAME!r}, got {fmt!r}", param="format")
-    version = _parse_int(meta, "format_version")
+    version = _parse_int(meta, "format_version", 1)
     if version > FORMAT_VERSION:
         raise InvalidLatentsError(
             f"latent file format_version {version} is newer than supported version {FORMAT_VERSION}",
@@ -173,25 +296,7 @@ def latents_from_bytes(data: bytes) -> Latents:
     if "latents" not in tensors:
         raise InvalidLatentsError("latent file has no tensor named 'latents'", param="latents")
     latents = tensors["latents"]
-    layout = _meta(meta, "layout")
-    expected_rank = {"NCHW": 4, "NCTHW": 5}.get(layout)
-    if expected_rank is None:
-        raise InvalidLatentsError(f"metadata 'layout' must be NCHW or NCTHW, got {layout!r}", param="layout")
-    if latents.ndim != expected_rank:
-        raise ShapeMismatchError(
-            f"layout {layout} expects a {expected_rank}-d tensor, got shape {tuple(latents.shape)}",
-            param="latents",
-        )
-    dtype = _meta(meta, "dtype")
-    if str(latents.dtype).removeprefix("torch.") != dtype:
-        raise InvalidLatentsError(
-            f"metadata dtype {dtype!r} does not match tensor dtype {latents.dtype}", param="dtype"
-        )
-    shape = _parse_json(meta, "shape")
-    if list(latents.shape) != shape:
-        raise ShapeMismatchError(
-            f"metadata shape {shape} does not match tensor shape {list(latents.shape)}", param="shape"
-        )
+    fields = parse_metadata(meta, latents)
     mean, logvar = tensors.get("mean"), tensors.get("logvar")
     for name, tensor in (("mean", mean), ("logvar", logvar)):
         if tensor is not None and tensor.shape != latents.shape:
@@ -199,35 +304,7 @@ def latents_from_bytes(data: bytes) -> Latents:
                 f"'{name}' shape {tuple(tensor.shape)} must equal latents shape {tuple(latents.shape)}",
                 param=name,
             )
-    padding = _parse_json(meta, "padding")
-    if not (
-        isinstance(padding, list)
-        and len(padding) == 3
-        and all(isinstance(p, int) and p >= 0 for p in padding)
-    ):
-        raise InvalidLatentsError(
-            f"metadata 'padding' must be 3 non-negative ints, got {padding}", param="padding"
-        )
-    frames = meta.get("original_frames", "")
-    fps = meta.get("fps", "")
-    resized = meta.get("resized_from", "")
-    result = Latents(
-        latents=latents,
-        tokenizer=_meta(meta, "tokenizer"),
-        normalized=_meta(meta, "normalized") == "true",
-        normalization=LatentNormalization.from_dict(_parse_json(meta, "normalization")),
-        original_size=(_parse_int(meta, "original_height"), _parse_int(meta, "original_width")),
-        original_frames=int(frames) if frames else None,
-        padding=tuple(padding),
-        weights_hash=meta.get("weights_hash", ""),
-        mean=mean,
-        logvar=logvar,
-        fps=float(fps) if fps else None,
-        source_sha256=meta.get("source_sha256") or None,
-        resized_from=tuple(json.loads(resized)) if resized else None,
-        sampled=meta.get("sampled") == "true",
-        extra={k[2:]: v for k, v in meta.items() if k.startswith("x-")},
-    )
+    result = Latents(latents=latents, mean=mean, logvar=logvar, **fields)
     check_finite(result.latents)
     return result
 
@@ -247,6 +324,12 @@ def check_finite(latents: torch.Tensor, param: str = "latents") -> None:
         raise InvalidLatentsError(
             f"latents contain {bad} NaN/Inf values; expected finite floats", param=param
         )
+    largest = float(latents.abs().max()) if latents.numel() else 0.0
+    if largest > MAX_LATENT_ABS:
+        raise InvalidLatentsError(
+            f"latents hold values up to {largest:.3g} in magnitude; expected |value| <= {MAX_LATENT_ABS:g}",
+            param=param,
+        )
 
 
 def validate_for(latents: Latents, spec: TokenizerSpec, *, weights_hash: str | None = None) -> None:
@@ -261,6 +344,22 @@ def validate_for(latents: Latents, spec: TokenizerSpec, *, weights_hash: str | N
             param="weights_hash",
         )
     validate_tensor_for(latents.latents, spec)
+    f = spec.spatial_compression
+    height, width = (int(d) * f for d in latents.latents.shape[-2:])
+    if latents.original_size[0] > height or latents.original_size[1] > width:
+        raise InvalidLatentsError(
+            f"metadata original size {latents.original_size[0]}x{latents.original_size[1]} is larger than "
+            f"these latents decode to ({height}x{width}); expected at most that",
+            param="original_height",
+        )
+    if latents.layout == "NCTHW" and latents.original_frames is not None:
+        frames = spec.frame_rule.pixel_frames(int(latents.latents.shape[2]))
+        if latents.original_frames > frames:
+            raise InvalidLatentsError(
+                f"metadata original_frames {latents.original_frames} is more than these latents decode "
+                f"to ({frames}); expected at most that",
+                param="original_frames",
+            )
 
 
 def validate_tensor_for(tensor: torch.Tensor, spec: TokenizerSpec, param: str = "latents") -> None:

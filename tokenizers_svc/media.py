@@ -33,6 +33,7 @@ from tokenizers_svc.errors import (
     InvalidRequestError,
     LimitExceededError,
     ShapeMismatchError,
+    TokenizerError,
     UnsupportedMediaTypeError,
 )
 from tokenizers_svc.formats import IMAGE_MEDIA_TYPES, image_format
@@ -287,6 +288,25 @@ def _stream_duration(
     if container.duration:
         return container.duration / 1_000_000
     return None
+
+
+def probe_dimensions(data: bytes) -> tuple[int | None, int, int] | None:
+    """(frames, height, width) from the header alone (frames None for an image, the header's
+    estimate for a video), so a server can price a request before decoding it; None when the header
+    cannot be read (decoding then reports why)."""
+    try:
+        if sniff_media(data) == "image":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    return None, image.height, image.width
+        with _open_container(data) as container:
+            stream = container.streams.video[0]
+            duration = _stream_duration(container, stream)
+            frames = stream.frames or (round(duration * _frame_rate(stream)) if duration else 1)
+            return max(1, frames), stream.codec_context.height, stream.codec_context.width
+    except (TokenizerError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, IndexError):
+        return None
 
 
 def probe_video(path: str | Path) -> tuple[float, float]:

@@ -17,17 +17,21 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import torch
 
 from tokenizers_svc import media
+from tokenizers_svc.abandon import checkpoint
 from tokenizers_svc.errors import InvalidRequestError, TokenizerError
 from tokenizers_svc.formats import VIDEO_MEDIA_TYPE, output_media_type
 from tokenizers_svc.latents import Latents
-from tokenizers_svc.media import MediaKind, MediaLimits
+from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
+from tokenizers_svc.media import MediaKind
 from tokenizers_svc.tiling import TilingOptions, tiling_options
 
 if TYPE_CHECKING:
     from tokenizers_svc.api import Tokenizer
     from tokenizers_svc.pixels import ResizePolicy
+    from tokenizers_svc.spec import FrameRule
 
 OutputFormat = Literal["png", "jpeg", "webp", "mp4"]
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -65,6 +69,12 @@ class EncodeOptions:
         )
         return cls(**given, tiling=tiling)
 
+    def __post_init__(self) -> None:
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise InvalidRequestError(
+                f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}", param="seed"
+            )
+
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -97,40 +107,58 @@ class MediaInput:
 
 def load_media(
     data: bytes,
-    limits: MediaLimits = MediaLimits(),
+    limits: Limits = Limits(),
     options: EncodeOptions = EncodeOptions(),
     *,
     kind: MediaKind | None = None,
     sha256: str | None = None,
 ) -> MediaInput:
-    """Image or video bytes -> :class:`MediaInput`, under ``limits``. ``kind`` (from magic bytes)
-    and ``sha256`` are computed here unless the caller already did (each once per input)."""
+    """Image or video bytes -> :class:`MediaInput`, under ``limits`` (the decoder's caps while it
+    reads, then :func:`check_encode_cost` for the options' resize). ``kind`` (from magic bytes) and
+    ``sha256`` are computed here unless the caller already did (each once per input)."""
     kind = kind or media.sniff_media(data)
     digest = sha256 or hashlib.sha256(data).hexdigest()
     if kind == "image":
-        pixels = media.decode_image(data, limits)  # (H, W, 3) uint8
-        return MediaInput(
+        pixels = media.decode_image(data, limits.media())  # (H, W, 3) uint8
+        loaded = MediaInput(
             pixels=media.image_to_tensor(pixels),
             kind="image",
             fps=None,
             sha256=digest,
             original_size=(pixels.shape[0], pixels.shape[1]),
         )
-    video = media.decode_video(
-        data,
-        limits,
-        max_frames=options.max_frames,
-        start=options.start,
-        end=options.end,
-        stride=options.stride,
-    )
-    return MediaInput(
-        pixels=media.video_to_tensor(video.frames),
-        kind="video",
-        fps=video.fps,
-        sha256=digest,
-        original_size=(video.frames.shape[1], video.frames.shape[2]),
-    )
+    else:
+        video = media.decode_video(
+            data,
+            limits.media(),
+            max_frames=options.max_frames,
+            start=options.start,
+            end=options.end,
+            stride=options.stride,
+        )
+        loaded = MediaInput(
+            pixels=media.video_to_tensor(video.frames),
+            kind="video",
+            fps=video.fps,
+            sha256=digest,
+            original_size=(video.frames.shape[1], video.frames.shape[2]),
+        )
+    check_encode_cost(loaded.pixels.shape, options, limits)
+    return loaded
+
+
+def check_encode_cost(pixel_shape: tuple[int, ...], options: EncodeOptions, limits: Limits) -> Cost:
+    """The cost of encoding pixels (N, C, [T,] H, W) after the options' resize; refused
+    (LimitExceededError naming the number; ``param`` names the resolution when the resize is why)
+    when it is over ``limits``."""
+    *_, height, width = pixel_shape
+    frames = pixel_shape[2] if len(pixel_shape) == 5 else None
+    cost = encode_cost(height, width, frames)
+    check_cost(cost, limits, what="the input", param="file")
+    if options.resize != "none":
+        cost = encode_cost(height, width, frames, options.resize, options.resolution)
+        check_cost(cost, limits, what=f"resize={options.resize} to {options.resolution}", param="resolution")
+    return cost
 
 
 def encode_media(
@@ -218,13 +246,17 @@ def decode_to_media(
     *,
     tiling: TilingOptions | None = None,
     quality: int = DecodeOptions.quality,
+    limits: Limits = Limits(),
 ) -> tuple[bytes, str]:
     """One item of :class:`Latents` -> (encoded bytes, media type), cropped to the original size.
 
     Image latents (NCHW) decode to PNG/JPEG/WebP; video latents (NCTHW) to MP4 at ``fps`` (default:
     the fps recorded at encode time). A video latent holding a single frame may also be written as
-    an image; anything else across kinds is an InvalidRequestError.
+    an image; anything else across kinds is an InvalidRequestError. Decodes over ``limits`` are
+    refused before the model runs (:func:`check_decode_cost`).
     """
+    spec = tokenizer.spec
+    check_decode_cost(tuple(latents.latents.shape), spec.spatial_compression, spec.frame_rule, limits)
     n = latents.latents.shape[0]
     output_media_type(format)
     if n != 1:
@@ -235,6 +267,16 @@ def decode_to_media(
     check_output_format(format, is_video=latents.layout == "NCTHW", frames=latents.original_frames)
     pixels = tokenizer.decode(latents, tiling=tiling, output_dtype=torch.uint8)  # (1, 3, [T,] H, W)
     return pixels_to_media(pixels, format, fps if fps is not None else latents.fps, quality)
+
+
+def check_decode_cost(
+    latent_shape: tuple[int, ...], spatial_compression: int, frame_rule: FrameRule, limits: Limits
+) -> Cost:
+    """The cost of decoding latents of ``latent_shape`` with a model of this compression; refused
+    (LimitExceededError) when it writes more pixels, or reads more elements, than ``limits``."""
+    cost = decode_cost(latent_shape, spatial_compression, frame_rule)
+    check_cost(cost, limits, what=f"decoding latents of shape {list(latent_shape)}", param="latents")
+    return cost
 
 
 def run_in_groups(
@@ -252,6 +294,7 @@ def run_in_groups(
     results: list[tuple[Result | TokenizerError, int]] = [None] * len(items)  # type: ignore[list-item]
     for indices in groups.values():
         try:
+            checkpoint()  # an abandoned request (or batch) stops between groups
             outputs = run([items[i] for i in indices])
             for i, output in zip(indices, outputs, strict=True):
                 results[i] = (output, len(indices))
@@ -263,6 +306,7 @@ def run_in_groups(
 
 def _run_alone(item: Item, run: Callable[[list[Item]], list[Result]]) -> Result | TokenizerError:
     try:
+        checkpoint()
         (output,) = run([item])
     except TokenizerError as error:
         return error

@@ -55,6 +55,7 @@ from typing import NamedTuple
 
 import torch
 
+from tokenizers_svc.abandon import checkpoint
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.families.base import Backend
 from tokenizers_svc.spec import TokenizerSpec
@@ -171,6 +172,7 @@ def _blend(fn: Callable[[torch.Tensor], tuple], x: torch.Tensor, jobs: list[_Job
     outputs: list[torch.Tensor | None] = []
     total = torch.zeros(0)
     for n, job in enumerate(jobs):
+        checkpoint()  # an abandoned request stops here, between tiles/chunks
         pieces = [None if p is None else p[(..., *job.crop)] for p in fn(x[(..., *job.source)])]
         if n == 0:
             ref = pieces[0]
@@ -260,6 +262,7 @@ def _run(
 ) -> tuple:
     """Temporal chunks (5-D input, when ``chunk_time``) of spatial tiles of ``fn``; pass-through
     when nothing to split."""
+    checkpoint()
     if enabled is False:
         return fn(x)
     in_tile = grid.tile if encoding else grid.tile // grid.f

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -33,7 +34,7 @@ from serving.batch.output import (
     shard_paths,
     write_atomic,
 )
-from serving.batch.plan import DTYPES, JobPlan, list_inputs, make_plan
+from serving.batch.plan import DTYPES, JobPlan, list_inputs, make_plan, path_text
 from serving.batch.stages import EncodeWorker, prepare_row, write_shard
 from tokenizers_svc.datasets import MANIFEST_FILE, SHARD_PREFIX
 from tokenizers_svc.defaults import default_model_for
@@ -93,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=None, help="encode at most this many pending inputs, then stop"
     )
     p.add_argument(
+        "--set-limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="raise (or lower) a per-input cap; names and defaults as the server's limits "
+        "(max_pixels, max_frames, max_duration_s, max_total_pixels, max_latent_elements)",
+    )
+    p.add_argument(
         "--address", default=None, help="Ray address (default: RAY_ADDRESS, else start a local Ray)"
     )
     return p
@@ -132,6 +141,32 @@ def _gpus_per_worker(requested: float | None) -> float:
     return requested
 
 
+def _fit_workers(workers: int, cpus_per_worker: float) -> tuple[float, float]:
+    """(CPUs per encoder actor, CPUs per read/write task) that let the job make progress: the
+    actors may take at most the cluster's CPUs less what one read/write task needs (1, or half
+    the cluster when it has fewer than 2), else every CPU sits in an actor waiting for rows that
+    no task is left to decode. Asking for more is scaled down, with a note on stderr."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    task_cpus = min(1.0, total / 2)
+    budget = total - task_cpus
+    if task_cpus <= 0:
+        raise ConfigError(
+            "the Ray cluster has no CPUs; the job's read and write tasks need some", param="workers"
+        )
+    if workers * cpus_per_worker <= budget:
+        return cpus_per_worker, task_cpus
+    fitted = budget / workers
+    print(
+        f"batch-encode: --workers {workers} x --cpus-per-worker {cpus_per_worker:g} would take every one of "
+        f"the cluster's {total:g} CPUs and leave none for reading inputs; using {fitted:.3g} CPUs per "
+        f"worker ({task_cpus:g} kept for the read/write tasks)",
+        file=sys.stderr,
+    )
+    return fitted, task_cpus
+
+
 def _claim(output: Path, plan: JobPlan) -> str:
     """Make this run the owner of ``output``; returns its run id. From here on, writers of earlier
     runs discard their shards, and their half-written shards are removed (their rows are redone)."""
@@ -150,24 +185,26 @@ def _encode(
     """The Ray Data pipeline over ``pending`` inputs -> one summary row per shard written."""
     import ray
 
+    worker_cpus, task_cpus = _fit_workers(args.workers, args.cpus_per_worker)
     ds = ray.data.from_items(pending, override_num_blocks=min(len(pending), MAX_INPUT_BLOCKS))
     # flat_map: one input -> several rows (clips); Ray Data keeps it in CPU tasks instead of
     # fusing it into the encoder actors.
-    ds = ds.flat_map(prepare_row, fn_kwargs={"plan": plan})
+    ds = ds.flat_map(prepare_row, fn_kwargs={"plan": plan}, num_cpus=task_cpus)
     ds = ds.map_batches(
         EncodeWorker,
-        fn_constructor_args=(plan, int(args.cpus_per_worker)),
+        fn_constructor_args=(plan, max(1, int(worker_cpus))),
         batch_size=args.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=args.workers),
         num_gpus=gpus,
-        num_cpus=args.cpus_per_worker,
+        num_cpus=worker_cpus,
     )
     ds = ds.map_batches(
         write_shard,
         fn_kwargs={"output": str(output), "run_id": run_id},
         batch_size=args.shard_rows,
         batch_format="pyarrow",
+        num_cpus=task_cpus,
     )
     return list(ds.iter_rows())
 
@@ -177,7 +214,7 @@ def _manifest(
     argv: list[str],
     plan: JobPlan,
     inputs: list[str],
-    ignored: list[str],
+    ignored: list[dict],
     run: dict,
     after: Progress,
     output: Path,
@@ -207,7 +244,11 @@ def _manifest(
 def _write_manifest(output: Path, inputs: list[str], manifest: dict) -> None:
     """The input listing (usable as a manifest) and manifest.json with the history of every run."""
     tmp = output / f".{INPUTS_FILE}{TMP_SUFFIX}"
-    pq.write_table(pa.table({"path": pa.array(inputs, pa.string())}), tmp)
+    listing = {
+        "path": pa.array([path_text(p) for p in inputs], pa.string()),
+        "path_bytes": pa.array([os.fsencode(p) for p in inputs], pa.binary()),  # exact, any bytes
+    }
+    pq.write_table(pa.table(listing), tmp)
     tmp.replace(output / INPUTS_FILE)
     path = output / MANIFEST_FILE
     history = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
@@ -233,8 +274,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     output = Path(args.output).resolve()
     run_id = _claim(output, plan)
     before = read_progress(output)
-    pending = [
-        {"path": path, "done_ids": before.ids.get(path, [])} for path in inputs if not before.complete(path)
+    pending = [  # paths as bytes: names that are not UTF-8 travel through Arrow unchanged
+        {"path": os.fsencode(path), "done_ids": before.ids.get(path, [])}
+        for path in inputs
+        if not before.complete(path)
     ]
     skipped = len(inputs) - len(pending)
     pending = pending[: args.limit]

@@ -43,8 +43,8 @@ def shard_paths(output: str | Path) -> list[Path]:
 class Progress:
     """What the shards in an output directory hold, per input path."""
 
-    ids: dict[str, list[str]]  # source_path -> ids written
-    expected: dict[str, int]  # source_path -> rows it produces (clip_count)
+    ids: dict[str, list[str]]  # input path (file system bytes decoded as os.fsdecode) -> ids written
+    expected: dict[str, int]  # input path -> rows it produces (clip_count)
     rows: int
     errors: int
     duplicates: int  # ids written more than once (0 unless two jobs shared the directory)
@@ -58,12 +58,12 @@ def read_progress(output: Path) -> Progress:
     expected: dict[str, int] = {}
     rows = errors = 0
     for path in shard_paths(output):
-        table = pq.read_table(path, columns=["id", "source_path", "clip_count", "error"])
+        table = pq.read_table(path, columns=["id", "source_path_bytes", "clip_count", "error"])
         rows += table.num_rows
         errors += table.num_rows - table.column("error").null_count
         for id_, source, count in zip(
             table.column("id").to_pylist(),
-            table.column("source_path").to_pylist(),
+            [os.fsdecode(name) for name in table.column("source_path_bytes").to_pylist()],
             table.column("clip_count").to_pylist(),
             strict=True,
         ):

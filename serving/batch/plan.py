@@ -10,13 +10,16 @@ import argparse
 import glob
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import os
+import stat
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from tokenizers_svc.errors import ConfigError, TokenizerError
 from tokenizers_svc.formats import is_media_file
+from tokenizers_svc.limits import Limits
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions
 from tokenizers_svc.spec import FrameRule
@@ -38,6 +41,7 @@ class JobPlan:
     clip_frames: int
     device: str
     dtype: str
+    limits: Limits = field(default_factory=Limits)  # per input; not in key(): it changes no latents
 
     def key(self) -> dict:
         """What determines a row's latents; part of every id and of job.json."""
@@ -66,16 +70,41 @@ def error_text(exc: TokenizerError) -> str:
     return f"{exc.type}: {exc.message}"
 
 
-def list_inputs(spec: str) -> tuple[list[str], list[str]]:
+def path_text(path: str) -> str:
+    """A path as valid UTF-8 text for display and the ``source_path`` column: bytes that are not
+    UTF-8 show as U+FFFD; the exact bytes travel in ``source_path_bytes``."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _classify(path: Path) -> str | None:
+    """None for a readable media file; else why the listing ignores this entry."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks
+    except OSError as exc:  # a symlink loop, a dangling link, no permission
+        return f"cannot stat: {exc.strerror or type(exc).__name__}"
+    if stat.S_ISDIR(mode):
+        return "a directory with a media suffix" if is_media_file(path) else None
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None if is_media_file(path) else "not a media file suffix"
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every entry under ``root`` (links to directories are listed, not followed: no cycles)."""
+    entries = []
+    for directory, dirs, files in os.walk(root):
+        entries.extend(Path(directory, name) for name in (*dirs, *files))
+    return entries
+
+
+def list_inputs(spec: str) -> tuple[list[str], list[dict]]:
     """DIR (recursive, media suffixes), GLOB, or a Parquet manifest with a ``path`` column ->
-    (sorted absolute input paths, ignored non-media paths). Manifest paths are relative to it."""
+    (sorted absolute input paths, ignored entries as ``{"path", "reason"}``). Every entry the
+    listing sees is one or the other (plain directories are only walked). Manifest paths are
+    relative to it and all kept: one that cannot be read becomes an error row."""
     path = Path(spec)
-    ignored: list[str] = []
-    if path.is_dir():
-        files = sorted(p.resolve() for p in path.rglob("*") if p.is_file())
-        inputs = [str(p) for p in files if is_media_file(p)]
-        ignored = [str(p) for p in files if not is_media_file(p)]
-    elif path.is_file() and path.suffix == ".parquet":
+    ignored: list[dict] = []
+    if path.is_file() and path.suffix == ".parquet":
         table = pq.read_table(path)
         if "path" not in table.column_names:
             raise ConfigError(
@@ -83,9 +112,19 @@ def list_inputs(spec: str) -> tuple[list[str], list[str]]:
                 param="input",
             )
         base = path.resolve().parent
-        inputs = [str((base / p).resolve()) for p in table.column("path").to_pylist() if p]
+        column = "path_bytes" if "path_bytes" in table.column_names else "path"
+        names = [os.fsdecode(p) for p in table.column(column).to_pylist() if p]
+        inputs = [os.path.abspath(base / p) for p in names]
     else:
-        inputs = [str(Path(p).resolve()) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+        entries = _walk(path) if path.is_dir() else [Path(p) for p in glob.glob(spec, recursive=True)]
+        inputs = []
+        for entry in sorted(entries):
+            reason = _classify(entry)
+            absolute = os.path.abspath(entry)
+            if reason is not None:
+                ignored.append({"path": absolute, "reason": reason})
+            elif not entry.is_dir():
+                inputs.append(os.path.realpath(entry))
     if not inputs:
         raise ConfigError(
             f"--input {spec!r} matched no media files; expected a directory, a glob or a .parquet "
@@ -145,4 +184,5 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
         clip_frames=clip_frames,
         device=device,
         dtype=args.dtype,
+        limits=Limits().with_settings(args.set_limit),
     )

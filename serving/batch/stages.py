@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from serving.batch.output import TMP_SUFFIX, owner
-from serving.batch.plan import JobPlan, clip_ranges, error_text, row_id
+from serving.batch.plan import JobPlan, clip_ranges, error_text, path_text, row_id
 from tokenizers_svc import media
 from tokenizers_svc.datasets import ROW_SCHEMA, SHARD_PREFIX, SHARD_SUFFIX
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
@@ -55,14 +55,16 @@ def prepare_row(item: dict, *, plan: JobPlan) -> list[dict]:
     set) and error rows, with PREPARED_SCHEMA's columns. Clips whose id is in ``done_ids`` are
     already written by an earlier run and are left out."""
     done = set(item["done_ids"])
-    return [row for row in prepare_input(item["path"], plan, plan.key()) if row["id"] not in done]
+    path = os.fsdecode(item["path"])  # bytes from the driver (any file name), or text
+    return [row for row in prepare_input(path, plan, plan.key()) if row["id"] not in done]
 
 
 def _row(plan: JobPlan, key: dict, path: str, clip: tuple[int, int] | None = None, **fields) -> dict:
     row = dict.fromkeys(PREPARED_SCHEMA.names)
     row.update(
         id=row_id(key, path, clip),
-        source_path=path,
+        source_path=path_text(path),
+        source_path_bytes=os.fsencode(path),
         clip_count=1,
         model=plan.model_name,
         weights_hash=plan.weights_hash,
@@ -85,7 +87,8 @@ def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        error = InvalidMediaError(f"cannot read {Path(path).name}: {exc.strerror or type(exc).__name__}")
+        reason = exc.strerror or type(exc).__name__
+        error = InvalidMediaError(f"cannot read {path_text(Path(path).name)}: {reason}")
         return [_row(plan, key, path, error=error_text(error))]
     sha = hashlib.sha256(data).hexdigest()
     kind = None
@@ -96,7 +99,7 @@ def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
                 f"{plan.model_name} encodes images only; expected an image, got a video (use a video model)",
                 param="model",
             )
-        loaded = load_media(data, media.MediaLimits(), plan.options, kind=kind, sha256=sha)
+        loaded = load_media(data, plan.limits, plan.options, kind=kind, sha256=sha)
     except TokenizerError as exc:
         return [_row(plan, key, path, sha256=sha, kind=kind, error=error_text(exc))]
     height, width = loaded.original_size
