@@ -49,7 +49,7 @@ class ModelConfig(_Strict):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     device: str = "cpu"  # "cuda" on GPU replicas
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
     allow_random_init: bool = True  # tiny test presets have no weights; set False in production
     max_batch_size: int = Field(8, ge=1)  # requests per batch
     max_batch_pixels: int = Field(4 * 1024 * 1024, ge=1)  # summed H*W*T per batch; larger items run alone

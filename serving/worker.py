@@ -31,7 +31,7 @@ from tokenizers_svc import abandon
 from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
-from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.pipeline import (
     EncodeOptions,
     MediaInput,
@@ -107,7 +107,7 @@ class TokenizerWorker:
         self.tokenizer = load_tokenizer(
             self.config.source,
             device=self.config.device,
-            dtype=getattr(torch, self.config.dtype),
+            dtype=getattr(torch, resolved_dtype(self.config.dtype, self.config.device)),
             allow_random_init=self.config.allow_random_init,
         )
         self.quantum = max(1, self.config.max_batch_pixels // self.config.max_batch_size)

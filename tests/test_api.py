@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenizers_svc.errors import DTypeMismatchError, InvalidRequestError, ShapeMismatchError
-from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.pixels import to_float_pixels
 
 
@@ -133,3 +133,9 @@ def test_resize_needs_resolution(tokenizer, odd_photo):
 def test_bad_pixels(tokenizer, pixels, error, message):
     with pytest.raises(error, match=message):
         tokenizer.encode(pixels)
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_only():
+    assert resolved_dtype("auto", "cuda") == resolved_dtype("auto", "cuda:1") == "bfloat16"
+    assert resolved_dtype("auto", "cpu") == "float32"
+    assert resolved_dtype("float16", "cuda") == "float16"  # an explicit choice wins

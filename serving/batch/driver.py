@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs per encoder actor (default: 1 when the Ray cluster has GPUs, else 0)",
     )
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per encoder actor")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on a GPU)")
     p.add_argument(
         "--limit", type=int, default=None, help="encode at most this many pending inputs, then stop"
     )

@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 from tokenizers_svc.errors import ConfigError, TokenizerError
 from tokenizers_svc.formats import is_media_file
 from tokenizers_svc.limits import Limits
-from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.pipeline import EncodeOptions
 from tokenizers_svc.spec import FrameRule
 
 DEFAULT_CLIP_FRAMES = 16  # rounded up to the model's frame rule (17 for 1 + 4k / 1 + 8k models)
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU, float32 on a CPU
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,10 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
         raise ConfigError("--seed only applies with --sample", param="seed")
     tokenizer = load_tokenizer(args.model, device="cpu")
     spec = tokenizer.spec
-    if args.dtype not in spec.dtypes:
+    dtype = resolved_dtype(args.dtype, device)
+    if dtype not in spec.dtypes:
         raise ConfigError(
-            f"--dtype must be one of {list(spec.dtypes)} for {spec.name}, got {args.dtype}", param="dtype"
+            f"--dtype must be one of {list(spec.dtypes)} for {spec.name}, got {dtype}", param="dtype"
         )
     rule = spec.frame_rule if spec.modality != "image" else FrameRule()
     clip_frames = args.clip_frames or rule.padded_frames(DEFAULT_CLIP_FRAMES)
@@ -183,6 +184,6 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
         options=EncodeOptions.from_flags(vars(args)),  # the job's flags are named like the options
         clip_frames=clip_frames,
         device=device,
-        dtype=args.dtype,
+        dtype=dtype,
         limits=Limits().with_settings(args.set_limit),
     )
