@@ -269,3 +269,16 @@ def test_video_tokenizer_takes_a_photo_as_a_one_frame_clip(name):
     )
     assert latents.latents.shape[2] == 1 and latents.latents.shape[-1] == math.ceil(w / m) * m // f
     assert tok.decode(latents, tiling=UNTILED).shape == (1, 3, 1, h, w)
+
+
+def test_cosmos_sigma_data_is_the_edm_schedulers_default():
+    """The Cosmos normalization scale is copied from diffusers' EDMEulerScheduler so that listing
+    the registry does not import diffusers; this keeps the copy equal to the source."""
+    import inspect
+
+    from diffusers import EDMEulerScheduler
+
+    from tokenizers_svc.families.video_vaes import COSMOS_SIGMA_DATA
+
+    default = inspect.signature(EDMEulerScheduler.__init__).parameters["sigma_data"].default
+    assert default == COSMOS_SIGMA_DATA

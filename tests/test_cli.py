@@ -42,12 +42,19 @@ def test_models_table_and_json():
     header, *rows = table.stdout.splitlines()
     assert header.split()[:4] == ["NAME", "FAMILY", "MODALITY", "SPATIAL"]
     tiny = next(r.split() for r in rows if r.startswith("sd-vae-tiny "))
-    assert tiny[1:7] == ["AutoencoderKL", "image", "2", "1", "4", "any"]
+    assert tiny[1:10] == ["AutoencoderKL", "image", "2", "1", "4", "any", "3.0", "scale", "0.18215"]
+    flux = next(r for r in rows if r.startswith("flux-vae "))
+    assert "shift 0.1159 scale 0.3611" in flux
     listing = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
     assert {row["name"] for row in listing} == {p.name for p in list_presets()}
-    row = next(r for r in listing if r["name"] == "sd-vae-tiny")
+    assert all("params" not in row for row in listing)  # --stats counts them
+    default = next(r for r in listing if r["name"] == "tsvc-image-f8c4")
+    assert default["normalization"] == load_tokenizer("tsvc-image-f8c4").spec.normalization.constants()
+    stats = json.loads(runner.invoke(app, ["models", "--json", "--stats"]).stdout)
+    row = next(r for r in stats if r["name"] == "sd-vae-tiny")
     module = load_tokenizer("sd-vae-tiny").module
     assert row["params"] == sum(p.numel() for p in module.parameters())
+    assert row["normalization"] == {"scaling_factor": 0.18215, "shift_factor": 0.0}
     assert row["compression_ratio"] == pytest.approx(3.0)  # f2 c4: 3*2*2/4
     assert row["weights"] == "random-init"
 
@@ -65,7 +72,9 @@ def test_encode_info_decode_one_image(photos, tmp_path):
     assert summary["original_size"] == [40, 42] and summary["normalized"] is False
     assert summary["source_sha256"] == latents.source_sha256
     checked = runner.invoke(app, ["info", str(out), "--model", "sd-vae-tiny"])
-    assert checked.exit_code == 0 and "valid_for        sd-vae-tiny" in checked.stdout
+    assert checked.exit_code == 0 and "valid_for         sd-vae-tiny" in checked.stdout
+    assert "normalization     scale 0.18215" in checked.stdout
+    assert summary["scaling_constants"] == {"scaling_factor": 0.18215, "shift_factor": 0.0}
     png = tmp_path / "back.png"
     decoded = runner.invoke(app, ["decode", str(out), "-o", str(png)])  # model from the file
     assert decoded.exit_code == 0, decoded.output

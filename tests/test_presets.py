@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +16,14 @@ import torch
 from tokenizers_svc.families.base import state_dict_hash
 from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.media import read_video, video_to_tensor
-from tokenizers_svc.model_stats import count_params, preset_stats, reference_shape, safetensors_bytes
-from tokenizers_svc.registry import backend_for, get_preset, list_presets
+from tokenizers_svc.model_stats import (
+    count_params,
+    meta_backend,
+    preset_stats,
+    reference_shape,
+    safetensors_bytes,
+)
+from tokenizers_svc.registry import backend_for, get_preset, list_presets, preset_config
 from tokenizers_svc.tiling import TilingOptions
 
 TINY = ["vitok-tiny-8", "vitok-tiny-2x8", "dc-ae-f32c32-tiny", "video-vae-tiny"]
@@ -176,14 +183,28 @@ def test_flop_convention_is_macs():
 
 
 def test_models_listing_row_reports_compression_params_and_gflops():
-    """The `tokenizers-svc models` row of a paper preset: compression, parameters and GFLOPs."""
+    """The `tokenizers-svc models --stats` row of a paper preset: compression, parameters and GFLOPs."""
     from tokenizers_svc.cli import _preset_row
 
-    row = _preset_row(get_preset("vitok-s-b-4x16"))
+    row = _preset_row(get_preset("vitok-s-b-4x16"), stats=True)
     assert (row["family"], row["modality"], row["weights"]) == ("ViTok", "video", "random-init")
     assert (row["spatial_compression"], row["temporal_compression"], row["latent_channels"]) == (16, 4, 16)
     assert row["compression_ratio"] == pytest.approx(3 * 4 * 16 * 16 / 16)  # 17 frames padded to 20
     assert row["gflops_input"] == [1, 3, 20, 256, 256]
     stats = preset_stats("vitok-s-b-4x16")
     assert row["params"] == stats.params and row["gflops"] == pytest.approx(stats.gflops, abs=0.005)
-    assert _preset_row(get_preset("dc-ae-f32c32"))["params"] == 323_356_460  # 1.1 GB fp32, not allocated
+    assert _preset_row(get_preset("dc-ae-f32c32"), stats=True)["params"] == 323_356_460  # 1.1 GB fp32
+    assert "params" not in _preset_row(get_preset("dc-ae-f32c32"))  # the plain listing builds nothing
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets() if preset_config(p)], ids=lambda p: p.name)
+def test_spec_from_config_is_the_built_models_spec(preset):
+    """`models` describes presets from their configs alone; a module built from the same config
+    (meta device) must have the same spec, so a config that leaves a key the spec reads to the
+    class's default fails here. LTX's per-channel statistics are weights, not config."""
+    config = preset_config(preset)
+    listed = backend_for(preset.class_name).spec_from_config(config, preset.name)
+    built = meta_backend(preset, config).spec
+    if built.family == "LTX-Video":
+        built = replace(built, normalization=replace(built.normalization, mean=None, std=None))
+    assert listed == built

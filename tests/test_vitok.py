@@ -1,4 +1,4 @@
-"""ViTok (tokenizers_svc/families/vitok.py): patching, rotary positions at several resolutions and
+"""ViTok (tokenizers_svc/families/vitok.py, vitok_model.py): patching, rotary positions at several resolutions and
 frame counts, the bottleneck size E, the KL/plain switch, and the paper-size presets' parameters and
 GFLOPs (meta device) against the paper (arXiv 2501.09755) and an analytic count."""
 
@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from tokenizers_svc.errors import ShapeMismatchError
-from tokenizers_svc.families.vitok import (
-    VITOK_PRESETS,
-    ViTokModel,
-    apply_axial_rope,
-    axial_rope_tables,
-)
+from tokenizers_svc.families.vitok import VITOK_PRESETS
+from tokenizers_svc.families.vitok_model import ViTokModel, apply_axial_rope, axial_rope_tables
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.media import read_video, video_to_tensor
 from tokenizers_svc.model_stats import count_params, meta_backend, preset_stats

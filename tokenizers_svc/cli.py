@@ -74,14 +74,15 @@ def _load(model: str, device: str, dtype: DType) -> Tokenizer:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def _preset_row(preset: Preset) -> dict:
-    """What a preset is and costs, from its config on the meta device: no weights read or allocated.
+def _preset_row(preset: Preset, *, stats: bool = False) -> dict:
+    """What a preset is, from its config (local weights' config.json, else the preset's own): no
+    model class is imported, nothing is built or read beyond the config.
 
-    GFLOPs are 10^9 multiply-accumulates for encode + decode of one 256x256 image or one 17-frame
+    ``stats`` adds parameters and GFLOPs, counted on a module built on the meta device (no weights
+    allocated): 10^9 multiply-accumulates for encode + decode of one 256x256 image or one 17-frame
     256x256 clip padded to the frame rule (see :mod:`tokenizers_svc.model_stats`).
     """
-    from tokenizers_svc.model_stats import backend_stats, meta_backend, preset_config
-    from tokenizers_svc.registry import local_weights_dir
+    from tokenizers_svc.registry import backend_for, local_weights_dir, preset_config
 
     weights = local_weights_dir(preset)
     row: dict = {
@@ -92,18 +93,7 @@ def _preset_row(preset: Preset) -> dict:
     config = preset_config(preset)
     if not config:
         return row
-    failures = (TypeError, ValueError, RuntimeError, NotImplementedError, TokenizerError)
-    try:
-        backend = meta_backend(preset, config)  # from_config drops keys the class does not know
-    except failures as exc:
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        return row
-    spec = backend.spec
-    try:
-        stats = backend_stats(preset.name, backend)
-        row.update({"gflops": round(stats.gflops, 2), "gflops_input": list(stats.input_shape)})
-    except failures as exc:  # a forward pass without a meta kernel: the spec is still listed
-        row["error"] = f"GFLOPs not counted: {type(exc).__name__}: {exc}"
+    spec = backend_for(preset.class_name).spec_from_config(config, preset.name)
     row.update(
         {
             "family": spec.family,
@@ -113,10 +103,31 @@ def _preset_row(preset: Preset) -> dict:
             "latent_channels": spec.latent_channels,
             "frame_rule": spec.frame_rule.describe(),
             "compression_ratio": round(spec.compression_ratio(256, 256, 17), 2),
-            "params": sum(p.numel() for p in backend.module.parameters()),
+            "normalization": spec.normalization.constants(),
+            "normalization_summary": spec.normalization.describe(),
         }
     )
+    if stats:
+        row.update(_preset_stats(preset, config))
     return row
+
+
+def _preset_stats(preset: Preset, config: dict) -> dict:
+    """Parameters and GFLOPs of a preset built on the meta device; an error note when the forward
+    pass has no meta kernel (the row keeps its spec)."""
+    from tokenizers_svc.model_stats import backend_stats, meta_backend
+
+    failures = (TypeError, ValueError, RuntimeError, NotImplementedError, TokenizerError)
+    try:
+        backend = meta_backend(preset, config)  # from_config drops keys the class does not know
+        counted = backend_stats(preset.name, backend)
+    except failures as exc:
+        return {"error": f"GFLOPs not counted: {type(exc).__name__}: {exc}"}
+    return {
+        "params": counted.params,
+        "gflops": round(counted.gflops, 2),
+        "gflops_input": list(counted.input_shape),
+    }
 
 
 def _human(count: int | None) -> str:
@@ -131,18 +142,24 @@ def _human(count: int | None) -> str:
 @app.command()
 def models(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    stats: bool = typer.Option(
+        False,
+        "--stats",
+        help="Also count parameters and GFLOPs (builds each model on the meta device; slower).",
+    ),
 ) -> None:
-    """List registered tokenizers: family, modality, compression, channels, frame rule, params,
-    GFLOPs, weights.
+    """List registered tokenizers from their configs: family, modality, compression, channels,
+    frame rule, latent normalization, weights.
 
-    Presets whose weights are neither local nor defined by a config show '-'. Nothing is downloaded
-    or allocated (models are built on the meta device). RATIO is pixel floats per latent float at
-    256x256 (17 frames for video); GFLOPS is 10^9 multiply-accumulates for encode + decode of that
-    input (17 frames padded to the model's frame rule).
+    RATIO is pixel floats per latent float at 256x256 (17 frames for video). NORMALIZATION is what
+    diffusion-ready latents are: ``(raw - shift - mean[c]) / std[c] * scale``; diffusers'
+    ``scaling_factor``/``shift_factor`` are scale/shift (--json has every constant). Presets whose
+    weights are neither local nor defined by a config show '-'. Nothing is downloaded. --stats adds
+    PARAMS and GFLOPS: 10^9 multiply-accumulates for encode + decode of that input.
     """
     from tokenizers_svc.registry import list_presets
 
-    rows = [_preset_row(p) for p in list_presets()]
+    rows = [_preset_row(p, stats=stats) for p in list_presets()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -155,8 +172,8 @@ def models(
         ("CHANNELS", "latent_channels"),
         ("FRAMES", "frame_rule"),
         ("RATIO", "compression_ratio"),
-        ("PARAMS", "params"),
-        ("GFLOPS", "gflops"),
+        ("NORMALIZATION", "normalization_summary"),
+        *([("PARAMS", "params"), ("GFLOPS", "gflops")] if stats else []),
         ("WEIGHTS", "weights"),
     ]
     table = [[title for title, _ in columns]]
@@ -182,7 +199,8 @@ def info(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Validate a latent file and print its metadata."""
+    """Validate a latent file and print its metadata, with the normalization constants
+    (``scaling_factor``, ``shift_factor``, per-channel mean/std) of the tokenizer that wrote it."""
     from tokenizers_svc.latents import latents_from_bytes, validate_for
 
     try:
@@ -202,6 +220,8 @@ def info(
         "dtype": meta["dtype"],
         "normalized": latents.normalized,
         "normalization": latents.normalization.to_dict(),
+        # diffusers' names: what to pass as remote_encode/remote_decode's scaling_factor/shift_factor
+        "scaling_constants": latents.normalization.constants(),
         "original_size": list(latents.original_size),
         "original_frames": latents.original_frames,
         "padding": list(latents.padding),
@@ -216,8 +236,9 @@ def info(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
+    summary["normalization"] = latents.normalization.describe()
     for key, value in summary.items():
-        typer.echo(f"{key:16} {'-' if value is None else value}")
+        typer.echo(f"{key:17} {'-' if value is None else value}")
 
 
 def _read(path: Path) -> bytes:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tokenizers_svc.families.base import Backend
-from tokenizers_svc.registry import Preset, backend_for, get_preset, local_weights_dir, model_class
+from tokenizers_svc.registry import Preset, backend_for, get_preset, model_class, preset_config
 from tokenizers_svc.spec import TokenizerSpec
 
 REFERENCE_SIZE = 256  # pixels per side of the reference image / clip
@@ -54,14 +54,6 @@ class ModelStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "gflops": self.gflops, "input_shape": list(self.input_shape)}
-
-
-def preset_config(preset: Preset) -> dict:
-    """The config a preset would be built from: local weights' config.json if present, else its own."""
-    weights = local_weights_dir(preset)
-    if weights is not None:
-        return json.loads((weights / "config.json").read_text())
-    return dict(preset.config)
 
 
 def meta_backend(preset: Preset, config: dict | None = None) -> Backend:

@@ -5,16 +5,18 @@ building it, and where its weights live (local directory, hub id, or none for ra
 used in tests and training from scratch). A *backend* adapts one or more classes to the
 :class:`~tokenizers_svc.families.base.Backend` contract. The tables are built once, on import, from
 what every family module and the shipped defaults declare; :mod:`tokenizers_svc.loading` turns a
-name into a loaded tokenizer.
+name into a loaded tokenizer. Listing the registry needs no model class: diffusers and native model
+modules are imported by :func:`model_class`, when a model is built.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
 
-import diffusers
+import torch
 
 from tokenizers_svc.defaults import shipped_presets
 from tokenizers_svc.errors import UnsupportedModelError
@@ -37,8 +39,10 @@ _BACKENDS: dict[str, type[Backend]] = {
     for backend in family.BACKENDS
     for class_name in backend.class_names
 }
-_MODEL_CLASSES: dict[str, type] = {
-    cls.__name__: cls for family in FAMILIES for cls in getattr(family, "MODEL_CLASSES", ())
+_MODEL_MODULES: dict[str, str] = {  # native class name -> the module defining it
+    class_name: module
+    for family in FAMILIES
+    for class_name, module in getattr(family, "MODEL_CLASSES", {}).items()
 }
 _PRESETS: dict[str, Preset] = _presets_by_name(
     [*(preset for family in FAMILIES for preset in family.PRESETS), *shipped_presets()]
@@ -54,11 +58,17 @@ def backend_for(class_name: str) -> type[Backend]:
 
 
 def model_class(class_name: str) -> type:
-    """The nn.Module class (diffusers or native) for a config.json ``_class_name``."""
-    if class_name in _MODEL_CLASSES:
-        return _MODEL_CLASSES[class_name]
-    if hasattr(diffusers, class_name):
-        return getattr(diffusers, class_name)
+    """The nn.Module class (diffusers or native) for a config.json ``_class_name``, its module
+    imported on first use. The import runs on the CPU device: callers often ask for a class inside
+    ``with torch.device("meta")``, which would make the module's tensor constants (e.g. Cosmos'
+    wavelet filters) meta tensors for the rest of the process."""
+    with torch.device("cpu"):
+        if class_name in _MODEL_MODULES:
+            return getattr(importlib.import_module(_MODEL_MODULES[class_name]), class_name)
+        import diffusers
+
+        if hasattr(diffusers, class_name):
+            return getattr(diffusers, class_name)
     raise UnsupportedModelError(f"unknown model class {class_name!r}", param="model")
 
 
@@ -100,6 +110,14 @@ def local_weights_dir(preset: Preset) -> Path | None:
         if isinstance(cached, str):
             return Path(cached).parent
     return None
+
+
+def preset_config(preset: Preset) -> dict:
+    """The config a preset would be built from: local weights' config.json if present, else its own."""
+    weights = local_weights_dir(preset)
+    if weights is not None:
+        return json.loads((weights / "config.json").read_text())
+    return dict(preset.config)
 
 
 def read_class_name(directory: Path) -> str:

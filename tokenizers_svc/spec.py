@@ -51,6 +51,24 @@ class LatentNormalization:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def constants(self) -> dict:
+        """The constants under diffusers' names, for people who normalize latents themselves
+        (``remote_encode``/``remote_decode`` take ``scaling_factor`` and ``shift_factor``):
+        per-channel ``latents_mean``/``latents_std`` only when the model has them."""
+        constants: dict = {"scaling_factor": self.scale, "shift_factor": self.shift}
+        if self.mean is not None:
+            constants["latents_mean"] = list(self.mean)
+        if self.std is not None:
+            constants["latents_std"] = list(self.std)
+        return constants
+
+    def describe(self) -> str:
+        """One line for tables: ``scale 0.18215``, ``shift 0.1159 scale 0.3611``, ``per-channel
+        mean/std, scale 1.0``."""
+        scalars = f"shift {self.shift} scale {self.scale}" if self.shift else f"scale {self.scale}"
+        per_channel = self.mean is not None or self.std is not None
+        return f"per-channel mean/std, {scalars}" if per_channel else scalars
+
     @classmethod
     def from_dict(cls, data: dict) -> LatentNormalization:
         mean = data.get("mean")

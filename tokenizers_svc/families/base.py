@@ -2,7 +2,8 @@
 
 A family module declares what it adds, and :mod:`tokenizers_svc.registry` collects it:
 ``BACKENDS`` (:class:`Backend` subclasses), ``PRESETS`` (:class:`Preset` values) and, for native
-models that diffusers does not know, ``MODEL_CLASSES``. Families import this module and the spec,
+models that diffusers does not know, ``MODEL_CLASSES`` (class name -> the module defining it,
+imported when such a model is built). Families import this module and the spec,
 never the registry, so the registry can import every family without a cycle.
 
 A backend does raw compute only: no padding, no normalization, no tiling (the Tokenizer layer does
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +57,15 @@ class Backend(ABC):
 
     @classmethod
     @abstractmethod
+    def spec_from_config(cls, config: Mapping, name: str) -> TokenizerSpec:
+        """The spec of a module built from ``config`` (a saved ``config.json``, or a preset's config,
+        which states every key read here), so the registry can describe a model without building it."""
+
+    @classmethod
     def from_module(cls, module: nn.Module, name: str, weights_hash: str | None = None) -> Backend:
         """Wrap an instantiated module; the spec is read from ``module.config``. ``weights_hash``:
         known when the weights came from files (:func:`directory_hash`), else hashed on first use."""
+        return cls(module, cls.spec_from_config(module.config, name), weights_hash)
 
     @abstractmethod
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

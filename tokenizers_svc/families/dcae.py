@@ -25,22 +25,22 @@ Latents: ``(N, c, H/f, W/f)``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
-from diffusers import AutoencoderDC
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
 
 
-def _normalization(cfg) -> LatentNormalization:
+def _normalization(cfg: Mapping) -> LatentNormalization:
     """Per-channel ``latents_mean``/``latents_std`` when the export carries them (fitted by
     ``training.latent_stats``; ``scaling_factor``/``shift_factor`` are then only the scalar fallback
     for other pipelines), else the released models' ``z * scaling_factor``."""
     mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
     if mean is not None and std is not None:
         return LatentNormalization(scale=1.0, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
-    return LatentNormalization(scale=float(cfg.scaling_factor))
+    return LatentNormalization(scale=float(cfg["scaling_factor"]))
 
 
 class _FittedStatisticsFilter(logging.Filter):
@@ -59,21 +59,17 @@ class AutoencoderDCBackend(Backend):
     class_names = ("AutoencoderDC",)
 
     @classmethod
-    def from_module(
-        cls, module: AutoencoderDC, name: str, weights_hash: str | None = None
-    ) -> AutoencoderDCBackend:
-        cfg = module.config
-        spec = TokenizerSpec(
+    def spec_from_config(cls, config: Mapping, name: str) -> TokenizerSpec:
+        return TokenizerSpec(
             name=name,
             family="DC-AE",
             modality="image",
-            spatial_compression=2 ** (len(cfg.encoder_block_out_channels) - 1),
-            latent_channels=cfg.latent_channels,
-            normalization=_normalization(cfg),
+            spatial_compression=2 ** (len(config["encoder_block_out_channels"]) - 1),
+            latent_channels=config["latent_channels"],
+            normalization=_normalization(config),
             is_kl=False,
-            in_channels=cfg.in_channels,
+            in_channels=config["in_channels"],
         )
-        return cls(module, spec, weights_hash)
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.module.encode(x).latent, None  # (N, c, H/f, W/f)

@@ -5,8 +5,9 @@ This file holds the image ``AutoencoderKL`` (SD / SDXL / FLUX); other classes ha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-from diffusers import AutoencoderKL
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
@@ -18,23 +19,19 @@ class AutoencoderKLBackend(Backend):
     class_names = ("AutoencoderKL",)
 
     @classmethod
-    def from_module(
-        cls, module: AutoencoderKL, name: str, weights_hash: str | None = None
-    ) -> AutoencoderKLBackend:
-        cfg = module.config
-        spec = TokenizerSpec(
+    def spec_from_config(cls, config: Mapping, name: str) -> TokenizerSpec:
+        return TokenizerSpec(
             name=name,
             family="AutoencoderKL",
             modality="image",
-            spatial_compression=2 ** (len(cfg.block_out_channels) - 1),
-            latent_channels=cfg.latent_channels,
+            spatial_compression=2 ** (len(config["block_out_channels"]) - 1),
+            latent_channels=config["latent_channels"],
             normalization=LatentNormalization(
-                scale=float(cfg.scaling_factor), shift=float(cfg.shift_factor or 0.0)
+                scale=float(config["scaling_factor"]), shift=float(config.get("shift_factor") or 0.0)
             ),
             is_kl=True,
-            in_channels=cfg.in_channels,
+            in_channels=config["in_channels"],
         )
-        return cls(module, spec, weights_hash)
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.module.encode(x).latent_dist  # (N, 2c, h, w) split into mean, logvar
@@ -45,6 +42,7 @@ class AutoencoderKLBackend(Backend):
 
 
 _TINY_KL = {
+    "in_channels": 3,
     "block_out_channels": [32, 64],
     "down_block_types": ["DownEncoderBlock2D"] * 2,
     "up_block_types": ["UpDecoderBlock2D"] * 2,
@@ -58,6 +56,7 @@ _TINY_KL = {
 # describe them and training can build them without their weights; the hub weights override nothing
 # here, they are loaded from ``source`` with their own config.
 _SD_VAE = {
+    "in_channels": 3,
     "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,

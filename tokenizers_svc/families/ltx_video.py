@@ -14,11 +14,17 @@ buffers saved with the weights.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKLLTXVideo
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLLTXVideo
 
 
 def _channel_stats(
@@ -35,23 +41,34 @@ class LTXVideoBackend(Backend):
     class_names = ("AutoencoderKLLTXVideo",)
 
     @classmethod
-    def from_module(
-        cls, module: AutoencoderKLLTXVideo, name: str, weights_hash: str | None = None
-    ) -> LTXVideoBackend:
-        cfg = module.config
-        mean, std = _channel_stats(module)
-        spec = TokenizerSpec(
+    def spec_from_config(cls, config: Mapping, name: str) -> TokenizerSpec:
+        """Compression as diffusers derives it; per-channel statistics are buffers in the weights, so
+        this spec has ``scaling_factor`` only and :meth:`from_module` adds them."""
+        scaling = 2 ** sum(config["spatio_temporal_scaling"])
+        return TokenizerSpec(
             name=name,
             family="LTX-Video",
             modality="video",
-            spatial_compression=module.spatial_compression_ratio,
-            latent_channels=cfg.latent_channels,
-            frame_rule=FrameRule(temporal_compression=module.temporal_compression_ratio, causal=True),
-            normalization=LatentNormalization(scale=float(cfg.scaling_factor), mean=mean, std=std),
+            spatial_compression=config.get("spatial_compression_ratio") or config["patch_size"] * scaling,
+            latent_channels=config["latent_channels"],
+            frame_rule=FrameRule(
+                temporal_compression=config.get("temporal_compression_ratio")
+                or config["patch_size_t"] * scaling,
+                causal=True,
+            ),
+            normalization=LatentNormalization(scale=float(config["scaling_factor"])),
             is_kl=True,
-            in_channels=cfg.in_channels,
+            in_channels=config["in_channels"],
         )
-        return cls(module, spec, weights_hash)
+
+    @classmethod
+    def from_module(
+        cls, module: AutoencoderKLLTXVideo, name: str, weights_hash: str | None = None
+    ) -> LTXVideoBackend:
+        spec = cls.spec_from_config(module.config, name)
+        mean, std = _channel_stats(module)
+        normalization = replace(spec.normalization, mean=mean, std=std)
+        return cls(module, replace(spec, normalization=normalization), weights_hash)
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.module.encode(x).latent_dist  # (N, c, t, h, w) mean and logvar

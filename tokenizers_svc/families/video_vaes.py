@@ -24,20 +24,18 @@ Pixel input is always RGB (Mochi's ``in_channels=15`` counts its internal Fourie
 
 from __future__ import annotations
 
-import inspect
 import math
+from collections.abc import Mapping
 
 import torch
-from diffusers import EDMEulerScheduler
-from torch import nn
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
-#: Cosmos 1.0 pipelines scale normalized latents by their EDM scheduler's ``sigma_data``, which lives
-#: in the scheduler config, not the VAE's; we use ``EDMEulerScheduler``'s default (0.5), read from
-#: diffusers rather than copied (the hub scheduler config could not be checked offline).
-COSMOS_SIGMA_DATA = float(inspect.signature(EDMEulerScheduler.__init__).parameters["sigma_data"].default)
+# Cosmos 1.0 pipelines scale normalized latents by their EDM scheduler's ``sigma_data``, which lives
+# in the scheduler config, not the VAE's: ``EDMEulerScheduler``'s default (tests/test_video_vae.py
+# checks it against diffusers; the hub scheduler config could not be checked offline).
+COSMOS_SIGMA_DATA = 0.5
 
 
 class _VideoVAEBackend(Backend):
@@ -47,21 +45,19 @@ class _VideoVAEBackend(Backend):
     is_kl = True
 
     @classmethod
-    def from_module(cls, module: nn.Module, name: str, weights_hash: str | None = None) -> _VideoVAEBackend:
-        cfg = module.config
-        spatial, temporal = cls.compression(cfg)
-        spec = TokenizerSpec(
+    def spec_from_config(cls, config: Mapping, name: str) -> TokenizerSpec:
+        spatial, temporal = cls.compression(config)
+        return TokenizerSpec(
             name=name,
             family=cls.family,
             modality="video",
             spatial_compression=spatial,
-            latent_channels=cls.latent_channels(cfg),
+            latent_channels=cls.latent_channels(config),
             frame_rule=FrameRule(temporal_compression=temporal, causal=True),
-            normalization=cls.normalization(cfg),
+            normalization=cls.normalization(config),
             is_kl=cls.is_kl,
             in_channels=3,  # RGB for every family (see the module docstring)
         )
-        return cls(module, spec, weights_hash)
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
@@ -70,7 +66,7 @@ class _VideoVAEBackend(Backend):
 
     @staticmethod
     def latent_channels(cfg) -> int:
-        return int(cfg.latent_channels)
+        return int(cfg["latent_channels"])
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:
@@ -97,16 +93,16 @@ class WanVAEBackend(_VideoVAEBackend):
     def compression(cfg) -> tuple[int, int]:
         # as the Wan/Cosmos-2 pipelines derive it: one 2x spatial stage per temperal_downsample entry
         # (times the patchifier's factor for Wan 2.2), 2x temporal where the entry is True
-        spatial = 2 ** len(cfg.temperal_downsample) * (cfg.patch_size or 1)
-        return spatial, 2 ** sum(cfg.temperal_downsample)
+        spatial = 2 ** len(cfg["temperal_downsample"]) * (cfg.get("patch_size") or 1)
+        return spatial, 2 ** sum(cfg["temperal_downsample"])
 
     @staticmethod
     def latent_channels(cfg) -> int:
-        return int(cfg.z_dim)
+        return int(cfg["z_dim"])
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:
-        return LatentNormalization(mean=tuple(cfg.latents_mean), std=tuple(cfg.latents_std))
+        return LatentNormalization(mean=tuple(cfg["latents_mean"]), std=tuple(cfg["latents_std"]))
 
 
 class HunyuanVideoVAEBackend(_VideoVAEBackend):
@@ -117,11 +113,11 @@ class HunyuanVideoVAEBackend(_VideoVAEBackend):
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
-        return int(cfg.spatial_compression_ratio), int(cfg.temporal_compression_ratio)
+        return int(cfg["spatial_compression_ratio"]), int(cfg["temporal_compression_ratio"])
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:
-        return LatentNormalization(scale=float(cfg.scaling_factor))
+        return LatentNormalization(scale=float(cfg["scaling_factor"]))
 
 
 class CogVideoXVAEBackend(_VideoVAEBackend):
@@ -141,11 +137,11 @@ class CogVideoXVAEBackend(_VideoVAEBackend):
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
-        return 2 ** (len(cfg.block_out_channels) - 1), int(cfg.temporal_compression_ratio)
+        return 2 ** (len(cfg["block_out_channels"]) - 1), int(cfg["temporal_compression_ratio"])
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:
-        return LatentNormalization(scale=float(cfg.scaling_factor))
+        return LatentNormalization(scale=float(cfg["scaling_factor"]))
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         frames = z.shape[2]
@@ -172,15 +168,15 @@ class CosmosVAEBackend(_VideoVAEBackend):
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
-        return int(cfg.spatial_compression_ratio), int(cfg.temporal_compression_ratio)
+        return int(cfg["spatial_compression_ratio"]), int(cfg["temporal_compression_ratio"])
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:
-        if cfg.latents_mean is None:
+        if cfg.get("latents_mean") is None:
             return LatentNormalization(scale=COSMOS_SIGMA_DATA)
-        c = int(cfg.latent_channels)
-        mean = torch.tensor(cfg.latents_mean, dtype=torch.float64).view(c, -1)  # (c, frames)
-        std = torch.tensor(cfg.latents_std, dtype=torch.float64).view(c, -1)
+        c = int(cfg["latent_channels"])
+        mean = torch.tensor(cfg["latents_mean"], dtype=torch.float64).view(c, -1)  # (c, frames)
+        std = torch.tensor(cfg["latents_std"], dtype=torch.float64).view(c, -1)
         return LatentNormalization(
             scale=COSMOS_SIGMA_DATA,
             mean=tuple(mean.mean(1).tolist()),
@@ -200,21 +196,22 @@ class MochiVAEBackend(_VideoVAEBackend):
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
-        return math.prod(cfg.spatial_expansions), math.prod(cfg.temporal_expansions)
+        return math.prod(cfg["spatial_expansions"]), math.prod(cfg["temporal_expansions"])
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:
-        if cfg.latents_mean is None:
-            return LatentNormalization(scale=float(cfg.scaling_factor))
+        if cfg.get("latents_mean") is None:
+            return LatentNormalization(scale=float(cfg["scaling_factor"]))
         return LatentNormalization(
-            scale=float(cfg.scaling_factor), mean=tuple(cfg.latents_mean), std=tuple(cfg.latents_std)
+            scale=float(cfg["scaling_factor"]), mean=tuple(cfg["latents_mean"]), std=tuple(cfg["latents_std"])
         )
 
 
 # ------------------------------------------------------------------------------------------ presets
 # Hub presets: real diffusers-format checkpoints (loaded with from_pretrained(source, subfolder)).
 # Tiny presets: the same classes at a few hundred thousand parameters, random init, f8 and the real
-# temporal rule, so every code path (causal caches, frame batching) runs on CPU in about a second.
+# temporal rule, so every code path (causal caches, frame batching) runs on CPU in about a second;
+# each states the config keys its spec reads (the class defaults), so the registry lists it from config.
 
 _HUB = (
     ("wan2.1-vae", "AutoencoderKLWan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan 2.1 video VAE (f8 t4 c16, 1 + 4k frames, per-channel mean/std)"),
@@ -239,13 +236,15 @@ _TINY = {
     "hunyuan-video-vae-tiny": (
         "AutoencoderKLHunyuanVideo",
         {"latent_channels": 4, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
-         "norm_num_groups": 4, "scaling_factor": 0.476986},
+         "norm_num_groups": 4, "scaling_factor": 0.476986, "spatial_compression_ratio": 8,
+         "temporal_compression_ratio": 4},
         "HunyuanVideo-style VAE (f8 t4 c4, mid-block attention), random init",
     ),
     "cogvideox-vae-tiny": (
         "AutoencoderKLCogVideoX",
         {"latent_channels": 4, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
-         "norm_num_groups": 4, "sample_height": 64, "sample_width": 64, "scaling_factor": 1.15258426},
+         "norm_num_groups": 4, "sample_height": 64, "sample_width": 64, "scaling_factor": 1.15258426,
+         "temporal_compression_ratio": 4},
         "CogVideoX-style VAE (f8 t4 c4), random init",
     ),
     "cosmos-vae-tiny": (
@@ -263,7 +262,7 @@ _TINY = {
         {"latent_channels": 4, "encoder_block_out_channels": [32, 32, 32, 32],
          "decoder_block_out_channels": [32, 32, 32, 32], "layers_per_block": [1, 1, 1, 1, 1],
          "add_attention_block": [False] * 5, "latents_mean": _TINY_MEAN, "latents_std": _TINY_STD,
-         "scaling_factor": 1.0},
+         "scaling_factor": 1.0, "spatial_expansions": [2, 2, 2], "temporal_expansions": [1, 2, 3]},
         "Mochi-style VAE (f8 t6 c4, 1 + 6k frames), random init",
     ),
 }  # fmt: skip
