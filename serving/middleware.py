@@ -133,8 +133,8 @@ class ServiceMiddleware:
         finally:
             if settings.metrics is not None:
                 route = getattr(scope.get("route"), "path", "unmatched")
-                settings.metrics.requests.labels(route, str(status)).inc()
-                settings.metrics.latency.labels(route).observe(time.perf_counter() - started)
+                model = scope.get("path_params", {}).get("model")
+                settings.metrics.observe_request(route, model, status, time.perf_counter() - started)
 
     @staticmethod
     def _check_auth(scope: Scope, settings: MiddlewareSettings) -> TokenizerError | None:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Annotated
 
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -109,6 +109,14 @@ DECODE_RESPONSES = {
         "content": {t: _binary for t in ("image/png", "image/jpeg", "image/webp", "video/mp4", TENSOR_TYPE)},
     }
 }
+MODEL_PARAM = Path(description="A served model name, as listed by GET /v1/models (serving/config.yaml).")
+ModelName = Annotated[str, MODEL_PARAM]
+METRICS_RESPONSES = {
+    200: {
+        "description": "Prometheus text exposition format (version 0.0.4).",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 500, 503, 504)}
 
 app = FastAPI(
@@ -194,7 +202,7 @@ class Ingress:
     def __init__(self, config: dict, workers: dict) -> None:
         self.config = ServiceConfig.model_validate(config)
         self.workers = workers
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(m.name for m in self.config.models)
         self.info: dict[str, dict] = {}
         self.limits = self.config.limits.work()
         self.timeouts = {
@@ -315,8 +323,9 @@ class Ingress:
             )
         return JSONResponse({"status": "ready", "models": sorted(self.workers)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def metrics_route(self) -> Response:
+        """Prometheus metrics: requests and latency by route and served model, batch sizes, queue depth."""
         body, media_type = self.metrics.render()
         return Response(body, media_type=media_type)
 
@@ -325,14 +334,14 @@ class Ingress:
         return {"models": [await self._describe(name) for name in self.workers]}
 
     @app.get("/v1/models/{model}", response_model=ModelInfo, responses=ERRORS)
-    async def get_model(self, model: str) -> dict:
+    async def get_model(self, model: ModelName) -> dict:
         return await self._describe(model)
 
     @app.post(
         "/v1/models/{model}/encode", openapi_extra=ENCODE_BODY, responses={**ENCODE_RESPONSES, **ERRORS}
     )
     async def encode(
-        self, request: Request, model: str, params: Annotated[EncodeParams, Query()]
+        self, request: Request, model: ModelName, params: Annotated[EncodeParams, Query()]
     ) -> Response:
         """Image, video or pixel tensor -> latent file (or raw latents with ``Accept: tensor/binary``)."""
         job = EncodeJob(options=params.to_options(), scaling=params.scaling())
@@ -344,7 +353,7 @@ class Ingress:
         responses={**ENCODE_RESPONSES, **ERRORS},
     )
     async def diffusers_encode(
-        self, request: Request, model: str, params: Annotated[DiffusersEncodeParams, Query()]
+        self, request: Request, model: ModelName, params: Annotated[DiffusersEncodeParams, Query()]
     ) -> Response:
         """diffusers ``remote_encode`` protocol: raw latents back as tensor/binary with shape/dtype
         headers; scaled by ``(raw - shift_factor) * scaling_factor`` only when those are given."""
@@ -381,7 +390,7 @@ class Ingress:
         "/v1/models/{model}/decode", openapi_extra=DECODE_BODY, responses={**DECODE_RESPONSES, **ERRORS}
     )
     async def decode(
-        self, request: Request, model: str, params: Annotated[DecodeParams, Query()]
+        self, request: Request, model: ModelName, params: Annotated[DecodeParams, Query()]
     ) -> Response:
         """Latent file or latent tensor -> PNG/JPEG/WebP/MP4, or pixels as tensor/binary.
 

@@ -134,6 +134,14 @@ class ModelInfo(BaseModel):
     spatial_compression: int
     latent_channels: int
     dtype: str
+    normalization: dict = Field(
+        description="diffusion-ready latents = (raw - shift - mean[c]) / std[c] * scale (mean/std null "
+        "when the model has no per-channel statistics)"
+    )
+    scaling_constants: dict = Field(
+        description="the same under diffusers' names: pass scaling_factor/shift_factor to remote_encode "
+        "and remote_decode to get or give diffusion-ready latents; latents_mean/latents_std when per-channel"
+    )
 
 
 class ModelList(BaseModel):

@@ -118,6 +118,7 @@ class TokenizerWorker:
     def describe(self) -> dict:
         info = self.tokenizer.describe()
         info["served_name"] = self.config.name
+        info["scaling_constants"] = self.tokenizer.spec.normalization.constants()
         info["max_batch_size"] = self.config.max_batch_size
         info["max_batch_pixels"] = self.config.max_batch_pixels
         return info

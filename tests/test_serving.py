@@ -138,14 +138,27 @@ def test_health_ready_models_metrics_openapi(http):
     info = http.get(f"/v1/models/{MODEL}").json()
     assert (info["spatial_compression"], info["latent_channels"], info["modality"]) == (2, 4, "image")
     assert info["normalization"]["scale"] == pytest.approx(0.18215)
+    assert info["scaling_constants"] == {"scaling_factor": pytest.approx(0.18215), "shift_factor": 0.0}
     assert "float32" in info["dtypes"]
     spec = http.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            undescribed = [p["name"] for p in operation.get("parameters", []) if not p.get("description")]
+            assert not undescribed, f"{method} {path}: {undescribed}"
+    tensor_params = spec["paths"]["/v1/models/{model}/encode"]["post"]["parameters"]
+    assert {"shape", "dtype"} <= {p["name"] for p in tensor_params}
+    assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     encode_body = spec["paths"]["/v1/models/{model}/encode"]["post"]["requestBody"]["content"]
     assert {"image/png", "image/jpeg", "image/webp", "video/mp4", "tensor/binary"} <= set(encode_body)
     decode_body = spec["paths"]["/v1/models/{model}/decode"]["post"]["requestBody"]["content"]
     assert {"application/x-safetensors", "tensor/binary"} <= set(decode_body)
+    http.get("/v1/models/not-served")
     metrics = http.get("/metrics").text
-    assert 'tokenizers_requests_total{route="/healthz",status="200"}' in metrics
+    assert 'tokenizers_requests_total{model="",route="/healthz",status="200"}' in metrics
+    route = "/v1/models/{model}"
+    assert f'tokenizers_requests_total{{model="{MODEL}",route="{route}",status="200"}}' in metrics
+    assert f'tokenizers_requests_total{{model="unknown",route="{route}",status="404"}}' in metrics
+    assert "not-served" not in metrics  # only served names become label values
 
 
 def test_openapi_describes_every_query_parameter(http):
