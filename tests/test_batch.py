@@ -200,6 +200,13 @@ def test_bad_arguments_are_config_errors(image_folder, tmp_path, capsys):
         _run(["--input", folder, "--output", tmp_path / "o", "--model", IMAGE_MODEL, "--resize", "fit"]) == 1
     )
     assert "needs --resolution" in capsys.readouterr().err
+    base = ["--input", folder, "--output", tmp_path / "o", "--model", IMAGE_MODEL]
+    assert _run([*base, "--crop", "center"]) == 1
+    assert "--crop center needs --resolution and no --resize" in capsys.readouterr().err
+    assert _run([*base, *RESIZE, "--crop", "random"]) == 1
+    assert "--crop random needs --resolution and no --resize" in capsys.readouterr().err
+    assert _run([*base, "--resolution", "64", "--aspect-buckets"]) == 1
+    assert "--aspect-buckets needs --crop" in capsys.readouterr().err
     assert _run(["--input", folder, "--output", tmp_path / "o", "--model", "no-such-model"]) == 1
     assert "unsupported_model" in capsys.readouterr().err
 

@@ -1,5 +1,6 @@
 """LatentDataset over real batch-encode shards: latents and metadata back, raw/normalized spaces,
-decode to pixels equal to the in-process path, a torch DataLoader over same-shape rows."""
+decode to pixels equal to the in-process path, a torch DataLoader over same-shape rows, and one
+over aspect-ratio buckets (--crop random --aspect-buckets) with the BucketBatchSampler."""
 
 from __future__ import annotations
 
@@ -12,21 +13,30 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from serving import batch
-from tokenizers_svc.datasets import LatentDataset
+from tokenizers_svc.datasets import BucketBatchSampler, LatentDataset
 from tokenizers_svc.errors import InvalidLatentsError, InvalidRequestError
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
+from tokenizers_svc.pixels import bucket_sizes, cover_size, nearest_bucket, resize_crop, to_float_pixels
 
 MODEL = "sd-vae-tiny"
 PHOTOS = ("board.jpg", "stuff.jpg", "plant.jpg")  # board and stuff: both 640x480
 OPTIONS = EncodeOptions(resize="shorter-side", resolution=48)
+BUCKET_RESOLUTION = 64
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, shared_data):
+def local_ray():
     started_here = not ray.is_initialized()  # another module's local Ray is reused, not replaced
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, shared_data, local_ray):
     folder = tmp_path_factory.mktemp("photos")
     for name in PHOTOS:
         shutil.copy(shared_data / "images" / "val" / name, folder / name)
@@ -44,11 +54,19 @@ def job(tmp_path_factory, shared_data):
         "--resolution",
         "48",
     ]
-    code = batch.main([str(a) for a in argv])
-    if started_here:
-        ray.shutdown()
-    assert code == 0
+    assert batch.main([str(a) for a in argv]) == 0
     return folder, out
+
+
+@pytest.fixture(scope="module")
+def bucket_job(tmp_path_factory, shared_data, local_ray) -> Path:
+    """The 40 training photos (landscape, portrait and square, 333 to 1280 px) cropped at random
+    to aspect-ratio buckets of about 64x64 pixels."""
+    out = tmp_path_factory.mktemp("buckets")
+    argv = ["--input", shared_data / "images" / "train", "--output", out, "--model", MODEL]
+    argv += ["--crop", "random", "--aspect-buckets", "--resolution", BUCKET_RESOLUTION, "--batch-size", 8]
+    assert batch.main([str(a) for a in argv]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +150,57 @@ def test_dataloader_batches_same_shape_rows(job):
 def test_empty_directory_is_refused(tmp_path):
     with pytest.raises(InvalidRequestError, match=r"no part-\*\.parquet shards"):
         LatentDataset(tmp_path)
+
+
+def test_dataloader_over_aspect_buckets_stacks_every_batch(bucket_job, tokenizer):
+    """Training-ready output: every batch of the bucket sampler stacks, covers one bucket, and an
+    epoch yields every row once; each row's bucket is the nearest aspect ratio of about 64^2
+    pixels and its latents are the encoding of exactly the recorded crop window."""
+    dataset = LatentDataset(bucket_job)
+    sampler = BucketBatchSampler(dataset, batch_size=4, seed=1)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=LatentDataset.collate)
+    seen, sizes, buckets = [], [], set()
+    for latents, metadata in loader:
+        (bucket,) = {(m["bucket_height"], m["bucket_width"]) for m in metadata}
+        assert latents.shape == (len(metadata), 4, bucket[0] // 2, bucket[1] // 2)  # sd-vae-tiny: f2 c4
+        seen += [m["id"] for m in metadata]
+        sizes.append(len(metadata))
+        buckets.add(bucket)
+    assert len(dataset) == 40 and sorted(seen) == sorted(dataset.metadata(i)["id"] for i in range(40))
+    assert len(buckets) >= 3 and max(sizes) == 4 and len(sizes) == len(sampler)
+
+    allowed = bucket_sizes(BUCKET_RESOLUTION, tokenizer.spec.multiple)
+    offsets = set()
+    for i in range(len(dataset)):
+        row = dataset.metadata(i)
+        bucket = (row["bucket_height"], row["bucket_width"])
+        assert bucket == nearest_bucket(row["original_height"], row["original_width"], allowed)
+        assert abs(bucket[0] * bucket[1] / BUCKET_RESOLUTION**2 - 1) < 0.05
+        cover = cover_size(row["original_height"], row["original_width"], bucket)
+        assert 0 <= row["crop_top"] <= cover[0] - bucket[0] and 0 <= row["crop_left"] <= cover[1] - bucket[1]
+        offsets.add((row["crop_top"], row["crop_left"]))
+    assert len(offsets) > 3  # random windows, not all centered
+
+    row = dataset.metadata(0)
+    bucket = (row["bucket_height"], row["bucket_width"])
+    pixels = to_float_pixels(load_media(Path(row["source_path"]).read_bytes()).pixels)
+    window = resize_crop(
+        pixels, cover_size(*pixels.shape[-2:], bucket), bucket, row["crop_top"], row["crop_left"]
+    )
+    expected = tokenizer.encode(window).latents[0]
+    torch.testing.assert_close(dataset[0]["latents"], expected, rtol=1e-4, atol=1e-4)
+    assert dataset.decode(0, tokenizer).shape[-2:] == bucket
+
+
+def test_bucket_sampler_epochs_reshuffle_and_drop_last(bucket_job):
+    """set_epoch reshuffles (every row still once); drop_last keeps only full batches."""
+    dataset = LatentDataset(bucket_job)
+    sampler = BucketBatchSampler(dataset, batch_size=4, seed=0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert first != second
+    assert sorted(i for b in first for i in b) == sorted(i for b in second for i in b) == list(range(40))
+    full = BucketBatchSampler(dataset, batch_size=4, drop_last=True)
+    per_bucket = [len(indices) for indices in full.buckets.values()]
+    assert all(len(b) == 4 for b in full) and len(list(full)) == len(full) == sum(n // 4 for n in per_bucket)

@@ -4,19 +4,22 @@ A shard row holds one latent file (``Latents.to_bytes``: safetensors bytes whose
 to decode it back exactly) plus its source metadata. The schema (ROW_SCHEMA) and file names live
 here, the reader's side, and ``serving.batch`` writes them; docs/batch.md describes the columns.
 Error rows (``error`` set, no latents) are kept out of the dataset and listed by
-:meth:`LatentDataset.errors`.
+:meth:`LatentDataset.errors`. :class:`BucketBatchSampler` batches rows of one latent shape (one
+``--crop`` bucket), so a DataLoader can stack them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.latents import Latents, latents_from_bytes
@@ -44,6 +47,10 @@ ROW_SCHEMA = pa.schema(
         ("original_height", pa.int32()),  # decoded size, before any --resize
         ("original_width", pa.int32()),
         ("original_frames", pa.int32()),  # frames decoded from the whole video
+        ("bucket_height", pa.int32()),  # --crop: the size the item was cropped to; null otherwise
+        ("bucket_width", pa.int32()),
+        ("crop_top", pa.int32()),  # --crop: the window's corner in the item resized to cover the bucket
+        ("crop_left", pa.int32()),
         ("latents", pa.binary()),  # a complete latent file (Latents.to_bytes); null on error
         ("shape", pa.list_(pa.int64())),  # of the stored latent tensor: (1, C, h, w) / (1, C, t, h, w)
         ("dtype", pa.string()),
@@ -82,8 +89,10 @@ class LatentDataset(Dataset):
         self._index: list[tuple[int, int]] = []  # dataset index -> (shard, row in shard)
         self._errors: list[dict] = []
         for shard, path in enumerate(self.shards):
-            table = pq.read_table(path, columns=METADATA_COLUMNS)
-            for row_number, row in enumerate(table.to_pylist()):
+            present = set(pq.read_schema(path).names)  # shards written before a column existed lack it
+            table = pq.read_table(path, columns=[c for c in METADATA_COLUMNS if c in present])
+            for row_number, read in enumerate(table.to_pylist()):
+                row = {**dict.fromkeys(METADATA_COLUMNS), **read}
                 if row["normalization"] is not None:
                     row["normalization"] = json.loads(row["normalization"])
                 if row["error"] is None:
@@ -157,3 +166,57 @@ class LatentDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"LatentDataset({str(self.root)!r}, rows={len(self)}, errors={len(self._errors)})"
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices whose latents have one shape (one ``--crop`` bucket, or one resized
+    size), so that ``LatentDataset.collate`` can stack them::
+
+        sampler = BucketBatchSampler(dataset, batch_size=16)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=LatentDataset.collate)
+
+    With ``shuffle`` every epoch shuffles the rows within each shape and then the order of all
+    batches, from ``seed`` and the epoch (:meth:`set_epoch`), so an epoch mixes buckets while each
+    batch stacks. ``drop_last`` drops each shape's short last batch.
+    """
+
+    def __init__(
+        self,
+        dataset: LatentDataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}", param="batch_size")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+        self.buckets: dict[tuple[int, ...], list[int]] = {}  # latent shape -> dataset indices
+        for index in range(len(dataset)):
+            self.buckets.setdefault(tuple(dataset.metadata(index)["shape"]), []).append(index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for indices in self.buckets.values():
+            if self.shuffle:
+                indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        yield from batches
+
+    def __len__(self) -> int:
+        rounding = math.floor if self.drop_last else math.ceil
+        return sum(rounding(len(indices) / self.batch_size) for indices in self.buckets.values())

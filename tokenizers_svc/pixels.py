@@ -8,6 +8,7 @@ metrics assume); resizing is antialiased, bicubic unless a caller names another 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -18,6 +19,9 @@ from tokenizers_svc.errors import DTypeMismatchError, InvalidRequestError
 ResizePolicy = Literal["none", "shorter-side", "fit"]
 RESIZE_POLICIES: tuple[str, ...] = ("none", "shorter-side", "fit")
 ResizeMode = Literal["bicubic", "bilinear"]
+CROP_MODES: tuple[str, ...] = ("none", "center", "random")
+# Aspect-ratio buckets (width:height): landscape, square and portrait photos and video frames.
+ASPECT_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
 PIXEL_RANGE_TOLERANCE = 1e-3  # float pixels may exceed [-1, 1] by rounding error only
 
 
@@ -108,6 +112,42 @@ def center_crop(pixels: torch.Tensor, resolution: int, mode: ResizeMode = "bicub
     h, w = pixels.shape[-2:]
     top, left = (h - resolution) // 2, (w - resolution) // 2
     return pixels[..., top : top + resolution, left : left + resolution]
+
+
+def bucket_sizes(
+    resolution: int, multiple: int, ratios: tuple[tuple[int, int], ...] = ASPECT_RATIOS
+) -> tuple[tuple[int, int], ...]:
+    """(H, W) per aspect ratio (width:height) with about ``resolution**2`` pixels, both sides
+    multiples of ``multiple`` (so every bucket is one latent shape), duplicates dropped."""
+    sizes: dict[tuple[int, int], None] = {}
+    for ratio_w, ratio_h in ratios:
+        aspect = math.sqrt(ratio_w / ratio_h)
+        height = max(multiple, round(resolution / aspect / multiple) * multiple)
+        width = max(multiple, round(resolution * aspect / multiple) * multiple)
+        sizes[(height, width)] = None
+    return tuple(sizes)
+
+
+def nearest_bucket(height: int, width: int, buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest to ``width / height`` (in log space; ties: the first)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda size: abs(math.log(size[1] / size[0]) - aspect))
+
+
+def cover_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (H', W') with the aspect ratio of (height, width) that covers ``size``."""
+    scale = max(size[0] / height, size[1] / width)
+    return max(size[0], round(height * scale)), max(size[1], round(width * scale))
+
+
+def resize_crop(
+    pixels: torch.Tensor, cover: tuple[int, int], size: tuple[int, int], top: int, left: int
+) -> torch.Tensor:
+    """float (..., H, W) -> resized to ``cover`` (antialiased bicubic), then the ``size`` window at
+    (top, left) of the resized frame: one crop for every frame of a clip."""
+    if tuple(pixels.shape[-2:]) != tuple(cover):
+        pixels = _interpolate(pixels, cover, "bicubic").clamp(-1, 1)
+    return pixels[..., top : top + size[0], left : left + size[1]]
 
 
 def pad_spatial(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ from serving.batch.stages import EncodeWorker, prepare_row, write_shard
 from tokenizers_svc.datasets import MANIFEST_FILE, SHARD_PREFIX
 from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
-from tokenizers_svc.pixels import RESIZE_POLICIES
+from tokenizers_svc.pixels import CROP_MODES, RESIZE_POLICIES
 
 MAX_INPUT_BLOCKS = 1000  # one CPU task per block of inputs; enough blocks to keep a cluster busy
 
@@ -60,7 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
         "is a video, else the shipped image tokenizer)",
     )
     p.add_argument("--resize", choices=RESIZE_POLICIES, default="none", help="explicit resize policy")
-    p.add_argument("--resolution", type=int, default=None, help="target size for --resize")
+    p.add_argument("--resolution", type=int, default=None, help="target size for --resize and --crop")
+    p.add_argument(
+        "--crop",
+        choices=CROP_MODES,
+        default="none",
+        help="fixed-size latents for training: resize each item to cover RESOLUTIONxRESOLUTION (or its "
+        "aspect bucket) and crop the center or a random window (seeded by the row id, so reruns agree)",
+    )
+    p.add_argument(
+        "--aspect-buckets",
+        action="store_true",
+        help="with --crop: crop each item to the nearest of a few aspect ratios (1:1, 4:3, 3:4, 3:2, 2:3, "
+        "16:9, 9:16) of about RESOLUTION^2 pixels instead of a square; the bucket is recorded per row",
+    )
     p.add_argument(
         "--no-normalize",
         dest="normalize",

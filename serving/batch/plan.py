@@ -22,6 +22,7 @@ from tokenizers_svc.formats import is_media_file
 from tokenizers_svc.limits import Limits
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.pipeline import EncodeOptions
+from tokenizers_svc.pixels import bucket_sizes
 from tokenizers_svc.spec import FrameRule
 
 DEFAULT_CLIP_FRAMES = 16  # rounded up to the model's frame rule (17 for 1 + 4k / 1 + 8k models)
@@ -42,18 +43,23 @@ class JobPlan:
     device: str
     dtype: str
     limits: Limits = field(default_factory=Limits)  # per input; not in key(): it changes no latents
+    crop: str = "none"  # none | center | random: each item resized to cover its crop size, then cropped
+    crop_sizes: tuple[tuple[int, int], ...] = ()  # (H, W): one fixed size, or the aspect-ratio buckets
 
     def key(self) -> dict:
         """What determines a row's latents; part of every id and of job.json."""
         options = asdict(self.options)
         options.pop("tiling")
-        return {
+        key = {
             "model": self.model_name,
             "weights_hash": self.weights_hash,
             "options": options,
             "clip_frames": self.clip_frames,
             "dtype": self.dtype,
         }
+        if self.crop != "none":  # absent otherwise, so directories written before --crop still resume
+            key["crop"] = {"mode": self.crop, "sizes": [list(size) for size in self.crop_sizes]}
+        return key
 
 
 def digest(value: object) -> str:
@@ -157,6 +163,14 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}", param=name)
     if args.resize != "none" and args.resolution is None:
         raise ConfigError(f"--resize {args.resize} needs --resolution", param="resolution")
+    if args.crop != "none" and (args.resolution is None or args.resize != "none"):
+        raise ConfigError(
+            f"--crop {args.crop} needs --resolution and no --resize (the crop resizes each item to cover "
+            "its crop size)",
+            param="crop",
+        )
+    if args.aspect_buckets and args.crop == "none":
+        raise ConfigError("--aspect-buckets needs --crop center or --crop random", param="aspect_buckets")
     if args.seed is not None and not args.sample:
         raise ConfigError("--seed only applies with --sample", param="seed")
     tokenizer = load_tokenizer(args.model, device="cpu")
@@ -175,6 +189,10 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
             f"nearest valid: {lower} or {rule.padded_frames(clip_frames)}",
             param="clip_frames",
         )
+    if args.aspect_buckets:
+        crop_sizes = bucket_sizes(args.resolution, spec.multiple)
+    else:
+        crop_sizes = ((args.resolution, args.resolution),) if args.crop != "none" else ()
     return JobPlan(
         model=args.model,
         model_name=spec.name,
@@ -186,4 +204,6 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
         device=device,
         dtype=dtype,
         limits=Limits().with_settings(args.set_limit),
+        crop=args.crop,
+        crop_sizes=crop_sizes,
     )

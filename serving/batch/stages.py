@@ -2,8 +2,8 @@
 
 1. :func:`prepare_row` (CPU tasks): read the input's bytes once, hash and sniff them once, decode,
    cut video clips; rows carry uint8 pixels as decoded.
-2. :class:`EncodeWorker` (an actor pool, one model each): apply the plan's resize, encode rows of
-   the same resized shape in one call (``pipeline.run_in_groups``: a failing group is retried item
+2. :class:`EncodeWorker` (an actor pool, one model each): apply the plan's resize or crop, encode
+   rows of the same resulting shape in one call (``pipeline.run_in_groups``: a failing group is retried item
    by item, as in the server), fill the latent file.
 3. :func:`write_shard` (CPU tasks): one Parquet shard per block, written atomically.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,14 @@ from tokenizers_svc.datasets import ROW_SCHEMA, SHARD_PREFIX, SHARD_SUFFIX
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import encode_stacked, load_media, run_in_groups
-from tokenizers_svc.pixels import policy_size, resize_pixels, to_float_pixels
+from tokenizers_svc.pixels import (
+    cover_size,
+    nearest_bucket,
+    policy_size,
+    resize_crop,
+    resize_pixels,
+    to_float_pixels,
+)
 
 # Between the CPU and the encoder stage: pixels as raw C-order bytes, shape (1, 3, H, W) or
 # (1, 3, T, H, W), uint8 [0, 255] as decoded (float32 [-1, 1] is accepted too, for pixels made
@@ -157,6 +165,9 @@ class EncodeWorker:
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()  # PREPARED_SCHEMA's columns
         pending = [i for i, row in enumerate(rows) if row["error"] is None]
+        if self.plan.crop != "none":
+            for i in pending:
+                rows[i].update(self._crop_window(rows[i]))
         results = run_in_groups(
             pending, lambda i: self._group_key(rows[i], i), lambda group: self._encode(rows, group)
         )
@@ -166,18 +177,39 @@ class EncodeWorker:
             )
         return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA).select(ROW_SCHEMA.names)
 
+    def _crop_window(self, row: dict) -> dict:
+        """The row's bucket (its crop size) and where the crop sits in the item resized to cover it
+        (SDXL's crop coordinates): the center, or a window drawn from the row id, so a rerun agrees."""
+        *_, height, width = row["pixel_shape"]
+        size = nearest_bucket(height, width, self.plan.crop_sizes)
+        cover = cover_size(height, width, size)
+        draw = random.Random(row["id"])
+        fy, fx = (0.5, 0.5) if self.plan.crop == "center" else (draw.random(), draw.random())
+        return {
+            "bucket_height": size[0],
+            "bucket_width": size[1],
+            "crop_top": round((cover[0] - size[0]) * fy),
+            "crop_left": round((cover[1] - size[1]) * fx),
+        }
+
     def _group_key(self, row: dict, index: int) -> tuple:
-        """Rows that stack: the same shape after the resize. Sampling is seeded per item, so sampled
-        items go one by one."""
+        """Rows that stack: the same shape after the resize or crop. Sampling is seeded per item, so
+        sampled items go one by one."""
         *lead, height, width = row["pixel_shape"]
-        if self.plan.options.resize != "none":
+        if self.plan.crop != "none":
+            height, width = row["bucket_height"], row["bucket_width"]
+        elif self.plan.options.resize != "none":
             height, width = policy_size(height, width, self.plan.options.resize, self.plan.options.resolution)
         return (*lead, height, width, index) if self.options.sample else (*lead, height, width)
 
     def _model_input(self, row: dict) -> torch.Tensor:
-        """(1, 3, [T,] H', W') float [-1, 1] after the plan's resize; validated by the Tokenizer."""
+        """(1, 3, [T,] H', W') float [-1, 1] after the plan's resize or crop; validated by the Tokenizer."""
         pixels = _pixels(row)
         pixels = to_float_pixels(pixels) if pixels.dtype == torch.uint8 else pixels
+        if self.plan.crop != "none":
+            size = (row["bucket_height"], row["bucket_width"])
+            cover = cover_size(*pixels.shape[-2:], size)
+            return resize_crop(pixels, cover, size, row["crop_top"], row["crop_left"])
         return resize_pixels(pixels, self.plan.options.resize, self.plan.options.resolution)
 
     def _encode(self, rows: list[dict], group: list[int]) -> list[dict]:
