@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,9 +212,10 @@ def test_bad_arguments_are_config_errors(image_folder, tmp_path, capsys):
     assert "unsupported_model" in capsys.readouterr().err
 
 
-def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp_path):
+def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp_path, capsys):
     """A Parquet manifest (paths relative to it) naming a missing file; --limit stops after N
-    pending inputs; the rerun encodes exactly the rest plus a file added to the listing since."""
+    pending inputs; the rerun encodes exactly the rest plus a file added to the listing since. The
+    driver reports rows done of the pending total with a rate (a plain line: stderr is no terminal)."""
     folder, _ = image_folder
     relative = Path(os.path.relpath(folder, tmp_path))
     paths = [str(relative / name) for name in PHOTOS[1:3]] + ["gone.jpg"]
@@ -221,6 +223,7 @@ def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp
     out = tmp_path / "out"
     argv = ["--input", tmp_path / "list.parquet", "--output", out, "--model", IMAGE_MODEL, *RESIZE]
     assert _run([*argv, "--limit", "2"]) == 0
+    assert re.search(r"^batch-encode: 2/2 rows \(100%\), [\d.]+ row/s", capsys.readouterr().err, re.M)
     first = json.loads((out / "manifest.json").read_text())
     assert not first["complete"] and len(first["missing"]) == 1 and len(_rows(out)) == 2
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from tokenizers_svc import media
 from tokenizers_svc.cli import _delegate, app
 from tokenizers_svc.latents import load_latents
 from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.progress import Progress
 from tokenizers_svc.registry import list_presets
 
 runner = CliRunner()
@@ -106,6 +109,50 @@ def test_multi_file_with_one_failure(photos, tmp_path):
     assert result.exit_code == 1
     assert "broken.png: invalid_media" in result.stderr and "1 of 3 inputs failed" in result.stderr
     assert sorted(p.name for p in out_dir.iterdir()) == ["astronaut.safetensors", "coffee.safetensors"]
+    assert re.search(
+        r"encode: 3/3 files \(100%\), [\d.]+ file/s, ETA 0 s", result.stderr
+    )  # not a TTY: a line
+
+
+def test_long_video_shows_progress_per_chunk_in_logs(shared_data, tmp_path):
+    """A clip encoded and decoded in temporal chunks reports chunks done, rate and ETA on stderr as
+    plain lines (the runner's stderr is not a terminal, as in a log)."""
+    clip, latents, back = (
+        shared_data / "videos" / "carphone_pristine.mp4",
+        tmp_path / "c.st",
+        tmp_path / "c.mp4",
+    )
+    args = [
+        "-m",
+        "video-vae-tiny",
+        "--max-frames",
+        "25",
+        "--chunk-frames",
+        "9",
+    ]  # 6 latent groups, 2 per chunk
+    encoded = runner.invoke(app, ["encode", str(clip), "-o", str(latents), *args])
+    assert encoded.exit_code == 0, encoded.output
+    assert re.search(
+        r"^encode carphone_pristine.mp4: (\d+)/\1 chunks \(100%\), [\d.]+ chunk/s", encoded.stderr, re.M
+    )
+    decoded = runner.invoke(app, ["decode", str(latents), "-o", str(back)])
+    assert decoded.exit_code == 0, decoded.output
+    assert "decode c.st" not in decoded.stderr  # decoding uses the default chunking: one pass here
+
+
+def test_progress_lines_count_rate_and_eta():
+    """Outside a terminal: a line at most every interval and one when done, with count, rate, ETA."""
+    stream = io.StringIO()
+    progress = Progress("eval", 4, "item", stream=stream, interval_s=0)
+    progress.started -= 10  # as if 10 s had passed
+    progress.update(2)
+    progress.update(2)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("eval: 2/4 items (50%), 0.20 item/s, ETA 10 s")
+    assert lines[1].startswith("eval: 4/4 items (100%)")
+    unknown = Progress("batch-encode", None, "row", stream=stream, interval_s=3600)
+    unknown.update(5)  # within the interval and no total: silent
+    assert stream.getvalue().count("\n") == 2 and "5 rows" in unknown.line()
 
 
 def test_directory_input_and_name_collisions(photos, tmp_path):

@@ -17,7 +17,7 @@ from tokenizers_svc.families.base import Backend
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.pixels import ResizePolicy, pad_spatial, resize_pixels, to_float_pixels, to_uint8_pixels
 from tokenizers_svc.spec import TokenizerSpec
-from tokenizers_svc.tiling import TilingOptions
+from tokenizers_svc.tiling import ChunkCallback, TilingOptions
 from tokenizers_svc.tiling import decode as tiled_decode
 from tokenizers_svc.tiling import encode as tiled_encode
 
@@ -136,11 +136,13 @@ class Tokenizer:
         generator: torch.Generator | None = None,
         fps: float | None = None,
         source_sha256: str | None = None,
+        on_chunk: ChunkCallback | None = None,
     ) -> Latents:
         """pixels -> Latents. ``sample`` draws from the posterior (KL models); default is its mode.
 
         ``normalize=True`` gives diffusion-ready latents (the spec's normalization applied),
-        ``False`` raw latents; the choice is recorded in the result.
+        ``False`` raw latents; the choice is recorded in the result. ``on_chunk(done, total)``
+        follows the temporal chunks of a long clip.
         """
         if return_posterior and not self.spec.is_kl:
             raise InvalidRequestError(
@@ -149,7 +151,7 @@ class Tokenizer:
         prepared = self.prepare(pixels, resize=resize, resolution=resolution)
         x = prepared.pixels.to(device=self.backend.device, dtype=self.backend.dtype)
         with self._eval_mode():
-            mean, logvar = tiled_encode(self.backend, x, tiling or TilingOptions())
+            mean, logvar = tiled_encode(self.backend, x, tiling or TilingOptions(), on_chunk)
         mean = mean.float()
         logvar = None if logvar is None else logvar.float()
         z = mean
@@ -183,11 +185,13 @@ class Tokenizer:
         normalized: bool | None = None,
         tiling: TilingOptions | None = None,
         output_dtype: torch.dtype = torch.float32,
+        on_chunk: ChunkCallback | None = None,
     ) -> torch.Tensor:
         """Latents -> pixels (N, C, H, W) / (N, C, T, H, W), cropped to the original size.
 
         Bare tensors carry no metadata, so ``normalized`` must say which space they are in, and no
         crop is applied. ``output_dtype``: float32 gives [-1, 1], uint8 gives [0, 255].
+        ``on_chunk(done, total)`` follows the temporal chunks of a long clip.
         """
         if isinstance(latents, Latents):
             validate_for(latents, self.spec, weights_hash=self.weights_hash)
@@ -203,7 +207,7 @@ class Tokenizer:
             crop = None
         z = raw.to(device=self.backend.device, dtype=self.backend.dtype)
         with self._eval_mode():
-            x = tiled_decode(self.backend, z, tiling or TilingOptions()).float().clamp(-1, 1)
+            x = tiled_decode(self.backend, z, tiling or TilingOptions(), on_chunk).float().clamp(-1, 1)
         if crop is not None:
             h, w = crop.original_size
             x = x[..., :h, :w]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -283,6 +282,30 @@ SET_LIMIT_HELP = (
 # ---------------------------------------------------------------------------------------------- encode
 
 
+class _ChunkProgress:
+    """Progress over one video's temporal chunks (``on_chunk``), shown once a clip has several."""
+
+    def __init__(self, desc: str, nested: bool = False) -> None:
+        self.desc, self.nested = desc, nested
+        self.progress = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tokenizers_svc.progress import Progress
+
+        if total < 2:
+            return
+        if self.progress is None:
+            self.progress = Progress(self.desc, total, "chunk", nested=self.nested)
+        self.progress.update(done - self.progress.done)
+
+    def __enter__(self) -> _ChunkProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
 def _expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given; a directory contributes its media files (by suffix, sorted, not recursive)."""
     from tokenizers_svc.formats import is_media_file
@@ -350,11 +373,14 @@ def encode(
     set_limit: list[str] | None = typer.Option(None, "--set-limit", help=SET_LIMIT_HELP),
 ) -> None:
     """Encode images/videos to latent files, under the server's limits. Failures are reported per
-    file; the exit code is 1 if any failed."""
-    from tqdm import tqdm
+    file; the exit code is 1 if any failed.
 
+    Progress (stderr): per file when there are several, per temporal chunk for long videos; a bar
+    on a terminal, a line every 10 s otherwise.
+    """
     from tokenizers_svc.defaults import default_model_for
     from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
+    from tokenizers_svc.progress import Progress
 
     files = _expand_inputs(inputs)
     if not files:
@@ -387,27 +413,24 @@ def encode(
     except TokenizerError as exc:
         raise _fail(exc) from None
     failures = 0
-    progress = tqdm(
-        list(zip(files, targets, strict=True)),
-        desc="encode",
-        unit="file",
-        disable=len(files) == 1,
-        file=sys.stderr,
-    )
-    for source, target in progress:
-        try:
-            latents = encode_media(tokenizer, load_media(_read(source), limits, options), options)
-            latents.save(target)
-        except TokenizerError as exc:
-            failures += 1
-            tqdm.write(f"error: {source}: {exc.type}: {exc.message}", file=sys.stderr)
-            continue
-        except OSError as exc:
-            failures += 1
-            tqdm.write(f"error: {source}: cannot write {target}: {exc.strerror}", file=sys.stderr)
-            continue
-        if len(files) == 1:
-            typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
+    with Progress("encode", len(files), "file", quiet=len(files) == 1) as progress:
+        for source, target in zip(files, targets, strict=True):
+            with _ChunkProgress(f"encode {source.name}", nested=len(files) > 1) as chunks:
+                try:
+                    latents = encode_media(
+                        tokenizer, load_media(_read(source), limits, options), options, chunks
+                    )
+                    latents.save(target)
+                except TokenizerError as exc:
+                    failures += 1
+                    progress.write(f"error: {source}: {exc.type}: {exc.message}")
+                except OSError as exc:
+                    failures += 1
+                    progress.write(f"error: {source}: cannot write {target}: {exc.strerror}")
+                else:
+                    if len(files) == 1:
+                        typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
+            progress.update()
     if failures:
         if len(files) > 1:  # one input: its own error line says it all
             typer.echo(f"error: {failures} of {len(files)} inputs failed", err=True)
@@ -453,15 +476,17 @@ def decode(
         output_media_type(out.suffix or "(no suffix)")
         latents = latents_from_bytes(_read(latents_file))
         tokenizer = _load(model or latents.tokenizer, device, dtype)
-        data, media_type = decode_to_media(
-            tokenizer,
-            latents,
-            out.suffix.lstrip("."),
-            fps=fps,
-            tiling=tiling_options(enabled=False if no_tiling else None),
-            quality=quality,
-            limits=_limits(set_limit),
-        )
+        with _ChunkProgress(f"decode {latents_file.name}") as chunks:
+            data, media_type = decode_to_media(
+                tokenizer,
+                latents,
+                out.suffix.lstrip("."),
+                fps=fps,
+                tiling=tiling_options(enabled=False if no_tiling else None),
+                quality=quality,
+                limits=_limits(set_limit),
+                on_chunk=chunks,
+            )
         _make_directory(out.parent)
         _write(out, data)
     except TokenizerError as exc:

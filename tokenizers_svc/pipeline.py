@@ -23,7 +23,7 @@ from tokenizers_svc.formats import VIDEO_MEDIA_TYPE, output_media_type
 from tokenizers_svc.latents import Latents
 from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
 from tokenizers_svc.media import MediaKind
-from tokenizers_svc.tiling import TilingOptions, tiling_options
+from tokenizers_svc.tiling import ChunkCallback, TilingOptions, tiling_options
 
 if TYPE_CHECKING:
     from tokenizers_svc.api import Tokenizer
@@ -162,12 +162,15 @@ def check_encode_cost(pixel_shape: tuple[int, ...], options: EncodeOptions, limi
 
 
 def encode_media(
-    tokenizer: Tokenizer, media_input: MediaInput, options: EncodeOptions = EncodeOptions()
+    tokenizer: Tokenizer,
+    media_input: MediaInput,
+    options: EncodeOptions = EncodeOptions(),
+    on_chunk: ChunkCallback | None = None,
 ) -> Latents:
     """:class:`MediaInput` -> :class:`Latents` with fps and the source hash recorded.
 
     An image-only tokenizer refuses videos (InvalidRequestError); video tokenizers take images as
-    one-frame clips.
+    one-frame clips. ``on_chunk(done, total)`` follows the temporal chunks of a long clip.
     """
     spec = tokenizer.spec
     if media_input.kind == "video" and spec.modality == "image":
@@ -190,6 +193,7 @@ def encode_media(
         generator=generator,
         fps=media_input.fps,
         source_sha256=media_input.sha256,
+        on_chunk=on_chunk,
     )
 
 
@@ -247,6 +251,7 @@ def decode_to_media(
     tiling: TilingOptions | None = None,
     quality: int = DecodeOptions.quality,
     limits: Limits = Limits(),
+    on_chunk: ChunkCallback | None = None,
 ) -> tuple[bytes, str]:
     """One item of :class:`Latents` -> (encoded bytes, media type), cropped to the original size.
 
@@ -265,7 +270,7 @@ def decode_to_media(
             param="latents",
         )
     check_output_format(format, is_video=latents.layout == "NCTHW", frames=latents.original_frames)
-    pixels = tokenizer.decode(latents, tiling=tiling, output_dtype=torch.uint8)  # (1, 3, [T,] H, W)
+    pixels = tokenizer.decode(latents, tiling=tiling, output_dtype=torch.uint8, on_chunk=on_chunk)
     return pixels_to_media(pixels, format, fps if fps is not None else latents.fps, quality)
 
 

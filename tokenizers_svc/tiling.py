@@ -60,6 +60,8 @@ from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.families.base import Backend
 from tokenizers_svc.spec import TokenizerSpec
 
+ChunkCallback = Callable[[int, int], None]  # (temporal chunks done, chunks in all): progress of long clips
+
 Moments = tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -166,9 +168,16 @@ class _Job(NamedTuple):
     weight: torch.Tensor
 
 
-def _blend(fn: Callable[[torch.Tensor], tuple], x: torch.Tensor, jobs: list[_Job], sizes: tuple) -> tuple:
+def _blend(
+    fn: Callable[[torch.Tensor], tuple],
+    x: torch.Tensor,
+    jobs: list[_Job],
+    sizes: tuple,
+    on_job: ChunkCallback | None = None,
+) -> tuple:
     """Run ``fn`` on each job's slice of ``x`` and blend the outputs (a tuple of tensors or None)
-    into full-size float32 tensors; ``sizes`` are the output's trailing sizes (None: as the tile's)."""
+    into full-size float32 tensors; ``sizes`` are the output's trailing sizes (None: as the tile's).
+    ``on_job(done, total)`` is called after each job."""
     outputs: list[torch.Tensor | None] = []
     total = torch.zeros(0)
     for n, job in enumerate(jobs):
@@ -190,6 +199,8 @@ def _blend(fn: Callable[[torch.Tensor], tuple], x: torch.Tensor, jobs: list[_Job
             if out is not None:
                 out[(..., *job.target)] += piece.float() * weight
         total[job.target] += weight
+        if on_job is not None:
+            on_job(n + 1, len(jobs))
     return tuple(None if out is None else out / total for out in outputs)
 
 
@@ -259,9 +270,10 @@ def _run(
     enabled: bool | None,
     encoding: bool,
     chunk_time: bool,
+    on_chunk: ChunkCallback | None = None,
 ) -> tuple:
     """Temporal chunks (5-D input, when ``chunk_time``) of spatial tiles of ``fn``; pass-through
-    when nothing to split."""
+    when nothing to split. ``on_chunk(done, total)`` follows the temporal chunks."""
     checkpoint()
     if enabled is False:
         return fn(x)
@@ -278,11 +290,13 @@ def _run(
         groups = _groups(x.shape[2], grid, encoding)
         if groups > 0 and (enabled or groups > grid.chunk):
             jobs, frames = _temporal_jobs(groups, grid, encoding)
-            return _blend(spatial, x, jobs, (frames, None, None))
+            return _blend(spatial, x, jobs, (frames, None, None), on_chunk)
     return spatial(x)
 
 
-def encode(backend: Backend, x: torch.Tensor, options: TilingOptions) -> Moments:
+def encode(
+    backend: Backend, x: torch.Tensor, options: TilingOptions, on_chunk: ChunkCallback | None = None
+) -> Moments:
     """x: padded pixels (N, C, H, W) / (N, C, T, H, W) float [-1, 1] -> raw (mean, logvar|None).
 
     Tiled/chunked outputs are float32; a pass-through keeps the backend's dtype."""
@@ -291,18 +305,20 @@ def encode(backend: Backend, x: torch.Tensor, options: TilingOptions) -> Moments
     def encode_tile(chunk: torch.Tensor) -> Moments:
         return tuple(backend.encode_moments(chunk))
 
-    mean, logvar = _run(encode_tile, x, grid, options.enabled, True, _chunks_time(backend))
+    mean, logvar = _run(encode_tile, x, grid, options.enabled, True, _chunks_time(backend), on_chunk)
     return mean, logvar
 
 
-def decode(backend: Backend, z: torch.Tensor, options: TilingOptions) -> torch.Tensor:
+def decode(
+    backend: Backend, z: torch.Tensor, options: TilingOptions, on_chunk: ChunkCallback | None = None
+) -> torch.Tensor:
     """z: raw latents (N, c, h, w) / (N, c, t, h, w) -> padded pixels float, nominally [-1, 1]."""
     grid = _Grid.build(backend.spec, options)
 
     def decode_tile(chunk: torch.Tensor) -> tuple[torch.Tensor]:
         return (backend.decode_latents(chunk),)
 
-    (pixels,) = _run(decode_tile, z, grid, options.enabled, False, _chunks_time(backend))
+    (pixels,) = _run(decode_tile, z, grid, options.enabled, False, _chunks_time(backend), on_chunk)
     return pixels
 
 

@@ -39,7 +39,9 @@ from serving.batch.stages import EncodeWorker, prepare_row, write_shard
 from tokenizers_svc.datasets import MANIFEST_FILE, SHARD_PREFIX
 from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
+from tokenizers_svc.formats import is_video_file
 from tokenizers_svc.pixels import CROP_MODES, RESIZE_POLICIES
+from tokenizers_svc.progress import Progress as ProgressLog  # output.Progress: what the shards hold
 
 MAX_INPUT_BLOCKS = 1000  # one CPU task per block of inputs; enough blocks to keep a cluster busy
 
@@ -195,7 +197,9 @@ def _claim(output: Path, plan: JobPlan) -> str:
 def _encode(
     pending: list[dict], plan: JobPlan, args: argparse.Namespace, gpus: float, output: Path, run_id: str
 ) -> list[dict]:
-    """The Ray Data pipeline over ``pending`` inputs -> one summary row per shard written."""
+    """The Ray Data pipeline over ``pending`` inputs -> one summary row per shard written. Progress
+    counts rows as shards land: of the pending inputs when all are images (one row each), else
+    (clips) without a total."""
     import ray
 
     worker_cpus, task_cpus = _fit_workers(args.workers, args.cpus_per_worker)
@@ -219,7 +223,13 @@ def _encode(
         batch_format="pyarrow",
         num_cpus=task_cpus,
     )
-    return list(ds.iter_rows())
+    total = None if any(is_video_file(item["path"]) for item in pending) else len(pending)
+    summaries = []
+    with ProgressLog("batch-encode", total, "row") as progress:
+        for summary in ds.iter_rows():
+            summaries.append(summary)
+            progress.update(summary["ok"] + summary["errors"])
+    return summaries
 
 
 def _manifest(
