@@ -1,6 +1,8 @@
 # The two commands the README names: `make serve` and `make test`. Both install into .venv first.
 # CPU machines get the local CPU build of torch; on GPU machines set TORCH_SPEC (e.g. TORCH_SPEC=torch).
+# `make serve PORT=8300` serves on another port (default: serving/config.yaml's http_options.port, 8000).
 VENV ?= .venv
+PORT ?=
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: install
-	$(BIN)/tokenizers-svc serve
+	$(BIN)/tokenizers-svc serve $(if $(PORT),--port $(PORT))
 
 test: install lint
 	$(BIN)/python -m pytest -q

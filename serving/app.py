@@ -19,6 +19,7 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
+from serving.cluster import init_ray
 from serving.routes import Ingress
 from serving.schemas import ModelConfig, ServiceConfig, parse_config
 from serving.worker import TokenizerWorker
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except TokenizerError as error:
         return print_error(error)
     port = args.port or int(loaded["http_options"].get("port", 8000))
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        init_ray(num_cpus=args.num_cpus, include_dashboard=False)
+    except TokenizerError as error:
+        return print_error(error)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="tokenizers", route_prefix="/", blocking=False)
     print(f"tokenizers-svc listening on http://127.0.0.1:{port} (docs at /docs); Ctrl-C to stop", flush=True)

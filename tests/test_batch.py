@@ -212,6 +212,31 @@ def test_bad_arguments_are_config_errors(image_folder, tmp_path, capsys):
     assert "unsupported_model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # Ray retries for about 20 s before it gives up
+def test_cluster_with_token_auth_refuses_a_client_without_it_clearly(image_folder, tmp_path):
+    """This test's Ray uses token authentication (Ray's default); a job pointed at its address with
+    token mode off (as when RAY_ADDRESS is exported without RAY_AUTH_MODE=token) is refused, and says
+    what to export instead of printing Ray's traceback."""
+    folder, _ = image_folder
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    argv = ["--input", folder, "--output", tmp_path / "out", "--model", IMAGE_MODEL]
+    job = subprocess.run(
+        [sys.executable, "-m", "serving.batch", *map(str, argv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 1, job.stderr
+    last = job.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: config_error: the Ray cluster refused this client")
+        and "InvalidAuthToken" in last
+    )
+    assert "export RAY_AUTH_MODE=token" in last and "Traceback" not in job.stderr
+
+
 def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp_path, capsys):
     """A Parquet manifest (paths relative to it) naming a missing file; --limit stops after N
     pending inputs; the rerun encodes exactly the rest plus a file added to the listing since. The

@@ -36,6 +36,7 @@ from serving.batch.output import (
 )
 from serving.batch.plan import DTYPES, JobPlan, list_inputs, make_plan, path_text
 from serving.batch.stages import EncodeWorker, prepare_row, write_shard
+from serving.cluster import init_ray
 from tokenizers_svc.datasets import MANIFEST_FILE, SHARD_PREFIX
 from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
@@ -291,7 +292,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         args.model = default_model_for(inputs)
     plan = make_plan(args, device="cpu")
     if not ray.is_initialized():
-        ray.init(address=args.address)
+        init_ray(address=args.address)
     gpus = _gpus_per_worker(args.num_gpus_per_worker)
     plan = replace(plan, device="cuda" if gpus > 0 else "cpu")
     output = Path(args.output).resolve()
