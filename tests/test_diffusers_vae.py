@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from tokenizers_svc.errors import UnsupportedModelError
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.model_stats import meta_backend, preset_stats
 from tokenizers_svc.registry import get_preset
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -26,6 +35,40 @@ def test_published_architecture(name, params, channels, scale, shift):
 
 
 def test_hub_preset_without_local_weights_is_refused_not_random(tmp_path, monkeypatch):
+    """Offline, a hub preset fails at once (no retries), naming the places it looked; FLUX.1-dev
+    says that its repository is gated."""
     monkeypatch.setenv("TOKENIZERS_SVC_HOME", str(tmp_path))
-    with pytest.raises(UnsupportedModelError, match="weights"):
+    started = time.perf_counter()
+    with pytest.raises(UnsupportedModelError) as refused:
+        load_tokenizer("flux-vae")
+    message = refused.value.message
+    assert time.perf_counter() - started < 5
+    assert (
+        str(tmp_path / "weights" / "flux-vae") in message
+        and "models--black-forest-labs--FLUX.1-dev" in message
+    )
+    assert "HF_HUB_OFFLINE=1 forbids downloading" in message
+    assert "black-forest-labs/FLUX.1-dev is a gated repository" in message
+    with pytest.raises(UnsupportedModelError) as refused:
         load_tokenizer("sd-vae-ft-mse")
+    assert (
+        "models--stabilityai--sd-vae-ft-mse" in refused.value.message and "gated" not in refused.value.message
+    )
+
+
+def test_unreachable_hub_fails_fast_without_retries(tmp_path):
+    """Online mode with no route to the hub: one short probe, not the hub client's retries."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    env.update(TOKENIZERS_SVC_HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
+    code = "from tokenizers_svc.loading import load_tokenizer\nload_tokenizer('sd-vae-ft-mse')"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    load_seconds = time.perf_counter() - started
+    assert result.returncode == 1
+    assert f"the hub (http://127.0.0.1:{port}) cannot be reached" in result.stderr.splitlines()[-1]
+    assert load_seconds < 30  # start-up included; the hub client's retries alone took ~30 s

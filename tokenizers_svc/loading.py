@@ -9,7 +9,10 @@ written by ``save_pretrained``, plus an optional training card.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -23,9 +26,11 @@ from tokenizers_svc.registry import (
     local_weights_dir,
     model_class,
     read_class_name,
+    weights_candidates,
 )
 
 CARD_FILE = "card.json"  # written by training next to the exported weights; names the model
+HUB_PROBE_TIMEOUT_S = 3.0  # one TCP connect decides whether a download is worth trying
 
 
 def build_module(preset: Preset, seed: int = 0) -> torch.nn.Module:
@@ -108,17 +113,52 @@ def load_directory(path: Path, *, name: str, device, dtype) -> Tokenizer:
     return Tokenizer(backend_cls.from_module(module, name, directory_hash(path)), source=str(path))
 
 
+def hub_unreachable() -> str | None:
+    """Why a hub download cannot work right now (offline mode, or no connection to the endpoint
+    within a few seconds), else None: one probe instead of the hub client's retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 forbids downloading"
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"the hub ({constants.ENDPOINT}) cannot be reached ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def _missing_weights(preset: Preset, reason: str) -> UnsupportedModelError:
+    """Where the weights were looked for, why the hub did not help, and what to do."""
+    from huggingface_hub import constants
+
+    tried = [str(directory) for directory in weights_candidates(preset)]
+    tried.append(os.path.join(constants.HF_HUB_CACHE, f"models--{preset.source.replace('/', '--')}"))
+    gated = (
+        f"; {preset.source} is a gated repository: accept its license at https://huggingface.co/"
+        f"{preset.source} and log in (`huggingface-cli login` or HF_TOKEN) before downloading"
+        if preset.gated
+        else ""
+    )
+    return UnsupportedModelError(
+        f"weights for {preset.name!r} ({preset.source}) are not available locally (tried "
+        f"{', '.join(tried)}) and {reason}{gated}; download them and pass the directory, or place "
+        f"them in $TOKENIZERS_SVC_HOME/weights/{preset.name}",
+        param="model",
+    )
+
+
 def load_hub(preset: Preset, *, device, dtype) -> Tokenizer:
-    """Real hub loading path (``from_pretrained(hub_id)``); offline it fails with a clear message."""
+    """Real hub loading path (``from_pretrained(hub_id)``); when the hub cannot help it fails at
+    once, naming the local places that were tried."""
+    reason = hub_unreachable()
+    if reason is not None:
+        raise _missing_weights(preset, reason)
     try:
         module = model_class(preset.class_name).from_pretrained(preset.source, subfolder=preset.subfolder)
     except (OSError, ValueError) as exc:
-        raise UnsupportedModelError(
-            f"weights for {preset.name!r} ({preset.source}) are not available locally and could not be "
-            f"downloaded ({type(exc).__name__}); download them and pass the directory, or place them in "
-            f"$TOKENIZERS_SVC_HOME/weights/{preset.name}",
-            param="model",
-        ) from None
+        raise _missing_weights(preset, f"the download failed ({type(exc).__name__}: {exc})") from None
     place_module(module, device, dtype).eval()
     return Tokenizer(
         backend_for(preset.class_name).from_module(module, preset.name), source=preset.source or ""

@@ -91,15 +91,28 @@ def weights_home() -> Path:
     return Path(os.environ.get("TOKENIZERS_SVC_HOME", Path.home() / ".cache" / "tokenizers-svc")) / "weights"
 
 
-def local_weights_dir(preset: Preset) -> Path | None:
-    """A local directory with this preset's weights, if one exists (never touches the network)."""
+def weights_candidates(preset: Preset) -> list[Path]:
+    """The local directories that may hold a preset's weights, in the order they are tried."""
     candidates = [weights_home() / preset.name]
     if preset.source and Path(preset.source).exists():
         candidates.insert(0, Path(preset.source) / (preset.subfolder or ""))
-    for directory in candidates:
+    return candidates
+
+
+def hub_repository(preset: Preset) -> str | None:
+    """The hub id of a preset whose weights come from the hub, else None."""
+    if preset.source and "/" in preset.source and not Path(preset.source).exists():
+        return preset.source
+    return None
+
+
+def local_weights_dir(preset: Preset) -> Path | None:
+    """A local directory with this preset's weights, if one exists (never touches the network):
+    :func:`weights_candidates`, then the hub cache."""
+    for directory in weights_candidates(preset):
         if (directory / "config.json").is_file():
             return directory
-    if preset.source and "/" in preset.source and not Path(preset.source).exists():
+    if hub_repository(preset):
         try:
             from huggingface_hub import try_to_load_from_cache
 

@@ -35,6 +35,7 @@ class Preset:
     subfolder: str | None = None
     description: str = ""
     random_init: bool = False  # may be built with seeded random weights when no weights exist
+    gated: bool = False  # the hub repository needs its license accepted and a login to download
 
 
 class Backend(ABC):

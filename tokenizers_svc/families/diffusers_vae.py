@@ -102,6 +102,7 @@ PRESETS = (
         },
         source="black-forest-labs/FLUX.1-dev",
         subfolder="vae",
+        gated=True,
         description="FLUX.1 VAE (f8c16, shift 0.1159, scaling 0.3611)",
     ),
 )
