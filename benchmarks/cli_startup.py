@@ -35,10 +35,11 @@ def export_revision(revision: str, into: Path) -> Path:
     return into
 
 
-def run_once(checkout: Path, args: list[str]) -> float:
+def run_once(checkout: Path, args: list[str], cli: bool = True) -> float:
     env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", CLI, *args] if cli else [sys.executable, *args]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CLI, *args], cwd=checkout, env=env, check=True, capture_output=True)
+    subprocess.run(command, cwd=checkout, env=env, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -55,6 +56,9 @@ def main() -> None:
             for command in COMMANDS:
                 for side, checkout in sides.items():
                     times.setdefault((" ".join(command), side), []).append(run_once(checkout, command))
+        torch_import = statistics.median(
+            run_once(REPO, ["-c", "import torch"], cli=False) for _ in range(args.repeats)
+        )
     print(f"| command | {' | '.join(sides)} | baseline / current |")
     print(f"|---|{'---:|' * len(sides)}---:|")
     for command in COMMANDS:
@@ -62,6 +66,7 @@ def main() -> None:
         medians = [statistics.median(times[(name, side)]) for side in sides]
         cells = " | ".join(f"{m:.2f} s" for m in medians)
         print(f"| `tokenizers-svc {name}` | {cells} | {medians[0] / medians[1]:.1f}x |")
+    print(f"\n`python -c 'import torch'` in the same run: {torch_import:.2f} s")
 
 
 if __name__ == "__main__":
