@@ -95,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(num_cpus=args.num_cpus, include_dashboard=False)
     except TokenizerError as error:
         return print_error(error)
+    # Installed before Serve starts (and after ray.init, which installs its own): a SIGTERM while the
+    # replicas come up then stops the service cleanly instead of reaching Ray's handler, which aborts.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="tokenizers", route_prefix="/", blocking=False)
     print(f"tokenizers-svc listening on http://127.0.0.1:{port} (docs at /docs); Ctrl-C to stop", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
     serve.shutdown()
