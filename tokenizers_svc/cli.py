@@ -92,7 +92,11 @@ def _preset_row(preset: Preset, *, stats: bool = False) -> dict:
     config = preset_config(preset)
     if not config:
         return row
-    spec = backend_for(preset.class_name).spec_from_config(config, preset.name)
+    try:
+        spec = backend_for(preset.class_name).spec_from_config(config, preset.name)
+    except (KeyError, TypeError, ValueError) as exc:  # e.g. a hand-made config.json in the weights home
+        row["error"] = f"config does not describe the model: {type(exc).__name__}: {exc}"
+        return row
     row.update(
         {
             "family": spec.family,
