@@ -224,7 +224,7 @@ def _encode(
         batch_format="pyarrow",
         num_cpus=task_cpus,
     )
-    total = None if any(is_video_file(item["path"]) for item in pending) else len(pending)
+    total = None if any(is_video_file(os.fsdecode(item["path"])) for item in pending) else len(pending)
     summaries = []
     with ProgressLog("batch-encode", total, "row") as progress:
         for summary in ds.iter_rows():
