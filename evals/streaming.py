@@ -509,8 +509,11 @@ def _run_local(
 class ShardWorker:
     """A Ray actor: one Scorer, whole shards in, their statistics and items.csv rows out."""
 
-    def __init__(self, config: EvalConfig) -> None:
+    def __init__(self, config: EvalConfig, torch_threads: int) -> None:
         logging.basicConfig(level=logging.WARNING)
+        # the driver's thread count, not Ray's one per CPU: float results of the model and the
+        # metrics depend on it, and a sharded run must equal the single-process one
+        torch.set_num_threads(torch_threads)
         self.scorer = Scorer(config)
 
     def score_shard(self, shard: sources.Shard, with_reference: bool, per_chunk: int):
@@ -533,7 +536,8 @@ def _run_ray(config, pending, totals, done, checkpoint, progress, with_reference
         ray.init(address=address, **({} if address else {"num_cpus": actors}), log_to_driver=False)
     gpus = 1 if torch.device(config.device).type == "cuda" else 0
     worker_class = ray.remote(num_cpus=1, num_gpus=gpus)(ShardWorker)
-    workers = [worker_class.remote(config) for _ in range(min(actors, max(len(pending), 1)))]
+    threads = torch.get_num_threads()
+    workers = [worker_class.remote(config, threads) for _ in range(min(actors, max(len(pending), 1)))]
     queue = list(pending)
     in_flight = {}
     for worker in workers:
