@@ -21,6 +21,7 @@ import torch
 from evals.crops import bicubic_round_trip
 from evals.image_metrics import psnr
 from evals.multiscale import mean_ci
+from evals.video_metrics import frames
 from tokenizers_svc.media import probe_video, read_video
 from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 
@@ -55,12 +56,6 @@ def heldout_clips(
     return torch.stack(clips), names
 
 
-def _frames(clips: torch.Tensor) -> torch.Tensor:
-    """(N, 3, T, H, W) -> (N * T, 3, H, W)."""
-    n, c, t, h, w = clips.shape
-    return clips.transpose(1, 2).reshape(n * t, c, h, w)
-
-
 def _clips(frames: torch.Tensor, n: int) -> torch.Tensor:
     """(N * T, 3, H, W) -> (N, 3, T, H, W)."""
     _, c, h, w = frames.shape
@@ -70,7 +65,7 @@ def _clips(frames: torch.Tensor, n: int) -> torch.Tensor:
 def spatial_bicubic(clips: torch.Tensor, floats_per_item: int) -> torch.Tensor:
     """Every frame bicubic down/up-sampled; the clip keeps ``floats_per_item`` floats."""
     t = clips.shape[2]
-    return _clips(bicubic_round_trip(_frames(clips), floats_per_item // t), clips.shape[0])
+    return _clips(bicubic_round_trip(frames(clips), floats_per_item // t), clips.shape[0])
 
 
 def spatiotemporal_bicubic(clips: torch.Tensor, floats_per_item: int, temporal: int = 4) -> torch.Tensor:
@@ -78,7 +73,7 @@ def spatiotemporal_bicubic(clips: torch.Tensor, floats_per_item: int, temporal: 
     interpolated between their kept neighbours; trailing frames repeat the last kept one."""
     n, _, t, h, w = clips.shape
     kept = list(range(0, t, temporal))
-    small = bicubic_round_trip(_frames(clips[:, :, kept]), floats_per_item // len(kept))
+    small = bicubic_round_trip(frames(clips[:, :, kept]), floats_per_item // len(kept))
     keys = _clips(small, n).float()  # (N, 3, K, H, W)
     out = torch.empty(n, 3, t, h, w)
     for i in range(t):
@@ -127,7 +122,7 @@ def compare_video(
         "best_baseline": best,
         "gain_db": gain,
         "gain_ci95": gain_ci,
-        "frame_psnr": float(psnr(_frames(clips), _frames(recon)).mean()),
+        "frame_psnr": float(psnr(frames(clips), frames(recon)).mean()),
         "mean_error_rgb": [round(float(v), 3) for v in cast],
         "pixel_floats_per_latent_float": 3 * math.prod(clips.shape[2:]) / floats_per_item,
     }

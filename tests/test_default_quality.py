@@ -25,10 +25,6 @@ REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")
 MAX_COLOUR_CAST = 1.5  # grey levels of mean error per channel (the old video default was green)
 
 
-def floats_per_item(tokenizer, shape: tuple[int, ...]) -> int:
-    return int(torch.Size(tokenizer.spec.latent_shape(shape)[1:]).numel())
-
-
 @pytest.mark.slow
 def test_image_default_beats_bicubic_on_multiscale_val_crops(shared_data):
     tokenizer = load_tokenizer(DEFAULT_MODELS["image"])
@@ -36,7 +32,7 @@ def test_image_default_beats_bicubic_on_multiscale_val_crops(shared_data):
     crops = MultiscaleCrops(
         every.pixels[::CROP_STRIDE], every.names[::CROP_STRIDE], every.scales[::CROP_STRIDE]
     )
-    result = compare(crops, tokenizer_round_trip(tokenizer), floats_per_item(tokenizer, (1, 3, 256, 256)))
+    result = compare(crops, tokenizer_round_trip(tokenizer), tokenizer.spec.latent_floats((1, 3, 256, 256)))
     assert result["n"] == 64 and len(result["per_scale"]) == 4
     assert result["gain_db"] >= IMAGE_GAIN_DB, result
     assert all(scale["gain_db"] > 0 for scale in result["per_scale"].values()), result["per_scale"]
@@ -66,7 +62,7 @@ def test_video_default_beats_spatial_bicubic_without_colour_cast(shared_data):
         [shared_data / "videos" / name for name in REAL_CLIPS], clips_per_video=2, frames=17, resolution=128
     )
     result = compare_video(
-        clips, names, tokenizer_round_trip(tokenizer), floats_per_item(tokenizer, tuple(clips.shape))
+        clips, names, tokenizer_round_trip(tokenizer), tokenizer.spec.latent_floats(tuple(clips.shape))
     )
     assert result["model"]["psnr"] > result["bicubic_spatial"]["psnr"], result
     assert max(abs(v) for v in result["mean_error_rgb"]) <= MAX_COLOUR_CAST, result["mean_error_rgb"]

@@ -161,14 +161,17 @@ class TokenizerSpec:
         n, _, t, h, w = pixel_shape
         return (n, self.latent_channels, self.frame_rule.latent_frames(t), h // f, w // f)
 
+    def latent_floats(self, pixel_shape: tuple[int, ...]) -> int:
+        """Floats in one item's latent for pixels of ``pixel_shape`` (the budget a baseline gets)."""
+        return math.prod(self.latent_shape(pixel_shape)[1:])
+
     def compression_ratio(self, height: int = 256, width: int = 256, frames: int = 1) -> float:
         """Pixel floats per latent float at the given size (e.g. 48 for SD's f8c4)."""
         if self.modality == "image":
             frames = 1
         frames = self.frame_rule.padded_frames(frames)
         pixels = 3 * frames * height * width
-        latent = math.prod(self.latent_shape((1, 3, frames, height, width))[1:])
-        return pixels / latent
+        return pixels / self.latent_floats((1, 3, frames, height, width))
 
     def to_dict(self) -> dict:
         return {

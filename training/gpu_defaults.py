@@ -149,8 +149,7 @@ def evaluate_images(plan: dict, val: Path, device: str, max_items: int | None) -
         if not export:
             continue
         tokenizer = load_tokenizer(export, device=device)
-        latent = tokenizer.spec.latent_shape((1, 3, 256, 256))
-        floats = int(torch.Size(latent[1:]).numel())
+        floats = tokenizer.spec.latent_floats((1, 3, 256, 256))
         scores[recipe] = compare(crops, tokenizer_round_trip(tokenizer), floats)
     return scores
 
@@ -166,8 +165,7 @@ def evaluate_video(plan: dict, videos: Path, device: str, dry_run: bool) -> dict
         resolution=64 if dry_run else 256,
     )
     tokenizer = load_tokenizer(export, device=device)
-    latent = tokenizer.spec.latent_shape(tuple(clips.shape[:1]) + tuple(clips.shape[1:]))
-    floats = int(torch.Size(latent[1:]).numel())
+    floats = tokenizer.spec.latent_floats(tuple(clips.shape))
     return compare_video(clips, names, tokenizer_round_trip(tokenizer), floats)
 
 
