@@ -17,20 +17,24 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_make_serve_passes_the_port():
+def _make_plan(*args: str) -> list[str]:
+    """The commands `make -n` would run, one per line. Under `make test` this runs as a sub-make
+    that prints "Entering directory" lines; --no-print-directory keeps only the commands."""
     venv = Path(sys.executable).parents[1]
-    plan = subprocess.run(
-        ["make", "-n", "serve", "PORT=8300", f"VENV={venv}"],
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-n", "serve", f"VENV={venv}", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert f"{venv}/bin/tokenizers-svc serve --port 8300" in plan
-    default = subprocess.run(
-        ["make", "-n", "serve", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True
-    )
-    assert default.stdout.rstrip().endswith("tokenizers-svc serve")
+    return [line.rstrip() for line in out.splitlines() if "tokenizers-svc serve" in line]
+
+
+def test_make_serve_passes_the_port():
+    venv = Path(sys.executable).parents[1]
+    assert _make_plan("PORT=8300") == [f"{venv}/bin/tokenizers-svc serve --port 8300"]
+    assert _make_plan() == [f"{venv}/bin/tokenizers-svc serve"]
 
 
 def _free_port() -> int:
