@@ -29,6 +29,7 @@ from tokenizers_svc.errors import InvalidRequestError, TokenizerError, print_err
 from tokenizers_svc.registry import weights_home
 
 CROPS = (*SQUARE_CROPS, "multiscale")
+log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 1000  # entries per shard: the unit of resume, Ray work and checkpoints
 
 
@@ -181,7 +182,14 @@ def run(args: argparse.Namespace) -> dict:
     if reference is None:
         save_reference(cache_path, totals.streams[streaming.REFERENCE], reference_key)
     result = summarize(totals, protocol, inception, config, columns)
-    result["data"] = {"source": str(args.data), "entries": len(entries), "sha256": data_sha256}
+    result["data"] = {
+        "source": str(args.data),
+        "entries": len(entries),
+        "sha256": data_sha256,
+        "skipped": skipped_summary(totals.skipped),
+    }
+    if totals.skipped:
+        log.warning("eval: skipped %d unreadable entries (see report.json data.skipped)", len(totals.skipped))
     wall = time.perf_counter() - started
     result["run"] = {
         "shards": len(shards),
@@ -195,6 +203,15 @@ def run(args: argparse.Namespace) -> dict:
     report.write_report(args.out, result, totals.samples, model_names)
     (args.out / streaming.CHECKPOINT).unlink(missing_ok=True)  # finished: nothing left to resume
     return result
+
+
+def skipped_summary(skipped: dict[str, dict], listed: int = 100) -> dict:
+    """Entries the stream could not read: their count, counts by error type, the first ``listed`` by name."""
+    by_type: dict[str, int] = {}
+    for error in skipped.values():
+        by_type[error["type"]] = by_type.get(error["type"], 0) + 1
+    names = sorted(skipped)[:listed]
+    return {"count": len(skipped), "by_type": by_type, "entries": {name: skipped[name] for name in names}}
 
 
 def load_reference(path: Path, kid_capacity: int) -> stats.StreamStats | None:

@@ -2,7 +2,7 @@
 
 report.json holds every aggregate metric, N and its small-N label, the protocol, the feature networks'
 hashes, each model's weights hash/spec/throughput, and library versions; report.md is the comparison
-table; samples.png shows originals | reconstruction | error. items.csv (one row per (item, model)) is
+table; samples.png shows originals | reconstruction | error map, labelled, with the error scale. items.csv (one row per (item, model)) is
 written by evals/streaming.py as shards finish.
 """
 
@@ -63,6 +63,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"N = {result['n']} {result['kind']}s ({result['fid_n']} for FID: {result['sample_size_label']}), "
         f"item shape {result['item_shape']}, crop {result['protocol']['crop']}",
+        *skipped_lines(result.get("data", {}).get("skipped")),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -100,6 +101,16 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def skipped_lines(skipped: dict | None) -> list[str]:
+    """One line naming how many entries could not be read and why (report.json lists them)."""
+    if not skipped or not skipped["count"]:
+        return []
+    reasons = ", ".join(f"{count} {kind}" for kind, count in sorted(skipped["by_type"].items()))
+    return [
+        f"Skipped {skipped['count']} unreadable entries ({reasons}); report.json data.skipped names them."
+    ]
+
+
 def per_scale_table(result: dict) -> list[str]:
     """Markdown lines: each model's PSNR against bicubic at its float budget, over all crops and per scale
     (paired per-crop gain with its 95% CI); empty unless the run used --crop multiscale."""
@@ -132,9 +143,18 @@ def error_heatmap(original: torch.Tensor, reconstruction: torch.Tensor) -> torch
     return (torch.stack([red, green, blue]) * 255).round().to(torch.uint8)
 
 
+# samples.png layout (pixels): a label column left of the rows, a header row of column names above
+# them and the error maps' colour scale below.
+LABEL_WIDTH = 150
+HEADER_HEIGHT = 30
+LEGEND_HEIGHT = 40
+TEXT_PAD = 4
+
+
 def write_samples(path: Path, samples: list, models: list[str], kind: str) -> None:
-    """samples.png: one row per sample item (the first K of the run): original | (reconstruction | error)
-    per model. ``samples``: [(key, name, {"original": uint8 item, model: uint8 item, ...})]; video rows show
+    """samples.png: one row per sample item (the first K of the run), named on the left; columns
+    original | (reconstruction | error map) per model, named on top; the error maps' scale below.
+    ``samples``: [(key, name, {"original": uint8 item, model: uint8 item, ...})]; video rows show
     the middle frame."""
     rows = []
     for _, _, pixels in samples:
@@ -145,5 +165,55 @@ def write_samples(path: Path, samples: list, models: list[str], kind: str) -> No
             if cell is None:  # the error heat map right of each reconstruction
                 cells[i] = error_heatmap(cells[0], cells[i - 1])
         rows.append(torch.cat(cells, dim=2))  # (3, R, R * (1 + 2 * models))
-    grid = torch.cat(rows, dim=1)  # (3, rows * R, ...)
-    path.write_bytes(encode_image(grid.permute(1, 2, 0).contiguous().numpy(), format="png"))
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).contiguous().numpy()  # (rows * R, columns * R, 3)
+    titles = ["original", *(t for m in models for t in (m, f"|error| of {m}"))]
+    names = [name for _, name, _ in samples]
+    path.write_bytes(encode_image(labelled_grid(grid, titles, names), format="png"))
+
+
+def labelled_grid(grid: np.ndarray, titles: list[str], names: list[str]) -> np.ndarray:
+    """uint8 (rows * R, columns * R, 3) grid -> the same grid on a white canvas with column ``titles``
+    above, row ``names`` to the left and the error colour scale below: uint8 (H, W, 3)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cell_h, cell_w = grid.shape[0] // len(names), grid.shape[1] // len(titles)
+    width = LABEL_WIDTH + grid.shape[1]
+    canvas = Image.new("RGB", (width, HEADER_HEIGHT + grid.shape[0] + LEGEND_HEIGHT), "white")
+    canvas.paste(Image.fromarray(grid), (LABEL_WIDTH, HEADER_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for column, title in enumerate(titles):
+        left = LABEL_WIDTH + column * cell_w
+        _draw_fitted(draw, font, title, (left + TEXT_PAD, TEXT_PAD), cell_w - 2 * TEXT_PAD, lines=2)
+    for row, name in enumerate(names):
+        top = HEADER_HEIGHT + row * cell_h
+        _draw_fitted(draw, font, name, (TEXT_PAD, top + TEXT_PAD), LABEL_WIDTH - 2 * TEXT_PAD, lines=4)
+    bar_top, bar_width = HEADER_HEIGHT + grid.shape[0] + TEXT_PAD, min(256, grid.shape[1])
+    levels = torch.linspace(0, 255 / HEATMAP_GAIN, bar_width).round()  # grey levels of mean |error|
+    ramp = error_heatmap(levels.view(1, 1, -1).expand(3, 12, -1), torch.zeros(3, 12, bar_width))
+    canvas.paste(Image.fromarray(ramp.permute(1, 2, 0).contiguous().numpy()), (LABEL_WIDTH, bar_top))
+    legend = "error map: mean |error| in grey levels"
+    _draw_fitted(draw, font, legend, (TEXT_PAD, bar_top), LABEL_WIDTH - 2 * TEXT_PAD, 2)
+    top = 255 / HEATMAP_GAIN
+    for fraction, tick in ((0.0, "0"), (0.5, f"{top / 2:.0f}"), (1.0, f"{top:.0f}+")):
+        x = LABEL_WIDTH + fraction * (bar_width - draw.textlength(tick, font=font))
+        draw.text((x, bar_top + 14), tick, fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def _draw_fitted(draw, font, text: str, origin: tuple[int, int], width: int, lines: int) -> None:
+    """``text`` in black from ``origin``, broken into at most ``lines`` lines of at most ``width``
+    pixels (the last one cut with '...' if it is still too long)."""
+    out, rest = [], text
+    while rest and len(out) < lines:
+        cut = len(rest)
+        while cut > 1 and draw.textlength(rest[:cut], font=font) > width:
+            cut -= 1
+        out.append(rest[:cut])
+        rest = rest[cut:]
+    if rest and out:
+        line = out[-1]
+        while len(line) > 1 and draw.textlength(line + "...", font=font) > width:
+            line = line[:-1]
+        out[-1] = line + "..."
+    draw.multiline_text(origin, "\n".join(out), fill="black", font=font, spacing=2)

@@ -25,8 +25,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from evals import multiscale
 from evals.crops import list_media, square_crops
-from tokenizers_svc.errors import InvalidRequestError
-from tokenizers_svc.formats import IMAGE_SUFFIXES
+from tokenizers_svc.errors import InvalidMediaError, InvalidRequestError, TokenizerError
+from tokenizers_svc.formats import EVAL_ONLY_IMAGE_FORMATS, EVAL_ONLY_IMAGE_SUFFIXES, IMAGE_SUFFIXES
 from tokenizers_svc.media import decode_image, read_video
 
 
@@ -81,7 +81,7 @@ def _tar_entries(tar: Path) -> list[Entry]:
     return [
         Entry(f"{tar.name}/{m}", str(tar), member=m)
         for m in members
-        if Path(m).suffix.lower() in IMAGE_SUFFIXES
+        if Path(m).suffix.lower() in IMAGE_SUFFIXES + EVAL_ONLY_IMAGE_SUFFIXES
     ]
 
 
@@ -98,7 +98,10 @@ def _parquet_entries(path: Path) -> list[Entry]:
 def entry_bytes(entry: Entry, tars: dict | None = None) -> bytes:
     """The raw bytes of an entry; ``tars`` caches open tar files (one per worker)."""
     if entry.member is None:
-        return Path(entry.path).read_bytes()
+        try:
+            return Path(entry.path).read_bytes()
+        except OSError as exc:
+            raise InvalidMediaError(f"cannot read {entry.path}: {exc.strerror}", param="data") from None
     if tars is None:
         with tarfile.open(entry.path) as handle:
             return handle.extractfile(entry.member).read()
@@ -117,7 +120,8 @@ def entry_items(
             return []  # shorter clips would make the batch ragged
         pixels = torch.from_numpy(clip).permute(3, 0, 1, 2)  # (3, T, H, W)
     else:
-        pixels = torch.from_numpy(decode_image(entry_bytes(entry, tars))).permute(2, 0, 1)  # (3, H, W)
+        data = entry_bytes(entry, tars)
+        pixels = torch.from_numpy(decode_image(data, extra_formats=EVAL_ONLY_IMAGE_FORMATS)).permute(2, 0, 1)
     if spec.crop == "multiscale":
         cut = multiscale.multiscale_crops(pixels, spec.scales, spec.resolution)
     else:
@@ -135,7 +139,11 @@ def limit_entries(entries: list[Entry], spec: CropSpec, max_items: int | None) -
         return entries[:max_items]
     kept, count = [], 0
     for entry in entries:
-        n = len(entry_items(entry, spec))
+        try:
+            n = len(entry_items(entry, spec))
+        except TokenizerError:  # kept with no items: the stream reports it as skipped, with its reason
+            kept.append(replace(entry, limit=0))
+            continue
         if n:
             kept.append(replace(entry, limit=min(n, max_items - count)))
             count += kept[-1].limit
@@ -155,7 +163,10 @@ def content_hash(entries: list[Entry], threads: int = 8) -> str:
     """SHA-256 over every entry's name, limit and raw bytes, in order: the data's identity for caches."""
 
     def digest(entry: Entry) -> bytes:
-        return hashlib.sha256(entry_bytes(entry)).digest()
+        try:
+            return hashlib.sha256(entry_bytes(entry)).digest()
+        except TokenizerError as exc:  # unreadable: skipped by the stream, so its error is its identity
+            return hashlib.sha256(str(exc).encode()).digest()
 
     total = hashlib.sha256()
     with ThreadPoolExecutor(threads) as pool:
@@ -191,13 +202,20 @@ class ItemStream(IterableDataset):
 
 def load_chunk(shard: int, entries, spec: CropSpec, last: bool, tars: dict | None = None) -> dict:
     """Decode and crop ``entries`` -> {"shard", "names", "scales", "pixels" (uint8 (B, ...) or None),
-    "entries" (how many were read), "last"}."""
-    items = [item for entry in entries for item in entry_items(entry, spec, tars)]
+    "entries" (how many were read), "skipped" ({entry name: why it was not read}), "last"}.
+    An entry that cannot be read or decoded is skipped with its reason rather than ending the run."""
+    items, skipped = [], {}
+    for entry in entries:
+        try:
+            items += entry_items(entry, spec, tars)
+        except TokenizerError as exc:
+            skipped[entry.name] = {"type": exc.type, "message": exc.message}
     return {
         "shard": shard,
         "names": [name for name, _, _ in items],
         "scales": [scale for _, scale, _ in items],
         "pixels": torch.stack([pixels for _, _, pixels in items]) if items else None,
         "entries": len(entries),
+        "skipped": skipped,
         "last": last,
     }

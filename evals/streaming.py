@@ -72,6 +72,7 @@ class Accumulator:
         ] = []  # ((shard, pos), name, ...)
         self.item_shape: list[int] | None = None
         self.frames_per_item = 1
+        self.skipped: dict[str, dict] = {}  # entry name -> {"type", "message"} of why it was not read
 
     def stream(self, name: str) -> stats.StreamStats:
         if name not in self.streams:
@@ -102,6 +103,7 @@ class Accumulator:
             self.add_sample(key, name, pixels)
         self.item_shape = self.item_shape or other.item_shape
         self.frames_per_item = other.frames_per_item
+        self.skipped.update(other.skipped)
 
     def state(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -117,6 +119,7 @@ class Accumulator:
             "samples": [(list(key), name, list(pixels)) for key, name, pixels in self.samples],
             "item_shape": self.item_shape,
             "frames_per_item": self.frames_per_item,
+            "skipped": self.skipped,
         }
         out["meta"] = np.array(json.dumps(meta))
         return out
@@ -129,6 +132,7 @@ class Accumulator:
             acc.streams[name] = stats.StreamStats.from_state(state, f"s{i}", device, config.kid_capacity)
         acc.info, acc.timing = meta["info"], meta["timing"]
         acc.item_shape, acc.frames_per_item = meta["item_shape"], meta["frames_per_item"]
+        acc.skipped = meta["skipped"]
         for j, (key, name, names) in enumerate(meta["samples"]):
             pixels = {
                 s: torch.tensor(state[f"sample{j}.{k}"]) for k, s in enumerate(names)
@@ -343,6 +347,7 @@ class Scorer:
     ) -> list[list[str]]:
         """A loader chunk in model batches of ``batch_size``; ``position``: its first item's index in its shard."""
         rows: list[list[str]] = []
+        acc.skipped.update(chunk["skipped"])
         if chunk["pixels"] is None:
             return rows
         size = self.config.batch_size

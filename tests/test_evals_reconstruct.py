@@ -13,8 +13,9 @@ from skimage import data
 from evals import fid
 from evals.crops import square_crops
 from evals.reconstruct import main
+from evals.report import HEADER_HEIGHT, LABEL_WIDTH, LEGEND_HEIGHT
 from tokenizers_svc.loading import build_module
-from tokenizers_svc.media import encode_image
+from tokenizers_svc.media import decode_image, encode_image
 from tokenizers_svc.registry import get_preset
 
 # The tiny fixed set: four scikit-image photos (available to every user), center-cropped to 64x64.
@@ -111,6 +112,56 @@ def test_pinned_regression_values(report):
     for name, expected in PINNED.items():
         for metric, value in expected.items():
             assert rows[name][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, metric)
+
+
+def test_samples_png_names_its_rows_columns_and_error_scale(report):
+    """samples.png: the two sample items' rows (64 px) under a header of column names, a label column on
+    the left, the error colour scale below; the cells are the items themselves."""
+    _, out = report
+    image = decode_image((out / "samples.png").read_bytes())
+    columns = 1 + 2 * 2  # original + (reconstruction, error map) per model
+    height = HEADER_HEIGHT + 2 * 64 + LEGEND_HEIGHT
+    assert image.shape == (height, LABEL_WIDTH + columns * 64, 3)
+
+    def inked(region: np.ndarray) -> bool:  # black text on the white canvas
+        return bool((region.min(axis=2) < 100).any())
+
+    for column in range(columns):
+        left = LABEL_WIDTH + column * 64
+        assert inked(image[:HEADER_HEIGHT, left : left + 64]), f"column {column} has no title"
+    for row in range(2):
+        top = HEADER_HEIGHT + row * 64
+        assert inked(image[top : top + 64, :LABEL_WIDTH]), f"row {row} has no name"
+    legend = image[HEADER_HEIGHT + 2 * 64 :]
+    assert inked(legend[:, :LABEL_WIDTH]) and inked(legend[:, LABEL_WIDTH:])
+    first = square_crops(torch.from_numpy(data.astronaut()).permute(2, 0, 1), 64, "center")[0][1]
+    cell = image[HEADER_HEIGHT : HEADER_HEIGHT + 64, LABEL_WIDTH : LABEL_WIDTH + 64]
+    np.testing.assert_array_equal(cell, first.permute(1, 2, 0).numpy())
+
+
+def test_bmp_and_tiff_are_read_and_unreadable_files_are_skipped_with_a_reason(tmp_path):
+    """Datasets ship BMP and TIFF: the evaluation decodes them (the service does not take them). A file
+    that cannot be decoded is skipped, counted and named in the report instead of ending the run."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a-astronaut.png").write_bytes(encode_image(data.astronaut(), format="png"))
+    Image.fromarray(data.chelsea()).save(images / "b-chelsea.bmp")
+    Image.fromarray(data.coffee()).save(images / "c-coffee.tif")
+    (images / "d-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    out = tmp_path / "report"
+    argv = ["--model", "sd-vae-tiny", "--data", str(images), "--resolution", "64", "--samples", "1"]
+    assert main([*argv, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.loads((out / "report.json").read_text())
+    assert result["n"] == 3
+    skipped = result["data"]["skipped"]
+    assert skipped["count"] == 1 and skipped["by_type"] == {"invalid_media": 1}
+    assert list(skipped["entries"]) == ["d-broken.png"]
+    assert "Skipped 1 unreadable entries (1 invalid_media)" in (out / "report.md").read_text()
+    with open(out / "items.csv") as handle:
+        items = {row["item"] for row in csv.DictReader(handle)}
+    assert items == {"a-astronaut.png", "b-chelsea.bmp", "c-coffee.tif"}
 
 
 def test_reference_features_are_cached(tmp_path):

@@ -164,13 +164,17 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
-def decode_image(data: bytes, limits: MediaLimits = MediaLimits()) -> np.ndarray:
+def decode_image(
+    data: bytes, limits: MediaLimits = MediaLimits(), extra_formats: tuple[str, ...] = ()
+) -> np.ndarray:
     """PNG/JPEG/WebP bytes -> (H, W, 3) uint8 RGB, EXIF orientation applied (size is the displayed one).
 
     The pixel cap is checked from the header before decoding. Animated files give their first frame.
+    ``extra_formats``: Pillow format names also accepted (the evaluation reads BMP and TIFF).
     """
     if not data:
         raise InvalidMediaError(f"empty input; expected {SUPPORTED_DESCRIPTION}", param="file")
+    expected = ", ".join(["PNG", "JPEG", "WebP", *extra_formats])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -181,17 +185,18 @@ def decode_image(data: bytes, limits: MediaLimits = MediaLimits()) -> np.ndarray
             param="file",
         ) from None
     except UnidentifiedImageError:
-        sniff_media(data)  # names GIF/BMP/... or garbage precisely
+        if not extra_formats:
+            sniff_media(data)  # names GIF/BMP/... or garbage precisely
         raise InvalidMediaError(
-            f"cannot identify an image in {len(data)} bytes; expected PNG, JPEG or WebP", param="file"
+            f"cannot identify an image in {len(data)} bytes; expected {expected}", param="file"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidMediaError(
-            f"image header is corrupt ({exc}); expected a complete PNG, JPEG or WebP file", param="file"
+            f"image header is corrupt ({exc}); expected a complete {expected} file", param="file"
         ) from None
-    if image.format not in IMAGE_MEDIA_TYPES:
+    if image.format not in IMAGE_MEDIA_TYPES and image.format not in extra_formats:
         raise UnsupportedMediaTypeError(
-            f"{image.format} images are not supported; expected PNG, JPEG or WebP", param="file"
+            f"{image.format} images are not supported; expected {expected}", param="file"
         )
     _check_pixels(image.width, image.height, limits, f"{image.format} image")
     try:

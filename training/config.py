@@ -147,6 +147,9 @@ class Recipe(_Strict):
     seed: int = 0
     output_dir: str = "runs/${name}"  # ${name} expands to the recipe name
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # torch intra-op threads of each process when it trains on the CPU; None keeps torch's default
+    # (one per core). `accelerate launch --num_cpu_threads_per_process` sets the same thing per launch.
+    cpu_threads: int | None = Field(None, ge=1)
     model: ModelSection
     data: DataSection
     phases: list[PhaseSection] = Field(min_length=1)

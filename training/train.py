@@ -51,6 +51,8 @@ class Trainer:
     def __init__(self, recipe: Recipe, resume: str | None = None) -> None:
         self.recipe = recipe
         self.run_dir = recipe.run_dir
+        if recipe.cpu_threads is not None and not torch.cuda.is_available():
+            torch.set_num_threads(recipe.cpu_threads)
         self.accelerator = Accelerator(
             # without CUDA, several processes (torchrun / accelerate launch) train on CPU over gloo;
             # accelerate only sets that up when told the run is a CPU run
