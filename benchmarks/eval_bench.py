@@ -10,7 +10,7 @@ fresh reference cache); the bare loop does nothing else. Each side runs in its o
 its own peak RSS (``ru_maxrss`` of its main process; a DataLoader worker is a separate process).
 
     .venv/bin/python benchmarks/eval_bench.py [--sizes 500,2000] [--model tsvc-image-f8c4] [--device cpu]
-        [--batch-size 16] [--workers 1]
+        [--batch-size 16] [--workers 1] [--concurrent]
 """
 
 from __future__ import annotations
@@ -98,13 +98,20 @@ def measurement(items: int, start: float) -> dict:
     }
 
 
-def run_child(argv: list[str]) -> dict:
-    """Run ``argv`` in a fresh Python -> the JSON on its last stdout line."""
+def start_child(argv: list[str]) -> subprocess.Popen:
+    """Start ``argv`` in a fresh Python; :func:`child_result` waits for it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, *argv], env=env, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(
+        [sys.executable, *argv], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def child_result(child: subprocess.Popen) -> dict:
+    """Wait for a child -> the JSON on its last stdout line."""
+    stdout, stderr = child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(stderr[-3000:])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -116,6 +123,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the streaming side")
     p.add_argument("--photos", type=Path, default=PHOTOS, help="folder with train/ and val/ photos")
     p.add_argument("--inception", default=None, help="another Inception TorchScript (default: the standard)")
+    p.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run both sides at the same time (each sees the same machine load; half the wall time on 2 cores)",
+    )
     p.add_argument("--bare", nargs=1, help=argparse.SUPPRESS)  # internal: run the bare loop on a folder
     args = p.parse_args()
     if args.bare:
@@ -129,17 +141,21 @@ def main() -> None:
             common = ["--model", args.model, "--device", args.device, "--batch-size", str(args.batch_size)]
             common += ["--inception", args.inception] if args.inception else []
             out = str(Path(tmp) / f"out{n}")
-            stream = run_child(
+            stream_child = start_child(
                 ["-c", STREAM_CHILD, str(folder), out, *common, "--workers", str(args.workers)]
             )
-            print(
-                json.dumps({"n": n, "stream": stream}), flush=True
-            )  # a long run's first half survives a kill
-            bare = run_child([__file__, "--bare", str(folder), *common])
+            if args.concurrent:
+                bare_child = start_child([__file__, "--bare", str(folder), *common])
+            stream = child_result(stream_child)
+            print(json.dumps({"n": n, "stream": stream}), flush=True)  # survives a kill of the rest
+            if not args.concurrent:
+                bare_child = start_child([__file__, "--bare", str(folder), *common])
+            bare = child_result(bare_child)
             results.append({"n": n, "stream": stream, "bare": bare})
             print(json.dumps(results[-1]), flush=True)
     print(
-        f"\nmodel {args.model}, device {args.device}, batch {args.batch_size}, workers {args.workers}, cpus {os.cpu_count()}"
+        f"\nmodel {args.model}, device {args.device}, batch {args.batch_size}, workers {args.workers}, "
+        f"cpus {os.cpu_count()}, sides {'concurrent' if args.concurrent else 'one after the other'}"
     )
     print(
         "| N | streaming items/s | bare items/s | ratio | streaming items/CPU-s | bare items/CPU-s | ratio | "

@@ -7,6 +7,7 @@ recognisable reconstructions of the real validation photos.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -46,10 +47,12 @@ def test_defaults_are_shipped_and_resolve(modality, min_ratio):
     directory = PACKAGED_WEIGHTS / name
     assert (directory / "config.json").is_file() and (directory / "card.json").is_file()
     size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
-    assert 0 < size < 50_000_000  # "tens of MB at most"
+    assert 0 < size <= 30_000_000  # issue 11: shipped weights stay <= 30 MB per model
     tokenizer = load_tokenizer(name)
     assert tokenizer.name == name and tokenizer.spec.modality == modality
     assert tokenizer.spec.compression_ratio() >= min_ratio
+    card = json.loads((directory / "card.json").read_text())
+    assert card["spec"] == json.loads(json.dumps(tokenizer.spec.to_dict()))  # the normalization in use
 
 
 @pytest.mark.parametrize(

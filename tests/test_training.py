@@ -80,6 +80,7 @@ def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path):
     assert tokenizer.spec.normalization.scale == pytest.approx(
         1 / card["metrics"]["final"]["latent_std"], rel=1e-3
     )
+    assert card["spec"] == json.loads(json.dumps(tokenizer.spec.to_dict()))  # the exported normalization
     photo = image_to_tensor(read_image(shared_data / "images" / "val" / "board.jpg"))[..., :64, :96]
     latents = tokenizer.encode(photo)
     recon = tokenizer.decode(latents, output_dtype=torch.uint8)

@@ -30,6 +30,7 @@ from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_er
 from tokenizers_svc.loading import CARD_FILE
 from tokenizers_svc.metrics import psnr, ssim
 from tokenizers_svc.pixels import to_float_pixels, to_uint8_pixels
+from tokenizers_svc.spec import TokenizerSpec
 from training import losses
 from training.card import RunFacts, flat_config, training_card
 from training.checkpointing import TrainState, checkpoint_dir, latest_checkpoint, prune_checkpoints
@@ -37,7 +38,7 @@ from training.config import Recipe, load_recipe
 from training.data import BatchPlan, build_sources, load_validation, make_loader
 from training.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
 from training.ema import Ema
-from training.latent_stats import fit_export
+from training.latent_stats import fit_export, load_export
 from training.model import Autoencoder, build_backend, last_layer_name, phase_parameters
 from training.schedule import lr_at
 
@@ -350,7 +351,8 @@ class Trainer:
             if self.recipe.model.latent_statistics == "per_channel":
                 photos = [Path(s.section.path) for s in self.sources if s.kind == "images"]
                 self.state.metrics["latent_statistics"] = fit_export(directory, photos, str(acc.device))
-            (directory / CARD_FILE).write_text(json.dumps(self.card(), indent=2) + "\n")
+            spec = load_export(directory, name=self.spec.name).spec  # with the normalization just fitted
+            (directory / CARD_FILE).write_text(json.dumps(self.card(spec), indent=2) + "\n")
         acc.wait_for_everyone()
         return directory
 
@@ -377,9 +379,10 @@ class Trainer:
                 x = x.unsqueeze(2).expand(-1, -1, self.spec.frame_rule.padded_frames(1), -1, -1)
             yield x  # a video model sees each image as a one-frame clip
 
-    def card(self) -> dict:
+    def card(self, spec: TokenizerSpec) -> dict:
+        """The training card of the exported model (``spec``: read back from the export)."""
         facts = RunFacts(
-            spec=self.spec,
+            spec=spec,
             exported=self.export_module(),
             ema=self.ema is not None,
             sources=self.sources,
