@@ -62,6 +62,21 @@ def test_models_table_and_json():
     assert row["weights"] == "random-init"
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["models"], ["models", "--json"]])
+def test_light_commands_import_no_heavy_module(argv):
+    """`--help` and the registry listing start fast because they import neither torch nor diffusers,
+    Ray, PyAV or numpy (the listing reads the presets' configs)."""
+    heavy = ("torch", "diffusers", "ray", "av", "numpy")
+    script = (
+        "import sys\nfrom tokenizers_svc.cli import app\n"
+        f"sys.argv = ['tokenizers-svc', *{argv!r}]\n"
+        "try:\n    app()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stderr[-2000:]
+
+
 def test_encode_info_decode_one_image(photos, tmp_path):
     out = tmp_path / "astronaut.safetensors"
     result = runner.invoke(app, ["encode", str(photos[0]), "-o", str(out), "-m", "sd-vae-tiny", "--raw"])

@@ -16,8 +16,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from tokenizers_svc.defaults import shipped_presets
 from tokenizers_svc.errors import UnsupportedModelError
 from tokenizers_svc.families import FAMILIES
@@ -62,6 +60,8 @@ def model_class(class_name: str) -> type:
     imported on first use. The import runs on the CPU device: callers often ask for a class inside
     ``with torch.device("meta")``, which would make the module's tensor constants (e.g. Cosmos'
     wavelet filters) meta tensors for the rest of the process."""
+    import torch
+
     with torch.device("cpu"):
         if class_name in _MODEL_MODULES:
             return getattr(importlib.import_module(_MODEL_MODULES[class_name]), class_name)

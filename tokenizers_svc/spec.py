@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
+    import torch
 
 Modality = Literal["image", "video", "both"]
 
@@ -29,6 +30,8 @@ class LatentNormalization:
     std: tuple[float, ...] | None = None
 
     def _channel_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         view = (1, -1) + (1,) * (z.ndim - 2)
         mean = torch.tensor(self.mean if self.mean is not None else [0.0], dtype=torch.float32)
         std = torch.tensor(self.std if self.std is not None else [1.0], dtype=torch.float32)

@@ -17,9 +17,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
+    import torch
+    from torch import nn
 
 from tokenizers_svc.spec import TokenizerSpec
 
@@ -99,6 +101,8 @@ class Backend(ABC):
 
 
 def state_dict_hash(module: nn.Module) -> str:
+    import torch
+
     digest = hashlib.sha256()
     for key, tensor in sorted(module.state_dict().items()):
         digest.update(key.encode())

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
+    import torch
 
 
 def _normalization(cfg: Mapping) -> LatentNormalization:

@@ -6,11 +6,13 @@ This file holds the image ``AutoencoderKL`` (SD / SDXL / FLUX); other classes ha
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
+    import torch
 
 
 class AutoencoderKLBackend(Backend):

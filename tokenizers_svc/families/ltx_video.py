@@ -18,12 +18,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import torch
-
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import AutoencoderKLLTXVideo
 
 

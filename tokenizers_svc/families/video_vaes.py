@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
+    import torch
 
 # Cosmos 1.0 pipelines scale normalized latents by their EDM scheduler's ``sigma_data``, which lives
 # in the scheduler config, not the VAE's: ``EDMEulerScheduler``'s default (tests/test_video_vae.py
@@ -147,8 +149,17 @@ class CogVideoXVAEBackend(_VideoVAEBackend):
         frames = z.shape[2]
         if frames % 2 == 1:
             return self.module.decode(z).sample
+        import torch
+
         padded = torch.cat([z, z[:, :, -1:]], dim=2)  # (N, c, 1 + k + 1, h, w): odd count
         return self.module.decode(padded).sample[:, :, : -self.spec.temporal_compression]
+
+
+def _per_channel(values, channels: int) -> list[list[float]]:
+    """A flat (channels x frames) list, row-major as released -> one row of floats per channel."""
+    flat = [float(v) for v in values]
+    frames = len(flat) // channels
+    return [flat[k * frames : (k + 1) * frames] for k in range(channels)]
 
 
 class CosmosVAEBackend(_VideoVAEBackend):
@@ -175,12 +186,12 @@ class CosmosVAEBackend(_VideoVAEBackend):
         if cfg.get("latents_mean") is None:
             return LatentNormalization(scale=COSMOS_SIGMA_DATA)
         c = int(cfg["latent_channels"])
-        mean = torch.tensor(cfg["latents_mean"], dtype=torch.float64).view(c, -1)  # (c, frames)
-        std = torch.tensor(cfg["latents_std"], dtype=torch.float64).view(c, -1)
+        means = _per_channel(cfg["latents_mean"], c)  # c rows of per-frame values
+        stds = _per_channel(cfg["latents_std"], c)
         return LatentNormalization(
             scale=COSMOS_SIGMA_DATA,
-            mean=tuple(mean.mean(1).tolist()),
-            std=tuple(std.pow(2).mean(1).sqrt().tolist()),
+            mean=tuple(math.fsum(row) / len(row) for row in means),
+            std=tuple(math.sqrt(math.fsum(v * v for v in row) / len(row)) for row in stds),
         )
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -9,11 +9,13 @@ images, ``(N, c, T/q, H/p, W/p)`` for videos. The network module is named by pat
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
+    import torch
 
 
 class ViTokBackend(Backend):
