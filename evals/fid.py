@@ -213,6 +213,15 @@ def _check_pair(a: FeatureStats, b: FeatureStats) -> None:
         )
 
 
+def _cubic_kernel(a: np.ndarray, b: np.ndarray, d: int) -> np.ndarray:
+    """(a·bᵀ / d + 1)³ computed in place: one (m, m) array."""
+    k = a @ b.T
+    k /= d
+    k += 1
+    k **= 3
+    return k
+
+
 def kernel_inception_distance(
     real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
@@ -220,8 +229,8 @@ def kernel_inception_distance(
 
     real, fake: (N, d) features. Subset size is min(subset_size, N_real, N_fake). Returns (mean, std).
     """
-    real = np.asarray(real, dtype=np.float64)
-    fake = np.asarray(fake, dtype=np.float64)
+    real, fake = np.asarray(real), np.asarray(fake)  # subsets are cast to float64 one at a time:
+    # memory does not grow with N beyond the features themselves
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ShapeMismatchError(
             f"KID needs features (N, d) with equal d, got {real.shape} and {fake.shape}", param="features"
@@ -233,11 +242,9 @@ def kernel_inception_distance(
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets)
     for i in range(num_subsets):
-        x = real[rng.choice(real.shape[0], m, replace=False)]  # (m, d)
-        y = fake[rng.choice(fake.shape[0], m, replace=False)]  # (m, d)
-        k_xx = (x @ x.T / d + 1) ** 3
-        k_yy = (y @ y.T / d + 1) ** 3
-        k_xy = (x @ y.T / d + 1) ** 3
+        x = real[rng.choice(real.shape[0], m, replace=False)].astype(np.float64)  # (m, d)
+        y = fake[rng.choice(fake.shape[0], m, replace=False)].astype(np.float64)  # (m, d)
+        k_xx, k_yy, k_xy = (_cubic_kernel(a, b, d) for a, b in ((x, x), (y, y), (x, y)))  # (m, m) each
         within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
         values[i] = within - 2 * k_xy.mean()
     return float(values.mean()), float(values.std())
