@@ -767,14 +767,19 @@ def test_case2_request_whose_client_left_is_abandoned(base_url, http, crops):
 
 
 def test_case3_burst_is_shed_at_once_instead_of_timing_out(base_url, http, crops):
-    """24 concurrent requests of 0.4-1 s (machine load) on an 8 s timeout: what cannot finish in
-    time gets 503 + Retry-After immediately (it used to wait for its 504); nothing times out."""
+    """24 concurrent requests of seconds each on an 8 s timeout: what cannot finish in
+    time gets 503 + Retry-After (it used to wait for its 504); nothing times out. Some are shed by
+    the ingress's admission, before any replica time is spent on them: that is "at once", checked by
+    where the 503 came from rather than by a wall-clock bound (a starved 2-core box answers even a
+    shed request slowly)."""
     big = np.tile(crops[0], (3, 3, 1))  # (144, 192, 3)
-    assert _post_png(http, BOUNDED, big).status_code == 200  # one measured service time
+    work = {**SLOW, "resolution": 240}  # 180x240 in 16-px tiles: seconds of model work per request,
+    # so 24 of them are far more than the timeout's budget on any machine this suite runs on
+    assert _post_png(http, BOUNDED, big, **work).status_code == 200  # one measured service time
 
     async def timed(client: httpx.AsyncClient) -> tuple[httpx.Response, float]:
         started = time.perf_counter()
-        response = await _post_png(client, BOUNDED, big)
+        response = await _post_png(client, BOUNDED, big, **work)
         return response, time.perf_counter() - started
 
     async def burst():
@@ -785,7 +790,8 @@ def test_case3_burst_is_shed_at_once_instead_of_timing_out(base_url, http, crops
     statuses = [response.status_code for response, _ in results]
     assert statuses.count(504) == 0 and statuses.count(200) >= 1, statuses
     shed = [(response, elapsed) for response, elapsed in results if response.status_code == 503]
-    assert any(elapsed < 1.0 for _, elapsed in shed), [round(e, 2) for _, e in results]  # at once
+    messages = [_error(response)["message"] for response, _ in shed]
+    assert any("the queue ahead needs" in message for message in messages), messages  # by admission
     for response, _ in shed:  # the rest: the replica's own check when the request's turn came
         assert int(response.headers["retry-after"]) >= 1 and _error(response)["type"] == "overloaded"
     _assert_healthy(http, crops)
