@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizers_svc.errors import InvalidRequestError
-from tokenizers_svc.formats import EVAL_ONLY_IMAGE_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from tokenizers_svc.formats import EVAL_IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 
 SQUARE_CROPS = ("center", "grid")
@@ -24,7 +24,7 @@ def list_media(data: Path, kind: str) -> list[Path]:
     Images include BMP and TIFF, which datasets ship and the evaluation decodes."""
     if not data.is_dir():
         raise InvalidRequestError(f"--data must be a directory, got {data}", param="data")
-    suffixes = IMAGE_SUFFIXES + EVAL_ONLY_IMAGE_SUFFIXES if kind == "image" else VIDEO_SUFFIXES
+    suffixes = EVAL_IMAGE_SUFFIXES if kind == "image" else VIDEO_SUFFIXES
     return sorted(
         (p for p in data.rglob("*") if p.suffix.lower() in suffixes), key=lambda p: str(p.relative_to(data))
     )

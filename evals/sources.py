@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from evals import multiscale
 from evals.crops import list_media, square_crops
 from tokenizers_svc.errors import InvalidMediaError, InvalidRequestError, TokenizerError
-from tokenizers_svc.formats import EVAL_ONLY_IMAGE_FORMATS, EVAL_ONLY_IMAGE_SUFFIXES, IMAGE_SUFFIXES
+from tokenizers_svc.formats import EVAL_IMAGE_SUFFIXES, EVAL_ONLY_IMAGE_FORMATS
 from tokenizers_svc.media import decode_image, read_video
 
 
@@ -81,7 +81,7 @@ def _tar_entries(tar: Path) -> list[Entry]:
     return [
         Entry(f"{tar.name}/{m}", str(tar), member=m)
         for m in members
-        if Path(m).suffix.lower() in IMAGE_SUFFIXES + EVAL_ONLY_IMAGE_SUFFIXES
+        if Path(m).suffix.lower() in EVAL_IMAGE_SUFFIXES
     ]
 
 

@@ -16,9 +16,9 @@ from tokenizers_svc.errors import UnsupportedMediaTypeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what directory listings treat as images
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm")  # ... and as videos
 MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
-# Image formats the evaluation also reads (datasets ship them; Pillow decodes them) though the service
-# refuses them: by suffix for listings, by Pillow format name for the decoder.
-EVAL_ONLY_IMAGE_SUFFIXES = (".bmp", ".tif", ".tiff")
+# Image formats the evaluation reads: the served ones plus BMP and TIFF, which datasets ship and
+# Pillow decodes but the service refuses (by suffix for listings, by Pillow format name for the decoder).
+EVAL_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, ".bmp", ".tif", ".tiff")
 EVAL_ONLY_IMAGE_FORMATS = ("BMP", "TIFF")
 
 # Pillow format names of the image formats this service writes, by the names users type.

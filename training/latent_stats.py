@@ -99,19 +99,12 @@ def skimage_photo_crops() -> torch.Tensor:
     return torch.stack(crops)
 
 
-def load_export(export: Path, device: str = "cpu", name: str | None = None) -> Backend:
-    """The backend of a ``save_pretrained`` directory, in eval mode (its spec reads the saved config,
-    so it carries the fitted normalization)."""
-    class_name = read_class_name(export)
-    module = model_class(class_name).from_pretrained(str(export)).to(device).eval()
-    return backend_for(class_name).from_module(module, name or export.name)
-
-
 def fit_export(export: Path, photos: list[Path], device: str = "cpu", with_skimage: bool = True) -> dict:
     """Measure on multi-scale crops of every folder in ``photos`` (and the scikit-image photos),
     write into ``export`` (re-saved in place)."""
-    backend = load_export(export, device)
-    module = backend.module
+    class_name = read_class_name(export)
+    module = model_class(class_name).from_pretrained(str(export)).to(device).eval()
+    backend = backend_for(class_name).from_module(module, export.name)
     pixels = [load_multiscale(folder, scales=DEFAULT_SCALES).pixels for folder in photos]
     pixels = torch.cat(pixels + ([skimage_photo_crops()] if with_skimage else []))
     stride = max(1, -(-len(pixels) // MAX_CROPS))
