@@ -7,10 +7,13 @@ trained on), against bicubic in space, with the colour cast checked per channel.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from evals.heldout_video import compare_video, heldout_clips, tokenizer_round_trip
+from evals import heldout_video
+from evals.heldout_video import REAL_CLIPS, compare_video, heldout_clips, tokenizer_round_trip
 from evals.multiscale import MultiscaleCrops, compare, load_multiscale
 from tokenizers_svc.defaults import DEFAULT_MODELS
 from tokenizers_svc.loading import load_tokenizer
@@ -21,7 +24,6 @@ from training.latent_stats import skimage_photo_crops
 # scores every 4th crop (64, all four scales) to keep a CPU round trip of ~1 s per crop affordable.
 IMAGE_GAIN_DB = 1.5
 CROP_STRIDE = 4
-REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")
 MAX_COLOUR_CAST = 1.5  # grey levels of mean error per channel (the old video default was green)
 
 
@@ -66,3 +68,18 @@ def test_video_default_beats_spatial_bicubic_without_colour_cast(shared_data):
     )
     assert result["model"]["psnr"] > result["bicubic_spatial"]["psnr"], result
     assert max(abs(v) for v in result["mean_error_rgb"]) <= MAX_COLOUR_CAST, result["mean_error_rgb"]
+
+
+def test_heldout_video_command_reports_the_model_against_both_baselines(shared_data, tmp_path, capsys):
+    """`python -m evals.heldout_video` (the video card's command) on short clips: the table names the
+    model and both baselines, and the paired gain is the model's PSNR minus the better baseline's."""
+    out = tmp_path / "result.json"
+    argv = ["--videos", str(shared_data / "videos"), "--clips-per-video", "1", "--frames", "5"]
+    assert heldout_video.main([*argv, "--resolution", "64", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| bicubic_spatiotemporal |" in table and "| model |" in table
+    result = json.loads(out.read_text())
+    assert result["n"] == len(result["clips"]) >= 1
+    best = result[result["best_baseline"]]["psnr"]
+    assert result["gain_db"] == pytest.approx(result["model"]["psnr"] - best, abs=1e-6)
+    assert result["floats_per_item"] == 16 * 2 * 4 * 4  # c16, frames 1 + 4k -> 2 latent frames, 64/16

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-from evals.heldout_video import compare_video, heldout_clips, tokenizer_round_trip
+from evals.heldout_video import REAL_CLIPS, compare_video, heldout_clips, tokenizer_round_trip
 from evals.multiscale import compare, load_multiscale
 from tokenizers_svc import load_tokenizer
 
 RECIPES = Path(__file__).parent / "recipes"
 IMAGE_CANDIDATES = ("default-image", "gpu-image-f16c16")
 VIDEO_RECIPE = "default-video"
-REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")
 PROBE_STEPS = 40
 STARTUP_S = 25.0  # imports, photo decoding and the first validation of a real run
 FINISH_S = 20.0  # final validation, checkpoint and export
