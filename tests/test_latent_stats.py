@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
+from evals.heldout_video import heldout_clips
 from evals.multiscale import load_multiscale
 from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.registry import get_preset
@@ -35,3 +37,24 @@ def test_fitted_statistics_centre_the_latents_of_the_fitted_photos(shared_data, 
     assert (per_channel.std(1, correction=0) - 1).abs().max() < 1e-3
     config = (export / "config.json").read_text()
     assert "latents_mean" in config and "shift_factor" in config  # the scalar fallback is written too
+
+
+def test_video_statistics_come_from_clips_of_the_training_segment(shared_data, tmp_path):
+    """A video model's statistics are fitted on clips (LTX-Video keeps them as buffers): its normalized
+    latents of those clips are centred, with unit std, per channel."""
+    export = tmp_path / "video"
+    build_module(get_preset("video-vae-tiny")).save_pretrained(str(export))
+    clips = heldout_clips([shared_data / "videos" / "bikes.mp4"], (0.0, 0.8), 2, frames=5, resolution=64)[0]
+
+    stats = fit_export(export, [], clips=clips)
+
+    tokenizer = load_tokenizer(export)
+    norm = tokenizer.spec.normalization
+    assert stats["items"] == 2 and len(norm.mean) == 16 and norm.scale == 1.0
+    assert norm.mean == pytest.approx(stats["mean"], rel=1e-6)  # float32 buffers
+    assert norm.std == pytest.approx(stats["std"], rel=1e-6)
+    with torch.no_grad():
+        z = tokenizer.encode(clips).latents  # (2, 16, 2, 4, 4) normalized
+    per_channel = z.double().transpose(0, 1).flatten(1)
+    assert per_channel.mean(1).abs().max() < 1e-3
+    assert (per_channel.std(1, correction=0) - 1).abs().max() < 1e-3

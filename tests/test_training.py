@@ -145,6 +145,9 @@ def test_tiny_recipes_train_on_real_data(name, shared_data, tmp_path):
     if name == "tiny-video":
         assert [s["kind"] for s in card["data"]["sources"]] == ["videos", "images"]
         assert card["data"]["sources"][0]["items"] == 4  # the real clips only
+        fitted = card["metrics"]["final"]["latent_statistics"]
+        assert 4 < fitted["items"] <= 4 * 8  # training_clips: up to 8 clips of each real clip, not photos
+        assert tokenizer.spec.normalization.mean == pytest.approx(fitted["mean"], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Fit a trained tokenizer's latent normalization so diffusion sees centred, unit-variance latents.
 
     python -m training.latent_stats EXPORT_DIR --data ../shared/data/images/train [--no-skimage-photos]
+    python -m training.latent_stats EXPORT_DIR --video ../shared/data/videos/bikes.mp4 ... --segment 0,0.8
 
 A diffusion model wants every latent channel near mean 0 and std 1; a plain ``1 / std`` scaling
 factor leaves channels off-centre (the first shipped image default had per-channel means of -1.1 to
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from evals.heldout_video import heldout_clips
 from evals.multiscale import DEFAULT_SCALES, load_multiscale, multiscale_crops
 from tokenizers_svc.errors import EXIT_OK, EXIT_USAGE
 from tokenizers_svc.families.base import Backend
@@ -39,17 +41,18 @@ from tokenizers_svc.registry import backend_for, model_class, read_class_name
 # than the shared training folder, so the statistics hold beyond it.
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 MAX_CROPS = 400  # evenly spaced over all photos and scales (the first N would be a few photos)
+CLIPS_PER_VIDEO = 8
 
 
 @torch.no_grad()
 def latent_statistics(backend: Backend, pixels: torch.Tensor, batch_size: int = 8) -> dict:
-    """Per-channel and overall mean/std of raw latents of uint8 (N, 3, H, W) images (a video
-    model sees each image as a one-frame clip)."""
+    """Per-channel and overall mean/std of raw latents of uint8 (N, 3, H, W) images or (N, 3, T, H, W)
+    clips (a video model sees an image as a one-frame clip)."""
     sums = count = squares = None
     device = backend.device
     for batch in pixels.split(batch_size):
-        x = to_float_pixels(batch.to(device)).to(backend.dtype)  # (n, 3, H, W) float [-1, 1]
-        if backend.spec.modality != "image":
+        x = to_float_pixels(batch.to(device)).to(backend.dtype)  # (n, 3, [T,] H, W) float [-1, 1]
+        if backend.spec.modality != "image" and x.dim() == 4:
             x = x.unsqueeze(2).expand(-1, -1, backend.spec.frame_rule.padded_frames(1), -1, -1)
         z = backend.encode_moments(x)[0].double()  # (n, c, [t,] h, w) raw latents
         per_channel = z.transpose(0, 1).flatten(1)  # (c, elements)
@@ -99,12 +102,30 @@ def skimage_photo_crops() -> torch.Tensor:
     return torch.stack(crops)
 
 
-def fit_export(export: Path, photos: list[Path], device: str = "cpu", with_skimage: bool = True) -> dict:
-    """Measure on multi-scale crops of every folder in ``photos`` (and the scikit-image photos),
-    write into ``export`` (re-saved in place)."""
+def training_clips(videos: list[Path], segment: tuple[float, float]) -> torch.Tensor:
+    """:data:`CLIPS_PER_VIDEO` clips of 17 frames at 256x256, evenly spaced in ``segment`` of each
+    video (its training part): uint8 (N, 3, 17, 256, 256)."""
+    return heldout_clips(videos, segment, clips_per_video=CLIPS_PER_VIDEO, frames=17, resolution=256)[0]
+
+
+def fit_export(
+    export: Path,
+    photos: list[Path],
+    device: str = "cpu",
+    with_skimage: bool = True,
+    clips: torch.Tensor | None = None,
+) -> dict:
+    """Measure on multi-scale crops of every folder in ``photos`` (and the scikit-image photos), or on
+    ``clips`` (uint8 (N, 3, T, H, W)) when given: a video model's latents of clips, not of photos, are
+    what a video diffusion model sees. Write into ``export`` (re-saved in place)."""
     class_name = read_class_name(export)
     module = model_class(class_name).from_pretrained(str(export)).to(device).eval()
     backend = backend_for(class_name).from_module(module, export.name)
+    if clips is not None:
+        stats = latent_statistics(backend, clips, batch_size=2)
+        apply_statistics(module, stats)
+        module.to("cpu").save_pretrained(str(export))
+        return stats
     pixels = [load_multiscale(folder, scales=DEFAULT_SCALES).pixels for folder in photos]
     pixels = torch.cat(pixels + ([skimage_photo_crops()] if with_skimage else []))
     stride = max(1, -(-len(pixels) // MAX_CROPS))
@@ -123,8 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         "--data",
         type=Path,
         action="append",
-        required=True,
+        default=[],
         help="training photos (not evaluation ones); repeatable",
+    )
+    parser.add_argument(
+        "--video", type=Path, action="append", default=[], help="a training video file; repeatable"
+    )
+    parser.add_argument(
+        "--segment", default="0,0.8", help="the training part of each --video (fractions of its duration)"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -134,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.export / "config.json").is_file():
         print(f"error: {args.export} has no config.json", file=sys.stderr)
         return EXIT_USAGE
-    stats = fit_export(args.export, args.data, args.device, with_skimage=not args.no_skimage_photos)
-    print(f"per-channel mean {stats['mean']}, std {stats['std']} over {stats['items']} crops")
+    if not args.data and not args.video:
+        print("error: give training photos (--data) or training videos (--video)", file=sys.stderr)
+        return EXIT_USAGE
+    first, last = (float(v) for v in args.segment.split(","))
+    clips = training_clips(args.video, (first, last)) if args.video else None
+    stats = fit_export(args.export, args.data, args.device, not args.no_skimage_photos, clips)
+    print(f"per-channel mean {stats['mean']}, std {stats['std']} over {stats['items']} crops or clips")
     return EXIT_OK
 
 

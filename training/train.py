@@ -38,7 +38,7 @@ from training.config import Recipe, load_recipe
 from training.data import BatchPlan, build_sources, load_validation, make_loader
 from training.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
 from training.ema import Ema
-from training.latent_stats import fit_export
+from training.latent_stats import fit_export, training_clips
 from training.model import Autoencoder, build_backend, last_layer_name, phase_parameters
 from training.schedule import lr_at
 
@@ -350,7 +350,13 @@ class Trainer:
             self.export_module().save_pretrained(str(directory))
             if self.recipe.model.latent_statistics == "per_channel":
                 photos = [Path(s.section.path) for s in self.sources if s.kind == "images"]
-                self.state.metrics["latent_statistics"] = fit_export(directory, photos, str(acc.device))
+                videos = [s for s in self.sources if s.kind == "videos"]
+                clips = None
+                if videos and self.spec.modality == "video":  # the first video source's training part
+                    clips = training_clips(videos[0].files, videos[0].section.segment)
+                self.state.metrics["latent_statistics"] = fit_export(
+                    directory, photos, str(acc.device), clips=clips
+                )
             saved = json.loads((directory / "config.json").read_text())  # with the normalization just fitted
             spec = type(self.backend).spec_from_config(saved, self.spec.name)
             (directory / CARD_FILE).write_text(json.dumps(self.card(spec), indent=2) + "\n")
