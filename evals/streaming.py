@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader
 from evals import fid, image_metrics, sources, stats, video_metrics
 from evals.crops import bicubic_round_trip, bicubic_size
 from tokenizers_svc import load_tokenizer
-from tokenizers_svc.heap import pin_mmap_threshold
 
 log = logging.getLogger("evals")
 
@@ -459,7 +458,6 @@ def evaluate(
     ``reference``: cached reference statistics (then the originals' Inception pass is skipped).
     ``ray_actors``: score shards with that many Ray actors instead of in this process.
     """
-    pin_mmap_threshold()  # resident memory stays at the live data, whatever the item count
     scorer = Scorer(config) if ray_actors is None else None
     columns = scorer.columns() if scorer else _columns(config)
     out.mkdir(parents=True, exist_ok=True)
@@ -521,7 +519,6 @@ class ShardWorker:
         # the driver's thread count, not Ray's one per CPU: float results of the model and the
         # metrics depend on it, and a sharded run must equal the single-process one
         torch.set_num_threads(torch_threads)
-        pin_mmap_threshold()
         self.scorer = Scorer(config)
 
     def score_shard(self, shard: sources.Shard, with_reference: bool, per_chunk: int):
