@@ -2,7 +2,7 @@
 
 Images: the multi-scale crop protocol (evals.multiscale) on the validation photos, against bicubic
 at the same number of floats. Video: clips from the held-out last 20% of the real clips (never
-trained on), against bicubic in space, with the colour cast checked per channel.
+trained on), against bicubic in space and in space and time, with the colour cast checked per channel.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_image_default_latents_are_centred_on_training_photos(shared_data):
 
 
 @pytest.mark.slow
-def test_video_default_beats_spatial_bicubic_without_colour_cast(shared_data):
+def test_video_default_beats_bicubic_in_space_and_time_without_colour_cast(shared_data):
     tokenizer = load_tokenizer(DEFAULT_MODELS["video"])
     clips, names = heldout_clips(
         [shared_data / "videos" / name for name in REAL_CLIPS], clips_per_video=2, frames=17, resolution=128
@@ -66,7 +66,8 @@ def test_video_default_beats_spatial_bicubic_without_colour_cast(shared_data):
     result = compare_video(
         clips, names, tokenizer_round_trip(tokenizer), tokenizer.spec.latent_floats(tuple(clips.shape))
     )
-    assert result["model"]["psnr"] > result["bicubic_spatial"]["psnr"], result
+    assert result["best_baseline"] == "bicubic_spatiotemporal"  # the stronger one on these clips
+    assert result["gain_db"] > 0, result  # paired, over the better baseline (+0.88 ± 0.49 dB measured)
     assert max(abs(v) for v in result["mean_error_rgb"]) <= MAX_COLOUR_CAST, result["mean_error_rgb"]
 
 
