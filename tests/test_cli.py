@@ -51,8 +51,12 @@ def test_models_table_and_json():
     listing = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
     assert {row["name"] for row in listing} == {p.name for p in list_presets()}
     assert all("params" not in row for row in listing)  # --stats counts them
-    default = next(r for r in listing if r["name"] == "tsvc-image-f8c4")
-    assert default["normalization"] == load_tokenizer("tsvc-image-f8c4").spec.normalization.constants()
+    for name in ("tsvc-image-f8c4", "tsvc-video-f16t4c16"):  # config.json / weights buffers, unloaded
+        default = next(r for r in listing if r["name"] == name)
+        constants = load_tokenizer(name).spec.normalization.constants()
+        assert default["normalization"].keys() == constants.keys(), name
+        for key, value in constants.items():  # float32 buffers for video: approx
+            assert default["normalization"][key] == pytest.approx(value, rel=1e-6), (name, key)
     stats = json.loads(runner.invoke(app, ["models", "--json", "--stats"]).stdout)
     row = next(r for r in stats if r["name"] == "sd-vae-tiny")
     module = load_tokenizer("sd-vae-tiny").module

@@ -140,6 +140,7 @@ def test_tiny_recipes_train_on_real_data(name, shared_data, tmp_path):
     assert card["data"]["skipped_total"] == 0
     tokenizer = load_tokenizer(tmp_path / "export")
     assert tokenizer.name == name and tokenizer.spec.family == card["family"]
+    assert card["spec"] == json.loads(json.dumps(tokenizer.spec.to_dict()))  # incl. fitted statistics
     if name != "tiny-video":  # the last phase trains against the patch discriminator
         assert {"g_adv", "d_loss", "adaptive_weight"} <= card["train_terms_last"].keys()
     if name == "tiny-video":

@@ -93,7 +93,12 @@ def _preset_row(preset: Preset, *, stats: bool = False) -> dict:
     if not config:
         return row
     try:
-        spec = backend_for(preset.class_name).spec_from_config(config, preset.name)
+        backend = backend_for(preset.class_name)
+        spec = (
+            backend.spec_from_config(config, preset.name)
+            if weights is None
+            else backend.spec_from_export(weights, config, preset.name)
+        )
     except (KeyError, TypeError, ValueError) as exc:  # e.g. a hand-made config.json in the weights home
         row["error"] = f"config does not describe the model: {type(exc).__name__}: {exc}"
         return row

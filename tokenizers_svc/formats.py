@@ -9,6 +9,8 @@ and which content type a client announces.
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from tokenizers_svc.errors import UnsupportedMediaTypeError
@@ -73,3 +75,33 @@ def is_media_file(path: str | Path) -> bool:
 
 def is_video_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+# safetensors dtypes read by :func:`read_safetensors_vector` -> (struct format, bytes per element)
+_VECTOR_DTYPES = {"F64": ("d", 8), "F32": ("f", 4), "F16": ("e", 2), "BF16": ("H", 2)}
+
+
+def read_safetensors_vector(path: Path, name: str) -> tuple[float, ...] | None:
+    """The values of tensor ``name`` (any shape, flattened) in a ``.safetensors`` file, read from its
+    JSON header and byte range without torch or numpy; None if the file or tensor is absent or of
+    another dtype. For small tensors (a model's latent statistics), read where importing torch would
+    cost seconds (``tokenizers-svc models``)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+            entry = header.get(name)
+            if not isinstance(entry, dict) or entry.get("dtype") not in _VECTOR_DTYPES:
+                return None
+            start, end = entry["data_offsets"]
+            handle.seek(8 + length + start)
+            data = handle.read(end - start)
+    except (OSError, ValueError, struct.error):
+        return None
+    code, size = _VECTOR_DTYPES[entry["dtype"]]
+    values = struct.unpack(f"<{len(data) // size}{code}", data)
+    if entry["dtype"] == "BF16":  # the high half of a float32
+        values = struct.unpack(
+            f"<{len(values)}f", struct.pack(f"<{len(values)}I", *(v << 16 for v in values))
+        )
+    return tuple(float(v) for v in values)

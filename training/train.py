@@ -358,7 +358,7 @@ class Trainer:
                     directory, photos, str(acc.device), clips=clips
                 )
             saved = json.loads((directory / "config.json").read_text())  # with the normalization just fitted
-            spec = type(self.backend).spec_from_config(saved, self.spec.name)
+            spec = type(self.backend).spec_from_export(directory, saved, self.spec.name)
             (directory / CARD_FILE).write_text(json.dumps(self.card(spec), indent=2) + "\n")
         acc.wait_for_everyone()
         return directory

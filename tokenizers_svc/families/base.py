@@ -65,6 +65,12 @@ class Backend(ABC):
         which states every key read here), so the registry can describe a model without building it."""
 
     @classmethod
+    def spec_from_export(cls, directory: Path, config: Mapping, name: str) -> TokenizerSpec:
+        """The spec of saved weights (``directory`` with ``config``, its config.json), without loading
+        them: :meth:`spec_from_config`, plus what a family keeps in the weights file."""
+        return cls.spec_from_config(config, name)
+
+    @classmethod
     def from_module(cls, module: nn.Module, name: str, weights_hash: str | None = None) -> Backend:
         """Wrap an instantiated module; the spec is read from ``module.config``. ``weights_hash``:
         known when the weights came from files (:func:`directory_hash`), else hashed on first use."""

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenizers_svc.families.base import Backend, Preset
+from tokenizers_svc.formats import read_safetensors_vector
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
 if TYPE_CHECKING:
     import torch
     from diffusers import AutoencoderKLLTXVideo
+
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' save_pretrained name
 
 
 def _channel_stats(
@@ -59,6 +64,16 @@ class LTXVideoBackend(Backend):
             is_kl=True,
             in_channels=config["in_channels"],
         )
+
+    @classmethod
+    def spec_from_export(cls, directory: Path, config: Mapping, name: str) -> TokenizerSpec:
+        """With the latents_mean/std buffers read from the weights file (no torch)."""
+        spec = cls.spec_from_config(config, name)
+        weights = Path(directory) / WEIGHTS_FILE
+        mean, std = (read_safetensors_vector(weights, key) for key in ("latents_mean", "latents_std"))
+        if mean is None or std is None:
+            return spec
+        return replace(spec, normalization=replace(spec.normalization, mean=mean, std=std))
 
     @classmethod
     def from_module(
