@@ -33,7 +33,7 @@ from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")  # the real (not rendered) clips
 
 
-def heldout_clips(
+def segment_clips(
     videos: Sequence[Path],
     segment: tuple[float, float] = (0.8, 1.0),
     clips_per_video: int = 4,
@@ -41,7 +41,8 @@ def heldout_clips(
     resolution: int = 256,
 ) -> tuple[torch.Tensor, list[str]]:
     """``clips_per_video`` clips of ``frames`` frames evenly spaced inside ``segment`` (fractions of each
-    file's duration), shorter side resized to ``resolution``, center square: uint8 (N, 3, T, R, R)."""
+    file's duration; by default the held-out end), shorter side resized to ``resolution``, center
+    square: uint8 (N, 3, T, R, R)."""
     clips, names = [], []
     for path in videos:
         duration, _ = probe_video(path)
@@ -135,6 +136,12 @@ def compare_video(
     }
 
 
+def compare_tokenizer(clips: torch.Tensor, names: list[str], tokenizer) -> dict:
+    """:func:`compare_video` of a Tokenizer at its own float budget for these clips."""
+    floats = tokenizer.spec.latent_floats(tuple(clips.shape))
+    return compare_video(clips, names, tokenizer_round_trip(tokenizer), floats)
+
+
 def tokenizer_round_trip(tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
     """A Tokenizer as a uint8 -> uint8 reconstruction function (no gradients)."""
 
@@ -183,17 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the full result here")
     args = parser.parse_args(argv)
     first, last = (float(v) for v in args.segment.split(","))
-    clips, names = heldout_clips(
+    clips, names = segment_clips(
         [args.videos / name for name in REAL_CLIPS],
         segment=(first, last),
         clips_per_video=args.clips_per_video,
         frames=args.frames,
         resolution=args.resolution,
     )
-    tokenizer = load_tokenizer(args.model, device=args.device)
-    result = compare_video(
-        clips, names, tokenizer_round_trip(tokenizer), tokenizer.spec.latent_floats(tuple(clips.shape))
-    )
+    result = compare_tokenizer(clips, names, load_tokenizer(args.model, device=args.device))
     print(markdown(args.model, result, args.resolution, args.frames))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evals import heldout_video
-from evals.heldout_video import REAL_CLIPS, compare_video, heldout_clips, tokenizer_round_trip
+from evals.heldout_video import REAL_CLIPS, compare_tokenizer, segment_clips, tokenizer_round_trip
 from evals.multiscale import MultiscaleCrops, compare, load_multiscale
 from tokenizers_svc.defaults import DEFAULT_MODELS
 from tokenizers_svc.loading import load_tokenizer
@@ -60,12 +60,10 @@ def test_image_default_latents_are_centred_on_training_photos(shared_data):
 @pytest.mark.slow
 def test_video_default_beats_bicubic_in_space_and_time_without_colour_cast(shared_data):
     tokenizer = load_tokenizer(DEFAULT_MODELS["video"])
-    clips, names = heldout_clips(
+    clips, names = segment_clips(
         [shared_data / "videos" / name for name in REAL_CLIPS], clips_per_video=2, frames=17, resolution=128
     )
-    result = compare_video(
-        clips, names, tokenizer_round_trip(tokenizer), tokenizer.spec.latent_floats(tuple(clips.shape))
-    )
+    result = compare_tokenizer(clips, names, tokenizer)
     assert result["best_baseline"] == "bicubic_spatiotemporal"  # the stronger one on these clips
     assert result["gain_db"] > 0, result  # paired, over the better baseline (+1.32 ± 0.59 dB measured)
     assert max(abs(v) for v in result["mean_error_rgb"]) <= MAX_COLOUR_CAST, result["mean_error_rgb"]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from evals.heldout_video import heldout_clips
+from evals.heldout_video import segment_clips
 from evals.multiscale import load_multiscale
 from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.registry import get_preset
@@ -44,7 +44,7 @@ def test_video_statistics_come_from_clips_of_the_training_segment(shared_data, t
     latents of those clips are centred, with unit std, per channel."""
     export = tmp_path / "video"
     build_module(get_preset("video-vae-tiny")).save_pretrained(str(export))
-    clips = heldout_clips([shared_data / "videos" / "bikes.mp4"], (0.0, 0.8), 2, frames=5, resolution=64)[0]
+    clips = segment_clips([shared_data / "videos" / "bikes.mp4"], (0.0, 0.8), 2, frames=5, resolution=64)[0]
 
     stats = fit_export(export, [], clips=clips)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from evals.heldout_video import REAL_CLIPS, compare_video, heldout_clips, tokenizer_round_trip
+from evals.heldout_video import REAL_CLIPS, compare_tokenizer, segment_clips, tokenizer_round_trip
 from evals.multiscale import compare, load_multiscale
 from tokenizers_svc import load_tokenizer
 
@@ -157,15 +157,13 @@ def evaluate_video(plan: dict, videos: Path, device: str, dry_run: bool) -> dict
     export = plan.get(VIDEO_RECIPE, {}).get("export")
     if not export:
         return None
-    clips, names = heldout_clips(
+    clips, names = segment_clips(
         [videos / name for name in REAL_CLIPS],
         clips_per_video=1 if dry_run else 4,
         frames=5 if dry_run else 17,
         resolution=64 if dry_run else 256,
     )
-    tokenizer = load_tokenizer(export, device=device)
-    floats = tokenizer.spec.latent_floats(tuple(clips.shape))
-    return compare_video(clips, names, tokenizer_round_trip(tokenizer), floats)
+    return compare_tokenizer(clips, names, load_tokenizer(export, device=device))
 
 
 def markdown(results: dict) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from evals.heldout_video import heldout_clips
+from evals.heldout_video import segment_clips
 from evals.multiscale import DEFAULT_SCALES, load_multiscale, multiscale_crops
 from tokenizers_svc.errors import EXIT_OK, EXIT_USAGE
 from tokenizers_svc.families.base import Backend
@@ -105,7 +105,7 @@ def skimage_photo_crops() -> torch.Tensor:
 def training_clips(videos: list[Path], segment: tuple[float, float]) -> torch.Tensor:
     """:data:`CLIPS_PER_VIDEO` clips of 17 frames at 256x256, evenly spaced in ``segment`` of each
     video (its training part): uint8 (N, 3, 17, 256, 256)."""
-    return heldout_clips(videos, segment, clips_per_video=CLIPS_PER_VIDEO, frames=17, resolution=256)[0]
+    return segment_clips(videos, segment, clips_per_video=CLIPS_PER_VIDEO, frames=17, resolution=256)[0]
 
 
 def fit_export(
@@ -122,14 +122,12 @@ def fit_export(
     module = model_class(class_name).from_pretrained(str(export)).to(device).eval()
     backend = backend_for(class_name).from_module(module, export.name)
     if clips is not None:
-        stats = latent_statistics(backend, clips, batch_size=2)
-        apply_statistics(module, stats)
-        module.to("cpu").save_pretrained(str(export))
-        return stats
-    pixels = [load_multiscale(folder, scales=DEFAULT_SCALES).pixels for folder in photos]
-    pixels = torch.cat(pixels + ([skimage_photo_crops()] if with_skimage else []))
-    stride = max(1, -(-len(pixels) // MAX_CROPS))
-    stats = latent_statistics(backend, pixels[::stride])
+        stats = latent_statistics(backend, clips, batch_size=2)  # 17-frame clips: small batches
+    else:
+        pixels = [load_multiscale(folder, scales=DEFAULT_SCALES).pixels for folder in photos]
+        pixels = torch.cat(pixels + ([skimage_photo_crops()] if with_skimage else []))
+        stride = max(1, -(-len(pixels) // MAX_CROPS))
+        stats = latent_statistics(backend, pixels[::stride])
     apply_statistics(module, stats)
     module.to("cpu").save_pretrained(str(export))
     return stats
