@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import evals  # noqa: F401  sets the evaluation's allocator mode (evals/__init__.py); both children inherit it
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "images"
 

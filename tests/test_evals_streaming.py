@@ -222,3 +222,24 @@ def test_progress_logs_counts_rate_and_eta(caplog):
     rate = float(line.split(", ")[2].split()[0])
     assert 0 < rate < 12 / 0.05 + 1
     assert "ETA 00:00:0" in line  # 4 files left at > 40 files/s
+
+
+ALIGN_PROBE = (
+    "import evals, torch; "
+    "print(all(torch.empty(n, dtype=torch.uint8).data_ptr() % 4096 == 0 for n in (3 << 20, 4 << 20, 9 << 20)))"
+)
+
+
+@pytest.mark.parametrize("setting, page_aligned", [(None, True), ("0", False)])
+def test_importing_evals_turns_on_torchs_huge_page_buffers(setting, page_aligned):
+    """evals/__init__.py sets THP_MEM_ALLOC_ENABLE before torch loads, which keeps a long evaluation's
+    heap from growing (docs/benchmarks.md); a user's own setting wins. Only in that mode does torch
+    page-align (and advise huge pages for) buffers of 2 MiB and more; otherwise it aligns to 64 bytes,
+    so three page-aligned buffers by chance are a 1 in 64^3 event."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    run = subprocess.run(
+        [sys.executable, "-c", ALIGN_PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.split()[-1] == str(page_aligned), run.stdout
