@@ -535,10 +535,12 @@ def _run_ray(config, pending, totals, done, checkpoint, progress, with_reference
     """Shards to Ray actors (one in flight per actor); the driver sums their statistics as they finish."""
     import ray
 
+    from tokenizers_svc.ray_cluster import init_ray
+
     address = os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, **({} if address else {"num_cpus": actors}), log_to_driver=False)
+        init_ray(address=address, **({} if address else {"num_cpus": actors}), log_to_driver=False)
     gpus = 1 if torch.device(config.device).type == "cuda" else 0
     worker_class = ray.remote(num_cpus=1, num_gpus=gpus)(ShardWorker)
     threads = torch.get_num_threads()

@@ -19,11 +19,11 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
-from serving.cluster import init_ray
 from serving.routes import Ingress
 from serving.schemas import ModelConfig, ServiceConfig, parse_config
 from serving.worker import TokenizerWorker
 from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
+from tokenizers_svc.ray_cluster import init_ray
 from tokenizers_svc.registry import get_preset
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")

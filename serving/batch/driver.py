@@ -36,13 +36,13 @@ from serving.batch.output import (
 )
 from serving.batch.plan import DTYPES, JobPlan, list_inputs, make_plan, path_text
 from serving.batch.stages import EncodeWorker, prepare_row, write_shard
-from serving.cluster import init_ray
 from tokenizers_svc.datasets import MANIFEST_FILE, SHARD_PREFIX
 from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.formats import is_video_file
 from tokenizers_svc.pixels import CROP_MODES, RESIZE_POLICIES
 from tokenizers_svc.progress import Progress as ProgressLog  # output.Progress: what the shards hold
+from tokenizers_svc.ray_cluster import init_ray
 
 MAX_INPUT_BLOCKS = 1000  # one CPU task per block of inputs; enough blocks to keep a cluster busy
 

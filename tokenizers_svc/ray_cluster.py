@@ -1,4 +1,5 @@
-"""Joining or starting Ray the same way in every entry point, with a clear word on token auth.
+"""Joining or starting Ray the same way in every entry point (serve, the batch job, the sharded
+evaluation), with a clear word on token auth.
 
 Ray clusters use token authentication by default: ``ray start`` and a local ``ray.init()`` keep the
 token in ``~/.ray/auth_token``. ``ray.init()`` sends it by itself when it starts the cluster or finds
