@@ -41,7 +41,7 @@ format: install
 # GPU_BUDGET seconds, score them (multi-scale val crops, held-out clip segments), export + cards.
 GPU_BUDGET ?= 300
 train-defaults-gpu: install
-	$(BIN)/python -m training.gpu_defaults --budget-s $(GPU_BUDGET) --out runs/gpu-defaults
+	$(BIN)/python -m benchmarks.gpu_defaults --budget-s $(GPU_BUDGET) --out runs/gpu-defaults
 
 # Every GPU measurement (inference dtypes/layouts/compile, training, memory) inside GPU_BUDGET seconds.
 gpu-check: install

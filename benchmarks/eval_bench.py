@@ -35,16 +35,14 @@ def write_crops(folder: Path, n: int, photos: Path = PHOTOS) -> None:
     """The first ``n`` multi-scale crops of the shared photos as PNG files (cycling when there are fewer)."""
     import torch
 
-    from evals import multiscale
+    from tokenizers_svc.crops import multiscale_crops
     from tokenizers_svc.media import encode_image, read_image
 
     crops = []
     for split in ("train", "val"):
         for path in sorted((photos / split).iterdir()) if (photos / split).is_dir() else []:
             image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
-            crops += [
-                (f"{split}-{path.stem}{name}", tile) for _, name, tile in multiscale.multiscale_crops(image)
-            ]
+            crops += [(f"{split}-{path.stem}{name}", tile) for _, name, tile in multiscale_crops(image)]
             if len(crops) >= n:
                 break
         if len(crops) >= n:
@@ -61,8 +59,8 @@ def bare_loop(folder: str, model: str, device: str, batch_size: int, inception_p
     import torch
 
     from evals import fid
-    from evals.crops import bicubic_round_trip
     from tokenizers_svc import load_tokenizer
+    from tokenizers_svc.crops import bicubic_round_trip
     from tokenizers_svc.media import read_image
 
     start = time.perf_counter()

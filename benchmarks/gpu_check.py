@@ -219,8 +219,8 @@ def default_model_precision(
 ) -> None:
     """PSNR of bf16/fp16 reconstructions against the fp32 reconstruction (and the originals)."""
     from evals.image_metrics import psnr
-    from evals.multiscale import load_multiscale
     from tokenizers_svc import load_tokenizer
+    from tokenizers_svc.crops import load_multiscale
 
     crops = load_multiscale(data, max_items=limit).pixels
     outputs = {}

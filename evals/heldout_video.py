@@ -16,52 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evals.crops import bicubic_round_trip
 from evals.image_metrics import psnr
 from evals.multiscale import mean_ci
 from evals.video_metrics import frames
+from tokenizers_svc.crops import bicubic_round_trip, segment_clips
 from tokenizers_svc.loading import load_tokenizer
-from tokenizers_svc.media import probe_video, read_video
-from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
+from tokenizers_svc.pixels import to_uint8_pixels
 
 REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")  # the real (not rendered) clips
-
-
-def segment_clips(
-    videos: Sequence[Path],
-    segment: tuple[float, float] = (0.8, 1.0),
-    clips_per_video: int = 4,
-    frames: int = 17,
-    resolution: int = 256,
-) -> tuple[torch.Tensor, list[str]]:
-    """``clips_per_video`` clips of ``frames`` frames evenly spaced inside ``segment`` (fractions of each
-    file's duration; by default the held-out end), shorter side resized to ``resolution``, center
-    square: uint8 (N, 3, T, R, R)."""
-    clips, names = [], []
-    for path in videos:
-        duration, _ = probe_video(path)
-        first, last = segment[0] * duration, segment[1] * duration
-        for k in range(clips_per_video):
-            start = first + (last - first) * k / clips_per_video
-            video = read_video(path, start=start, max_frames=frames)
-            if video.num_frames < frames:
-                continue
-            x = torch.from_numpy(video.frames).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
-            x = resize_shorter_side(x, resolution)
-            h, w = x.shape[-2:]
-            top, left = (h - resolution) // 2, (w - resolution) // 2
-            x = x[..., top : top + resolution, left : left + resolution]
-            clips.append(x.permute(1, 0, 2, 3).contiguous())  # (3, T, R, R)
-            names.append(f"{path.name}@{start:.2f}s")
-    if not clips:
-        raise ValueError(f"no held-out clip of {frames} frames in segment {segment} of {list(videos)}")
-    return torch.stack(clips), names
 
 
 def _clips(frames: torch.Tensor, n: int) -> torch.Tensor:

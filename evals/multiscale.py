@@ -1,10 +1,8 @@
 """The multi-scale crop protocol: reconstruction quality as users' photos see it.
 
 One center crop per photo (the old protocol) measures one scale of a few images and did not predict
-quality on unseen photos. Here every photo is resized so that its shorter side is each of ``scales``
-(antialiased bicubic), cut into non-overlapping ``size`` x ``size`` crops (row-major grid), and crops
-whose pixel standard deviation is below ``min_std`` grey levels (flat sky, blank walls: nothing to
-measure) are dropped. Results are a mean with a 95% confidence interval and a per-scale table, next to
+quality on unseen photos. Here every photo is cut at several scales (``tokenizers_svc.crops``:
+``multiscale_crops`` / ``load_multiscale``, shared with the trainer's latent statistics). Results are a mean with a 95% confidence interval and a per-scale table, next to
 bicubic down/up-sampling that keeps the same number of floats per crop as the tokenizer's latent.
 
 Tensors: crops are uint8 ``(N, 3, size, size)`` in [0, 255].
@@ -14,73 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from evals.crops import bicubic_round_trip, grid_tiles, list_media
 from evals.image_metrics import psnr
 from evals.stats import MetricSums
-from tokenizers_svc.media import read_image
-from tokenizers_svc.pixels import resize_shorter_side
-
-DEFAULT_SCALES = (256, 384, 512, 768)
-CROP_SIZE = 256
-MIN_STD = 4.0  # grey levels; crops flatter than this carry no measurable detail
-
-
-@dataclass
-class MultiscaleCrops:
-    """Crops of a folder of photos at several scales; ``scales[i]`` is crop i's shorter-side scale."""
-
-    pixels: torch.Tensor  # uint8 (N, 3, size, size)
-    names: list[str]  # "file@scale#rIcJ"
-    scales: list[int]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def multiscale_crops(
-    image: torch.Tensor,
-    scales: Sequence[int] = DEFAULT_SCALES,
-    size: int = CROP_SIZE,
-    min_std: float = MIN_STD,
-) -> list[tuple[int, str, torch.Tensor]]:
-    """uint8 (3, H, W) -> [(scale, "@scale#rIcJ", uint8 (3, size, size))] for every kept crop."""
-    crops = []
-    for scale in scales:
-        if scale < size:
-            raise ValueError(f"every scale must be >= the crop size {size}, got {scale}")
-        resized = resize_shorter_side(image, scale)  # (3, H', W'), shorter side == scale
-        for suffix, crop in grid_tiles(resized, size):
-            if float(crop.float().std()) >= min_std:
-                crops.append((scale, f"@{scale}{suffix}", crop.contiguous()))
-    return crops
-
-
-def load_multiscale(
-    data: Path,
-    scales: Sequence[int] = DEFAULT_SCALES,
-    size: int = CROP_SIZE,
-    min_std: float = MIN_STD,
-    max_items: int | None = None,
-) -> MultiscaleCrops:
-    """Every photo under ``data`` (sorted, recursive) through :func:`multiscale_crops`."""
-    pixels, names, crop_scales = [], [], []
-    for path in list_media(Path(data), "image"):
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)  # (3, H, W) uint8
-        for scale, suffix, crop in multiscale_crops(image, scales, size, min_std):
-            pixels.append(crop)
-            names.append(str(path.relative_to(data)) + suffix)
-            crop_scales.append(scale)
-            if max_items and len(names) >= max_items:
-                return MultiscaleCrops(torch.stack(pixels), names, crop_scales)
-    if not pixels:
-        raise ValueError(f"no crops of size {size} with std >= {min_std} under {data}")
-    return MultiscaleCrops(torch.stack(pixels), names, crop_scales)
+from tokenizers_svc.crops import MultiscaleCrops, bicubic_round_trip
 
 
 def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float]:

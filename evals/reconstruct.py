@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from evals import fid, multiscale, report, sources, stats, streaming
-from evals.crops import SQUARE_CROPS
+from tokenizers_svc.crops import DEFAULT_SCALES, MIN_STD, SQUARE_CROPS
 from tokenizers_svc.defaults import default_model
 from tokenizers_svc.errors import InvalidRequestError, TokenizerError, print_error
 from tokenizers_svc.registry import weights_home
@@ -49,7 +49,7 @@ def load_dataset(
     crop: str,
     max_items: int | None,
     frames: int = 17,
-    scales: tuple[int, ...] = multiscale.DEFAULT_SCALES,
+    scales: tuple[int, ...] = DEFAULT_SCALES,
 ) -> Dataset:
     """The items the streaming evaluation would see, stacked."""
     kind, entries = sources.list_entries(data)
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scales",
         type=parse_scales,
-        default=multiscale.DEFAULT_SCALES,
+        default=DEFAULT_SCALES,
         help="--crop multiscale: shorter-side sizes, comma-separated (default 256,384,512,768)",
     )
     parser.add_argument("--max-items", type=int, default=None)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         "fid": fid.PROTOCOL,
     }
     if args.crop == "multiscale":
-        protocol["multiscale"] = {"scales": list(args.scales), "min_std": multiscale.MIN_STD}
+        protocol["multiscale"] = {"scales": list(args.scales), "min_std": MIN_STD}
     data_sha256 = sources.content_hash(entries)
     reference_key = {**protocol, "inception_sha1": inception.sha1, "data_sha256": data_sha256}
     cache_path = (

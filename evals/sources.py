@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from evals import multiscale
-from evals.crops import list_media, square_crops
+from tokenizers_svc.crops import DEFAULT_SCALES, list_media, multiscale_crops, square_crops
 from tokenizers_svc.errors import InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.formats import EVAL_IMAGE_SUFFIXES, EVAL_ONLY_IMAGE_FORMATS
 from tokenizers_svc.media import decode_image, read_video
@@ -47,7 +46,7 @@ class CropSpec:
     kind: str  # "image" | "video"
     crop: str  # "center" | "grid" | "multiscale"
     resolution: int
-    scales: tuple[int, ...] = multiscale.DEFAULT_SCALES
+    scales: tuple[int, ...] = DEFAULT_SCALES
     frames: int = 17
 
 
@@ -123,7 +122,7 @@ def entry_items(
         data = entry_bytes(entry, tars)
         pixels = torch.from_numpy(decode_image(data, extra_formats=EVAL_ONLY_IMAGE_FORMATS)).permute(2, 0, 1)
     if spec.crop == "multiscale":
-        cut = multiscale.multiscale_crops(pixels, spec.scales, spec.resolution)
+        cut = multiscale_crops(pixels, spec.scales, spec.resolution)
     else:
         cut = [(None, suffix, tile) for suffix, tile in square_crops(pixels, spec.resolution, spec.crop)]
     items = [(entry.name + suffix, scale, tile.contiguous()) for scale, suffix, tile in cut]

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from evals import fid, image_metrics, sources, stats, video_metrics
-from evals.crops import bicubic_round_trip, bicubic_size
 from tokenizers_svc import load_tokenizer
+from tokenizers_svc.crops import bicubic_round_trip, bicubic_size
 
 log = logging.getLogger("evals")
 

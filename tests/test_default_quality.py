@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from evals import heldout_video
-from evals.heldout_video import REAL_CLIPS, compare_tokenizer, segment_clips, tokenizer_round_trip
-from evals.multiscale import MultiscaleCrops, compare, load_multiscale
+from evals.heldout_video import REAL_CLIPS, compare_tokenizer, tokenizer_round_trip
+from evals.multiscale import compare
+from tokenizers_svc.crops import MultiscaleCrops, load_multiscale, segment_clips
 from tokenizers_svc.defaults import DEFAULT_MODELS
 from tokenizers_svc.loading import load_tokenizer
 from training.latent_stats import skimage_photo_crops

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from evals import multiscale
-from evals.crops import bicubic_round_trip, bicubic_size
 from evals.image_metrics import psnr
 from evals.reconstruct import main
+from tokenizers_svc.crops import MIN_STD, bicubic_round_trip, bicubic_size, load_multiscale, multiscale_crops
 from tokenizers_svc.media import read_image
 
 
@@ -25,7 +25,7 @@ def garden(shared_data) -> torch.Tensor:
 
 
 def test_crop_grid_per_scale_on_a_real_photo(garden):
-    crops = multiscale.multiscale_crops(garden, (256, 384, 512, 768), 256, min_std=0)
+    crops = multiscale_crops(garden, (256, 384, 512, 768), 256, min_std=0)
     per_scale = Counter(scale for scale, _, _ in crops)
     # 800x1280 -> shorter side s: (s, 1.6 s) -> floor(s/256) x floor(1.6 s/256) tiles
     assert per_scale == {256: 1 * 1, 384: 1 * 2, 512: 2 * 3, 768: 3 * 4}
@@ -36,20 +36,17 @@ def test_crop_grid_per_scale_on_a_real_photo(garden):
     ((_, _, top_left),) = [c for c in crops if c[0] == 256]
     assert not torch.equal(top_left, garden[:, :256, :256])  # resized, not cut from the original
     with pytest.raises(ValueError, match="crop size"):
-        multiscale.multiscale_crops(garden, (128,), 256)
+        multiscale_crops(garden, (128,), 256)
 
 
 def test_flat_crops_are_dropped(garden):
     flat = garden.clone()
     flat[:, :, :640] = 117  # left half of the photo becomes one grey level
-    kept = {name for _, name, _ in multiscale.multiscale_crops(flat, (512,), 256)}
-    everything = {name for _, name, _ in multiscale.multiscale_crops(flat, (512,), 256, min_std=0)}
+    kept = {name for _, name, _ in multiscale_crops(flat, (512,), 256)}
+    everything = {name for _, name, _ in multiscale_crops(flat, (512,), 256, min_std=0)}
     # at 512x819 the columns 0..255 lie inside the flat half (< 409.6 px); column 1 straddles the edge
     assert everything - kept == {"@512#r0c0", "@512#r1c0"}
-    assert all(
-        float(tile.float().std()) >= multiscale.MIN_STD
-        for _, _, tile in multiscale.multiscale_crops(flat, (512,), 256)
-    )
+    assert all(float(tile.float().std()) >= MIN_STD for _, _, tile in multiscale_crops(flat, (512,), 256))
 
 
 def test_confidence_interval_covers_and_shrinks():
@@ -68,21 +65,21 @@ def test_bicubic_keeps_the_float_count(garden, latent_floats):
     (h, w), factor = bicubic_size(256, 256, latent_floats)
     assert abs(3 * h * w - latent_floats) / latent_floats < 0.03
     assert factor == pytest.approx(np.sqrt(3 * 256 * 256 / latent_floats))
-    crops = torch.stack([tile for _, _, tile in multiscale.multiscale_crops(garden, (512,), 256)])
+    crops = torch.stack([tile for _, _, tile in multiscale_crops(garden, (512,), 256)])
     out = bicubic_round_trip(crops, latent_floats)
     assert out.shape == crops.shape and out.dtype == torch.uint8
     assert np.all(psnr(crops, out) < 60)  # information was really thrown away
 
 
 def test_fewer_floats_make_bicubic_worse(garden):
-    crops = torch.stack([tile for _, _, tile in multiscale.multiscale_crops(garden, (768,), 256)])
+    crops = torch.stack([tile for _, _, tile in multiscale_crops(garden, (768,), 256)])
     budgets = [3 * 128 * 128, 4 * 32 * 32, 16 * 8 * 8]
     means = [psnr(crops, bicubic_round_trip(crops, floats)).mean() for floats in budgets]
     assert means[0] > means[1] > means[2]
 
 
 def test_compare_summarizes_per_scale(shared_data):
-    crops = multiscale.load_multiscale(shared_data / "images" / "val", (256, 384), 256, max_items=10)
+    crops = load_multiscale(shared_data / "images" / "val", (256, 384), 256, max_items=10)
     result = multiscale.compare(crops, lambda batch: bicubic_round_trip(batch, 3 * 64 * 64), 4 * 32 * 32)
     assert result["n"] == 10 and sum(s["n"] for s in result["per_scale"].values()) == 10
     assert set(result["per_scale"]) == {str(s) for s in crops.scales}

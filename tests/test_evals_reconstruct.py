@@ -11,9 +11,9 @@ import torch
 from skimage import data
 
 from evals import fid
-from evals.crops import square_crops
 from evals.reconstruct import main
 from evals.report import HEADER_HEIGHT, LABEL_WIDTH, LEGEND_HEIGHT
+from tokenizers_svc.crops import square_crops
 from tokenizers_svc.loading import build_module
 from tokenizers_svc.media import decode_image, encode_image
 from tokenizers_svc.registry import get_preset

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from evals import fid, image_metrics, sources, stats
-from evals.crops import bicubic_round_trip
 from evals.reconstruct import load_dataset, main
 from tests.test_evals_fid import _noise
+from tokenizers_svc.crops import bicubic_round_trip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

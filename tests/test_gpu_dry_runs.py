@@ -9,8 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import gpu_check
-from training import gpu_defaults
+from benchmarks import gpu_check, gpu_defaults
 
 
 @pytest.mark.slow

@@ -12,7 +12,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("tokenizers_svc", "serving", "training", "evals")
-APPS = ("serving", "training", "evals")  # built on the library; it imports none of them
+APPS = (
+    "serving",
+    "training",
+    "evals",
+)  # built on the library, which imports none of them; nor do they each other
 
 
 def _module_name(path: Path) -> str:
@@ -104,6 +108,31 @@ def test_library_imports_no_app():
         if target.split(".")[0] in APPS
     }
     assert wrong == set()
+
+
+def app_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """(importer, imported) pairs where one application imports another."""
+    return {
+        (name, target)
+        for name, targets in graph.items()
+        if name.split(".")[0] in APPS
+        for target in targets
+        if target.split(".")[0] in APPS and target.split(".")[0] != name.split(".")[0]
+    }
+
+
+def test_no_app_imports_another_app():
+    """serving, training and evals are built on the library only; what two of them need is library code,
+    and a script that drives two of them lives outside (benchmarks/)."""
+    assert app_imports(import_graph()) == set()
+
+
+def test_app_import_check_sees_one(tmp_path):
+    """The check is not vacuous: a deferred training -> evals import is found."""
+    (tmp_path / "t.py").write_text("def f():\n    from evals import fid\n")
+    modules = {"training.t": tmp_path / "t.py", "evals.fid": tmp_path / "fid.py"}
+    graph = {"training.t": imports_of("training.t", modules["training.t"], modules), "evals.fid": set()}
+    assert app_imports(graph) == {("training.t", "evals.fid")}
 
 
 def test_cycle_finder_sees_a_deferred_import(tmp_path):

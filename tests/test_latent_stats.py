@@ -7,8 +7,7 @@ import shutil
 import pytest
 import torch
 
-from evals.heldout_video import segment_clips
-from evals.multiscale import load_multiscale
+from tokenizers_svc.crops import load_multiscale, segment_clips
 from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.registry import get_preset
 from training.latent_stats import fit_export

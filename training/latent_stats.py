@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from evals.heldout_video import segment_clips
-from evals.multiscale import DEFAULT_SCALES, load_multiscale, multiscale_crops
+from tokenizers_svc.crops import DEFAULT_SCALES, load_multiscale, multiscale_crops, segment_clips
 from tokenizers_svc.errors import EXIT_OK, EXIT_USAGE
 from tokenizers_svc.families.base import Backend
 from tokenizers_svc.media import read_image

@@ -1,7 +1,7 @@
 """Train, evaluate and export the default tokenizers on one GPU inside a wall-clock budget.
 
-    python -m training.gpu_defaults --budget-s 300 --out runs/gpu-defaults     # = make train-defaults-gpu
-    python -m training.gpu_defaults --dry-run --out /tmp/dry                   # same code paths on CPU, toy sizes
+    python -m benchmarks.gpu_defaults --budget-s 300 --out runs/gpu-defaults     # = make train-defaults-gpu
+    python -m benchmarks.gpu_defaults --dry-run --out /tmp/dry                   # same code paths on CPU, toy sizes
 
 A GPU is lent for minutes, so the runs are sized to the time they have rather than to a step count
 guessed in advance: every job (the image candidates and the video default, concurrently on the one
@@ -11,6 +11,9 @@ plain ``training.train`` call), then all real runs start together. Afterwards th
 scored with the multi-scale protocol (``evals.multiscale``) on the validation photos against bicubic at
 equal floats, the video default on held-out clip segments (``evals.heldout_video``), and
 ``results.json`` / ``results.md`` name the winner.
+
+An orchestration script over both applications (it starts ``training.train`` runs and scores them with
+``evals``), so it lives here rather than in the trainer: applications do not import each other.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from pathlib import Path
 
 import torch
 
-from evals.heldout_video import REAL_CLIPS, compare_tokenizer, segment_clips, tokenizer_round_trip
-from evals.multiscale import compare, load_multiscale
+import training
+from evals.heldout_video import REAL_CLIPS, compare_tokenizer, tokenizer_round_trip
+from evals.multiscale import compare
 from tokenizers_svc import load_tokenizer
+from tokenizers_svc.crops import load_multiscale, segment_clips
 
-RECIPES = Path(__file__).parent / "recipes"
+RECIPES = Path(training.__file__).parent / "recipes"
 IMAGE_CANDIDATES = ("default-image", "gpu-image-f16c16")
 VIDEO_RECIPE = "default-video"
 PROBE_STEPS = 40
@@ -201,7 +206,7 @@ def markdown(results: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.gpu_defaults", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.gpu_defaults", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--budget-s", type=float, default=300.0, help="wall-clock seconds for training")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-defaults"))
