@@ -54,6 +54,18 @@ def local_ray():
         ray.shutdown()
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """The job must finish (or refuse) without starting Ray: as if none were running, and starting
+    one fails the test."""
+
+    def start(**_):
+        raise AssertionError("the job started Ray")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr("serving.batch.driver.init_ray", start)
+
+
 def _corrupt_files(folder: Path, photo: Path) -> dict[str, str]:
     """Broken inputs -> the error type each must produce."""
     (folder / "truncated.jpg").write_bytes(photo.read_bytes()[:4000])
@@ -153,19 +165,21 @@ def test_latents_equal_in_process_encoding(image_job):
         assert json.loads(row["normalization"]) == tokenizer.spec.normalization.to_dict()
 
 
-def test_rerun_skips_everything(image_job):
+def test_rerun_skips_everything(image_job, no_ray, capsys):
+    """Everything done: checked and answered on this machine, without Ray (issue 25)."""
     folder, out, _ = image_job
     before = sorted(p.name for p in batch.shard_paths(out))
-    assert (
-        _run(["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "4"]) == 0
-    )
+    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "4"]
+    assert _run(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(p.name for p in batch.shard_paths(out)) == before
     assert manifest["run"]["inputs_skipped"] == manifest["inputs"]["count"]
     assert manifest["run"]["inputs_encoded"] == 0 and len(manifest["runs"]) == 2
+    count = manifest["inputs"]["count"]
+    assert f"nothing to do: all {count} inputs already done" in capsys.readouterr().out
 
 
-def test_rerun_with_other_options_is_refused(image_job, capsys):
+def test_rerun_with_other_options_is_refused(image_job, no_ray, capsys):
     folder, out, _ = image_job
     argv = [
         "--input",
@@ -181,6 +195,24 @@ def test_rerun_with_other_options_is_refused(image_job, capsys):
     ]
     assert _run(argv) == 1
     assert "different options" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_is_refused_before_ray(image_folder, tmp_path, no_ray, capsys):
+    """An existing file, or a path under one, as --output: one config_error line (issue 27)."""
+    folder, _ = image_folder
+    existing = tmp_path / "latents.parquet"
+    existing.write_bytes(b"not a directory")
+    for output, expected in (
+        (
+            existing,
+            f"--output {existing} is an existing file; expected a directory (new, or a batch-encode output to resume)",
+        ),
+        (existing / "sub", f"--output {existing / 'sub'} is under {existing}, which is a file"),
+    ):
+        assert _run(["--input", folder, "--output", output, "--model", IMAGE_MODEL]) == 1
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"error: config_error: {expected}"], err
+    assert existing.read_bytes() == b"not a directory"
 
 
 def test_cli_batch_encode_delegates(image_job):
@@ -244,13 +276,21 @@ def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp
     folder, _ = image_folder
     relative = Path(os.path.relpath(folder, tmp_path))
     paths = [str(relative / name) for name in PHOTOS[1:3]] + ["gone.jpg"]
-    pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
+    # an empty row and a repeated one are ignored, each with its reason in the manifest (issue 27)
+    pq.write_table(pa.table({"path": [*paths, "", str(relative / PHOTOS[1])]}), tmp_path / "list.parquet")
     out = tmp_path / "out"
     argv = ["--input", tmp_path / "list.parquet", "--output", out, "--model", IMAGE_MODEL, *RESIZE]
     assert _run([*argv, "--limit", "2"]) == 0
     assert re.search(r"^batch-encode: 2/2 rows \(100%\), [\d.]+ row/s", capsys.readouterr().err, re.M)
     first = json.loads((out / "manifest.json").read_text())
     assert not first["complete"] and len(first["missing"]) == 1 and len(_rows(out)) == 2
+    assert first["inputs"]["count"] == 3 and first["inputs"]["ignored"] == [
+        {"path": "", "reason": "empty path in row 3 of list.parquet"},
+        {
+            "path": str((folder / PHOTOS[1]).resolve()),
+            "reason": "duplicate: row 4 of list.parquet repeats row 0",
+        },
+    ]
 
     paths.append(str(relative / PHOTOS[3]))
     pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
@@ -262,6 +302,43 @@ def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp
     second = json.loads((out / "manifest.json").read_text())
     assert second["complete"] and second["run"]["inputs_skipped"] == 2
     assert second["run"]["rows_ok"] == 1 and second["run"]["rows_error"] == 1
+
+
+@pytest.mark.slow
+def test_one_bad_input_of_each_kind_costs_only_its_row(shared_data, tmp_path, capsys, monkeypatch):
+    """Issue 27: a 1x1 image (too small for the tiny VAE's normalization layers: the model itself
+    raises), a truncated file and a zero-byte file among 30 photos, with the job's own defaults:
+    every input exactly one row, the photos ok, and a rerun encodes nothing again."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photos = sorted((shared_data / "images" / "train").iterdir())[:30]
+    for photo in photos:  # the real photos, made small so that the test stays quick
+        with Image.open(photo) as image:
+            image.convert("RGB").resize((64, 48)).save(folder / f"{photo.stem}.jpg", quality=90)
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "tiny.png")
+    (folder / "truncated.jpg").write_bytes(photos[0].read_bytes()[:3000])
+    (folder / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL]
+    assert _run(argv) == 0
+    rows = {Path(r["source_path"]).name: r for r in _rows(out)}
+    assert len(rows) == len(_rows(out)) == 33
+    assert sorted(name for name, row in rows.items() if row["error"] is None) == sorted(
+        f"{photo.stem}.jpg" for photo in photos
+    )
+    assert re.match(r"^[a-z_]+: \S", rows["tiny.png"]["error"]) and rows["tiny.png"]["latents"] is None
+    assert rows["truncated.jpg"]["error"].startswith("invalid_media: ")
+    assert rows["zero.jpg"]["error"].startswith("invalid_media: ")
+    capsys.readouterr()
+
+    shards = sorted(p.name for p in batch.shard_paths(out))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the rerun needs no Ray
+    monkeypatch.setattr("serving.batch.driver.init_ray", lambda **_: pytest.fail("the rerun started Ray"))
+    assert _run(argv) == 0
+    assert "nothing to do: all 33 inputs already done" in capsys.readouterr().out
+    assert sorted(p.name for p in batch.shard_paths(out)) == shards
 
 
 @pytest.mark.slow

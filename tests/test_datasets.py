@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from serving import batch
 from tokenizers_svc.datasets import BucketBatchSampler, LatentDataset
-from tokenizers_svc.errors import InvalidLatentsError, InvalidRequestError
+from tokenizers_svc.errors import InvalidLatentsError, InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 from tokenizers_svc.pixels import bucket_sizes, cover_size, nearest_bucket, resize_crop, to_float_pixels
@@ -145,6 +145,21 @@ def test_dataloader_batches_same_shape_rows(job):
     assert latents.shape == (2, *dataset[same[0]]["latents"].shape)
     torch.testing.assert_close(latents[1], dataset[same[1]]["latents"])
     assert [m["source_path"] for m in metadata] == [dataset.metadata(i)["source_path"] for i in same]
+
+
+def test_dataloader_over_mixed_shapes_says_how_to_batch(job):
+    """The --resize output holds latents of several shapes: a plain DataLoader's batch is refused
+    with the way out (issue 25), and the bucket sampler over the same rows stacks every batch."""
+    _, out = job
+    dataset = LatentDataset(out)
+    assert len({tuple(dataset[i]["latents"].shape) for i in range(len(dataset))}) > 1
+    loader = DataLoader(dataset, batch_size=16, collate_fn=LatentDataset.collate)
+    with pytest.raises(ShapeMismatchError) as refused:
+        next(iter(loader))
+    assert all(name in refused.value.message for name in ("--crop", "--aspect-buckets", "BucketBatchSampler"))
+    sampler = BucketBatchSampler(dataset, batch_size=16)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=LatentDataset.collate)
+    assert sum(len(latents) for latents, _ in loader) == len(dataset)
 
 
 def test_empty_directory_is_refused(tmp_path):

@@ -197,3 +197,25 @@ def test_abandoned_work_stops_between_groups_and_tiles(tokenizer, photo_png):
     assert calls == [] and all(isinstance(result, RequestTimeoutError) for result, _ in results)
     waiting.cancel()
     assert waiting.abandoned
+
+
+def test_any_model_failure_costs_only_its_own_item():
+    """A model that raises something other than a TokenizerError (as GroupNorm does on a 1x1 feature
+    map, issue 27) fails its group; the group is retried item by item and only the bad item fails,
+    with the exception's kind and message as a typed ModelError. Groups: by parity."""
+    from tokenizers_svc.errors import ModelError
+    from tokenizers_svc.pipeline import run_in_groups
+
+    calls = []
+
+    def divide(group: list[int]) -> list[float]:
+        calls.append(list(group))
+        return [12 / item for item in group]
+
+    results = run_in_groups([3, 0, 2, 4, 6], lambda item: item % 2, divide)
+    assert calls == [[3], [0, 2, 4, 6], [0], [2], [4], [6]]
+    assert [size for _, size in results] == [1, 1, 1, 1, 1]
+    assert [result for result, _ in results if not isinstance(result, ModelError)] == [4.0, 6.0, 3.0, 2.0]
+    error = results[1][0]
+    assert isinstance(error, ModelError) and error.type == "model_error" and error.http_status == 500
+    assert error.message == "the model failed on this input: ZeroDivisionError: division by zero"

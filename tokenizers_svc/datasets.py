@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from tokenizers_svc.errors import InvalidRequestError
+from tokenizers_svc.errors import InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.latents import Latents, latents_from_bytes
 
 SHARD_PREFIX = "part-"
@@ -116,7 +116,18 @@ class LatentDataset(Dataset):
     def collate(items: list[dict]) -> tuple[torch.Tensor, list[dict]]:
         """``DataLoader(..., collate_fn=LatentDataset.collate)``: same-shape items -> (latents
         stacked to (B, C, [t,] h, w), metadata dicts). Metadata holds None values (e.g. clip
-        fields of images), which torch's default collate refuses."""
+        fields of images), which torch's default collate refuses. Items of several shapes (the
+        output of ``--resize``, where shapes follow aspect ratios) are refused with the way out:
+        ``--crop``, ``--aspect-buckets`` and :class:`BucketBatchSampler`."""
+        shapes = sorted({tuple(item["latents"].shape) for item in items})
+        if len(shapes) > 1:
+            raise ShapeMismatchError(
+                f"a batch stacks latents of one shape, got {len(shapes)}: {', '.join(map(str, shapes[:4]))}; "
+                "encode with --crop center|random (one size) or --crop ... --aspect-buckets (a few sizes), "
+                "and batch with DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset, batch_size), "
+                "collate_fn=LatentDataset.collate), which keeps each batch to one shape",
+                param="batch",
+            )
         latents = torch.stack([item["latents"] for item in items])
         return latents, [{k: v for k, v in item.items() if k != "latents"} for item in items]
 

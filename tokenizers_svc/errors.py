@@ -114,6 +114,19 @@ class RequestTimeoutError(TokenizerError):
     http_status = 504
 
 
+class ModelError(TokenizerError):
+    """The model raised something other than a TokenizerError on an input (e.g. a normalization
+    layer given too few pixels): that input fails with the exception's kind and message, and the
+    items beside it, the rest of the batch job and the server go on."""
+
+    type = "model_error"
+    http_status = 500
+
+    @classmethod
+    def from_exception(cls, exc: Exception) -> ModelError:
+        return cls(f"the model failed on this input: {type(exc).__name__}: {exc}", param="file")
+
+
 class ConfigError(TokenizerError):
     """A recipe or service config with a wrong key or type; raised at start, before any work."""
 

@@ -18,7 +18,7 @@ import torch
 
 from tokenizers_svc import media
 from tokenizers_svc.abandon import checkpoint
-from tokenizers_svc.errors import InvalidRequestError, TokenizerError
+from tokenizers_svc.errors import InvalidRequestError, ModelError, TokenizerError
 from tokenizers_svc.formats import VIDEO_MEDIA_TYPE, output_media_type
 from tokenizers_svc.latents import Latents
 from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
@@ -289,30 +289,37 @@ def run_in_groups(
 ) -> list[tuple[Result | TokenizerError, int]]:
     """Run items that share a ``key`` as one call (``run``: a group -> one result per item).
 
-    When a group's call fails with a TokenizerError, its items are retried one by one, so one bad
-    item (e.g. NaN pixels) fails alone and its neighbours still succeed. Returns, per item in
-    order, its result or error and the size of the call that produced it.
+    When a group's call fails, its items are retried one by one, so one bad item (NaN pixels, an
+    image too small for a normalization layer) fails alone and its neighbours still succeed. Any
+    exception counts: a TokenizerError is kept, anything else becomes a ModelError with the
+    exception's kind and message, so one input never stops a batch job or a server's batch.
+    Returns, per item in order, its result or error and the size of the call that produced it.
     """
     groups: dict[Hashable, list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(key(item), []).append(index)
     results: list[tuple[Result | TokenizerError, int]] = [None] * len(items)  # type: ignore[list-item]
     for indices in groups.values():
-        try:
-            checkpoint()  # an abandoned request (or batch) stops between groups
-            outputs = run([items[i] for i in indices])
+        outputs = _run_guarded([items[i] for i in indices], run)
+        if not isinstance(outputs, TokenizerError):
             for i, output in zip(indices, outputs, strict=True):
                 results[i] = (output, len(indices))
-        except TokenizerError as error:
-            for i in indices:
-                results[i] = (_run_alone(items[i], run) if len(indices) > 1 else error, 1)
+            continue
+        for i in indices:
+            alone = _run_guarded([items[i]], run) if len(indices) > 1 else outputs
+            results[i] = (alone if isinstance(alone, TokenizerError) else alone[0], 1)
     return results
 
 
-def _run_alone(item: Item, run: Callable[[list[Item]], list[Result]]) -> Result | TokenizerError:
+def _run_guarded(
+    group: list[Item], run: Callable[[list[Item]], list[Result]]
+) -> list[Result] | TokenizerError:
+    """``run(group)`` after a checkpoint (abandoned work stops between groups), or its failure as a
+    TokenizerError."""
     try:
         checkpoint()
-        (output,) = run([item])
+        return run(group)
     except TokenizerError as error:
         return error
-    return output
+    except Exception as exc:  # the model's own failure on these inputs: theirs alone, typed
+        return ModelError.from_exception(exc)

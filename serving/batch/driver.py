@@ -40,6 +40,7 @@ from tokenizers_svc.datasets import MANIFEST_FILE, SHARD_PREFIX
 from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.formats import is_video_file
+from tokenizers_svc.loading import resolved_dtype
 from tokenizers_svc.pixels import CROP_MODES, RESIZE_POLICIES
 from tokenizers_svc.progress import Progress as ProgressLog  # output.Progress: what the shards hold
 from tokenizers_svc.ray_cluster import init_ray
@@ -123,22 +124,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_job_file(output: Path, plan: JobPlan) -> None:
+def _checked_output(spec: str) -> Path:
+    """``--output`` as an absolute directory path, checked before Ray starts: an existing file, a
+    path under a file, or a folder this user cannot create are refused with one line."""
+    output = Path(spec).resolve()
+    if output.exists() and not output.is_dir():
+        raise ConfigError(
+            f"--output {spec} is an existing file; expected a directory (new, or a batch-encode output "
+            "to resume)",
+            param="output",
+        )
+    existing = next(parent for parent in (output, *output.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output {spec} is under {existing}, which is a file", param="output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {spec}: cannot write in {existing} (permission denied)", param="output")
+    return output
+
+
+def _previous_job(output: Path) -> dict | None:
+    """The model and options pinned in ``output``'s job.json by an earlier run, if any."""
+    path = output / JOB_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is unreadable ({exc}); use a new --output", param="output") from None
+
+
+def _check_job(output: Path, plan: JobPlan, previous: dict | None) -> None:
     """One output directory holds one model and one set of options: a rerun with others would mix
     latents of two kinds. Inputs may change (new files are encoded by the next run)."""
     job = plan.key()
-    path = output / JOB_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != job:
-            changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
-            raise ConfigError(
-                f"{output} holds a job with different {', '.join(changed)}; rerun the same command to "
-                "resume, or use a new --output",
-                param="output",
-            )
-        return
-    write_atomic(path, json.dumps(job, indent=2, sort_keys=True))
+    if previous is not None and previous != job:
+        changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+        raise ConfigError(
+            f"{output} holds a job with different {', '.join(changed)}; rerun the same command to "
+            "resume, or use a new --output",
+            param="output",
+        )
 
 
 def _gpus_per_worker(requested: float | None) -> float:
@@ -183,11 +208,13 @@ def _fit_workers(workers: int, cpus_per_worker: float) -> tuple[float, float]:
     return fitted, task_cpus
 
 
-def _claim(output: Path, plan: JobPlan) -> str:
+def _claim(output: Path, plan: JobPlan, previous: dict | None) -> str:
     """Make this run the owner of ``output``; returns its run id. From here on, writers of earlier
     runs discard their shards, and their half-written shards are removed (their rows are redone)."""
+    _check_job(output, plan, previous)  # again: the device may have changed the dtype
     output.mkdir(parents=True, exist_ok=True)
-    _check_job_file(output, plan)
+    if previous is None:
+        write_atomic(output / JOB_FILE, json.dumps(plan.key(), indent=2, sort_keys=True))
     run_id = uuid.uuid4().hex
     write_atomic(output / RUN_FILE, run_id)
     for stale in output.glob(f".{SHARD_PREFIX}*{TMP_SUFFIX}"):
@@ -284,19 +311,20 @@ def _write_manifest(output: Path, inputs: list[str], manifest: dict) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    """Plan, run the Ray Data pipeline, write manifest.json; returns the manifest."""
+    """Plan and check everything on this machine (inputs, output directory, model, options, what
+    is already done), start Ray only when there is work, run the pipeline, write manifest.json;
+    returns the manifest."""
     import ray
 
     inputs, ignored = list_inputs(args.input)
     if args.model is None:
         args.model = default_model_for(inputs)
+    output = _checked_output(args.output)
+    previous = _previous_job(output)
     plan = make_plan(args, device="cpu")
-    if not ray.is_initialized():
-        init_ray(address=args.address)
-    gpus = _gpus_per_worker(args.num_gpus_per_worker)
-    plan = replace(plan, device="cuda" if gpus > 0 else "cpu")
-    output = Path(args.output).resolve()
-    run_id = _claim(output, plan)
+    if args.dtype == "auto" and previous is not None:  # auto resumes in the dtype the job began with
+        plan = replace(plan, dtype=previous.get("dtype", plan.dtype))
+    _check_job(output, plan, previous)
     before = read_progress(output)
     pending = [  # paths as bytes: names that are not UTF-8 travel through Arrow unchanged
         {"path": os.fsencode(path), "done_ids": before.ids.get(path, [])}
@@ -306,9 +334,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     skipped = len(inputs) - len(pending)
     pending = pending[: args.limit]
 
-    started = time.perf_counter()
-    summaries = _encode(pending, plan, args, gpus, output, run_id) if pending else []
-    wall = time.perf_counter() - started
+    summaries, wall = [], 0.0
+    if pending:  # else nothing to do, and no Ray started for it
+        if not ray.is_initialized():
+            init_ray(address=args.address)
+        gpus = _gpus_per_worker(args.num_gpus_per_worker)
+        if gpus > 0:  # --dtype auto: bfloat16 on GPUs, unless the job began in another dtype
+            dtype = plan.dtype if previous is not None else resolved_dtype(args.dtype, "cuda")
+            plan = replace(plan, device="cuda", dtype=dtype)
+        run_id = _claim(output, plan, previous)
+        started = time.perf_counter()
+        summaries = _encode(pending, plan, args, gpus, output, run_id)
+        wall = time.perf_counter() - started
 
     ok = sum(s["ok"] for s in summaries)
     errors = sum(s["errors"] for s in summaries)
@@ -333,6 +370,11 @@ def summary_line(manifest: dict) -> str:
     state = (
         "complete" if manifest["complete"] else f"{len(manifest['missing'])} inputs left (rerun to resume)"
     )
+    if run["inputs_encoded"] == 0:
+        return (
+            f"batch-encode: nothing to do: all {run['inputs_skipped']} inputs already done (Ray not started); "
+            f"{out['rows']} rows in {out['dir']}: {state}"
+        )
     return (
         f"batch-encode: {done} rows ({run['rows_ok']} ok, {run['rows_error']} errors) from "
         f"{run['inputs_encoded']} inputs in {run['wall_s']:.1f} s = {run['rows_per_s']:.2f} items/s, "

@@ -106,10 +106,13 @@ def _walk(root: Path) -> list[Path]:
 def list_inputs(spec: str) -> tuple[list[str], list[dict]]:
     """DIR (recursive, media suffixes), GLOB, or a Parquet manifest with a ``path`` column ->
     (sorted absolute input paths, ignored entries as ``{"path", "reason"}``). Every entry the
-    listing sees is one or the other (plain directories are only walked). Manifest paths are
-    relative to it and all kept: one that cannot be read becomes an error row."""
+    listing sees is one or the other (plain directories are only walked): an empty manifest row,
+    and a second name for a file already listed (a repeated row, a link), are ignored with the
+    reason. Manifest paths are relative to it and otherwise all kept: one that cannot be read
+    becomes an error row."""
     path = Path(spec)
     ignored: list[dict] = []
+    first: dict[str, str] = {}  # input -> how it was first listed (a manifest row, a path)
     if path.is_file() and path.suffix == ".parquet":
         table = pq.read_table(path)
         if "path" not in table.column_names:
@@ -119,25 +122,37 @@ def list_inputs(spec: str) -> tuple[list[str], list[dict]]:
             )
         base = path.resolve().parent
         column = "path_bytes" if "path_bytes" in table.column_names else "path"
-        names = [os.fsdecode(p) for p in table.column(column).to_pylist() if p]
-        inputs = [os.path.abspath(base / p) for p in names]
+        for row, name in enumerate(table.column(column).to_pylist()):
+            if not name:
+                ignored.append({"path": "", "reason": f"empty path in row {row} of {path.name}"})
+                continue
+            absolute = os.path.abspath(base / os.fsdecode(name))
+            if absolute in first:
+                reason = f"duplicate: row {row} of {path.name} repeats {first[absolute]}"
+                ignored.append({"path": absolute, "reason": reason})
+            else:
+                first[absolute] = f"row {row}"
     else:
         entries = _walk(path) if path.is_dir() else [Path(p) for p in glob.glob(spec, recursive=True)]
-        inputs = []
-        for entry in sorted(entries):
+        for entry in sorted(entries, key=lambda e: (e.is_symlink(), e)):  # a file before links to it
             reason = _classify(entry)
             absolute = os.path.abspath(entry)
+            target = os.path.realpath(entry)
             if reason is not None:
                 ignored.append({"path": absolute, "reason": reason})
-            elif not entry.is_dir():
-                inputs.append(os.path.realpath(entry))
-    if not inputs:
+            elif entry.is_dir():
+                continue
+            elif target in first:
+                ignored.append({"path": absolute, "reason": f"duplicate: the same file as {first[target]}"})
+            else:
+                first[target] = absolute
+    if not first:
         raise ConfigError(
             f"--input {spec!r} matched no media files; expected a directory, a glob or a .parquet "
             "manifest with a 'path' column",
             param="input",
         )
-    return sorted(set(inputs)), ignored
+    return sorted(first), sorted(ignored, key=lambda entry: entry["path"])
 
 
 def clip_ranges(frames: int, clip_frames: int) -> list[tuple[int, int]]:

@@ -4,7 +4,8 @@
    cut video clips; rows carry uint8 pixels as decoded.
 2. :class:`EncodeWorker` (an actor pool, one model each): apply the plan's resize or crop, encode
    rows of the same resulting shape in one call (``pipeline.run_in_groups``: a failing group is retried item
-   by item, as in the server), fill the latent file.
+   by item, as in the server, and whatever the model raises on an item becomes that item's error
+   row), fill the latent file.
 3. :func:`write_shard` (CPU tasks): one Parquet shard per block, written atomically.
 """
 
@@ -110,6 +111,9 @@ def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
         loaded = load_media(data, plan.limits, plan.options, kind=kind, sha256=sha)
     except TokenizerError as exc:
         return [_row(plan, key, path, sha256=sha, kind=kind, error=error_text(exc))]
+    except Exception as exc:  # a decoder's unforeseen failure: this input's error row, the job goes on
+        error = InvalidMediaError(f"cannot decode {path_text(Path(path).name)}: {type(exc).__name__}: {exc}")
+        return [_row(plan, key, path, sha256=sha, kind=kind, error=error_text(error))]
     height, width = loaded.original_size
     common = {"sha256": sha, "kind": loaded.kind, "original_height": height, "original_width": width}
     if loaded.kind == "image":
