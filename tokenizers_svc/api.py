@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -62,10 +63,14 @@ class Tokenizer:
         return self.backend.weights_hash
 
     def describe(self) -> dict:
+        """The spec plus weights hash, dtype, device and where the model came from, without the
+        machine's directories (the server answers ``GET /v1/models`` with it): a model directory is
+        named by its last part, a preset or hub id as given."""
+        source = Path(self.source)
         return {
             **self.spec.to_dict(),
             "weights_hash": self.weights_hash,
-            "source": self.source,
+            "source": f"model directory {source.name}" if self.source and source.is_dir() else self.source,
             "dtype": str(self.backend.dtype).removeprefix("torch."),
             "device": str(self.backend.device),
         }

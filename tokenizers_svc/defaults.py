@@ -42,6 +42,12 @@ def default_model_for(paths) -> str:
     return default_model("video" if any(is_video_file(path) for path in paths) else "image")
 
 
+def _provenance(card: dict) -> str:
+    """Which recipe made the weights: the name in the training card's recipe (its last run's)."""
+    recipe = card.get("recipe", {}).get("name")
+    return "no training card" if recipe is None else f"trained by recipe {recipe}"
+
+
 def shipped_presets() -> list[Preset]:
     """A preset for each default tokenizer whose weights this checkout ships (read by the registry)."""
     presets = []
@@ -59,7 +65,7 @@ def shipped_presets() -> list[Preset]:
                 class_name=config["_class_name"],
                 config={k: v for k, v in config.items() if not k.startswith("_")},
                 source=str(directory),
-                description=f"default {modality} tokenizer, trained by recipe {card.get('recipe_name', '?')}",
+                description=f"default {modality} tokenizer, {_provenance(card)}",
             )
         )
     return presets

@@ -170,19 +170,30 @@ def _is_number(value: object) -> bool:
 
 
 def _parse_normalization(meta: dict[str, str], channels: int) -> LatentNormalization:
-    """A JSON object with finite ``scale`` (non-zero) and ``shift``, and optional per-channel
-    ``mean``/``std`` lists of ``channels`` finite numbers (std > 0); no other keys."""
+    """A JSON object with finite ``scale`` (non-zero) and ``shift``, optional per-channel
+    ``mean``/``std`` lists of ``channels`` finite numbers (std > 0) and an optional
+    ``scalar_fallback`` ``{scaling_factor, shift_factor}`` (finite, the factor non-zero); no other keys."""
     key = "normalization"
+    known = ("scale", "shift", "mean", "std", "scalar_fallback")
     data = _parse_json(meta, key, "a JSON object {scale, shift, mean, std}")
     if not isinstance(data, dict):
         raise _bad(key, "a JSON object {scale, shift, mean, std}", meta[key])
-    unknown = sorted(set(data) - {"scale", "shift", "mean", "std"})
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise _bad(f"{key}.{unknown[0]}", "absent (known keys: scale, shift, mean, std)", data[unknown[0]])
+        raise _bad(f"{key}.{unknown[0]}", f"absent (known keys: {', '.join(known)})", data[unknown[0]])
     for name, default in (("scale", 1.0), ("shift", 0.0)):
         value = data.get(name, default)
         if not _is_number(value) or (name == "scale" and value == 0):
             raise _bad(f"{key}.{name}", "a finite number" + (", not 0" if name == "scale" else ""), value)
+    fallback = data.get("scalar_fallback")
+    if fallback is not None and not (
+        isinstance(fallback, dict)
+        and set(fallback) == {"scaling_factor", "shift_factor"}
+        and all(_is_number(v) for v in fallback.values())
+        and fallback["scaling_factor"] != 0
+    ):
+        expected = "a JSON object {scaling_factor, shift_factor} of finite numbers, the factor not 0"
+        raise _bad(f"{key}.scalar_fallback", expected, fallback)
     for name in ("mean", "std"):
         value = data.get(name)
         if value is None:

@@ -22,12 +22,19 @@ class LatentNormalization:
 
     Covers every convention in use: SD/SDXL/DC-AE/CogVideoX/Hunyuan (scale only), FLUX
     (shift + scale), Wan/Cosmos (per-channel mean/std), LTX/Mochi (per-channel mean/std and scale).
+
+    ``scalar_fallback``: the ``(scaling_factor, shift_factor)`` a model's ``config.json`` offers
+    pipelines that read only those two (``(raw - shift_factor) * scaling_factor``, diffusers'
+    SANA/FLUX style) when that pair is not part of the exact formula above: this project's DC-AE
+    exports with fitted per-channel statistics keep there one pair fitted over all channels (unit
+    std, not centred per channel). None when ``scale``/``shift`` are what the config says.
     """
 
     scale: float = 1.0
     shift: float = 0.0
     mean: tuple[float, ...] | None = None  # per latent channel, or None
     std: tuple[float, ...] | None = None
+    scalar_fallback: tuple[float, float] | None = None  # (scaling_factor, shift_factor), see above
 
     def _channel_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
@@ -52,13 +59,27 @@ class LatentNormalization:
         return self.scale == 1.0 and self.shift == 0.0 and self.mean is None and self.std is None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """``scale``, ``shift``, ``mean``, ``std``; ``scalar_fallback`` (``{scaling_factor,
+        shift_factor}``) only when the model has one."""
+        data = asdict(self)
+        fallback = data.pop("scalar_fallback")
+        if fallback is not None:
+            data["scalar_fallback"] = dict(zip(("scaling_factor", "shift_factor"), fallback, strict=True))
+        return data
+
+    @property
+    def scalar_pair(self) -> tuple[float, float]:
+        """``(scaling_factor, shift_factor)`` as the model's config states them: what a pipeline that
+        reads only those two applies, ``(raw - shift_factor) * scaling_factor``."""
+        return self.scalar_fallback or (self.scale, self.shift)
 
     def constants(self) -> dict:
         """The constants under diffusers' names, for people who normalize latents themselves
-        (``remote_encode``/``remote_decode`` take ``scaling_factor`` and ``shift_factor``):
-        per-channel ``latents_mean``/``latents_std`` only when the model has them."""
-        constants: dict = {"scaling_factor": self.scale, "shift_factor": self.shift}
+        (``remote_encode``/``remote_decode`` take ``scaling_factor`` and ``shift_factor``: the
+        config's pair, :attr:`scalar_pair`); per-channel ``latents_mean``/``latents_std`` only when
+        the model has them."""
+        scaling_factor, shift_factor = self.scalar_pair
+        constants: dict = {"scaling_factor": scaling_factor, "shift_factor": shift_factor}
         if self.mean is not None:
             constants["latents_mean"] = list(self.mean)
         if self.std is not None:
@@ -67,20 +88,33 @@ class LatentNormalization:
 
     def describe(self) -> str:
         """One line for tables: ``scale 0.18215``, ``shift 0.1159 scale 0.3611``, ``per-channel
-        mean/std, scale 1.0``."""
-        scalars = f"shift {self.shift} scale {self.scale}" if self.shift else f"scale {self.scale}"
-        per_channel = self.mean is not None or self.std is not None
-        return f"per-channel mean/std, {scalars}" if per_channel else scalars
+        mean/std, scale 1.0`` (``; scalar fallback shift -1.95 scale 0.23`` when the model has one)."""
+
+        def scalars(scale: float, shift: float) -> str:
+            return f"shift {shift} scale {scale}" if shift else f"scale {scale}"
+
+        text = scalars(self.scale, self.shift)
+        if self.mean is not None or self.std is not None:
+            text = f"per-channel mean/std, {text}"
+        if self.scalar_fallback is not None:
+            text += f"; scalar fallback {scalars(*self.scalar_fallback)}"
+        return text
 
     @classmethod
     def from_dict(cls, data: dict) -> LatentNormalization:
         mean = data.get("mean")
         std = data.get("std")
+        fallback = data.get("scalar_fallback")
         return cls(
             scale=float(data.get("scale", 1.0)),
             shift=float(data.get("shift", 0.0)),
             mean=tuple(float(v) for v in mean) if mean is not None else None,
             std=tuple(float(v) for v in std) if std is not None else None,
+            scalar_fallback=(
+                None
+                if fallback is None
+                else (float(fallback["scaling_factor"]), float(fallback.get("shift_factor", 0.0)))
+            ),
         )
 
 

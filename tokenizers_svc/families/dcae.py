@@ -37,12 +37,18 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs nee
 
 def _normalization(cfg: Mapping) -> LatentNormalization:
     """Per-channel ``latents_mean``/``latents_std`` when the export carries them (fitted by
-    ``training.latent_stats``; ``scaling_factor``/``shift_factor`` are then only the scalar fallback
-    for other pipelines), else the released models' ``z * scaling_factor``."""
+    ``training.latent_stats``; ``scaling_factor``/``shift_factor`` are then the scalar fallback for
+    pipelines that read only those two, kept as such), else the released models' ``z * scaling_factor``."""
     mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    scalar_pair = (float(cfg["scaling_factor"]), float(cfg.get("shift_factor") or 0.0))
     if mean is not None and std is not None:
-        return LatentNormalization(scale=1.0, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
-    return LatentNormalization(scale=float(cfg["scaling_factor"]))
+        return LatentNormalization(
+            scale=1.0,
+            mean=tuple(map(float, mean)),
+            std=tuple(map(float, std)),
+            scalar_fallback=None if scalar_pair == (1.0, 0.0) else scalar_pair,
+        )
+    return LatentNormalization(scale=scalar_pair[0])
 
 
 class _FittedStatisticsFilter(logging.Filter):
