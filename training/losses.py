@@ -6,23 +6,12 @@ frames ``(N*T, 3, H, W)`` for the 2-D terms (SSIM, LPIPS, the patch discriminato
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenizers_svc.errors import ConfigError
-
-SSIM_WINDOW = 11  # Wang et al. 2004: Gaussian window 11, sigma 1.5
-SSIM_SIGMA = 1.5
-SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (K * L)^2 with data range L = 1 after mapping to [0, 1]
-LPIPS_BACKBONES = {  # torchvision checkpoint file each lpips net loads from the torch hub cache
-    "alex": "alexnet-owt-7be5be79.pth",
-    "vgg": "vgg16-397923af.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
+from tokenizers_svc.metrics import load_lpips, lpips_missing, ssim_per_image
 
 
 def frames_2d(x: torch.Tensor) -> torch.Tensor:
@@ -45,30 +34,11 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
-def _gaussian(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    w = torch.exp(-(x**2) / (2 * sigma**2))
-    return w / w.sum()
-
-
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Differentiable mean SSIM of two [-1, 1] tensors (Gaussian 11/1.5, valid region, per channel)."""
+    """Differentiable mean SSIM of two [-1, 1] tensors: the metric's definition
+    (:func:`tokenizers_svc.metrics.ssim_per_image`) on [0, 1] pixels, averaged over images and frames."""
     a, b = (frames_2d(x).float() + 1) / 2, (frames_2d(y).float() + 1) / 2  # (M, C, H, W) in [0, 1]
-    c = a.shape[1]
-    g = _gaussian(SSIM_WINDOW, SSIM_SIGMA, a.device, a.dtype)
-    kh = g.reshape(1, 1, -1, 1).expand(c, 1, -1, 1)
-    kw = g.reshape(1, 1, 1, -1).expand(c, 1, 1, -1)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:  # separable, valid: (M, C, H-10, W-10)
-        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
-    den = (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
-    return (num / den).mean()
+    return ssim_per_image(a, b, peak=1.0).mean()
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -89,37 +59,21 @@ def adaptive_weight(
     return weight.clamp(0.0, max_weight).detach()
 
 
-def torch_hub_checkpoints() -> Path:
-    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-
-
 class Perceptual(nn.Module):
-    """LPIPS through the ``lpips`` package, built only from weights already on disk.
-
-    The ``lpips`` package ships its linear heads; the backbone comes from torchvision's checkpoint in
-    the torch hub cache. If either is missing the run stops before training with instructions, so a
-    run never silently downloads or trains without the loss it asked for.
+    """LPIPS, built only from weights already on disk (:func:`tokenizers_svc.metrics.load_lpips`, the
+    loader the evaluation uses). If the package or the backbone is missing the run stops before
+    training with instructions, so a run never silently downloads or trains without the loss it asked for.
     """
 
     def __init__(self, net: str) -> None:
         super().__init__()
-        checkpoint = torch_hub_checkpoints() / LPIPS_BACKBONES[net]
-        try:
-            import lpips
-        except ModuleNotFoundError:
+        missing = lpips_missing(net)
+        if missing is not None:
             raise ConfigError(
-                "loss.perceptual=lpips needs the `lpips` package (pip install lpips) and the "
-                f"{net} backbone weights at {checkpoint}; install both, or set loss.perceptual=none",
-                param="loss.perceptual",
-            ) from None
-        if not checkpoint.is_file():
-            raise ConfigError(
-                f"loss.perceptual=lpips (net {net}) needs torchvision's backbone weights at {checkpoint} "
-                f"(copy {LPIPS_BACKBONES[net]} there from a machine with network access, or set TORCH_HOME "
-                "to a folder whose hub/checkpoints has it); or set loss.perceptual=none",
+                f"loss.perceptual=lpips (net {net}) needs {missing}; or set loss.perceptual=none",
                 param="loss.perceptual",
             )
-        self.model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+        self.model = load_lpips(net)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model(frames_2d(x).float(), frames_2d(y).float()).mean()  # inputs in [-1, 1]
