@@ -278,7 +278,7 @@ def test_cosmos_sigma_data_is_the_edm_schedulers_default():
 
     from diffusers import EDMEulerScheduler
 
-    from tokenizers_svc.families.video_vaes import COSMOS_SIGMA_DATA
+    from tokenizers_svc.families.autoencoder_kl_cosmos import COSMOS_SIGMA_DATA
 
     default = inspect.signature(EDMEulerScheduler.__init__).parameters["sigma_data"].default
     assert default == COSMOS_SIGMA_DATA

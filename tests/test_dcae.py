@@ -1,4 +1,4 @@
-"""DC-AE presets (tokenizers_svc/families/dcae.py) on diffusers' AutoencoderDC: the published
+"""DC-AE presets (tokenizers_svc/families/autoencoder_dc.py) on diffusers' AutoencoderDC: the published
 architecture configs (built on the meta device), scaling factors, deterministic latents, and the
 tiny trainable presets on a real photo."""
 

@@ -1,4 +1,4 @@
-"""The causal video VAE presets (tokenizers_svc/families/ltx_video.py) on diffusers'
+"""The causal video VAE presets (tokenizers_svc/families/autoencoder_kl_ltx.py) on diffusers'
 AutoencoderKLLTXVideo: the released LTX-Video VAE architecture (checked against the byte size of the
 released weights file), 1:192 compression, the causal 1 + 8k / 1 + 4k frame rule, normalization
 as in diffusers' LTX pipeline, and the tiny preset on a real clip."""
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tokenizers_svc.families.ltx_video import LTXVideoBackend
+from tokenizers_svc.families.autoencoder_kl_ltx import LTXVideoBackend
 from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.media import read_video, video_to_tensor
 from tokenizers_svc.model_stats import count_params, meta_backend, safetensors_bytes

@@ -67,14 +67,14 @@ def test_rotary_scores_depend_only_on_relative_position():
 def test_one_model_runs_at_several_resolutions_and_frame_counts():
     image_model = _tiny()
     for h, w in ((16, 16), (48, 64), (72, 40)):
-        mean, logvar = image_model.encode(torch.zeros(1, 3, h, w))
-        assert mean.shape == logvar.shape == (1, 8, h // 8, w // 8)
-        assert image_model.decode(mean).shape == (1, 3, h, w)
+        posterior = image_model.encode(torch.zeros(1, 3, h, w)).latent_dist
+        assert posterior.mean.shape == posterior.logvar.shape == (1, 8, h // 8, w // 8)
+        assert image_model.decode(posterior.mean).sample.shape == (1, 3, h, w)
     video_model = _tiny(modality="video", tubelet_size=2)
     for t in (2, 4, 8):
-        mean, _ = video_model.encode(torch.zeros(1, 3, t, 16, 24))
+        mean = video_model.encode(torch.zeros(1, 3, t, 16, 24)).latent_dist.mean
         assert mean.shape == (1, 8, t // 2, 2, 3)
-        assert video_model.decode(mean).shape == (1, 3, t, 16, 24)
+        assert video_model.decode(mean).sample.shape == (1, 3, t, 16, 24)
 
 
 def test_bottleneck_size_on_a_real_clip(shared_data):
@@ -90,8 +90,8 @@ def test_bottleneck_size_on_a_real_clip(shared_data):
 
 def test_plain_bottleneck_has_no_posterior(photo_nchw, tmp_path):
     model = _tiny(variational=False)
-    mean, logvar = model.encode(photo_nchw.float() / 127.5 - 1)
-    assert logvar is None and mean.shape == (1, 8, 6, 8)
+    encoded = model.encode(photo_nchw.float() / 127.5 - 1)
+    assert not hasattr(encoded, "latent_dist") and encoded.latent.shape == (1, 8, 6, 8)
     model.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
     assert not tokenizer.spec.is_kl and tokenizer.spec.family == "ViTok"
@@ -195,7 +195,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(photo_nchw):
         if checkpointing:
             model.enable_gradient_checkpointing()
             assert model.encoder.gradient_checkpointing and model.decoder.gradient_checkpointing
-        reconstruction, mean, _ = model(x)
+        mean = model.encode(x).latent_dist.mean
+        reconstruction = model.decode(mean).sample
         ((reconstruction - x).pow(2).mean() + mean.pow(2).mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

@@ -160,9 +160,10 @@ class Tokenizer:
         mean = mean.float()
         logvar = None if logvar is None else logvar.float()
         z = mean
-        if sample and logvar is not None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + torch.exp(0.5 * logvar) * noise
+        if sample and logvar is not None:  # the (tiled) posterior's draw, as diffusers' latent_dist.sample
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # deferred: startup
+
+            z = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).sample(generator)
         if normalize:
             z = self.spec.normalization.apply(z)
         return Latents(

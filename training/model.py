@@ -10,6 +10,7 @@ import fnmatch
 from dataclasses import replace
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from tokenizers_svc.errors import ConfigError
@@ -52,12 +53,16 @@ class Autoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         mean, logvar = self.backend.encode_moments(x)  # (N, c, [t,] h, w) each
-        z = mean if logvar is None else mean + torch.exp(0.5 * logvar) * self.posterior_noise(mean)
+        z = mean
+        if logvar is not None:  # diffusers' posterior, drawn with this rank's share of the global noise
+            posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+            z = posterior.mean + posterior.std * self.posterior_noise(mean)
         return self.backend.decode_latents(z), mean, logvar  # recon like x, float
 
     def posterior_noise(self, mean: torch.Tensor) -> torch.Tensor:
         """Noise for this process's slice of the *global* batch: every process draws the global
-        batch's noise and keeps its rows, so the run is the same for any number of processes."""
+        batch's noise and keeps its rows, so the run is the same for any number of processes (why the
+        draw is not ``DiagonalGaussianDistribution.sample``, which draws only this process's rows)."""
         n = mean.shape[0]
         noise = torch.randn((n * self.world_size, *mean.shape[1:]), device=mean.device, dtype=mean.dtype)
         return noise[self.rank * n : (self.rank + 1) * n]

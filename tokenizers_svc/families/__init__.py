@@ -1,9 +1,31 @@
-"""Model families, one module each; :mod:`tokenizers_svc.registry` reads ``FAMILIES``.
+"""Model families, one module each, named as diffusers names the model's file
+(``autoencoder_kl_wan.py`` for ``AutoencoderKLWan``; ViTok, a native model, is ``vitok.py``);
+:mod:`tokenizers_svc.registry` reads ``FAMILIES``.
 
 Each family module declares ``BACKENDS``, ``PRESETS`` and (native models only) ``MODEL_CLASSES``;
 see :mod:`tokenizers_svc.families.base` for the contract.
 """
 
-from tokenizers_svc.families import dcae, diffusers_vae, ltx_video, video_vaes, vitok
+from tokenizers_svc.families import (
+    autoencoder_dc,
+    autoencoder_kl,
+    autoencoder_kl_cogvideox,
+    autoencoder_kl_cosmos,
+    autoencoder_kl_hunyuan_video,
+    autoencoder_kl_ltx,
+    autoencoder_kl_mochi,
+    autoencoder_kl_wan,
+    vitok,
+)
 
-FAMILIES = (dcae, diffusers_vae, ltx_video, video_vaes, vitok)
+FAMILIES = (
+    autoencoder_dc,
+    autoencoder_kl,
+    autoencoder_kl_ltx,
+    autoencoder_kl_wan,
+    autoencoder_kl_hunyuan_video,
+    autoencoder_kl_cogvideox,
+    autoencoder_kl_cosmos,
+    autoencoder_kl_mochi,
+    vitok,
+)

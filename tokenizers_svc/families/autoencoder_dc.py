@@ -32,7 +32,7 @@ from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
-    import torch
+    pass
 
 
 def _normalization(cfg: Mapping) -> LatentNormalization:
@@ -78,12 +78,6 @@ class AutoencoderDCBackend(Backend):
             is_kl=False,
             in_channels=config["in_channels"],
         )
-
-    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.module.encode(x).latent, None  # (N, c, H/f, W/f)
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.module.decode(z).sample  # (N, 3, H, W)
 
 
 def released_config(levels: int, latent_channels: int, scaling_factor: float) -> dict:

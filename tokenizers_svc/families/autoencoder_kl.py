@@ -12,7 +12,7 @@ from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
-    import torch
+    pass
 
 
 class AutoencoderKLBackend(Backend):
@@ -34,13 +34,6 @@ class AutoencoderKLBackend(Backend):
             is_kl=True,
             in_channels=config["in_channels"],
         )
-
-    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.module.encode(x).latent_dist  # (N, 2c, h, w) split into mean, logvar
-        return dist.mean, dist.logvar
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.module.decode(z).sample  # (N, 3, H, W)
 
 
 _TINY_KL = {

@@ -24,7 +24,6 @@ from tokenizers_svc.formats import read_safetensors_vector
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
 if TYPE_CHECKING:
-    import torch
     from diffusers import AutoencoderKLLTXVideo
 
 
@@ -83,13 +82,6 @@ class LTXVideoBackend(Backend):
         mean, std = _channel_stats(module)
         normalization = replace(spec.normalization, mean=mean, std=std)
         return cls(module, replace(spec, normalization=normalization), weights_hash)
-
-    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.module.encode(x).latent_dist  # (N, c, t, h, w) mean and logvar
-        return dist.mean, dist.logvar
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.module.decode(z).sample  # (N, 3, T, H, W)
 
 
 # Lightricks/LTX-Video vae/config.json (0.9.0); the decoder keys it omits take diffusers' defaults,

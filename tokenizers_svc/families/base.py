@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs nee
     import torch
     from torch import nn
 
-from tokenizers_svc.spec import TokenizerSpec
+from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,24 @@ class Backend(ABC):
         known when the weights came from files (:func:`directory_hash`), else hashed on first use."""
         return cls(module, cls.spec_from_config(module.config, name), weights_hash)
 
-    @abstractmethod
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (N, C, H, W) or (N, C, T, H, W) float in [-1, 1], valid size -> raw (mean, logvar|None).
+        """x: (N, C, H, W) or (N, C, T, H, W) float in [-1, 1], valid size -> raw (mean, logvar|None),
+        each (N, c, [t,] h, w).
 
-        Deterministic tokenizers return ``logvar=None``; ``mean`` is then the latent itself.
+        Deterministic tokenizers return ``logvar=None``; ``mean`` is then the latent itself. Every
+        module here answers ``encode`` as diffusers' autoencoders do: an ``AutoencoderKLOutput`` (its
+        ``latent_dist``, a ``DiagonalGaussianDistribution``) or, deterministic, an ``EncoderOutput``
+        (``latent``); a family whose model differs overrides this.
         """
+        output = self.module.encode(x)
+        if hasattr(output, "latent_dist"):
+            return output.latent_dist.mean, output.latent_dist.logvar
+        return output.latent, None
 
-    @abstractmethod
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """z: raw latents (N, c, h, w) or (N, c, t, h, w) -> pixels float, nominally [-1, 1]."""
+        """z: raw latents (N, c, h, w) or (N, c, t, h, w) -> pixels (N, C, [T,] H, W) float, nominally
+        [-1, 1]: ``decode(z).sample``, diffusers' ``DecoderOutput``."""
+        return self.module.decode(z).sample
 
     @property
     def device(self) -> torch.device:
@@ -104,6 +112,70 @@ class Backend(ABC):
 
     def save_pretrained(self, path: str | Path) -> None:
         self.module.save_pretrained(str(path))
+
+
+class CausalVideoVAEBackend(Backend):
+    """What the diffusers causal video VAEs share (Wan, HunyuanVideo, CogVideoX, Cosmos, Mochi; one file
+    each, named as diffusers names the model's file): the spec, read from the model's own config.
+
+    Every such model encodes (N, 3, T, H, W) float [-1, 1] clips with ``T = 1 + k * t`` (the first
+    frame alone, then groups of ``t`` frames: a causal :class:`~tokenizers_svc.spec.FrameRule`) into
+    (N, c, 1 + k, H / f, W / f) latents, and decodes them back to ``1 + k * t`` frames; an image is a
+    one-frame clip. Each adapter reads compression, channels and the latent normalization its
+    diffusers pipeline applies from the model's own ``config.json``, so a hub checkpoint and a tiny
+    random-init preset go through the same code:
+
+    ============  =========  ====  ==========================================  =========================
+    family        rule       f     normalized latents (as the pipeline does)   config fields
+    ============  =========  ====  ==========================================  =========================
+    Wan 2.1       1 + 4k     8     ``(z - mean[c]) / std[c]``                  latents_mean/latents_std
+    HunyuanVideo  1 + 4k     8     ``z * scaling_factor``                      scaling_factor
+    CogVideoX     1 + 4k     8     ``z * scaling_factor``                      scaling_factor
+    Cosmos 1.0    1 + 8k     8     ``(z - mean[c]) / std[c] * sigma_data``     latents_mean/latents_std
+    Mochi 1       1 + 6k     8     ``(z - mean[c]) / std[c] * scaling_factor`` latents_mean/latents_std
+    ============  =========  ====  ==========================================  =========================
+
+    Cosmos is deterministic (no posterior); the others are KL models (mean, logvar). Cosmos 1.0 ships
+    per-(channel, latent frame) stats, reduced here to per-channel ones (see ``autoencoder_kl_cosmos.CosmosVAEBackend``).
+    Pixel input is always RGB (Mochi's ``in_channels=15`` counts its internal Fourier features).
+    """
+
+    family = ""
+    is_kl = True
+
+    @classmethod
+    def spec_from_config(cls, config: Mapping, name: str) -> TokenizerSpec:
+        spatial, temporal = cls.compression(config)
+        return TokenizerSpec(
+            name=name,
+            family=cls.family,
+            modality="video",
+            spatial_compression=spatial,
+            latent_channels=cls.latent_channels(config),
+            frame_rule=FrameRule(temporal_compression=temporal, causal=True),
+            normalization=cls.normalization(config),
+            is_kl=cls.is_kl,
+            in_channels=3,  # RGB for every family (see the class docstring)
+        )
+
+    @staticmethod
+    def compression(cfg) -> tuple[int, int]:
+        """(spatial, temporal) compression from the model config."""
+        raise NotImplementedError
+
+    @staticmethod
+    def latent_channels(cfg) -> int:
+        return int(cfg["latent_channels"])
+
+    @staticmethod
+    def normalization(cfg) -> LatentNormalization:
+        raise NotImplementedError
+
+
+# Non-trivial per-channel stats for the tiny random-init video presets, so a normalization round trip
+# can fail.
+TINY_LATENT_MEAN = [0.1, -0.2, 0.3, 0.05]
+TINY_LATENT_STD = [1.5, 0.5, 0.8, 1.2]
 
 
 def state_dict_hash(module: nn.Module) -> str:

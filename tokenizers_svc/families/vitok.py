@@ -15,7 +15,7 @@ from tokenizers_svc.families.base import Backend, Preset
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
-    import torch
+    pass
 
 
 class ViTokBackend(Backend):
@@ -38,12 +38,6 @@ class ViTokBackend(Backend):
             is_kl=bool(config["variational"]),
             in_channels=config["in_channels"],
         )
-
-    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.module.encode(x)
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.module.decode(z)
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -26,12 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution, EncoderOutput
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from tokenizers_svc.errors import ShapeMismatchError
-
-LOGVAR_RANGE = (-30.0, 20.0)  # clamp as in the SD posterior, keeps exp(logvar) finite in bf16
 
 
 def axial_rope_dims(head_dim: int, axes: int) -> int:
@@ -225,19 +225,22 @@ class ViTokModel(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------ encode / decode
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """pixels (N, C, [T,] H, W) float [-1, 1] -> (mean, logvar | None), each (N, c, [t,] h, w)."""
+    def encode(self, x: torch.Tensor) -> AutoencoderKLOutput | EncoderOutput:
+        """pixels (N, C, [T,] H, W) float [-1, 1] -> as diffusers' autoencoders answer: variational, an
+        ``AutoencoderKLOutput`` whose ``latent_dist`` (``DiagonalGaussianDistribution``: mean and logvar
+        clamped to [-30, 20], each (N, c, [t,] h, w)) samples itself; plain, an ``EncoderOutput`` whose
+        ``latent`` is (N, c, [t,] h, w)."""
         tokens, grid = self.patchify(x)  # (N, L, C*q*p*p)
         h = self.encoder(self.patch_embed(tokens), grid, self.config.rope_theta)  # (N, L, D_enc)
         moments = self.to_latent(h)  # (N, L, 2c) or (N, L, c)
         moments = moments.transpose(1, 2).unflatten(2, grid)  # (N, 2c | c, [t,] h, w)
         if not self.config.variational:
-            return moments, None
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar.clamp(*LOGVAR_RANGE)
+            return EncoderOutput(latent=moments)
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(moments))  # mean, logvar halves
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """latents (N, c, [t,] h, w) -> pixels (N, C, [T,] H, W) float, nominally [-1, 1]."""
+    def decode(self, z: torch.Tensor) -> DecoderOutput:
+        """latents (N, c, [t,] h, w) -> ``DecoderOutput``: ``sample`` pixels (N, C, [T,] H, W) float,
+        nominally [-1, 1]."""
         cfg = self.config
         want_rank = 5 if self.is_video else 4
         if z.ndim != want_rank or z.shape[1] != cfg.latent_channels:
@@ -248,16 +251,18 @@ class ViTokModel(ModelMixin, ConfigMixin):
         grid = tuple(z.shape[2:])
         tokens = z.flatten(2).transpose(1, 2)  # (N, L, c)
         h = self.decoder(self.from_latent(tokens), grid, cfg.rope_theta)  # (N, L, D_dec)
-        return self.unpatchify(self.to_pixels(h), grid)  # (N, C, [T,] H, W)
+        return DecoderOutput(sample=self.unpatchify(self.to_pixels(h), grid))  # (N, C, [T,] H, W)
 
-    def forward(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
-        """Reconstruction: pixels -> (reconstruction, mean, logvar | None); samples the posterior if asked."""
-        mean, logvar = self.encode(x)
-        z = mean
-        if sample and logvar is not None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + torch.exp(0.5 * logvar) * noise
-        return self.decode(z), mean, logvar
+    def forward(
+        self, sample: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None
+    ) -> DecoderOutput:
+        """Reconstruction, as diffusers' ``AutoencoderKL.forward``: pixels -> ``DecoderOutput`` of the
+        posterior's mode, or of a draw from it when ``sample_posterior``."""
+        encoded = self.encode(sample)
+        if not hasattr(encoded, "latent_dist"):
+            return self.decode(encoded.latent)
+        posterior = encoded.latent_dist
+        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
 
 
 def _init_weights(module: nn.Module) -> None:

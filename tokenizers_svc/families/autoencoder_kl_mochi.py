@@ -1,0 +1,57 @@
+"""Mochi 1 video VAE on diffusers ``AutoencoderKLMochi``.
+
+A causal video VAE: the spec and the frame rule come from
+:class:`~tokenizers_svc.families.base.CausalVideoVAEBackend`, which this file's backend configures.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tokenizers_svc.families.base import TINY_LATENT_MEAN, TINY_LATENT_STD, CausalVideoVAEBackend, Preset
+from tokenizers_svc.spec import LatentNormalization
+
+
+class MochiVAEBackend(CausalVideoVAEBackend):
+    """Mochi 1 VAE (1 + 6k frames). Pipeline: ``(z - latents_mean) / latents_std * scaling_factor``."""
+
+    class_names = ("AutoencoderKLMochi",)
+    family = "Mochi"
+
+    @staticmethod
+    def compression(cfg) -> tuple[int, int]:
+        return math.prod(cfg["spatial_expansions"]), math.prod(cfg["temporal_expansions"])
+
+    @staticmethod
+    def normalization(cfg) -> LatentNormalization:
+        if cfg.get("latents_mean") is None:
+            return LatentNormalization(scale=float(cfg["scaling_factor"]))
+        return LatentNormalization(
+            scale=float(cfg["scaling_factor"]), mean=tuple(cfg["latents_mean"]), std=tuple(cfg["latents_std"])
+        )
+
+
+BACKENDS = (MochiVAEBackend,)
+PRESETS = (
+    Preset(
+        name="mochi-vae",
+        class_name="AutoencoderKLMochi",
+        source="genmo/mochi-1-preview",
+        subfolder="vae",
+        description="Mochi 1 VAE (f8 t6 c12, 1 + 6k frames, per-channel mean/std)",
+    ),
+    # the same class at a few hundred thousand parameters, random init, f8 and the real temporal rule,
+    # so every code path (causal caches, frame batching) runs on CPU in about a second; it states the
+    # config keys its spec reads (the class defaults), so the registry lists it from config
+    Preset(
+        name="mochi-vae-tiny",
+        class_name="AutoencoderKLMochi",
+        # Mochi's GroupNorm has 32 groups, so 32 channels is the narrowest width
+        config={"latent_channels": 4, "encoder_block_out_channels": [32, 32, 32, 32],
+         "decoder_block_out_channels": [32, 32, 32, 32], "layers_per_block": [1, 1, 1, 1, 1],
+         "add_attention_block": [False] * 5, "latents_mean": TINY_LATENT_MEAN, "latents_std": TINY_LATENT_STD,
+         "scaling_factor": 1.0, "spatial_expansions": [2, 2, 2], "temporal_expansions": [1, 2, 3]},
+        description="Mochi-style VAE (f8 t6 c4, 1 + 6k frames), random init",
+        random_init=True,
+    ),
+)  # fmt: skip
