@@ -20,7 +20,7 @@ import torch
 from conftest import small_presets
 
 from tokenizers_svc.api import Tokenizer
-from tokenizers_svc.errors import InvalidRequestError
+from tokenizers_svc.errors import InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.latents import Latents, latents_from_bytes
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.media import image_to_tensor, read_image, read_video, video_to_tensor
@@ -282,3 +282,33 @@ def test_cosmos_sigma_data_is_the_edm_schedulers_default():
 
     default = inspect.signature(EDMEulerScheduler.__init__).parameters["sigma_data"].default
     assert default == COSMOS_SIGMA_DATA
+
+
+@pytest.mark.parametrize(("name", "kind"), CASES)
+def test_inputs_under_the_minimum_size_are_padded_up_and_cropped_back(name, kind):
+    """1x1, 2x2 and 1-pixel-tall inputs (a GroupNorm with one value per group raised ValueError,
+    a 500 on the server): padded to the model's ``min_size`` and cropped back on decode."""
+    tok = _tokenizer(name)
+    spec = tok.spec
+    for h, w in ((1, 1), (2, 2), (1, 5)):
+        pixels = torch.full((1, 3, h, w) if kind == "image" else (1, 3, 2, h, w), 200, dtype=torch.uint8)
+        latents = tok.encode(pixels, tiling=UNTILED)
+        assert min(latents.latents.shape[-2:]) >= spec.min_latent_size
+        padded = [max(math.ceil(side / spec.multiple) * spec.multiple, spec.min_size) for side in (h, w)]
+        assert latents.padding[:2] == (padded[0] - h, padded[1] - w)
+        assert tok.decode(latents, tiling=UNTILED, output_dtype=torch.uint8).shape == pixels.shape
+
+
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.min_latent_size > 1])
+def test_the_declared_minimum_size_is_needed_and_latents_under_it_are_refused(name):
+    """The families whose GroupNorm has one channel per group declare 2x2 latents as their minimum:
+    the network itself fails one cell below it, and a latent tensor under it is a 422 naming it."""
+    tok = _tokenizer(name)
+    spec = tok.spec
+    below = spec.min_size - spec.multiple
+    shape = (1, 3, below, below) if spec.modality == "image" else (1, 3, 1, below, below)
+    with pytest.raises(ValueError, match="more than 1 value per channel"), torch.no_grad():
+        tok.backend.encode_moments(torch.zeros(shape))
+    tensor = torch.zeros(spec.latent_shape(shape))
+    with pytest.raises(ShapeMismatchError, match=f"at least {spec.min_latent_size}x{spec.min_latent_size}"):
+        tok.decode(tensor, normalized=False)

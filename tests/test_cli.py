@@ -112,7 +112,7 @@ def test_encode_options_reach_the_latents(photos, tmp_path):
     assert latents.normalized and latents.resized_from == (50, 55)
     assert min(latents.original_size) == 24 and latents.mean is not None
     sampled = runner.invoke(
-        app, [*args, "--sample", "--seed", "1", "--tile-size", "32", "--tile-overlap", "8"]
+        app, [*args, "--sample", "--seed", "1", "--tile-size", "32", "--tile-overlap", "8", "--overwrite"]
     )
     assert sampled.exit_code == 0, sampled.output
     assert load_latents(out).sampled
@@ -324,3 +324,79 @@ def test_unwritable_outputs_are_one_error_line(tmp_path, photos):
         assert result.exit_code == 1, argv
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("error: invalid_request: cannot ") and "Traceback" not in result.output
+
+
+def _no_temporary_files(folder: Path) -> bool:
+    return not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_outputs_are_never_overwritten_unless_asked_nor_written_through_a_symlink(photos, tmp_path):
+    """Issue 27 item 13: encode and decode replaced existing files silently and wrote through a
+    symlink into its target. Now: refused before any work unless --overwrite; a symlink at the
+    output is replaced by the new file, its target untouched; no temporary file is left behind."""
+    out = tmp_path / "a.safetensors"
+    encode = ["encode", str(photos[0]), "-o", str(out), "-m", "sd-vae-tiny"]
+    assert runner.invoke(app, encode).exit_code == 0
+    first = out.read_bytes()
+    again = runner.invoke(app, [*encode, "--raw"])
+    assert again.exit_code == 1
+    assert (
+        again.stderr.strip()
+        == f"error: invalid_request: output {str(out)!r} exists; pass --overwrite to replace it"
+    )
+    assert out.read_bytes() == first
+    assert runner.invoke(app, [*encode, "--raw", "--overwrite"]).exit_code == 0
+    assert not load_latents(out).normalized
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for argv, link in (
+        (["encode", str(photos[1]), "-m", "sd-vae-tiny"], tmp_path / "link.safetensors"),
+        (["decode", str(out)], tmp_path / "link.png"),
+    ):
+        link.symlink_to(victim)
+        refused = runner.invoke(app, [*argv, "-o", str(link)])
+        assert refused.exit_code == 1 and "exists; pass --overwrite" in refused.stderr, refused.output
+        replaced = runner.invoke(app, [*argv, "-o", str(link), "--overwrite"])
+        assert replaced.exit_code == 0, replaced.output
+        assert not link.is_symlink() and victim.read_text() == "keep me"
+    assert media.read_image(tmp_path / "link.png").shape == (40, 42, 3)
+
+    png = tmp_path / "back.png"
+    png.write_bytes(b"an older file")
+    refused = runner.invoke(app, ["decode", str(out), "-o", str(png)])
+    assert refused.exit_code == 1 and png.read_bytes() == b"an older file"
+    assert _no_temporary_files(tmp_path)
+
+
+def test_an_interrupted_write_leaves_no_half_file(photos, tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tokenizers_svc.cli.os.replace", fail)
+    out = tmp_path / "a.safetensors"
+    result = runner.invoke(app, ["encode", str(photos[0]), "-o", str(out), "-m", "sd-vae-tiny"])
+    assert result.exit_code == 1 and "cannot write" in result.stderr and "No space left" in result.stderr
+    assert not out.exists() and _no_temporary_files(tmp_path)
+
+
+@pytest.mark.parametrize("fps", ["1e-300", "0", "-1", "nan", "inf", "1e9"])
+def test_decode_fps_must_be_a_writable_frame_rate(tmp_path, fps):
+    """Issue 27 item 11: --fps 1e-300 was written at 24 fps without a word."""
+    result = runner.invoke(
+        app, ["decode", str(tmp_path / "x.safetensors"), "-o", str(tmp_path / "x.mp4"), "--fps", fps]
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: invalid_request: --fps must be a frame rate in [0.001, 1000]")
+
+
+def test_a_one_pixel_image_encodes_and_decodes(tmp_path):
+    """Issue 27 item 2: a 1x1 image raised ValueError in GroupNorm, printed as a traceback."""
+    dot = tmp_path / "dot.png"
+    dot.write_bytes(media.encode_image(np.full((1, 1, 3), 90, dtype=np.uint8), "png"))
+    latents, back = tmp_path / "dot.safetensors", tmp_path / "dot.png.png"
+    result = runner.invoke(app, ["encode", str(dot), "-o", str(latents), "-m", "sd-vae-tiny"])
+    assert result.exit_code == 0, result.output
+    assert load_latents(latents).padding == (3, 3, 0)  # up to sd-vae-tiny's 4x4 minimum
+    assert runner.invoke(app, ["decode", str(latents), "-o", str(back)]).exit_code == 0
+    assert media.read_image(back).shape == (1, 1, 3)

@@ -280,3 +280,21 @@ def test_posterior_sharing_memory_with_latents_serializes():
     shared = make_image_latents(mean=base.latents, logvar=torch.zeros_like(base.latents))
     loaded = latents_from_bytes(shared.to_bytes())
     assert torch.equal(loaded.mean, base.latents) and torch.equal(loaded.latents, base.latents)
+
+
+def test_a_file_with_an_extra_or_half_a_posterior_tensor_is_refused_naming_it():
+    """An extra tensor was accepted and silently ignored; so was a mean without its logvar."""
+    latents = make_video_latents()
+    extra = {
+        "latents": latents.latents,
+        "mean": latents.mean,
+        "logvar": latents.logvar,
+        "noise": latents.mean.clone(),
+    }
+    with pytest.raises(InvalidLatentsError, match=r"unexpected tensor\(s\) \['noise'\]") as info:
+        latents_from_bytes(rewrite(latents, tensors=extra))
+    assert info.value.param == "noise" and info.value.http_status == 422
+    with pytest.raises(InvalidLatentsError, match="mean without its logvar") as info:
+        latents_from_bytes(rewrite(latents, tensors={"latents": latents.latents, "mean": latents.mean}))
+    assert info.value.param == "logvar"
+    assert torch.equal(latents_from_bytes(latents.to_bytes()).logvar, latents.logvar)  # both: fine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 
@@ -23,6 +24,7 @@ from tokenizers_svc.errors import (
     UnsupportedMediaTypeError,
 )
 from tokenizers_svc.media import MediaLimits
+from tokenizers_svc.pipeline import DecodeOptions
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -269,8 +271,26 @@ def test_bad_range_options(clip_bytes):
         media.decode_video(clip_bytes, stride=0)
     with pytest.raises(InvalidRequestError, match="end must be after start"):
         media.decode_video(clip_bytes, start=2.0, end=1.0)
-    with pytest.raises(InvalidMediaError, match="no video frames"):
+    with pytest.raises(InvalidRequestError, match=r"no frames in \[100, end\) s; the clip is 4 s long"):
         media.decode_video(clip_bytes, start=100.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "param", "message"),
+    [
+        ({"start": 1e15}, "start", r"no frames in \[1e\+15, end\)"),  # was OverflowError: a 500
+        ({"start": 4.5, "end": 9.0}, "start", r"no frames in \[4.5, 9\)"),
+        ({"end": 0.001}, "end", r"no frames in \[0, 0.001\)"),
+        ({"start": math.nan}, "start", "finite"),
+        ({"end": math.inf}, "end", "end must be"),
+        ({"stride": 10**9}, "stride", "frames per second"),  # would record an unreadable fps
+        ({"max_frames": 0}, "max_frames", ">= 1"),
+    ],
+)
+def test_time_options_out_of_range_are_422_naming_the_option(clip_bytes, options, param, message):
+    with pytest.raises(InvalidRequestError, match=message) as caught:
+        media.decode_video(clip_bytes, **options)
+    assert caught.value.param == param and caught.value.http_status == 422
 
 
 def test_truncated_real_mp4(clip_bytes):
@@ -332,8 +352,11 @@ def test_garbage_video_bytes():
 
 
 def test_encode_video_validates_input(clip_frames):
-    with pytest.raises(InvalidRequestError, match="fps"):
-        media.encode_video(clip_frames.frames[:2], 0)
+    for fps in (0, 1e-300, math.inf, 1e9):  # 1e-300 was written at 24 fps without a word
+        with pytest.raises(InvalidRequestError, match=r"fps must be a frame rate in \[0.001, 1000\]"):
+            media.encode_video(clip_frames.frames[:2], fps)
+    with pytest.raises(InvalidRequestError, match="fps must be a frame rate"):
+        DecodeOptions(fps=1e-300)  # the HTTP decode's and the CLI's options: refused before work
     with pytest.raises(ShapeMismatchError):
         media.encode_video(clip_frames.frames[0], 25)
 

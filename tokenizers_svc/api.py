@@ -111,8 +111,7 @@ class Tokenizer:
         source_hw = tuple(x.shape[-2:])
         x = resize_pixels(x, resize, resolution)
         h, w = x.shape[-2:]
-        m = spec.multiple
-        pad_h, pad_w = (-h) % m, (-w) % m
+        pad_h, pad_w = padded_side(h, spec) - h, padded_side(w, spec) - w
         frames = x.shape[2] if x.ndim == 5 else None
         pad_t = spec.frame_rule.padded_frames(frames) - frames if frames is not None else 0
         if pad_h or pad_w:
@@ -236,6 +235,13 @@ class Tokenizer:
             yield
         finally:
             self.backend.module.train(was_training)
+
+
+def padded_side(side: int, spec: TokenizerSpec) -> int:
+    """The side a pixel height or width is padded to: the next multiple of ``spec.multiple``, and at
+    least ``spec.min_size`` (a 1x1 image is padded up to the smallest input the network takes)."""
+    m = spec.multiple
+    return max(-(-side // m) * m, spec.min_size)
 
 
 def place_module(module: torch.nn.Module, device, dtype: torch.dtype | None) -> torch.nn.Module:

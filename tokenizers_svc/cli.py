@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
+import os
+import secrets
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -256,13 +257,38 @@ def _read(path: Path) -> bytes:
         raise InvalidRequestError(f"cannot read {str(path)!r}: {exc.strerror}", param="file") from None
 
 
-def _write(path: Path, data: bytes) -> None:
+OVERWRITE_HELP = "Replace output files that exist (default: refuse them, before any work)."
+
+
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """Outputs are never replaced unless asked: an existing path (a symlink too, dangling or not)
+    is an error naming it, unless ``overwrite``."""
+    existing = [path for path in paths if os.path.lexists(path)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise InvalidRequestError(
+            f"output {str(existing[0])!r}{more} exists; pass --overwrite to replace it", param="out"
+        )
+
+
+def _write(path: Path, data: bytes, *, overwrite: bool) -> None:
+    """Write ``data`` into a new temporary file in ``path``'s folder, then rename it onto ``path``:
+    an interrupted write leaves no half file, and a symlink at ``path`` is replaced, never written
+    through. An existing ``path`` is refused unless ``overwrite``."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        path.write_bytes(data)
+        _refuse_existing([path], overwrite)
+        # O_EXCL: never opens an existing file or follows a symlink planted at the temporary name
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+            handle.write(data)
+        _refuse_existing([path], overwrite)  # it may have appeared while the data was written
+        os.replace(temporary, path)
     except OSError as exc:
         raise InvalidRequestError(
             f"cannot write {str(path)!r}: {exc.strerror or type(exc).__name__}", param="out"
         ) from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _make_directory(path: Path) -> None:
@@ -380,6 +406,7 @@ def encode(
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
     set_limit: list[str] | None = typer.Option(None, "--set-limit", help=SET_LIMIT_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Encode images/videos to latent files, under the server's limits. Failures are reported per
     file; the exit code is 1 if any failed.
@@ -398,6 +425,7 @@ def encode(
     as_directory = len(files) > 1 or out.is_dir() or any(path.is_dir() for path in inputs)
     try:
         targets = _output_paths(files, out, as_directory)
+        _refuse_existing(targets, overwrite)
         options = EncodeOptions.from_flags(
             {
                 "normalize": not raw,
@@ -429,13 +457,10 @@ def encode(
                     latents = encode_media(
                         tokenizer, load_media(_read(source), limits, options), options, chunks
                     )
-                    latents.save(target)
+                    _write(target, latents.to_bytes(), overwrite=overwrite)
                 except TokenizerError as exc:
                     failures += 1
                     progress.write(f"error: {source}: {exc.type}: {exc.message}")
-                except OSError as exc:
-                    failures += 1
-                    progress.write(f"error: {source}: cannot write {target}: {exc.strerror}")
                 else:
                     if len(files) == 1:
                         typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
@@ -471,18 +496,21 @@ def decode(
     device: str = typer.Option("cpu", "--device", help="torch device."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
     set_limit: list[str] | None = typer.Option(None, "--set-limit", help=SET_LIMIT_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Decode a latent file back to an image or video, cropped to the original size, under the
-    server's limits."""
-    from tokenizers_svc.formats import output_media_type
+    server's limits. The output is written whole or not at all, and never replaces a file unless
+    --overwrite is given."""
+    from tokenizers_svc.formats import check_fps, output_media_type
     from tokenizers_svc.latents import latents_from_bytes
     from tokenizers_svc.pipeline import decode_to_media
     from tokenizers_svc.tiling import tiling_options
 
-    if fps is not None and not (math.isfinite(fps) and fps > 0):
-        raise _fail(InvalidRequestError(f"--fps must be a positive number, got {fps}", param="fps"))
     try:
+        if fps is not None:
+            check_fps(fps, param="--fps")
         output_media_type(out.suffix or "(no suffix)")
+        _refuse_existing([out], overwrite)
         latents = latents_from_bytes(_read(latents_file))
         tokenizer = _load(model or latents.tokenizer, device, dtype)
         with _ChunkProgress(f"decode {latents_file.name}") as chunks:
@@ -497,7 +525,7 @@ def decode(
                 on_chunk=chunks,
             )
         _make_directory(out.parent)
-        _write(out, data)
+        _write(out, data, overwrite=overwrite)
     except TokenizerError as exc:
         raise _fail(exc) from None
     typer.echo(f"{latents_file} -> {out} ({media_type}, {len(data)} bytes)")

@@ -10,11 +10,15 @@ and which content type a client announces.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
-from tokenizers_svc.errors import UnsupportedMediaTypeError
+from tokenizers_svc.errors import InvalidRequestError, UnsupportedMediaTypeError
 
+# Frame rates a video is written at and a latent file may record. Below MIN_FPS an mp4 time base
+# (1/1001 s steps) cannot represent the rate: the encoder fell back to 24 fps without a word.
+MIN_FPS, MAX_FPS = 0.001, 1000.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what directory listings treat as images
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm")  # ... and as videos
 MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
@@ -105,3 +109,14 @@ def read_safetensors_vector(path: Path, name: str) -> tuple[float, ...] | None:
             f"<{len(values)}f", struct.pack(f"<{len(values)}I", *(v << 16 for v in values))
         )
     return tuple(float(v) for v in values)
+
+
+def check_fps(fps: object, param: str = "fps") -> float:
+    """``fps`` as a float when it is a finite number in [MIN_FPS, MAX_FPS], else InvalidRequestError
+    (422) naming ``param``: the HTTP decode, the CLI's ``--fps`` and the mp4 writer refuse alike."""
+    number = float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) else math.nan
+    if not (math.isfinite(number) and MIN_FPS <= number <= MAX_FPS):
+        raise InvalidRequestError(
+            f"{param} must be a frame rate in [{MIN_FPS:g}, {MAX_FPS:g}], got {fps!r}", param=param
+        )
+    return number

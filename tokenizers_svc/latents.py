@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tokenizers_svc.errors import InvalidLatentsError, ShapeMismatchError
+from tokenizers_svc.formats import MAX_FPS, MIN_FPS
 from tokenizers_svc.spec import LatentNormalization
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 FORMAT_NAME = "tokenizers-svc.latents"
 FORMAT_VERSION = 1
 LATENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MIN_FPS, MAX_FPS = 0.001, 1000.0  # a recorded frame rate outside this is corrupt metadata
+FILE_TENSORS = ("latents", "mean", "logvar")  # the tensors a latent file may hold, by name
 MAX_LATENT_ABS = 1e6  # VAE latents are O(10); larger finite values overflow once un-normalized
 
 
@@ -116,8 +117,7 @@ class Latents:
         """Serialize to safetensors bytes (the file format, also the HTTP body)."""
         tensors = {"latents": self.latents}
         if self.mean is not None and self.logvar is not None:
-            tensors["mean"] = self.mean
-            tensors["logvar"] = self.logvar
+            tensors.update(mean=self.mean, logvar=self.logvar)
         # Own storage per tensor: safetensors refuses tensors that share memory, as raw latents
         # and the posterior mean do when a deterministic encode also returns its posterior.
         owned = {key: tensor.detach().cpu().clone().contiguous() for key, tensor in tensors.items()}
@@ -306,6 +306,20 @@ def latents_from_bytes(data: bytes) -> Latents:
         )
     if "latents" not in tensors:
         raise InvalidLatentsError("latent file has no tensor named 'latents'", param="latents")
+    unexpected = sorted(set(tensors) - set(FILE_TENSORS))
+    if unexpected:
+        raise InvalidLatentsError(
+            f"latent file holds unexpected tensor(s) {unexpected}; expected 'latents', and 'mean' with "
+            "'logvar' when it carries the posterior",
+            param=unexpected[0],
+        )
+    if ("mean" in tensors) != ("logvar" in tensors):
+        missing = "logvar" if "mean" in tensors else "mean"
+        raise InvalidLatentsError(
+            f"latent file holds the posterior's {'mean' if missing == 'logvar' else 'logvar'} without its "
+            f"{missing}; expected both or neither",
+            param=missing,
+        )
     latents = tensors["latents"]
     fields = parse_metadata(meta, latents)
     mean, logvar = tensors.get("mean"), tensors.get("logvar")
@@ -395,4 +409,11 @@ def validate_tensor_for(tensor: torch.Tensor, spec: TokenizerSpec, param: str = 
         )
     if math.prod(tensor.shape) == 0:
         raise ShapeMismatchError(f"latents must not be empty, got shape {tuple(tensor.shape)}", param=param)
+    least = spec.min_latent_size
+    if min(tensor.shape[-2:]) < least:
+        raise ShapeMismatchError(
+            f"{spec.name} decodes latents of at least {least}x{least} (height x width), got shape "
+            f"{tuple(tensor.shape)}; its encode pads smaller images up to {spec.min_size}x{spec.min_size} pixels",
+            param=param,
+        )
     check_finite(tensor, param)

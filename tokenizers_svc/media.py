@@ -36,7 +36,7 @@ from tokenizers_svc.errors import (
     TokenizerError,
     UnsupportedMediaTypeError,
 )
-from tokenizers_svc.formats import IMAGE_MEDIA_TYPES, image_format
+from tokenizers_svc.formats import IMAGE_MEDIA_TYPES, MIN_FPS, check_fps, image_format
 from tokenizers_svc.pixels import as_uint8_pixels
 
 MediaKind = Literal["image", "video"]
@@ -416,8 +416,16 @@ def _decode_stream(
     if width and height:
         _check_pixels(width, height, limits, "video frame")
     fps = _frame_rate(stream)
+    if fps / stride < MIN_FPS:
+        raise InvalidRequestError(
+            f"stride {stride} at {fps:g} fps keeps {fps / stride:.3g} frames per second; the least a latent "
+            f"file records is {MIN_FPS:g}",
+            param="stride",
+        )
     duration = _stream_duration(container, stream)
     span_start = start or 0.0
+    if start is not None and duration is not None and start >= duration:
+        raise _no_frames(start, end, duration)
     span_end = min(end, duration) if end is not None and duration is not None else (end or duration)
     expected = None  # frame count estimate from the header, sizes the output buffer
     if span_end is not None:
@@ -443,7 +451,7 @@ def _decode_stream(
         try:
             target = int((start + origin) / stream.time_base)
             container.seek(target, stream=stream, backward=True, any_frame=False)
-        except av.error.FFmpegError:
+        except (av.error.FFmpegError, OverflowError):  # OverflowError: past int64 time-base units
             container.seek(0)  # unseekable (no index): decode from the start and skip
     buffer = _FrameBuffer(min(cap, expected + 2 if expected is not None else 64), limits.max_total_pixels)
     first_time: float | None = None
@@ -495,9 +503,19 @@ def _decode_stream(
                 param="file",
             )
     if not buffer.count:
-        where = f" in [{span_start:g}, {end if end is not None else 'end'}) s" if (start or end) else ""
-        raise InvalidMediaError(f"no video frames could be decoded{where}", param="file")
+        if start is not None or end is not None:
+            raise _no_frames(start, end, duration)
+        raise InvalidMediaError("no video frames could be decoded", param="file")
     return Video(frames=buffer.frames(), fps=fps / stride, start_time=float(first_time or 0.0))
+
+
+def _no_frames(start: float | None, end: float | None, duration: float | None) -> InvalidRequestError:
+    """The [start, end) range selects no frame: a 422 naming the option that put it there."""
+    length = f"; the clip is {duration:.3g} s long" if duration is not None else ""
+    span = f"[{start or 0.0:g}, {'end' if end is None else format(end, 'g')})"
+    return InvalidRequestError(
+        f"no frames in {span} s{length}", param="start" if start is not None and start > 0 else "end"
+    )
 
 
 def read_video(
@@ -519,8 +537,7 @@ def encode_video(frames: np.ndarray, fps: float, *, crf: int = 18, preset: str =
     the file is at most one pixel taller/wider than the input. ``crf`` 18 is visually lossless-ish.
     """
     _check_frames_array(frames, ndim=4, what="video")
-    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
-        raise InvalidRequestError(f"fps must be a positive number, got {fps!r}", param="fps")
+    fps = check_fps(fps)
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")

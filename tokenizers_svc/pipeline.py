@@ -19,7 +19,7 @@ import torch
 from tokenizers_svc import media
 from tokenizers_svc.abandon import checkpoint
 from tokenizers_svc.errors import InvalidRequestError, ModelError, TokenizerError
-from tokenizers_svc.formats import VIDEO_MEDIA_TYPE, output_media_type
+from tokenizers_svc.formats import VIDEO_MEDIA_TYPE, check_fps, output_media_type
 from tokenizers_svc.latents import Latents
 from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
 from tokenizers_svc.media import MediaKind
@@ -83,6 +83,10 @@ class DecodeOptions:
     fps: float | None = None  # mp4 frame rate; None: the fps recorded at encode time
     quality: int = 95  # JPEG/WebP quality: visually lossless at about a tenth of PNG's size
     tiling: TilingOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.fps is not None:
+            check_fps(self.fps)
 
 
 @dataclass

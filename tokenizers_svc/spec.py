@@ -174,6 +174,9 @@ class TokenizerSpec:
     is_kl: bool = False  # True when encode yields a Gaussian posterior (mean, logvar)
     dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
     in_channels: int = 3
+    # smallest latent height and width the network takes (its normalization layers need more than
+    # one value per group at the deepest level); smaller inputs are padded up to :attr:`min_size`
+    min_latent_size: int = 1
 
     @property
     def temporal_compression(self) -> int:
@@ -182,6 +185,13 @@ class TokenizerSpec:
     @property
     def multiple(self) -> int:
         return self.spatial_multiple or self.spatial_compression
+
+    @property
+    def min_size(self) -> int:
+        """Smallest pixel height and width the network takes, a multiple of :attr:`multiple`: the
+        Tokenizer pads smaller inputs up to it and crops the padding off again on decode."""
+        m = self.multiple
+        return math.ceil(self.min_latent_size * self.spatial_compression / m) * m
 
     @property
     def layout(self) -> str:
@@ -220,6 +230,7 @@ class TokenizerSpec:
             "temporal_compression": self.temporal_compression,
             "latent_channels": self.latent_channels,
             "spatial_multiple": self.multiple,
+            "min_size": self.min_size,
             "frame_rule": self.frame_rule.describe(),
             "causal": self.frame_rule.causal,
             "normalization": self.normalization.to_dict(),

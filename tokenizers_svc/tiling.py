@@ -123,7 +123,8 @@ class _Grid:
     def build(cls, spec: TokenizerSpec, options: TilingOptions) -> _Grid:
         f = spec.spatial_compression
         align = math.lcm(spec.multiple, f)
-        tile = max(align, options.tile_size // align * align)
+        smallest = math.ceil(spec.min_size / align) * align  # a tile is an input the network takes
+        tile = max(smallest, options.tile_size // align * align)
         overlap = min(tile - align, math.ceil(options.tile_overlap / align) * align)
         rule = spec.frame_rule
         t = rule.temporal_compression

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from tokenizers_svc.families.base import Backend, Preset
+from tokenizers_svc.families.base import Backend, Preset, group_norm_min_latent_size
 from tokenizers_svc.spec import LatentNormalization, TokenizerSpec
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
@@ -33,6 +33,9 @@ class AutoencoderKLBackend(Backend):
             ),
             is_kl=True,
             in_channels=config["in_channels"],
+            min_latent_size=group_norm_min_latent_size(
+                config["block_out_channels"], config.get("norm_num_groups", 32)
+            ),
         )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokenizers_svc.families.base import CausalVideoVAEBackend, Preset
+from tokenizers_svc.families.base import CausalVideoVAEBackend, Preset, group_norm_min_latent_size
 from tokenizers_svc.spec import LatentNormalization
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
@@ -33,6 +33,10 @@ class CogVideoXVAEBackend(CausalVideoVAEBackend):
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
         return 2 ** (len(cfg["block_out_channels"]) - 1), int(cfg["temporal_compression_ratio"])
+
+    @staticmethod
+    def min_latent_size(cfg) -> int:
+        return group_norm_min_latent_size(cfg["block_out_channels"], cfg.get("norm_num_groups", 32))
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:

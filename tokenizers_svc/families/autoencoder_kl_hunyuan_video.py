@@ -6,7 +6,7 @@ A causal video VAE: the spec and the frame rule come from
 
 from __future__ import annotations
 
-from tokenizers_svc.families.base import CausalVideoVAEBackend, Preset
+from tokenizers_svc.families.base import CausalVideoVAEBackend, Preset, group_norm_min_latent_size
 from tokenizers_svc.spec import LatentNormalization
 
 
@@ -19,6 +19,10 @@ class HunyuanVideoVAEBackend(CausalVideoVAEBackend):
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
         return int(cfg["spatial_compression_ratio"]), int(cfg["temporal_compression_ratio"])
+
+    @staticmethod
+    def min_latent_size(cfg) -> int:
+        return group_norm_min_latent_size(cfg["block_out_channels"], cfg.get("norm_num_groups", 32))
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import math
 
-from tokenizers_svc.families.base import TINY_LATENT_MEAN, TINY_LATENT_STD, CausalVideoVAEBackend, Preset
+from tokenizers_svc.families.base import (
+    TINY_LATENT_MEAN,
+    TINY_LATENT_STD,
+    CausalVideoVAEBackend,
+    Preset,
+    group_norm_min_latent_size,
+)
 from tokenizers_svc.spec import LatentNormalization
 
 
@@ -21,6 +27,11 @@ class MochiVAEBackend(CausalVideoVAEBackend):
     @staticmethod
     def compression(cfg) -> tuple[int, int]:
         return math.prod(cfg["spatial_expansions"]), math.prod(cfg["temporal_expansions"])
+
+    @staticmethod
+    def min_latent_size(cfg) -> int:
+        channels = [*cfg["encoder_block_out_channels"], *cfg["decoder_block_out_channels"]]
+        return group_norm_min_latent_size(channels, 32)  # diffusers' Mochi GroupNorms have 32 groups
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:

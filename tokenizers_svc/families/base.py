@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,6 +114,14 @@ class Backend(ABC):
         self.module.save_pretrained(str(path))
 
 
+def group_norm_min_latent_size(channels: Iterable[int], groups: int) -> int:
+    """The smallest latent side a network normalizing these channel widths with ``GroupNorm(groups)``
+    takes. GroupNorm needs more than one value per group: a group of a single channel holds one
+    value at a 1x1 feature map (the deepest level of a one-latent-cell input), so such a network
+    needs 2x2 latents; groups of two or more channels work at 1x1."""
+    return 1 if min(channels) // groups >= 2 else 2
+
+
 class CausalVideoVAEBackend(Backend):
     """What the diffusers causal video VAEs share (Wan, HunyuanVideo, CogVideoX, Cosmos, Mochi; one file
     each, named as diffusers names the model's file): the spec, read from the model's own config.
@@ -156,6 +164,7 @@ class CausalVideoVAEBackend(Backend):
             normalization=cls.normalization(config),
             is_kl=cls.is_kl,
             in_channels=3,  # RGB for every family (see the class docstring)
+            min_latent_size=cls.min_latent_size(config),
         )
 
     @staticmethod
@@ -166,6 +175,12 @@ class CausalVideoVAEBackend(Backend):
     @staticmethod
     def latent_channels(cfg) -> int:
         return int(cfg["latent_channels"])
+
+    @staticmethod
+    def min_latent_size(cfg) -> int:
+        """Smallest latent side (see :func:`group_norm_min_latent_size`); 1 for families whose
+        normalization works on one value (Wan's RMS norm, Cosmos' one-group GroupNorm)."""
+        return 1
 
     @staticmethod
     def normalization(cfg) -> LatentNormalization:
