@@ -12,11 +12,10 @@ from typing import Literal
 
 import torch
 
+from tokenizers_svc.errors import TokenizerError, error_from_dict
 from tokenizers_svc.latents import Latents
 from tokenizers_svc.pipeline import DecodeOptions, EncodeOptions
-
-# Diffusers remote-VAE protocol: normalized = (raw - shift) * scale, instead of the model's own.
-Scaling = tuple[float, float]
+from tokenizers_svc.spec import LatentNormalization
 
 
 @dataclass
@@ -28,7 +27,7 @@ class EncodeJob:
     data: bytes | None = None
     tensor: torch.Tensor | None = None
     output: Literal["file", "tensor"] = "file"
-    scaling: Scaling | None = None
+    scaling: LatentNormalization | None = None  # diffusers protocol: instead of the model's own
     deadline: float | None = None  # time.time() after which nobody waits for the answer
 
 
@@ -55,7 +54,7 @@ class DecodeJob:
     latents: Latents | None = None
     tensor: torch.Tensor | None = None
     normalized: bool = True
-    scaling: Scaling | None = None
+    scaling: LatentNormalization | None = None  # diffusers protocol: instead of the model's own
     format: str | None = "png"
     tensor_output: TensorOutput = field(default_factory=TensorOutput)
     deadline: float | None = None  # time.time() after which nobody waits for the answer
@@ -72,6 +71,15 @@ class Reply:
 
 @dataclass
 class ErrorReply:
+    """A library error as a value: its JSON shape (``TokenizerError.to_dict``) and, for 503, when
+    to retry; :meth:`to_error` raises it again in the ingress."""
+
     error: dict
-    status: int
     retry_after: float | None = None  # seconds, sent as Retry-After (503)
+
+    @classmethod
+    def of(cls, error: TokenizerError) -> ErrorReply:
+        return cls(error.to_dict(), getattr(error, "retry_after", None))
+
+    def to_error(self) -> TokenizerError:
+        return error_from_dict(self.error, retry_after=self.retry_after)

@@ -1,4 +1,4 @@
-"""ASGI middleware: request id, optional API key, request body cap, metrics, and the one error shape.
+"""ASGI middleware: request id, optional API key, request body cap, metrics, and the generic 500.
 
 The body cap runs before the application reads anything: a declared ``Content-Length`` over the cap
 is refused at once, and a chunked body is counted as it arrives and refused as soon as it passes the
@@ -8,15 +8,15 @@ cap (the rest is never buffered). The application then reads the already-buffere
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from serving.error_response import error_response
 from serving.metrics import ServiceMetrics
-from tokenizers_svc.errors import AuthenticationError, LimitExceededError, TokenizerError
+from tokenizers_svc.errors import AuthenticationError, InternalError, LimitExceededError, TokenizerError
 
 Scope = dict
 Message = dict
@@ -34,26 +34,6 @@ class MiddlewareSettings:
     max_body_bytes: int
     api_key: str | None = None
     metrics: ServiceMetrics | None = None
-
-
-class InternalError(TokenizerError):
-    """What the client sees of an unexpected exception: no type name, message or path from inside."""
-
-    type = "internal_error"
-    http_status = 500
-
-
-def error_payload(error: TokenizerError) -> bytes:
-    return json.dumps({"error": error.to_dict()}).encode()
-
-
-def error_headers(error: TokenizerError) -> list[tuple[bytes, bytes]]:
-    """Content type and, for 503, Retry-After in whole seconds (at least 1)."""
-    headers = [(b"content-type", b"application/json")]
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None:
-        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
-    return headers
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -99,13 +79,7 @@ class ServiceMiddleware:
             await send(message)
 
         async def refuse(error: TokenizerError) -> None:
-            start = {
-                "type": "http.response.start",
-                "status": error.http_status,
-                "headers": error_headers(error),
-            }
-            await send_with_id(start)
-            await send({"type": "http.response.body", "body": error_payload(error)})
+            await error_response(error)(scope, receive, send_with_id)
 
         response_started = False
 

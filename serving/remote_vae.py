@@ -1,7 +1,8 @@
 """The diffusers remote-VAE protocol (``diffusers.utils.remote_utils.remote_encode/remote_decode``).
 
 Kept apart from the routes so that the HTTP layer only parses and dispatches: this module maps the
-protocol's choices onto this service's jobs, applies its explicit scaling, and unpacks FLUX-style
+protocol's choices onto this service's jobs (its explicit ``scaling_factor``/``shift_factor`` become
+a :class:`~tokenizers_svc.spec.LatentNormalization`, applied by the replica) and unpacks FLUX-style
 packed latents.
 """
 
@@ -9,21 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from serving.jobs import DecodeJob, Scaling, TensorOutput
+from serving.jobs import DecodeJob, TensorOutput
 from serving.schemas import DiffusersDecodeParams
 from tokenizers_svc.errors import ShapeMismatchError
-
-
-def scale_latents(raw: torch.Tensor, scaling: Scaling) -> torch.Tensor:
-    """Raw latents -> the protocol's normalized latents: (raw - shift) * scale."""
-    scale, shift = scaling
-    return (raw - shift) * scale
-
-
-def unscale_latents(latents: torch.Tensor, scaling: Scaling) -> torch.Tensor:
-    """The protocol's normalized latents -> raw latents, in the input's dtype."""
-    scale, shift = scaling
-    return (latents.float() / scale + shift).to(latents.dtype)
 
 
 def unpack_latents(tensor: torch.Tensor, height: int, width: int, compression: int) -> torch.Tensor:

@@ -27,9 +27,10 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.admission import Admission
+from serving.error_response import error_response
 from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
 from serving.metrics import ServiceMetrics
-from serving.middleware import MiddlewareSettings, ServiceMiddleware, error_headers
+from serving.middleware import MiddlewareSettings, ServiceMiddleware
 from serving.remote_vae import apply_decode_protocol, unpack_latents
 from serving.schemas import (
     DecodeParams,
@@ -42,7 +43,7 @@ from serving.schemas import (
 )
 from tokenizers_svc import media
 from tokenizers_svc.errors import (
-    DTypeMismatchError,
+    HTTPError,
     InvalidRequestError,
     LimitExceededError,
     OverloadedError,
@@ -56,16 +57,8 @@ from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.limits import Cost
 from tokenizers_svc.pipeline import EncodeOptions, check_decode_cost, check_encode_cost
 from tokenizers_svc.spec import FrameRule
+from tokenizers_svc.wire import LATENT_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, parse_shape, tensor_from_bytes
 
-TENSOR_TYPE = "tensor/binary"
-LATENT_FILE_TYPE = "application/x-safetensors"
-PIXEL_DTYPES = {
-    "uint8": torch.uint8,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 IMAGE_ACCEPT = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "video/mp4": "mp4"}
 
 _binary = {"schema": {"type": "string", "format": "binary"}}
@@ -127,18 +120,13 @@ app = FastAPI(
 app.add_middleware(ServiceMiddleware)
 
 
-def error_response(error: TokenizerError) -> JSONResponse:
-    headers = {k.decode(): v.decode() for k, v in error_headers(error)}
-    return JSONResponse({"error": error.to_dict()}, status_code=error.http_status, headers=headers)
-
-
 @app.exception_handler(TokenizerError)
-async def _tokenizer_error(request: Request, error: TokenizerError) -> JSONResponse:
+async def _tokenizer_error(request: Request, error: TokenizerError) -> Response:
     return error_response(error)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0]
     param = str(first["loc"][-1]) if first.get("loc") else None
     return error_response(
@@ -147,43 +135,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kinds = {404: "not_found", 405: "method_not_allowed"}
-    body = {
-        "error": {"type": kinds.get(exc.status_code, "http_error"), "message": str(exc.detail), "param": None}
-    }
-    return JSONResponse(body, status_code=exc.status_code)
-
-
-def parse_shape(values: list[str]) -> list[int]:
-    """``shape=1&shape=4`` (diffusers/requests style), ``shape=1,4`` or ``shape=[1,4]`` -> [1, 4]."""
-    if not values:
-        raise InvalidRequestError("tensor/binary bodies need a 'shape' query parameter", param="shape")
-    text = values[0] if len(values) == 1 else ",".join(values)
-    try:
-        shape = [int(v) for v in text.strip("[]()").split(",") if v.strip()]
-    except ValueError:
-        raise InvalidRequestError(
-            f"shape must be comma-separated positive integers, got {values}", param="shape"
-        ) from None
-    if not shape or any(d <= 0 for d in shape):
-        raise ShapeMismatchError(f"shape must be non-empty positive integers, got {shape}", param="shape")
-    return shape
-
-
-def parse_tensor(
-    body: bytes, shape: list[int], dtype: str | None, allowed: dict[str, torch.dtype]
-) -> torch.Tensor:
-    """Raw little-endian C-order bytes -> tensor, after checking dtype and that the size matches."""
-    if dtype not in allowed:
-        raise DTypeMismatchError(f"dtype must be one of {sorted(allowed)}, got {dtype!r}", param="dtype")
-    torch_dtype = allowed[dtype]
-    expected = math.prod(shape) * torch_dtype.itemsize
-    if len(body) != expected:
-        raise ShapeMismatchError(
-            f"body has {len(body)} bytes; shape {shape} of {dtype} needs {expected}", param="shape"
-        )
-    return torch.frombuffer(bytearray(body), dtype=torch_dtype).reshape(shape)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    return error_response(HTTPError(exc.status_code, str(exc.detail)))
 
 
 def _content_type(request: Request) -> str:
@@ -277,10 +230,7 @@ class Ingress:
             gauge.dec()
             self.admission[model].release(ticket, reply.compute_s if isinstance(reply, Reply) else None)
         if isinstance(reply, ErrorReply):
-            headers = (
-                {} if reply.retry_after is None else {"retry-after": str(max(1, round(reply.retry_after)))}
-            )
-            return JSONResponse({"error": reply.error}, status_code=reply.status, headers=headers)
+            raise reply.to_error()
         self.metrics.batch_size.labels(model, method).observe(reply.batch_size)
         return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
 
@@ -370,7 +320,7 @@ class Ingress:
         if content_type == TENSOR_TYPE or (params.shape and content_type in ("", "application/octet-stream")):
             shape = parse_shape(params.shape)
             cost = self._pixel_cost(shape, job.options)
-            job.tensor = parse_tensor(body, shape, params.dtype, PIXEL_DTYPES)
+            job.tensor = tensor_from_bytes(body, shape, params.dtype)
         elif content_type.startswith(("image/", "video/")) or content_type in (
             "",
             "application/octet-stream",
@@ -438,7 +388,7 @@ class Ingress:
                 f"latents must have at most {self.limits.max_latent_elements:,} elements, got shape {shape}",
                 param="shape",
             )
-        tensor = parse_tensor(body, shape, params.dtype, LATENT_DTYPES)
+        tensor = tensor_from_bytes(body, shape, params.dtype, LATENT_DTYPES)
         if tensor.ndim != 3:
             return tensor
         if params.height is None or params.width is None:

@@ -5,7 +5,8 @@ The config is the ``args`` block of a Ray Serve config file (``serving/config.ya
 file drives ``tokenizers-svc serve``, ``serve run`` and ``serve deploy``. The request parameter
 models are the routes' query parameters: each is declared once here, with its description (the
 OpenAPI page shows them), and turned into the library's option types by one ``to_options()``
-whose defaults are those types' own.
+whose defaults are those types' own. The encode options' defaults and descriptions come from their
+one definition, ``tokenizers_svc.options`` (the CLI and the batch job declare theirs from it too).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tokenizers_svc.errors import ConfigError
 from tokenizers_svc.latents import MAX_FPS
 from tokenizers_svc.limits import Limits
-from tokenizers_svc.pipeline import MAX_SEED, DecodeOptions, EncodeOptions
-from tokenizers_svc.pixels import ResizePolicy
+from tokenizers_svc.options import MAX_SEED, ResizePolicy, field_doc
+from tokenizers_svc.pipeline import DecodeOptions, EncodeOptions
+from tokenizers_svc.spec import LatentNormalization
 from tokenizers_svc.tiling import TilingOptions, tiling_options
 
-_ENCODE = EncodeOptions()
 _DECODE = DecodeOptions()
-_TILING = TilingOptions()
 _LIMITS = Limits()
 
 
@@ -184,28 +184,20 @@ class ScalingParams(BaseModel):
             raise ValueError("must be a finite number other than 0 (latents are divided by it)")
         return value
 
-    def scaling(self) -> tuple[float, float] | None:
-        """(scale, shift), or None when neither is given (the model's own normalization applies)."""
+    def scaling(self) -> LatentNormalization | None:
+        """The protocol's scaling as a normalization, or None when neither factor is given (the
+        model's own normalization applies)."""
         if self.scaling_factor is None and self.shift_factor is None:
             return None
         scale = 1.0 if self.scaling_factor is None else self.scaling_factor
-        return scale, 0.0 if self.shift_factor is None else self.shift_factor
+        return LatentNormalization(scale=scale, shift=0.0 if self.shift_factor is None else self.shift_factor)
 
 
 class TilingParams(BaseModel):
-    tiling: bool | None = Field(
-        None,
-        description="true forces tiling, false disables it; default: tile only inputs larger than one tile",
-    )
-    tile_size: int | None = Field(
-        None, gt=0, description=f"spatial tile side in pixels (default {_TILING.tile_size})"
-    )
-    tile_overlap: int | None = Field(
-        None, ge=0, description=f"pixels shared by neighbouring tiles (default {_TILING.tile_overlap})"
-    )
-    chunk_frames: int | None = Field(
-        None, gt=0, description=f"video frames per temporal chunk (default {_TILING.chunk_frames})"
-    )
+    tiling: bool | None = Field(**field_doc("tiling"))
+    tile_size: int | None = Field(gt=0, **field_doc("tile_size"))
+    tile_overlap: int | None = Field(ge=0, **field_doc("tile_overlap"))
+    chunk_frames: int | None = Field(gt=0, **field_doc("chunk_frames"))
 
     def tiling_options(self) -> TilingOptions | None:
         return tiling_options(self.tiling, self.tile_size, self.tile_overlap, self.chunk_frames)
@@ -218,30 +210,16 @@ class DiffusersEncodeParams(TensorBodyParams, ScalingParams):
 class EncodeParams(DiffusersEncodeParams, TilingParams):
     """``/encode`` query parameters -> :class:`~tokenizers_svc.pipeline.EncodeOptions`."""
 
-    normalize: bool = Field(_ENCODE.normalize, description="diffusion-ready (normalized) latents, else raw")
-    sample: bool = Field(_ENCODE.sample, description="draw from the posterior; default: its mode")
-    seed: int | None = Field(
-        _ENCODE.seed, ge=0, le=MAX_SEED, description=f"makes sample=true reproducible (0 to {MAX_SEED})"
-    )
-    return_posterior: bool = Field(
-        _ENCODE.return_posterior, description="also store the raw posterior mean/logvar"
-    )
-    resize: ResizePolicy = Field(
-        _ENCODE.resize, description="explicit resize before encoding; none never resizes"
-    )
-    resolution: int | None = Field(
-        _ENCODE.resolution, gt=0, description="target side for resize (shorter side, or longer for fit)"
-    )
-    max_frames: int | None = Field(
-        _ENCODE.max_frames, gt=0, description="videos: keep at most this many frames"
-    )
-    start: float | None = Field(
-        _ENCODE.start, ge=0, allow_inf_nan=False, description="videos: start time in seconds"
-    )
-    end: float | None = Field(
-        _ENCODE.end, gt=0, allow_inf_nan=False, description="videos: end time in seconds (exclusive)"
-    )
-    stride: int = Field(_ENCODE.stride, gt=0, description="videos: keep every n-th frame")
+    normalize: bool = Field(**field_doc("normalize"))
+    sample: bool = Field(**field_doc("sample"))
+    seed: int | None = Field(ge=0, le=MAX_SEED, **field_doc("seed"))
+    return_posterior: bool = Field(**field_doc("return_posterior"))
+    resize: ResizePolicy = Field(**field_doc("resize"))
+    resolution: int | None = Field(gt=0, **field_doc("resolution"))
+    max_frames: int | None = Field(gt=0, **field_doc("max_frames"))
+    start: float | None = Field(ge=0, allow_inf_nan=False, **field_doc("start"))
+    end: float | None = Field(gt=0, allow_inf_nan=False, **field_doc("end"))
+    stride: int = Field(gt=0, **field_doc("stride"))
 
     def to_options(self) -> EncodeOptions:
         return EncodeOptions.from_flags(self.model_dump())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 import time
 from collections import deque
@@ -25,7 +24,6 @@ import torch
 from ray import serve
 
 from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
-from serving.remote_vae import scale_latents, unscale_latents
 from serving.schemas import LimitsConfig, ModelConfig
 from tokenizers_svc import abandon
 from tokenizers_svc.abandon import WorkToken
@@ -46,6 +44,7 @@ from tokenizers_svc.pipeline import (
 )
 from tokenizers_svc.pixels import to_uint8_pixels
 from tokenizers_svc.tiling import TilingOptions
+from tokenizers_svc.wire import LATENT_FILE_TYPE, TENSOR_TYPE, tensor_headers, tensor_to_bytes
 
 RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
 LATE_RETRY_AFTER_S = 1
@@ -72,21 +71,8 @@ def _batch_units(items: list[_Item]) -> int:
     return sum(item.size for item in items)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Little-endian C-order bytes of any dtype (bfloat16 via a same-width integer view)."""
-    flat = tensor.detach().contiguous().cpu()
-    if flat.dtype == torch.bfloat16:
-        flat = flat.view(torch.int16)
-    return flat.numpy().tobytes()
-
-
 def tensor_reply(tensor: torch.Tensor, extra: dict[str, str], batch_size: int) -> Reply:
-    headers = {
-        "shape": json.dumps(list(tensor.shape)),
-        "dtype": str(tensor.dtype).removeprefix("torch."),
-        **extra,
-    }
-    return Reply(_tensor_bytes(tensor), "tensor/binary", headers, batch_size)
+    return Reply(tensor_to_bytes(tensor), TENSOR_TYPE, {**tensor_headers(tensor), **extra}, batch_size)
 
 
 def _pixel_count(tensor: torch.Tensor) -> int:
@@ -138,7 +124,7 @@ class TokenizerWorker:
                 latents, batch, compute_s = await self._encode_one(media_input, job.options, token)
             return self._encode_reply(latents, job, batch, compute_s)
         except TokenizerError as error:
-            return ErrorReply(error.to_dict(), error.http_status, getattr(error, "retry_after", None))
+            return ErrorReply.of(error)
 
     def _tensor_media(self, tensor: torch.Tensor, options: EncodeOptions) -> MediaInput:
         """Bare pixel tensor -> MediaInput; the hash is of its bytes, so identical inputs match."""
@@ -152,7 +138,7 @@ class TokenizerWorker:
             pixels=tensor,
             kind="image" if tensor.ndim == 4 else "video",
             fps=None,
-            sha256=hashlib.sha256(_tensor_bytes(tensor)).hexdigest(),
+            sha256=hashlib.sha256(tensor_to_bytes(tensor)).hexdigest(),
             original_size=(int(tensor.shape[-2]), int(tensor.shape[-1])),
         )
 
@@ -250,16 +236,14 @@ class TokenizerWorker:
             # raw mode latents *are* the posterior mean; safetensors refuses to save shared memory
             latents = replace(latents, mean=latents.mean.clone())
         if job.scaling is not None:
-            latents = replace(
-                latents.with_normalized(False), latents=scale_latents(latents.raw(), job.scaling)
-            )
+            latents = replace(latents.with_normalized(False), latents=job.scaling.apply(latents.raw()))
         if job.output == "tensor":
             normalized = job.scaling is not None or latents.normalized
             reply = tensor_reply(latents.latents, {"normalized": str(normalized).lower()}, batch)
         else:
             reply = Reply(
                 latents.to_bytes(),
-                "application/x-safetensors",
+                LATENT_FILE_TYPE,
                 {"normalized": str(latents.normalized).lower()},
                 batch,
             )
@@ -270,16 +254,20 @@ class TokenizerWorker:
     async def decode(self, job: DecodeJob) -> Reply | ErrorReply:
         try:
             spec = self.tokenizer.spec
-            check_decode_cost(self._latent_shape(job), spec.spatial_compression, spec.frame_rule, self.limits)
+            cost = check_decode_cost(
+                self._latent_shape(job), spec.spatial_compression, spec.frame_rule, self.limits
+            )
             with abandon.scope(WorkToken(job.deadline)) as token:
                 raw, latents = self._raw_latents(job)
                 if job.format is not None:
                     self._check_media_output(raw, latents, job.format)
-                pixels, batch, compute_s = await self._decode_one(raw, latents, job.options.tiling, token)
+                pixels, batch, compute_s = await self._decode_one(
+                    raw, latents, job.options.tiling, token, cost.total_pixels
+                )
                 reply = await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
             return replace(reply, compute_s=compute_s)
         except TokenizerError as error:
-            return ErrorReply(error.to_dict(), error.http_status, getattr(error, "retry_after", None))
+            return ErrorReply.of(error)
 
     @staticmethod
     def _latent_shape(job: DecodeJob) -> tuple[int, ...]:
@@ -294,7 +282,7 @@ class TokenizerWorker:
         tensor = job.tensor
         validate_tensor_for(tensor, spec)
         if job.scaling is not None:
-            return unscale_latents(tensor, job.scaling), None
+            return job.scaling.invert(tensor), None
         return (spec.normalization.invert(tensor) if job.normalized else tensor), None
 
     def _check_media_output(self, raw: torch.Tensor, latents: Latents | None, format: str) -> None:
@@ -310,16 +298,15 @@ class TokenizerWorker:
             )
 
     async def _decode_one(
-        self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None, token: WorkToken
+        self,
+        raw: torch.Tensor,
+        latents: Latents | None,
+        tiling: TilingOptions | None,
+        token: WorkToken,
+        pixels_out: int,
     ) -> tuple[torch.Tensor, int, float]:
+        """``pixels_out``: what the decode writes (``limits.decode_cost``), its size in batch units."""
         crop = None if latents is None else (latents.original_size, latents.original_frames, latents.padding)
-        spec = self.tokenizer.spec
-        pixels_out = (
-            raw.shape[0]
-            * _pixel_count(raw)
-            * spec.spatial_compression**2
-            * (spec.temporal_compression if raw.ndim == 5 else 1)
-        )
         size = max(pixels_out, self.quantum)
         if raw.shape[0] > 1 or tiling is not None or size > self.config.max_batch_pixels:
             pixels, compute_s = await self._run_alone(

@@ -23,7 +23,7 @@ from tokenizers_svc.errors import (
     TokenizerError,
     UnsupportedMediaTypeError,
 )
-from tokenizers_svc.media import MediaLimits
+from tokenizers_svc.limits import Limits
 from tokenizers_svc.pipeline import DecodeOptions
 
 
@@ -188,7 +188,7 @@ def test_pixel_cap_checked_from_header_before_decoding():
     with pytest.raises(LimitExceededError, match="100,000,000 pixels; the limit is 64,000,000"):
         media.decode_image(bomb)
     with pytest.raises(InvalidMediaError):
-        media.decode_image(bomb, MediaLimits(max_pixels=150_000_000))
+        media.decode_image(bomb, Limits(max_pixels=150_000_000))
 
 
 def test_pillow_bomb_error_maps_to_limit_exceeded():
@@ -198,7 +198,7 @@ def test_pillow_bomb_error_maps_to_limit_exceeded():
     assert Image.open(io.BytesIO(bilevel_png(20, 10))).size == (20, 10)  # the generator writes real PNGs
     with pytest.raises(LimitExceededError, match="limit"):
         media.decode_image(bomb)
-    small_cap = MediaLimits(max_pixels=100)
+    small_cap = Limits(max_pixels=100)
     with pytest.raises(LimitExceededError, match="the limit is 100 pixels"):
         media.decode_image(bilevel_png(11, 10), small_cap)
     np.testing.assert_array_equal(media.decode_image(bilevel_png(10, 10), small_cap), np.zeros((10, 10, 3)))
@@ -247,23 +247,23 @@ def test_time_range_and_stride(clip_bytes, clip_frames):
 
 def test_frame_cap(clip_bytes, clip_frames):
     with pytest.raises(LimitExceededError, match="limit is 50 frames"):
-        media.decode_video(clip_bytes, MediaLimits(max_frames=50))
-    first = media.decode_video(clip_bytes, MediaLimits(max_frames=50), max_frames=5)
+        media.decode_video(clip_bytes, Limits(max_frames=50))
+    first = media.decode_video(clip_bytes, Limits(max_frames=50), max_frames=5)
     np.testing.assert_array_equal(first.frames, clip_frames.frames[:5])
     with pytest.raises(LimitExceededError, match="max_frames=60 exceeds"):
-        media.decode_video(clip_bytes, MediaLimits(max_frames=50), max_frames=60)
-    strided = media.decode_video(clip_bytes, MediaLimits(max_frames=60), stride=2)
+        media.decode_video(clip_bytes, Limits(max_frames=50), max_frames=60)
+    strided = media.decode_video(clip_bytes, Limits(max_frames=60), stride=2)
     assert strided.num_frames == 60
 
 
 def test_duration_and_total_pixel_caps(clip_bytes):
     with pytest.raises(LimitExceededError, match="limit is 2 s"):
-        media.decode_video(clip_bytes, MediaLimits(max_duration_s=2.0))
-    assert media.decode_video(clip_bytes, MediaLimits(max_duration_s=2.0), end=1.5).num_frames == 45
+        media.decode_video(clip_bytes, Limits(max_duration_s=2.0))
+    assert media.decode_video(clip_bytes, Limits(max_duration_s=2.0), end=1.5).num_frames == 45
     with pytest.raises(LimitExceededError, match="in total"):
-        media.decode_video(clip_bytes, MediaLimits(max_total_pixels=176 * 144 * 10))
+        media.decode_video(clip_bytes, Limits(max_total_pixels=176 * 144 * 10))
     with pytest.raises(LimitExceededError, match="video frame is 176x144"):
-        media.decode_video(clip_bytes, MediaLimits(max_pixels=176 * 143))
+        media.decode_video(clip_bytes, Limits(max_pixels=176 * 143))
 
 
 def test_bad_range_options(clip_bytes):

@@ -16,7 +16,8 @@ import torch
 from tokenizers_svc.errors import InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.families.base import Backend
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
-from tokenizers_svc.pixels import ResizePolicy, pad_spatial, resize_pixels, to_float_pixels, to_uint8_pixels
+from tokenizers_svc.options import ResizePolicy
+from tokenizers_svc.pixels import pad_spatial, resize_pixels, to_float_pixels, to_uint8_pixels
 from tokenizers_svc.spec import TokenizerSpec
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions
 from tokenizers_svc.tiling import decode as tiled_decode

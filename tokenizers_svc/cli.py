@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_USAGE, InvalidRequestError, TokenizerError, print_error
+from tokenizers_svc.options import RESIZE_POLICIES, typer_option
 
 if TYPE_CHECKING:
     from tokenizers_svc.api import Tokenizer
@@ -39,16 +40,20 @@ LATENT_SUFFIX = ".safetensors"
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-class Resize(str, Enum):
-    none = "none"
-    shorter_side = "shorter-side"
-    fit = "fit"
+Resize = Enum("Resize", {policy: policy for policy in RESIZE_POLICIES}, type=str)
 
 
 class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+
+
+def _encode_option(name: str):
+    """The typer option of an encode option (``tokenizers_svc.options``: one definition of its
+    flags, default and help for the CLI, the HTTP query and the batch job)."""
+    default, flags, help_text = typer_option(name)
+    return typer.Option(Resize(default) if name == "resize" else default, *flags, help=help_text)
 
 
 def _fail(exc: TokenizerError) -> typer.Exit:
@@ -385,24 +390,20 @@ def encode(
         help="Preset name or model directory; default: the shipped image tokenizer, or the video one "
         "when an input is a video.",
     ),
-    raw: bool = typer.Option(
-        False, "--raw", help="Store raw latents (no scaling/shift); default is normalized."
-    ),
-    sample: bool = typer.Option(False, "--sample", help="Sample the posterior instead of taking its mode."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for --sample."),
-    posterior: bool = typer.Option(False, "--posterior", help="Also store the posterior mean and logvar."),
-    resize: Resize = typer.Option(Resize.none, "--resize", help="Resize policy; 'none' never resizes."),
-    resolution: int | None = typer.Option(None, "--resolution", help="Target size for --resize."),
-    no_tiling: bool = typer.Option(False, "--no-tiling", help="Encode in one pass (more memory)."),
-    tile_size: int | None = typer.Option(None, "--tile-size", help="Spatial tile side in pixels."),
-    tile_overlap: int | None = typer.Option(
-        None, "--tile-overlap", help="Pixels shared by neighbouring tiles."
-    ),
-    chunk_frames: int | None = typer.Option(None, "--chunk-frames", help="Frames per temporal chunk."),
-    max_frames: int | None = typer.Option(None, "--max-frames", help="Keep at most this many video frames."),
-    start: float | None = typer.Option(None, "--start", help="Video start time in seconds."),
-    end: float | None = typer.Option(None, "--end", help="Video end time in seconds (exclusive)."),
-    stride: int = typer.Option(1, "--stride", help="Keep every n-th video frame."),
+    raw: bool = _encode_option("normalize"),
+    sample: bool = _encode_option("sample"),
+    seed: int | None = _encode_option("seed"),
+    posterior: bool = _encode_option("return_posterior"),
+    resize: Resize = _encode_option("resize"),
+    resolution: int | None = _encode_option("resolution"),
+    no_tiling: bool = _encode_option("tiling"),
+    tile_size: int | None = _encode_option("tile_size"),
+    tile_overlap: int | None = _encode_option("tile_overlap"),
+    chunk_frames: int | None = _encode_option("chunk_frames"),
+    max_frames: int | None = _encode_option("max_frames"),
+    start: float | None = _encode_option("start"),
+    end: float | None = _encode_option("end"),
+    stride: int = _encode_option("stride"),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu, cuda, cuda:1."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model compute dtype."),
     set_limit: list[str] | None = typer.Option(None, "--set-limit", help=SET_LIMIT_HELP),
@@ -431,9 +432,9 @@ def encode(
                 "normalize": not raw,
                 "sample": sample,
                 "return_posterior": posterior,
+                "tiling": False if no_tiling else None,
                 "resize": resize.value,
                 "resolution": resolution,
-                "tiling": False if no_tiling else None,
                 "tile_size": tile_size,
                 "tile_overlap": tile_overlap,
                 "chunk_frames": chunk_frames,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,15 @@ import torch
 from tokenizers_svc import errors
 from tokenizers_svc.formats import SUFFIX_MEDIA_TYPES
 from tokenizers_svc.latents import Latents, latents_from_bytes
+from tokenizers_svc.wire import (
+    LATENT_FILE_TYPE,
+    TENSOR_TYPE,
+    tensor_from_headers,
+    tensor_params,
+    tensor_to_bytes,
+)
 
-TENSOR_TYPE = "tensor/binary"
-LATENT_FILE_TYPE = "application/x-safetensors"
 RETRY_STATUSES = frozenset({429, 503})
-_TORCH_DTYPES = {
-    "uint8": torch.uint8,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -65,17 +63,6 @@ class _Request:
     params: dict[str, Any] | None = None
 
 
-def _tensor_body(tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
-    flat = tensor.detach().contiguous().cpu()
-    dtype = str(flat.dtype).removeprefix("torch.")
-    if dtype not in _TORCH_DTYPES:
-        raise errors.DTypeMismatchError(
-            f"tensor dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype}", param="dtype"
-        )
-    raw = (flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy().tobytes()
-    return raw, {"shape": ",".join(str(d) for d in flat.shape), "dtype": dtype}
-
-
 def _encode_request(model: str, data: Any, accept: str, options: dict[str, Any]) -> _Request:
     """Files/bytes go as media; arrays and tensors as tensor/binary pixels."""
     params = {k: v for k, v in options.items() if v is not None}
@@ -88,9 +75,14 @@ def _encode_request(model: str, data: Any, accept: str, options: dict[str, Any])
         tensor = torch.from_numpy(np.ascontiguousarray(data)).movedim(-1, 0).unsqueeze(0)  # (1, 3, [T,] H, W)
         data = tensor
     if isinstance(data, torch.Tensor):
-        content, tensor_params = _tensor_body(data)
         headers["content-type"] = TENSOR_TYPE
-        return _Request("POST", f"/v1/models/{model}/encode", content, headers, {**params, **tensor_params})
+        return _Request(
+            "POST",
+            f"/v1/models/{model}/encode",
+            tensor_to_bytes(data),
+            headers,
+            {**params, **tensor_params(data)},
+        )
     if isinstance(data, (str, Path)):
         path = Path(data)
         headers["content-type"] = SUFFIX_MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
@@ -108,9 +100,9 @@ def _decode_request(model: str, latents: Any, accept: str, options: dict[str, An
         content = latents.to_bytes()
         headers["content-type"] = LATENT_FILE_TYPE
     elif isinstance(latents, torch.Tensor):
-        content, tensor_params = _tensor_body(latents)
+        content = tensor_to_bytes(latents)
         headers["content-type"] = TENSOR_TYPE
-        params.update(tensor_params)
+        params.update(tensor_params(latents))
     else:
         content = Path(latents).read_bytes() if isinstance(latents, (str, Path)) else bytes(latents)
         headers["content-type"] = LATENT_FILE_TYPE
@@ -122,41 +114,19 @@ def _raise_for_error(response: httpx.Response) -> None:
         return
     try:
         body = response.json()["error"]
-        kind, message, param = body["type"], body["message"], body.get("param")
+        data = {"type": body["type"], "message": body["message"], "param": body.get("param")}
     except (json.JSONDecodeError, KeyError, TypeError):
-        kind, message, param = "http_error", f"HTTP {response.status_code}: {response.text[:200]}", None
-    error_class = next(
-        (c for c in _error_classes() if c.type == kind),
-        errors.TokenizerError,
+        data = {"type": "http_error", "message": f"HTTP {response.status_code}: {response.text[:200]}"}
+    error = errors.error_from_dict(
+        data, status=response.status_code, retry_after=float(response.headers.get("retry-after", 1))
     )
-    if error_class is errors.OverloadedError:
-        error = errors.OverloadedError(
-            message, param=param, retry_after=float(response.headers.get("retry-after", 1))
-        )
-    else:
-        error = error_class(message, param=param)
     error.http_status = response.status_code
     raise error
 
 
-def _error_classes() -> list[type[errors.TokenizerError]]:
-    found, stack = [], [errors.TokenizerError]
-    while stack:
-        cls = stack.pop()
-        found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
 def tensor_from_response(response: httpx.Response) -> torch.Tensor:
     """tensor/binary body + ``shape``/``dtype`` headers -> tensor."""
-    shape = json.loads(response.headers["shape"])
-    dtype = _TORCH_DTYPES[response.headers["dtype"]]
-    if len(response.content) != math.prod(shape) * dtype.itemsize:
-        raise errors.ShapeMismatchError(
-            f"response of {len(response.content)} bytes does not match shape {shape}"
-        )
-    return torch.frombuffer(bytearray(response.content), dtype=dtype).reshape(shape)
+    return tensor_from_headers(response.content, response.headers)
 
 
 class _Base:

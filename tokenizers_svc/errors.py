@@ -134,6 +134,51 @@ class ConfigError(TokenizerError):
     http_status = 400
 
 
+class InternalError(TokenizerError):
+    """What the client sees of an unexpected exception: no type name, message or path from inside."""
+
+    type = "internal_error"
+    http_status = 500
+
+
+HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+class HTTPError(TokenizerError):
+    """A refusal of the HTTP layer itself, before any route runs: an unknown path (404), a method
+    the route does not take (405); ``type`` names the status (:data:`HTTP_ERROR_TYPES`)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.type = HTTP_ERROR_TYPES.get(status, "http_error")
+
+
+def error_from_dict(
+    data: dict, *, status: int | None = None, retry_after: float | None = None
+) -> TokenizerError:
+    """``{"type", "message", "param"}`` (:meth:`TokenizerError.to_dict`, the error JSON) -> the
+    error of that type, so that an error crosses a process or the network as a value and is raised
+    again on the other side. A type this version does not know becomes the base class with that
+    type and ``status``."""
+    kind, message, param = data.get("type"), data.get("message", ""), data.get("param")
+    statuses = {name: code for code, name in HTTP_ERROR_TYPES.items()}
+    if kind in statuses:
+        return HTTPError(statuses[kind], message)
+    if kind == OverloadedError.type:
+        return OverloadedError(message, param=param, retry_after=1.0 if retry_after is None else retry_after)
+    classes, stack = {}, [TokenizerError]
+    while stack:
+        cls = stack.pop()
+        classes.setdefault(cls.type, cls)
+        stack.extend(cls.__subclasses__())
+    error = classes.get(kind, TokenizerError)(message, param=param)
+    if kind not in classes:
+        error.type = kind or TokenizerError.type
+        error.http_status = status or TokenizerError.http_status
+    return error
+
+
 def print_error(error: TokenizerError) -> int:
     """Print ``error: type: message`` to stderr; returns :data:`EXIT_ERROR` for the caller to exit with."""
     print(f"error: {error.type}: {error.message}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """What a request or job item costs, computed before any work, and the caps it must fit.
 
 One :class:`Limits` (the server's ``limits`` config; the CLI and the batch job use the same
-defaults, raised by flags) and one cost function per direction: :func:`encode_cost` counts the
+defaults, raised by flags; the media decoders check it while they read) and one cost function per
+direction: :func:`encode_cost` counts the
 pixels the model will read (per frame after any resize, frames, in all) and :func:`decode_cost`
 the pixels it will write from a latent shape. :func:`check_cost` refuses what is over a cap with a
 LimitExceededError (HTTP 413) naming the number that was over, so no entry point starts work that
@@ -14,7 +15,6 @@ import math
 from dataclasses import dataclass, replace
 
 from tokenizers_svc.errors import ConfigError, LimitExceededError
-from tokenizers_svc.media import MediaLimits
 from tokenizers_svc.pixels import policy_size
 from tokenizers_svc.spec import FrameRule
 
@@ -24,8 +24,10 @@ class Limits:
     """Caps on one request or job item; the defaults are ``serving/config.yaml``'s.
 
     ``max_pixels``: H*W of one image or frame the model reads (after resize) or writes (decode).
-    ``max_frames`` / ``max_duration_s``: of a video. ``max_total_pixels``: T*H*W in all, read or
-    written. ``max_latent_elements``: N*C*T*h*w of latents to decode.
+    ``max_frames``: frames of a video (after range and stride). ``max_duration_s``: seconds of
+    video spanned by the decoded range. ``max_total_pixels``: T*H*W in all, read or written, so
+    that frame and per-frame caps cannot multiply into an out-of-memory. ``max_latent_elements``:
+    N*C*T*h*w of latents to decode.
     """
 
     max_pixels: int = 16_000_000
@@ -56,14 +58,14 @@ class Limits:
             changes[name] = value if name == "max_duration_s" else int(value)
         return replace(self, **changes)
 
-    def media(self) -> MediaLimits:
-        """The caps the media decoder enforces while it reads (before any resize)."""
-        return MediaLimits(
-            max_pixels=self.max_pixels,
-            max_frames=self.max_frames,
-            max_duration_s=self.max_duration_s,
-            max_total_pixels=self.max_total_pixels,
-        )
+
+# The media readers' caps when the caller passes none (``media.read_image``/``read_video``, as the
+# trainer and the evals read their own datasets): local files the caller owns may be larger than
+# what a service accepts from anyone: 8K photos (64 MP), 2048 frames, 10 minutes, 1e9 pixels
+# (3 GB of RGB uint8) in all.
+FILE_LIMITS = Limits(
+    max_pixels=64_000_000, max_frames=2048, max_duration_s=600.0, max_total_pixels=1_000_000_000
+)
 
 
 @dataclass(frozen=True)

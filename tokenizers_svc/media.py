@@ -37,32 +37,18 @@ from tokenizers_svc.errors import (
     UnsupportedMediaTypeError,
 )
 from tokenizers_svc.formats import IMAGE_MEDIA_TYPES, MIN_FPS, check_fps, image_format
+from tokenizers_svc.limits import FILE_LIMITS, Limits
 from tokenizers_svc.pixels import as_uint8_pixels
 
 MediaKind = Literal["image", "video"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # alpha is composited over white, as image viewers show it
 
-# Pillow's own bomb check (process-wide Image.MAX_IMAGE_PIXELS) is left in place as a backstop: ours
-# (MediaLimits.max_pixels) is checked from the header first, and Pillow's DecompressionBombError is
-# mapped to LimitExceededError too.
-
-
-@dataclass(frozen=True)
-class MediaLimits:
-    """Caps that turn oversized inputs into :class:`LimitExceededError` before they use memory.
-
-    ``max_pixels``: H*W of one image or one video frame (64 MP covers 8K photos).
-    ``max_frames``: decoded frames per video (after range and stride).
-    ``max_duration_s``: seconds of video spanned by the decoded range.
-    ``max_total_pixels``: T*H*W of a decoded video (1e9 = 3 GB of RGB uint8), so that frame and
-    per-frame caps cannot multiply into an out-of-memory.
-    """
-
-    max_pixels: int = 64_000_000
-    max_frames: int = 2048
-    max_duration_s: float = 600.0
-    max_total_pixels: int = 1_000_000_000
+# The decoders check ``limits.Limits`` while they read (max_pixels from the header, before any pixel
+# data; max_frames and max_duration_s of the decoded range; max_total_pixels as frames arrive), so
+# oversized inputs become LimitExceededError before they use memory. Pillow's own bomb check
+# (process-wide Image.MAX_IMAGE_PIXELS) is left in place as a backstop, its DecompressionBombError
+# mapped to LimitExceededError too. Without ``limits``: FILE_LIMITS (local files the caller owns).
 
 
 @dataclass
@@ -139,7 +125,7 @@ def sniff_media(data: bytes) -> MediaKind:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def _check_pixels(width: int, height: int, limits: MediaLimits, what: str) -> None:
+def _check_pixels(width: int, height: int, limits: Limits, what: str) -> None:
     if width * height > limits.max_pixels:
         raise LimitExceededError(
             f"{what} is {width}x{height} = {width * height:,} pixels; the limit is {limits.max_pixels:,} pixels",
@@ -165,7 +151,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def decode_image(
-    data: bytes, limits: MediaLimits = MediaLimits(), extra_formats: tuple[str, ...] = ()
+    data: bytes, limits: Limits = FILE_LIMITS, extra_formats: tuple[str, ...] = ()
 ) -> np.ndarray:
     """PNG/JPEG/WebP bytes -> (H, W, 3) uint8 RGB, EXIF orientation applied (size is the displayed one).
 
@@ -228,7 +214,7 @@ def encode_image(pixels: np.ndarray, format: ImageFormat = "png", quality: int =
     return out.getvalue()
 
 
-def read_image(path: str | Path, limits: MediaLimits = MediaLimits()) -> np.ndarray:
+def read_image(path: str | Path, limits: Limits = FILE_LIMITS) -> np.ndarray:
     """File -> (H, W, 3) uint8 RGB (see :func:`decode_image`)."""
     return decode_image(Path(path).read_bytes(), limits)
 
@@ -337,7 +323,7 @@ def _validate_range(start: float | None, end: float | None, stride: int, max_fra
 
 def decode_video(
     data: bytes | str | Path,
-    limits: MediaLimits = MediaLimits(),
+    limits: Limits = FILE_LIMITS,
     max_frames: int | None = None,
     start: float | None = None,
     end: float | None = None,
@@ -398,7 +384,7 @@ class _FrameBuffer:
 
 def _decode_stream(
     container: av.container.InputContainer,
-    limits: MediaLimits,
+    limits: Limits,
     max_frames: int | None,
     start: float | None,
     end: float | None,
@@ -520,7 +506,7 @@ def _no_frames(start: float | None, end: float | None, duration: float | None) -
 
 def read_video(
     path: str | Path,
-    limits: MediaLimits = MediaLimits(),
+    limits: Limits = FILE_LIMITS,
     max_frames: int | None = None,
     start: float | None = None,
     end: float | None = None,

@@ -23,22 +23,22 @@ from tokenizers_svc.formats import VIDEO_MEDIA_TYPE, check_fps, output_media_typ
 from tokenizers_svc.latents import Latents
 from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
 from tokenizers_svc.media import MediaKind
+from tokenizers_svc.options import MAX_SEED, ResizePolicy
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions, tiling_options
 
 if TYPE_CHECKING:
     from tokenizers_svc.api import Tokenizer
-    from tokenizers_svc.pixels import ResizePolicy
     from tokenizers_svc.spec import FrameRule
 
 OutputFormat = Literal["png", "jpeg", "webp", "mp4"]
-MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """How to turn media into latents; the same fields are CLI flags, HTTP form fields and job options.
+    """How to turn media into latents; the same fields are CLI flags, HTTP query parameters and
+    job options, described once in ``tokenizers_svc.options`` (their defaults are these).
 
     ``max_frames``/``start``/``end``/``stride`` select video frames (see ``media.decode_video``);
     ``seed`` makes ``sample=True`` reproducible.
@@ -123,7 +123,7 @@ def load_media(
     kind = kind or media.sniff_media(data)
     digest = sha256 or hashlib.sha256(data).hexdigest()
     if kind == "image":
-        pixels = media.decode_image(data, limits.media())  # (H, W, 3) uint8
+        pixels = media.decode_image(data, limits)  # (H, W, 3) uint8
         loaded = MediaInput(
             pixels=media.image_to_tensor(pixels),
             kind="image",
@@ -134,7 +134,7 @@ def load_media(
     else:
         video = media.decode_video(
             data,
-            limits.media(),
+            limits,
             max_frames=options.max_frames,
             start=options.start,
             end=options.end,

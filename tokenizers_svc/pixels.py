@@ -1,7 +1,7 @@
 """Pixel conversions and resizing: the one place that says how uint8 and float pixels map onto
 each other and how images are resized and cropped.
 
-A leaf module (torch and the errors only), imported by the Tokenizer, media, evals and training.
+A leaf module (torch, the errors and the options' names only), imported by the Tokenizer, media, evals and training.
 Conventions: uint8 is [0, 255]; float is [-1, 1]; float -> uint8 rounds half up (what the eval
 metrics assume); resizing is antialiased, bicubic unless a caller names another kernel.
 """
@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenizers_svc.errors import DTypeMismatchError, InvalidRequestError
+from tokenizers_svc.options import RESIZE_POLICIES
 
-ResizePolicy = Literal["none", "shorter-side", "fit"]
-RESIZE_POLICIES: tuple[str, ...] = ("none", "shorter-side", "fit")
 ResizeMode = Literal["bicubic", "bilinear"]
 CROP_MODES: tuple[str, ...] = ("none", "center", "random")
 # Aspect-ratio buckets (width:height): landscape, square and portrait photos and video frames.

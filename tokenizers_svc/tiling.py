@@ -58,6 +58,7 @@ import torch
 from tokenizers_svc.abandon import checkpoint
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.families.base import Backend
+from tokenizers_svc.options import CHUNK_FRAMES, TILE_OVERLAP, TILE_SIZE
 from tokenizers_svc.spec import TokenizerSpec
 
 ChunkCallback = Callable[[int, int], None]  # (temporal chunks done, chunks in all): progress of long clips
@@ -74,13 +75,9 @@ class TilingOptions:
     """
 
     enabled: bool | None = None
-    # 512 px: within the 256-1024 px range the shipped VAEs were trained at, so a tile looks like
-    # training data; larger tiles trade memory for fewer seams
-    tile_size: int = 512
-    # 64 px = 8 latent cells at f8, 2 at f32: enough for the cross-fade to hide GroupNorm seams
-    tile_overlap: int = 64
-    # 33 frames = 1 + 8*4 (8 latent frames at 4x): a valid causal clip for 4x and 8x models
-    chunk_frames: int = 33
+    tile_size: int = TILE_SIZE  # the sizes' reasons: tokenizers_svc/options.py
+    tile_overlap: int = TILE_OVERLAP
+    chunk_frames: int = CHUNK_FRAMES
     # 8 frames = 2 latent frames at 4x shared (and cross-faded) between neighbouring chunks
     chunk_overlap: int = 8
 

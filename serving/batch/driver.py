@@ -41,7 +41,8 @@ from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.formats import is_video_file
 from tokenizers_svc.loading import resolved_dtype
-from tokenizers_svc.pixels import CROP_MODES, RESIZE_POLICIES
+from tokenizers_svc.options import add_arguments
+from tokenizers_svc.pixels import CROP_MODES
 from tokenizers_svc.progress import Progress as ProgressLog  # output.Progress: what the shards hold
 from tokenizers_svc.ray_cluster import init_ray
 
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset name or local model directory (default: the shipped video tokenizer when an input "
         "is a video, else the shipped image tokenizer)",
     )
-    p.add_argument("--resize", choices=RESIZE_POLICIES, default="none", help="explicit resize policy")
-    p.add_argument("--resolution", type=int, default=None, help="target size for --resize and --crop")
+    # The encode options, declared from their one definition (tokenizers_svc.options)
+    add_arguments(p, ("resize", "resolution", "normalize", "sample", "seed", "stride", "max_frames"))
     p.add_argument(
         "--crop",
         choices=CROP_MODES,
@@ -79,21 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "16:9, 9:16) of about RESOLUTION^2 pixels instead of a square; the bucket is recorded per row",
     )
     p.add_argument(
-        "--no-normalize",
-        dest="normalize",
-        action="store_false",
-        help="store raw latents instead of normalized",
-    )
-    p.add_argument("--sample", action="store_true", help="sample the posterior (KL models); default its mode")
-    p.add_argument("--seed", type=int, default=None, help="seed for --sample (per item)")
-    p.add_argument(
         "--clip-frames",
         type=int,
         default=None,
         help="frames per video clip (default: 16 rounded up to the frame rule)",
     )
-    p.add_argument("--stride", type=int, default=1, help="keep every n-th video frame before cutting clips")
-    p.add_argument("--max-frames", type=int, default=None, help="decode at most this many frames per video")
     p.add_argument(
         "--batch-size", type=int, default=8, help="rows per encoder call (same shapes batch together)"
     )

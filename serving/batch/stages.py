@@ -38,10 +38,11 @@ from tokenizers_svc.pixels import (
     resize_pixels,
     to_float_pixels,
 )
+from tokenizers_svc.wire import dtype_name, tensor_from_bytes, tensor_to_bytes
 
-# Between the CPU and the encoder stage: pixels as raw C-order bytes, shape (1, 3, H, W) or
-# (1, 3, T, H, W), uint8 [0, 255] as decoded (float32 [-1, 1] is accepted too, for pixels made
-# elsewhere). Null on error rows.
+# Between the CPU and the encoder stage: pixels in the wire format (tokenizers_svc.wire), shape
+# (1, 3, H, W) or (1, 3, T, H, W), uint8 [0, 255] as decoded (float [-1, 1] is accepted too, for
+# pixels made elsewhere). Null on error rows.
 PREPARED_SCHEMA = pa.schema(
     [
         *ROW_SCHEMA,
@@ -53,7 +54,6 @@ PREPARED_SCHEMA = pa.schema(
 SUMMARY_SCHEMA = pa.schema(
     [("shard", pa.string()), ("ok", pa.int64()), ("errors", pa.int64()), ("bytes", pa.int64())]
 )
-_PIXEL_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------- CPU stage
@@ -85,9 +85,9 @@ def _row(plan: JobPlan, key: dict, path: str, clip: tuple[int, int] | None = Non
 def _with_pixels(row: dict, pixels: torch.Tensor) -> dict:
     return {
         **row,
-        "pixels": pixels.contiguous().numpy().tobytes(),
+        "pixels": tensor_to_bytes(pixels),
         "pixel_shape": list(pixels.shape),
-        "pixel_dtype": str(pixels.dtype).removeprefix("torch."),
+        "pixel_dtype": dtype_name(pixels.dtype),
     }
 
 
@@ -145,8 +145,7 @@ def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
 
 def _pixels(row: dict) -> torch.Tensor:
     """A prepared row's pixels back as a tensor (see PREPARED_SCHEMA for layout and range)."""
-    flat = torch.frombuffer(bytearray(row["pixels"]), dtype=_PIXEL_DTYPES[row["pixel_dtype"]])
-    return flat.reshape(row["pixel_shape"])
+    return tensor_from_bytes(row["pixels"], row["pixel_shape"], row["pixel_dtype"])
 
 
 class EncodeWorker:
