@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.utils.benchmark as benchmark
 
 from tokenizers_svc.loading import build_module
 from tokenizers_svc.pixels import to_uint8_pixels
@@ -113,15 +114,12 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Seconds per call (median of ``repeats`` after one warm-up) and the last output."""
+    """Seconds per call (median of ``repeats`` single-call measurements of torch's benchmark Timer,
+    which synchronizes CUDA around each, after one warm-up call) and the warm-up's output."""
     out = fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    times = [timer.timeit(1).median for _ in range(repeats)]
     return sorted(times)[len(times) // 2], out
 
 

@@ -2,6 +2,14 @@
 
 A run's checkpoints are ``output_dir/checkpoints/step_XXXXXXXX`` (accelerator state: model,
 optimizers, EMA, :class:`TrainState`); the newest ``checkpoint.keep`` are kept.
+
+Why not accelerate's ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``:
+its folders are ``checkpoint_<number of saves by this process>``, not the step, and ``load_state``
+does not restore that counter. Measured (accelerate as pinned, three saves with ``total_limit=2``,
+then a fresh Accelerator that ``load_state()``s and saves once): the resumed run writes
+``checkpoint_0`` and its pruning, which sorts by that number, deletes ``checkpoint_1`` and keeps
+``checkpoint_2``, so the next resume would pick the older state. A resumed run must continue the
+same sequence (``tests/test_training.py`` resumes and compares weights), so names carry the step.
 """
 
 from __future__ import annotations
