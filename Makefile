@@ -1,8 +1,10 @@
 # The two commands the README names: `make serve` and `make test`. Both install into .venv first.
 # CPU machines get the local CPU build of torch; on GPU machines set TORCH_SPEC (e.g. TORCH_SPEC=torch).
-# `make serve PORT=8300` serves on another port (default: serving/config.yaml's http_options.port, 8000).
+# `make serve PORT=8300` serves on another port (default: serving/config.yaml's http_options.port, 8000);
+# `make serve VERBOSE=1` prints Ray's logs too (default: they stay in Ray's log files).
 VENV ?= .venv
 PORT ?=
+VERBOSE ?=
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: install
-	$(BIN)/tokenizers-svc serve $(if $(PORT),--port $(PORT))
+	$(BIN)/tokenizers-svc serve $(if $(PORT),--port $(PORT)) $(if $(VERBOSE),--verbose)
 
 test: install lint
 	$(BIN)/python -m pytest -q

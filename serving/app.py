@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -18,12 +21,13 @@ import ray
 import yaml
 from ray import serve
 from ray.serve import Application
+from ray.serve._private.constants import SERVE_LOGGER_NAME
 
 from serving.routes import Ingress
 from serving.schemas import ModelConfig, ServiceConfig, parse_config
 from serving.worker import TokenizerWorker
 from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
-from tokenizers_svc.ray_cluster import init_ray
+from tokenizers_svc.ray_cluster import init_ray, logs_dir
 from tokenizers_svc.registry import get_preset
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -62,7 +66,7 @@ def build_app(args: dict) -> Application:
 
 
 def load_config_file(path: str | Path) -> dict:
-    """The Serve config file -> {"http_options": ..., "args": ...} of its first application."""
+    """The Serve config file -> {"http_options", "proxy_location", "args"} of its first application."""
     path = Path(path)
     try:
         document = yaml.safe_load(path.read_text())
@@ -71,11 +75,25 @@ def load_config_file(path: str | Path) -> dict:
     apps = (document or {}).get("applications") or []
     if not apps or "args" not in apps[0]:
         raise ConfigError(f"{path} must hold applications[0].args (a Serve config file)", param="config")
-    return {"http_options": document.get("http_options") or {}, "args": apps[0]["args"]}
+    return {
+        "http_options": document.get("http_options") or {},
+        "proxy_location": document.get("proxy_location") or "HeadOnly",
+        "args": apps[0]["args"],
+    }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start local Ray + the app on 127.0.0.1 and block until Ctrl-C / SIGTERM."""
+def _serve_logs_to_file() -> Path:
+    """Serve's driver-side lines (controller started, application ready) go to a file in the Ray
+    session's log directory instead of the terminal; returns that file."""
+    path = Path(logs_dir()) / "serve" / "tokenizers-svc-serve.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s -- %(message)s"))
+    logging.getLogger(SERVE_LOGGER_NAME).handlers = [handler]  # Serve set its own at import
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenizers-svc serve", description=__doc__)
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG), help="Serve config file (default: %(default)s)"
@@ -84,22 +102,57 @@ def main(argv: list[str] | None = None) -> int:
         "--port", type=int, default=None, help="HTTP port (default: config http_options.port)"
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to deploy on (default: RAY_ADDRESS, else a new local Ray instance of its own, "
+        "so several servers run side by side; 'auto' joins the cluster `ray start` started here)",
+    )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=None,
+        help="start the Ray dashboard on 127.0.0.1 at this port (default: no dashboard)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="print Ray's logs here too (default: only in Ray's log files)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start Ray + the app on 127.0.0.1 and block until Ctrl-C / SIGTERM. Says what it does while it
+    starts (Ray, then the models); the URL is its last start-up line."""
+    args = build_parser().parse_args(argv)
+    prog = "tokenizers-svc serve"
     try:
         loaded = load_config_file(args.config)
         app = build_app(loaded["args"])
     except TokenizerError as error:
         return print_error(error)
     port = args.port or int(loaded["http_options"].get("port", 8000))
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        init_ray(num_cpus=args.num_cpus, include_dashboard=False)
+        init_ray(
+            address,
+            args.num_cpus,
+            dashboard_port=args.dashboard_port,
+            verbose=args.verbose,
+            log_to_driver=args.verbose,
+            announce=prog,
+        )
     except TokenizerError as error:
         return print_error(error)
+    if not args.verbose:
+        _serve_logs_to_file()
+        print(f"{prog}: Ray's logs are in {logs_dir()} (--verbose prints them here)", file=sys.stderr)
     # Installed before Serve starts (and after ray.init, which installs its own): a SIGTERM while the
     # replicas come up then stops the service cleanly instead of reaching Ray's handler, which aborts.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    models = ", ".join(model["name"] for model in loaded["args"]["models"])
+    print(f"{prog}: loading models ({models})", file=sys.stderr, flush=True)
+    serve.start(proxy_location=loaded["proxy_location"], http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="tokenizers", route_prefix="/", blocking=False)
     print(f"tokenizers-svc listening on http://127.0.0.1:{port} (docs at /docs); Ctrl-C to stop", flush=True)
     with contextlib.suppress(KeyboardInterrupt):

@@ -60,6 +60,10 @@ ROW_SCHEMA = pa.schema(
         ("normalization", pa.string()),  # JSON of LatentNormalization
         ("error", pa.string()),  # null on success, "type: message" on failure
         ("source_path_bytes", pa.binary()),  # source_path exactly, for names that are not UTF-8
+        (
+            "encoder_node",
+            pa.string(),
+        ),  # Ray node id of the encoder actor that made the row (`ray list nodes`)
     ]
 )
 METADATA_COLUMNS = [name for name in ROW_SCHEMA.names if name != "latents"]

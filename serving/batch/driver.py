@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from tokenizers_svc.loading import resolved_dtype
 from tokenizers_svc.options import add_arguments
 from tokenizers_svc.pixels import CROP_MODES
 from tokenizers_svc.progress import Progress as ProgressLog  # output.Progress: what the shards hold
-from tokenizers_svc.ray_cluster import init_ray
+from tokenizers_svc.ray_cluster import init_ray, started_here
 
 MAX_INPUT_BLOCKS = 1000  # one CPU task per block of inputs; enough blocks to keep a cluster busy
 
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--address", default=None, help="Ray address (default: RAY_ADDRESS, else start a local Ray)"
+    )
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=None,
+        help="with a local Ray: start its dashboard on 127.0.0.1 at this port (default: no dashboard)",
     )
     return p
 
@@ -199,6 +206,16 @@ def _fit_workers(workers: int, cpus_per_worker: float) -> tuple[float, float]:
     return fitted, task_cpus
 
 
+def _restarts() -> dict:
+    """Encoder actor restarts: Ray Data's default (restart forever) on a cluster this job joined,
+    where a lost node must not stop the job; none on a local instance this process started, where
+    every node dies with the driver and an actor dies only by crashing (a rerun resumes). Ray Data
+    hands its actors their constructor arguments through the object store, so every actor that may
+    restart makes Ray core log an E-level "constructor arguments in the object store and
+    max_restarts > 0" line (ray-project/ray#57733); a local run is quiet."""
+    return {"max_restarts": 0} if started_here() else {}
+
+
 def _claim(output: Path, plan: JobPlan, previous: dict | None) -> str:
     """Make this run the owner of ``output``; returns its run id. From here on, writers of earlier
     runs discard their shards, and their half-written shards are removed (their rows are redone)."""
@@ -220,21 +237,25 @@ def _encode(
     counts rows as shards land: of the pending inputs when all are images (one row each), else
     (clips) without a total."""
     import ray
+    from ray.util.annotations import RayDeprecationWarning
 
     worker_cpus, task_cpus = _fit_workers(args.workers, args.cpus_per_worker)
     ds = ray.data.from_items(pending, override_num_blocks=min(len(pending), MAX_INPUT_BLOCKS))
     # flat_map: one input -> several rows (clips); Ray Data keeps it in CPU tasks instead of
     # fusing it into the encoder actors.
     ds = ds.flat_map(prepare_row, fn_kwargs={"plan": plan}, num_cpus=task_cpus)
-    ds = ds.map_batches(
-        EncodeWorker,
-        fn_constructor_args=(plan, max(1, int(worker_cpus))),
-        batch_size=args.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=args.workers),
-        num_gpus=gpus,
-        num_cpus=worker_cpus,
-    )
+    with warnings.catch_warnings():  # Ray 2.60 sets max_restarts through ray_remote_args only
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        ds = ds.map_batches(
+            EncodeWorker,
+            fn_constructor_args=(plan, max(1, int(worker_cpus))),
+            batch_size=args.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=args.workers),
+            num_gpus=gpus,
+            num_cpus=worker_cpus,
+            **_restarts(),
+        )
     ds = ds.map_batches(
         write_shard,
         fn_kwargs={"output": str(output), "run_id": run_id},
@@ -328,7 +349,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     summaries, wall = [], 0.0
     if pending:  # else nothing to do, and no Ray started for it
         if not ray.is_initialized():
-            init_ray(address=args.address)
+            init_ray(args.address, dashboard_port=args.dashboard_port, announce="batch-encode")
         gpus = _gpus_per_worker(args.num_gpus_per_worker)
         if gpus > 0:  # --dtype auto: bfloat16 on GPUs, unless the job began in another dtype
             dtype = plan.dtype if previous is not None else resolved_dtype(args.dtype, "cuda")

@@ -148,6 +148,13 @@ def _pixels(row: dict) -> torch.Tensor:
     return tensor_from_bytes(row["pixels"], row["pixel_shape"], row["pixel_dtype"])
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on (rows record where they were encoded); None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class EncodeWorker:
     """Encoder stage (Ray Data actor pool): loads the model once, encodes each group of rows of the
     same resized shape in one call, and returns rows in ROW_SCHEMA (pixels dropped, latents filled)."""
@@ -162,11 +169,12 @@ class EncodeWorker:
                 param="model",
             )
         self.plan = plan
+        self.node_id = _ray_node_id()
         # The resize happens here, per row, so that rows of any source size batch by resized size.
         self.options = replace(plan.options, resize="none", resolution=None)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        rows = table.to_pylist()  # PREPARED_SCHEMA's columns
+        rows = [{**row, "encoder_node": self.node_id} for row in table.to_pylist()]  # PREPARED_SCHEMA
         pending = [i for i, row in enumerate(rows) if row["error"] is None]
         if self.plan.crop != "none":
             for i in pending:
