@@ -22,6 +22,7 @@ from tokenizers_svc.spec import TokenizerSpec
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions
 from tokenizers_svc.tiling import decode as tiled_decode
 from tokenizers_svc.tiling import encode as tiled_encode
+from tokenizers_svc.tokens import TokenIds, validate_tokens_for
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,20 @@ class Tokenizer:
         fps: float | None = None,
         source_sha256: str | None = None,
         on_chunk: ChunkCallback | None = None,
-    ) -> Latents:
+        tokens: bool = False,
+    ) -> Latents | TokenIds:
         """pixels -> Latents. ``sample`` draws from the posterior (KL models); default is its mode.
 
         ``normalize=True`` gives diffusion-ready latents (the spec's normalization applied),
         ``False`` raw latents; the choice is recorded in the result. ``on_chunk(done, total)``
-        follows the temporal chunks of a long clip.
+        follows the temporal chunks of a long clip. ``tokens=True`` (quantized tokenizers only)
+        returns :class:`TokenIds` instead: int32 ids, ``(N, [t,] h, w)``.
         """
+        if tokens and self.spec.quantizer is None:
+            raise InvalidRequestError(
+                f"{self.name} is a continuous tokenizer; token ids need a model with a quantizer",
+                param="tokens",
+            )
         if return_posterior and not self.spec.is_kl:
             raise InvalidRequestError(
                 f"{self.name} is deterministic; it has no posterior to return", param="return_posterior"
@@ -164,6 +172,20 @@ class Tokenizer:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # deferred: startup
 
             z = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).sample(generator)
+        if tokens:
+            return TokenIds(
+                ids=self.ids_from_raw(mean).cpu(),
+                tokenizer=self.name,
+                vocabulary_size=self.spec.quantizer.vocabulary_size,
+                levels=self.spec.quantizer.levels,
+                original_size=prepared.original_size,
+                original_frames=prepared.original_frames,
+                padding=prepared.padding,
+                weights_hash=self.weights_hash,
+                fps=fps,
+                source_sha256=source_sha256,
+                resized_from=prepared.resized_from,
+            )
         if normalize:
             z = self.spec.normalization.apply(z)
         return Latents(
@@ -184,34 +206,70 @@ class Tokenizer:
         )
 
     @torch.no_grad()
+    def ids_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latents (N, c, [t,] h, w) -> token ids (N, [t,] h, w) int32 (quantized tokenizers)."""
+        quantizer = self.backend.quantizer
+        z = raw.to(device=self.backend.device, dtype=self.backend.dtype)
+        return quantizer.codes_to_ids(quantizer.codes(z))
+
+    @torch.no_grad()
+    def decoder_input(
+        self, encoded: Latents | TokenIds | torch.Tensor, normalized: bool | None
+    ) -> torch.Tensor:
+        """What the decoder consumes, validated: raw latents, or for a quantized tokenizer the
+        projected codes (from ids, or from latents quantized first, as diffusers' VQModel does).
+        Bare tensors carry no metadata: integer tensors are ids, float ones latents in the space
+        ``normalized`` names."""
+        quantizer = self.backend.quantizer
+        if isinstance(encoded, TokenIds) or (
+            isinstance(encoded, torch.Tensor) and not encoded.is_floating_point()
+        ):
+            tokens = encoded if isinstance(encoded, TokenIds) else self._bare_tokens(encoded)
+            validate_tokens_for(tokens, self.spec, weights_hash=self.weights_hash)
+            codes = quantizer.ids_to_codes(tokens.ids.to(self.backend.device))
+            return quantizer.latents_from_codes(codes.to(self.backend.dtype))
+        if isinstance(encoded, Latents):
+            validate_for(encoded, self.spec, weights_hash=self.weights_hash)
+            raw = encoded.raw()
+        else:
+            if normalized is None:
+                raise InvalidRequestError(
+                    "bare latent tensors need normalized=True or normalized=False", param="normalized"
+                )
+            validate_tensor_for(encoded, self.spec)
+            raw = self.spec.normalization.invert(encoded) if normalized else encoded
+        z = raw.to(device=self.backend.device, dtype=self.backend.dtype)
+        return z if quantizer is None else quantizer(z)[0]
+
+    def _bare_tokens(self, ids: torch.Tensor) -> TokenIds:
+        """A bare id tensor as this tokenizer's token ids (nothing to crop), for validation."""
+        quantizer = self.spec.quantizer
+        if quantizer is None:
+            raise InvalidRequestError(
+                f"{self.name} is a continuous tokenizer; it decodes float latents, got an integer tensor",
+                param="latents",
+            )
+        return TokenIds(ids, self.name, quantizer.vocabulary_size, quantizer.levels, (1, 1))
+
+    @torch.no_grad()
     def decode(
         self,
-        latents: Latents | torch.Tensor,
+        latents: Latents | TokenIds | torch.Tensor,
         *,
         normalized: bool | None = None,
         tiling: TilingOptions | None = None,
         output_dtype: torch.dtype = torch.float32,
         on_chunk: ChunkCallback | None = None,
     ) -> torch.Tensor:
-        """Latents -> pixels (N, C, H, W) / (N, C, T, H, W), cropped to the original size.
+        """Latents or token ids -> pixels (N, C, H, W) / (N, C, T, H, W), cropped to the original size.
 
-        Bare tensors carry no metadata, so ``normalized`` must say which space they are in, and no
-        crop is applied. ``output_dtype``: float32 gives [-1, 1], uint8 gives [0, 255].
-        ``on_chunk(done, total)`` follows the temporal chunks of a long clip.
+        Bare tensors carry no metadata, so no crop is applied; a float tensor needs ``normalized``
+        to say which space it is in, an integer tensor is token ids. ``output_dtype``: float32 gives
+        [-1, 1], uint8 gives [0, 255]. ``on_chunk(done, total)`` follows the temporal chunks of a
+        long clip.
         """
-        if isinstance(latents, Latents):
-            validate_for(latents, self.spec, weights_hash=self.weights_hash)
-            raw = latents.raw()
-            crop = latents
-        else:
-            if normalized is None:
-                raise InvalidRequestError(
-                    "bare latent tensors need normalized=True or normalized=False", param="normalized"
-                )
-            validate_tensor_for(latents, self.spec)
-            raw = self.spec.normalization.invert(latents) if normalized else latents
-            crop = None
-        z = raw.to(device=self.backend.device, dtype=self.backend.dtype)
+        z = self.decoder_input(latents, normalized)
+        crop = latents if isinstance(latents, (Latents, TokenIds)) else None
         with self._eval_mode():
             x = tiled_decode(self.backend, z, tiling or TilingOptions(), on_chunk).float().clamp(-1, 1)
         if crop is not None:

@@ -207,23 +207,29 @@ def models(
 
 @app.command()
 def info(
-    file: Path = typer.Argument(..., help="A latent file written by `encode` or the server."),
+    file: Path = typer.Argument(..., help="A latent or token file written by `encode` or the server."),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Also check the file against this tokenizer (loads it)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Validate a latent file and print its metadata, with the normalization constants
-    (``scaling_factor``, ``shift_factor``, per-channel mean/std) of the tokenizer that wrote it."""
-    from tokenizers_svc.latents import latents_from_bytes, validate_for
+    """Validate a latent file or a token file and print its metadata: for latents the normalization
+    constants (``scaling_factor``, ``shift_factor``, per-channel mean/std) of the tokenizer that
+    wrote them, for token ids their vocabulary and levels."""
+    from tokenizers_svc.latents import validate_for
+    from tokenizers_svc.tokens import TokenIds, encoded_from_bytes, validate_tokens_for
 
     try:
-        latents = latents_from_bytes(_read(file))
+        latents = encoded_from_bytes(_read(file))
         if model is not None:
             tokenizer = _load(model, "cpu", DType.float32)
-            validate_for(latents, tokenizer.spec, weights_hash=tokenizer.weights_hash)
+            check = validate_tokens_for if isinstance(latents, TokenIds) else validate_for
+            check(latents, tokenizer.spec, weights_hash=tokenizer.weights_hash)
     except TokenizerError as exc:
         raise _fail(exc) from None
+    if isinstance(latents, TokenIds):
+        _print_summary(_token_summary(file, latents, model), as_json)
+        return
     meta = latents.metadata()
     summary = {
         "file": str(file),
@@ -247,10 +253,38 @@ def info(
         "format_version": int(meta["format_version"]),
         "valid_for": model,
     }
+    if not as_json:
+        summary["normalization"] = latents.normalization.describe()
+    _print_summary(summary, as_json)
+
+
+def _token_summary(file: Path, tokens, model: str | None) -> dict:
+    meta = tokens.metadata()
+    return {
+        "file": str(file),
+        "tokenizer": tokens.tokenizer,
+        "weights_hash": tokens.weights_hash,
+        "layout": tokens.layout,
+        "shape": list(tokens.ids.shape),
+        "dtype": meta["dtype"],
+        "vocabulary_size": tokens.vocabulary_size,
+        "levels": list(tokens.levels),
+        "id_base": 0,
+        "original_size": list(tokens.original_size),
+        "original_frames": tokens.original_frames,
+        "padding": list(tokens.padding),
+        "fps": tokens.fps,
+        "source_sha256": tokens.source_sha256,
+        "resized_from": None if tokens.resized_from is None else list(tokens.resized_from),
+        "format_version": int(meta["format_version"]),
+        "valid_for": model,
+    }
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    summary["normalization"] = latents.normalization.describe()
     for key, value in summary.items():
         typer.echo(f"{key:17} {'-' if value is None else value}")
 
@@ -391,6 +425,9 @@ def encode(
         "when an input is a video.",
     ),
     raw: bool = _encode_option("normalize"),
+    tokens: bool = typer.Option(
+        False, "--tokens", help="Store int32 token ids (a token file); quantized tokenizers only."
+    ),
     sample: bool = _encode_option("sample"),
     seed: int | None = _encode_option("seed"),
     posterior: bool = _encode_option("return_posterior"),
@@ -455,16 +492,17 @@ def encode(
         for source, target in zip(files, targets, strict=True):
             with _ChunkProgress(f"encode {source.name}", nested=len(files) > 1) as chunks:
                 try:
-                    latents = encode_media(
-                        tokenizer, load_media(_read(source), limits, options), options, chunks
+                    encoded = encode_media(
+                        tokenizer, load_media(_read(source), limits, options), options, chunks, tokens=tokens
                     )
-                    _write(target, latents.to_bytes(), overwrite=overwrite)
+                    _write(target, encoded.to_bytes(), overwrite=overwrite)
                 except TokenizerError as exc:
                     failures += 1
                     progress.write(f"error: {source}: {exc.type}: {exc.message}")
                 else:
                     if len(files) == 1:
-                        typer.echo(f"{source} -> {target} {list(latents.latents.shape)}")
+                        shape = encoded.ids.shape if tokens else encoded.latents.shape
+                        typer.echo(f"{source} -> {target} {list(shape)}")
             progress.update()
     if failures:
         if len(files) > 1:  # one input: its own error line says it all
@@ -479,7 +517,7 @@ def encode(
 
 @app.command()
 def decode(
-    latents_file: Path = typer.Argument(..., metavar="LATENTS", help="A latent file."),
+    latents_file: Path = typer.Argument(..., metavar="LATENTS", help="A latent file or a token file."),
     out: Path = typer.Option(
         ..., "--out", "-o", help="OUT.png / .jpg / .webp for images, OUT.mp4 for videos."
     ),
@@ -499,20 +537,20 @@ def decode(
     set_limit: list[str] | None = typer.Option(None, "--set-limit", help=SET_LIMIT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
-    """Decode a latent file back to an image or video, cropped to the original size, under the
-    server's limits. The output is written whole or not at all, and never replaces a file unless
+    """Decode a latent file or a token file back to an image or video, cropped to the original
+    size, under the server's limits. The output is written whole or not at all, and never replaces a file unless
     --overwrite is given."""
     from tokenizers_svc.formats import check_fps, output_media_type
-    from tokenizers_svc.latents import latents_from_bytes
     from tokenizers_svc.pipeline import decode_to_media
     from tokenizers_svc.tiling import tiling_options
+    from tokenizers_svc.tokens import encoded_from_bytes
 
     try:
         if fps is not None:
             check_fps(fps, param="--fps")
         output_media_type(out.suffix or "(no suffix)")
         _refuse_existing([out], overwrite)
-        latents = latents_from_bytes(_read(latents_file))
+        latents = encoded_from_bytes(_read(latents_file))
         tokenizer = _load(model or latents.tokenizer, device, dtype)
         with _ChunkProgress(f"decode {latents_file.name}") as chunks:
             data, media_type = decode_to_media(

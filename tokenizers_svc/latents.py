@@ -93,20 +93,12 @@ class Latents:
         meta = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
-            "tokenizer": self.tokenizer,
-            "weights_hash": self.weights_hash,
             "layout": self.layout,
             "dtype": str(self.latents.dtype).removeprefix("torch."),
             "shape": json.dumps(list(self.latents.shape)),
             "normalized": "true" if self.normalized else "false",
             "normalization": json.dumps(self.normalization.to_dict()),
-            "original_height": str(self.original_size[0]),
-            "original_width": str(self.original_size[1]),
-            "original_frames": "" if self.original_frames is None else str(self.original_frames),
-            "padding": json.dumps(list(self.padding)),
-            "fps": "" if self.fps is None else repr(float(self.fps)),
-            "source_sha256": self.source_sha256 or "",
-            "resized_from": "" if self.resized_from is None else json.dumps(list(self.resized_from)),
+            **placement_metadata(self),
             "sampled": "true" if self.sampled else "false",
             "has_posterior": "true" if self.mean is not None else "false",
         }
@@ -261,16 +253,43 @@ def parse_metadata(meta: dict[str, str], latents: torch.Tensor) -> dict:
         raise ShapeMismatchError(
             f"metadata shape {shape} does not match tensor shape {list(latents.shape)}", param="shape"
         )
+    return {
+        "normalized": _parse_bool(meta, "normalized", required=True),
+        "normalization": _parse_normalization(meta, int(latents.shape[1])),
+        **parse_placement(meta, layout),
+        "sampled": _parse_bool(meta, "sampled", required=False),
+    }
+
+
+def placement_metadata(item) -> dict[str, str]:
+    """The metadata a latent file and a token file share: who made it (tokenizer, weights hash),
+    where it came from, and how decode crops back (original size and frames, padding, fps)."""
+    return {
+        "tokenizer": item.tokenizer,
+        "weights_hash": item.weights_hash,
+        "original_height": str(item.original_size[0]),
+        "original_width": str(item.original_size[1]),
+        "original_frames": "" if item.original_frames is None else str(item.original_frames),
+        "padding": json.dumps(list(item.padding)),
+        "fps": "" if item.fps is None else repr(float(item.fps)),
+        "source_sha256": item.source_sha256 or "",
+        "resized_from": "" if item.resized_from is None else json.dumps(list(item.resized_from)),
+    }
+
+
+def parse_placement(meta: dict[str, str], layout: str) -> dict:
+    """The fields :func:`placement_metadata` writes, validated (``layout``: the file's, an image
+    layout has no frame count), plus the ``x-`` extras."""
     padding = _parse_json(meta, "padding", "JSON [bottom, right, end_frames] of non-negative integers")
     if not (isinstance(padding, list) and len(padding) == 3 and all(_is_int(p, 0) for p in padding)):
         raise _bad("padding", "JSON [bottom, right, end_frames] of non-negative integers", meta["padding"])
     frames = _parse_int(meta, "original_frames", 1, optional=True)
-    if layout == "NCHW" and frames is not None:
-        raise _bad("original_frames", "empty for image latents (NCHW)", meta["original_frames"])
+    if "T" not in layout and frames is not None:
+        raise _bad(
+            "original_frames", f"empty for image latents and tokens ({layout})", meta["original_frames"]
+        )
     return {
         "tokenizer": _meta(meta, "tokenizer"),
-        "normalized": _parse_bool(meta, "normalized", required=True),
-        "normalization": _parse_normalization(meta, int(latents.shape[1])),
         "original_size": (_parse_int(meta, "original_height", 1), _parse_int(meta, "original_width", 1)),
         "original_frames": frames,
         "padding": tuple(padding),
@@ -278,7 +297,6 @@ def parse_metadata(meta: dict[str, str], latents: torch.Tensor) -> dict:
         "fps": _parse_fps(meta),
         "source_sha256": meta.get("source_sha256") or None,
         "resized_from": _parse_pair(meta, "resized_from"),
-        "sampled": _parse_bool(meta, "sampled", required=False),
         "extra": {k[2:]: v for k, v in meta.items() if k.startswith("x-")},
     }
 
@@ -359,29 +377,39 @@ def check_finite(latents: torch.Tensor, param: str = "latents") -> None:
 
 def validate_for(latents: Latents, spec: TokenizerSpec, *, weights_hash: str | None = None) -> None:
     """Refuse latents that this tokenizer cannot decode, naming the expected value."""
-    if latents.tokenizer != spec.name:
+    validate_source(latents, spec, weights_hash, what="latents")
+    validate_tensor_for(latents.latents, spec)
+    validate_crop(latents, spec, tuple(latents.latents.shape[2:]), what="latents")
+
+
+def validate_source(item, spec: TokenizerSpec, weights_hash: str | None, *, what: str) -> None:
+    """Refuse a latent or token file made by another tokenizer, or by other weights of it."""
+    if item.tokenizer != spec.name:
         raise InvalidLatentsError(
-            f"latents were made by tokenizer {latents.tokenizer!r}, expected {spec.name!r}", param="tokenizer"
+            f"{what} were made by tokenizer {item.tokenizer!r}, expected {spec.name!r}", param="tokenizer"
         )
-    if weights_hash and latents.weights_hash and latents.weights_hash != weights_hash:
+    if weights_hash and item.weights_hash and item.weights_hash != weights_hash:
         raise InvalidLatentsError(
-            f"latents were made with weights {latents.weights_hash[:12]}, this model has {weights_hash[:12]}",
+            f"{what} were made with weights {item.weights_hash[:12]}, this model has {weights_hash[:12]}",
             param="weights_hash",
         )
-    validate_tensor_for(latents.latents, spec)
+
+
+def validate_crop(item, spec: TokenizerSpec, grid: tuple[int, ...], *, what: str) -> None:
+    """The recorded original size and frames fit what a latent grid ``([t,] h, w)`` decodes to."""
     f = spec.spatial_compression
-    height, width = (int(d) * f for d in latents.latents.shape[-2:])
-    if latents.original_size[0] > height or latents.original_size[1] > width:
+    height, width = (int(d) * f for d in grid[-2:])
+    if item.original_size[0] > height or item.original_size[1] > width:
         raise InvalidLatentsError(
-            f"metadata original size {latents.original_size[0]}x{latents.original_size[1]} is larger than "
-            f"these latents decode to ({height}x{width}); expected at most that",
+            f"metadata original size {item.original_size[0]}x{item.original_size[1]} is larger than "
+            f"these {what} decode to ({height}x{width}); expected at most that",
             param="original_height",
         )
-    if latents.layout == "NCTHW" and latents.original_frames is not None:
-        frames = spec.frame_rule.pixel_frames(int(latents.latents.shape[2]))
-        if latents.original_frames > frames:
+    if len(grid) == 3 and item.original_frames is not None:
+        frames = spec.frame_rule.pixel_frames(int(grid[0]))
+        if item.original_frames > frames:
             raise InvalidLatentsError(
-                f"metadata original_frames {latents.original_frames} is more than these latents decode "
+                f"metadata original_frames {item.original_frames} is more than these {what} decode "
                 f"to ({frames}); expected at most that",
                 param="original_frames",
             )

@@ -19,6 +19,7 @@ import torch
 from tokenizers_svc.api import Tokenizer, place_module
 from tokenizers_svc.errors import UnsupportedModelError
 from tokenizers_svc.families.base import directory_hash
+from tokenizers_svc.quantizers import load_quantizer_weights
 from tokenizers_svc.registry import (
     Preset,
     backend_for,
@@ -36,9 +37,14 @@ HUB_PROBE_TIMEOUT_S = 3.0  # one TCP connect decides whether a download is worth
 def build_module(preset: Preset, seed: int = 0) -> torch.nn.Module:
     """Instantiate a preset's module from its config with seeded random weights (training, tests)."""
     cls = model_class(preset.class_name)
+    config = dict(preset.config)
+    quantizer = config.pop("quantizer", None)  # the backend attaches it (families.base.Backend)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(**preset.config)
+        module = cls(**config)
+    if quantizer is not None:
+        module.register_to_config(quantizer=quantizer)
+    return module
 
 
 def resolved_dtype(dtype: str, device: str | torch.device) -> str:
@@ -109,8 +115,11 @@ def load_directory(path: Path, *, name: str, device, dtype) -> Tokenizer:
         raise UnsupportedModelError(
             f"cannot load {class_name} from model directory {path.name!r}: {exc}"
         ) from None
+    backend = backend_cls.from_module(module, name, directory_hash(path))
+    if backend.quantizer is not None:
+        load_quantizer_weights(backend.quantizer, path)
     place_module(module, device, dtype).eval()
-    return Tokenizer(backend_cls.from_module(module, name, directory_hash(path)), source=str(path))
+    return Tokenizer(backend, source=str(path))
 
 
 def hub_unreachable() -> str | None:

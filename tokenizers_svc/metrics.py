@@ -129,3 +129,23 @@ def load_lpips(net: str = "alex") -> torch.nn.Module:
     import lpips
 
     return lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+
+
+def codebook_health(counts: torch.Tensor) -> dict[str, float]:
+    """How a discrete tokenizer uses its vocabulary, from per-id counts (V,) over a set of tokens:
+    ``usage`` = share of the V ids that occur, ``perplexity`` = exp(-sum p log p) of their
+    frequencies (V when all are equally likely, 1 when one id is every token)."""
+    total = float(counts.sum())
+    if total == 0:
+        return {"codebook_usage": 0.0, "perplexity": 0.0}
+    p = counts.double() / total
+    nonzero = p[p > 0]
+    return {
+        "codebook_usage": float((counts > 0).double().mean()),
+        "perplexity": float(torch.exp(-(nonzero * nonzero.log()).sum())),
+    }
+
+
+def id_counts(ids: torch.Tensor, vocabulary_size: int) -> torch.Tensor:
+    """Per-id counts (V,) int64 of integer token ids of any shape."""
+    return torch.bincount(ids.flatten().to(torch.int64).cpu(), minlength=vocabulary_size)

@@ -25,10 +25,11 @@ from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_
 from tokenizers_svc.media import MediaKind
 from tokenizers_svc.options import MAX_SEED, ResizePolicy
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions, tiling_options
+from tokenizers_svc.tokens import TokenIds
 
 if TYPE_CHECKING:
     from tokenizers_svc.api import Tokenizer
-    from tokenizers_svc.spec import FrameRule
+    from tokenizers_svc.spec import FrameRule, TokenizerSpec
 
 OutputFormat = Literal["png", "jpeg", "webp", "mp4"]
 Item = TypeVar("Item")
@@ -170,8 +171,11 @@ def encode_media(
     media_input: MediaInput,
     options: EncodeOptions = EncodeOptions(),
     on_chunk: ChunkCallback | None = None,
-) -> Latents:
-    """:class:`MediaInput` -> :class:`Latents` with fps and the source hash recorded.
+    *,
+    tokens: bool = False,
+) -> Latents | TokenIds:
+    """:class:`MediaInput` -> :class:`Latents` (or :class:`TokenIds` with ``tokens``, quantized
+    tokenizers only) with fps and the source hash recorded.
 
     An image-only tokenizer refuses videos (InvalidRequestError); video tokenizers take images as
     one-frame clips. ``on_chunk(done, total)`` follows the temporal chunks of a long clip.
@@ -198,6 +202,7 @@ def encode_media(
         fps=media_input.fps,
         source_sha256=media_input.sha256,
         on_chunk=on_chunk,
+        tokens=tokens,
     )
 
 
@@ -246,9 +251,16 @@ def pixels_to_media(
     return media.encode_image(media.tensor_to_image(pixels), format, quality=quality), media_type
 
 
+def encoded_latent_shape(encoded: Latents | TokenIds, spec: TokenizerSpec) -> tuple[int, ...]:
+    """The latent shape (N, c, [t,] h, w) that latents or token ids decode from (what decode costs)."""
+    if isinstance(encoded, TokenIds):
+        return (int(encoded.ids.shape[0]), spec.latent_channels, *map(int, encoded.ids.shape[1:]))
+    return tuple(encoded.latents.shape)
+
+
 def decode_to_media(
     tokenizer: Tokenizer,
-    latents: Latents,
+    latents: Latents | TokenIds,
     format: OutputFormat = "png",
     fps: float | None = None,
     *,
@@ -257,7 +269,8 @@ def decode_to_media(
     limits: Limits = Limits(),
     on_chunk: ChunkCallback | None = None,
 ) -> tuple[bytes, str]:
-    """One item of :class:`Latents` -> (encoded bytes, media type), cropped to the original size.
+    """One item of :class:`Latents` or :class:`TokenIds` -> (encoded bytes, media type), cropped to
+    the original size.
 
     Image latents (NCHW) decode to PNG/JPEG/WebP; video latents (NCTHW) to MP4 at ``fps`` (default:
     the fps recorded at encode time). A video latent holding a single frame may also be written as
@@ -265,15 +278,16 @@ def decode_to_media(
     refused before the model runs (:func:`check_decode_cost`).
     """
     spec = tokenizer.spec
-    check_decode_cost(tuple(latents.latents.shape), spec.spatial_compression, spec.frame_rule, limits)
-    n = latents.latents.shape[0]
+    shape = encoded_latent_shape(latents, spec)
+    check_decode_cost(shape, spec.spatial_compression, spec.frame_rule, limits)
+    n = shape[0]
     output_media_type(format)
     if n != 1:
         raise InvalidRequestError(
             f"decode_to_media writes one item, got a batch of {n}; pick one with Latents.select(i)",
             param="latents",
         )
-    check_output_format(format, is_video=latents.layout == "NCTHW", frames=latents.original_frames)
+    check_output_format(format, is_video=len(shape) == 5, frames=latents.original_frames)
     pixels = tokenizer.decode(latents, tiling=tiling, output_dtype=torch.uint8, on_chunk=on_chunk)
     return pixels_to_media(pixels, format, fps if fps is not None else latents.fps, quality)
 

@@ -7,13 +7,19 @@ Every family builds a :class:`TokenizerSpec` from its saved config, so callers (
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
+
+from tokenizers_svc.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
     import torch
 
 Modality = Literal["image", "video", "both"]
+QUANTIZER_KINDS = ("fsq",)
+ID_DTYPE = "int32"  # token ids on every boundary: tensors, token files, HTTP bodies, batch columns
+MAX_VOCABULARY = 2**31 - 1  # ids must fit int32
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,92 @@ class FrameRule:
 
 
 @dataclass(frozen=True)
+class QuantizerSpec:
+    """A discrete bottleneck, read from the model config's ``quantizer`` block.
+
+    FSQ (Mentzer et al., "Finite Scalar Quantization: VQ-VAE Made Simple", arXiv 2309.15505): each of
+    ``len(levels)`` code channels is bounded and rounded to ``levels[i]`` values. A code vector's
+    digits ``d_i`` in ``[0, levels[i])`` give its id in mixed radix, the first channel least
+    significant: ``id = sum(d_i * prod(levels[:i]))``, so ids are ``0 .. vocabulary_size - 1``
+    (id base 0, dtype int32) and codes -> ids -> codes is exact. ``projection``: a learned per-position
+    linear map from the latent channels to ``len(levels)`` code channels and back (required when the
+    two differ).
+    """
+
+    kind: str
+    levels: tuple[int, ...]
+    projection: bool = False
+
+    @property
+    def vocabulary_size(self) -> int:
+        return math.prod(self.levels)
+
+    @property
+    def code_channels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def bits_per_token(self) -> float:
+        return math.log2(self.vocabulary_size)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "levels": list(self.levels),
+            "projection": self.projection,
+            "vocabulary_size": self.vocabulary_size,
+            "bits_per_token": round(self.bits_per_token, 4),
+            "id_dtype": ID_DTYPE,
+            "id_base": 0,
+            "id_order": "mixed radix over the code channels, the first channel least significant",
+            "codes_ids_exact": True,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping, latent_channels: int) -> QuantizerSpec | None:
+        """The ``quantizer`` block of a model config, validated; None when the model has none."""
+        block = config.get("quantizer")
+        if block is None:
+            return None
+        if not isinstance(block, Mapping) or block.get("kind") not in QUANTIZER_KINDS:
+            raise ConfigError(
+                f"quantizer must be a mapping with kind one of {list(QUANTIZER_KINDS)}, got {block!r}",
+                param="quantizer.kind",
+            )
+        unknown = sorted(set(block) - {"kind", "levels", "projection"})
+        if unknown:
+            raise ConfigError(
+                f"unknown quantizer key {unknown[0]!r}; expected kind, levels, projection",
+                param=f"quantizer.{unknown[0]}",
+            )
+        levels = block.get("levels")
+        if not (
+            isinstance(levels, (list, tuple))
+            and levels
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in levels)
+            and math.prod(levels) <= MAX_VOCABULARY
+        ):
+            raise ConfigError(
+                f"quantizer.levels must be a non-empty list of integers >= 2 whose product fits int32, "
+                f"got {levels!r}",
+                param="quantizer.levels",
+            )
+        projection = block.get("projection", len(levels) != latent_channels)
+        if not isinstance(projection, bool):
+            raise ConfigError(
+                f"quantizer.projection must be true or false, got {projection!r}",
+                param="quantizer.projection",
+            )
+        if not projection and len(levels) != latent_channels:
+            raise ConfigError(
+                f"quantizer.levels has {len(levels)} entries but the model has {latent_channels} latent "
+                "channels; expected as many, or projection: true",
+                param="quantizer.levels",
+            )
+        return cls(kind=block["kind"], levels=tuple(levels), projection=projection)
+
+
+@dataclass(frozen=True)
 class TokenizerSpec:
     """Self-description of a loaded tokenizer (everything a caller needs to use it)."""
 
@@ -177,6 +269,13 @@ class TokenizerSpec:
     # smallest latent height and width the network takes (its normalization layers need more than
     # one value per group at the deepest level); smaller inputs are padded up to :attr:`min_size`
     min_latent_size: int = 1
+    quantizer: QuantizerSpec | None = None  # a discrete bottleneck: encode can return token ids
+
+    def with_quantizer(self, config: Mapping) -> TokenizerSpec:
+        """This spec plus the config's ``quantizer`` block, if any. A quantized model is
+        deterministic: its tokens come from the posterior mean, so ``is_kl`` is False."""
+        quantizer = QuantizerSpec.from_config(config, self.latent_channels)
+        return self if quantizer is None else replace(self, quantizer=quantizer, is_kl=False)
 
     @property
     def temporal_compression(self) -> int:
@@ -208,6 +307,16 @@ class TokenizerSpec:
         n, _, t, h, w = pixel_shape
         return (n, self.latent_channels, self.frame_rule.latent_frames(t), h // f, w // f)
 
+    @property
+    def token_layout(self) -> str:
+        """Token ids are the latent grid without its channel axis: ``NHW`` or ``NTHW``."""
+        return "NHW" if self.modality == "image" else "NTHW"
+
+    def token_shape(self, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Token-id shape (N, [t,] h, w) for a valid pixel shape."""
+        n, _, *grid = self.latent_shape(pixel_shape)
+        return (n, *grid)
+
     def latent_floats(self, pixel_shape: tuple[int, ...]) -> int:
         """Floats in one item's latent for pixels of ``pixel_shape`` (the budget a baseline gets)."""
         return math.prod(self.latent_shape(pixel_shape)[1:])
@@ -238,4 +347,22 @@ class TokenizerSpec:
             "dtypes": list(self.dtypes),
             "in_channels": self.in_channels,
             "compression_ratio_256": round(self.compression_ratio(256, 256, 17), 2),
+            **({"tokens": self.describe_tokens()} if self.quantizer is not None else {}),
+        }
+
+    def describe_tokens(self) -> dict:
+        """What an autoregressive trainer needs: vocabulary, id dtype and base, layout and order."""
+        frames = (
+            "; latent frame 0 holds the causal first frame alone, each next one "
+            f"{self.temporal_compression} frames"
+            if self.modality != "image" and self.frame_rule.causal
+            else ""
+        )
+        tokens_256 = math.prod(self.token_shape((1, self.in_channels, 256, 256))[1:])
+        return {
+            **self.quantizer.to_dict(),
+            "layout": self.token_layout,
+            "order": f"raster: {'t, ' if self.modality != 'image' else ''}h, w, the last fastest{frames}",
+            "tokens_per_256px_image": tokens_256,
+            "bits_per_pixel_256": round(tokens_256 * self.quantizer.bits_per_token / 256**2, 5),
         }

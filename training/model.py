@@ -27,6 +27,10 @@ def build_backend(recipe: Recipe) -> Backend:
     name = recipe.model.name or recipe.name
     if recipe.model.init_from:
         module = model_class(preset.class_name).from_pretrained(recipe.model.init_from)
+        if "quantizer" in recipe.model.config:  # a continuous model becomes a discrete one
+            return _quantized_from_continuous(
+                module, preset.class_name, recipe.model.config["quantizer"], name
+            )
     else:
         try:
             module = build_module(
@@ -37,6 +41,29 @@ def build_backend(recipe: Recipe) -> Backend:
                 f"model.config does not fit {preset.class_name}: {exc}", param="model.config"
             ) from None
     return backend_for(preset.class_name).from_module(module, name)
+
+
+def _quantized_from_continuous(module: nn.Module, class_name: str, quantizer: dict, name: str) -> Backend:
+    """A trained continuous model with a quantizer added. When the model has fitted per-channel
+    latent statistics and the quantizer a square projection, the projection starts as that
+    normalization (latents enter the tanh bound centred and unit-scaled, so every level is reached
+    from the first step) and the way back as its inverse; the statistics, which describe the
+    continuous latents, are dropped from the config."""
+    config = module.config
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    module.register_to_config(quantizer=quantizer)
+    backend = backend_for(class_name).from_module(module, name)
+    fsq = backend.quantizer
+    if mean is not None and std is not None and fsq.project_in is not None:
+        mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+        if fsq.project_in.weight.shape == (len(mean), len(mean)):
+            with torch.no_grad():
+                fsq.project_in.weight.copy_(torch.diag(1 / std_t))
+                fsq.project_in.bias.copy_(-mean_t / std_t)
+                fsq.project_out.weight.copy_(torch.diag(std_t))
+                fsq.project_out.bias.copy_(mean_t)
+            module.register_to_config(latents_mean=None, latents_std=None)
+    return backend
 
 
 class Autoencoder(nn.Module):
@@ -51,13 +78,22 @@ class Autoencoder(nn.Module):
         self.backend = backend
         self.rank, self.world_size = rank, world_size
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """-> (reconstruction like x, posterior mean, logvar | None, token ids | None). A quantized
+        model decodes its rounded codes (straight-through gradients) and has no posterior noise."""
         mean, logvar = self.backend.encode_moments(x)  # (N, c, [t,] h, w) each
+        quantizer = self.backend.quantizer
+        if quantizer is not None:
+            z, codes = quantizer(mean)  # decoder input (N, c, ...), codes (N, K, ...)
+            ids = quantizer.codes_to_ids(codes.detach())  # (N, [t,] h, w) int32
+            return self.backend.decode_latents(z), mean, None, ids
         z = mean
         if logvar is not None:  # diffusers' posterior, drawn with this rank's share of the global noise
             posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
             z = posterior.mean + posterior.std * self.posterior_noise(mean)
-        return self.backend.decode_latents(z), mean, logvar  # recon like x, float
+        return self.backend.decode_latents(z), mean, logvar, None  # recon like x, float
 
     def posterior_noise(self, mean: torch.Tensor) -> torch.Tensor:
         """Noise for this process's slice of the *global* batch: every process draws the global

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.loading import CARD_FILE
-from tokenizers_svc.metrics import psnr, ssim
+from tokenizers_svc.metrics import codebook_health, id_counts, psnr, ssim
 from tokenizers_svc.pixels import to_float_pixels, to_uint8_pixels
 from tokenizers_svc.spec import TokenizerSpec
 from training import losses
@@ -107,6 +107,9 @@ class Trainer:
         if recipe.logging.tensorboard:
             acc.init_trackers("tb", config=flat_config(recipe))
         self.resumed_from = self._resume(resume) if resume else None
+        # token-id counts of the current logging window (quantized models): codebook usage, perplexity
+        vocabulary = self.spec.quantizer.vocabulary_size if self.spec.quantizer is not None else 0
+        self.window_counts = torch.zeros(vocabulary, dtype=torch.int64)
 
     # ----------------------------------------------------------------------------------- setup checks
 
@@ -183,6 +186,9 @@ class Trainer:
                     "lr": lr_at(recipe, state.step - 1),
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
                 }
+                if self.spec.quantizer is not None:  # the window's tokens, over every process
+                    logs |= codebook_health(acc.reduce(self.window_counts.to(acc.device), "sum").cpu())
+                    self.window_counts.zero_()
                 acc.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
                 state.loss_history.append((state.step, logs["loss"]))
                 state.last_terms = logs
@@ -213,7 +219,9 @@ class Trainer:
         models = [self.model] + ([self.discriminator] if self.discriminator is not None else [])
         contexts = [nullcontext() if sync else acc.no_sync(m) for m in models]
         with contexts[0]:
-            recon, mean, logvar = self.model(x)
+            recon, mean, logvar, ids = self.model(x)
+            if ids is not None:
+                self.window_counts += id_counts(ids, self.spec.quantizer.vocabulary_size)
             recon = recon.float()
             rec = losses.reconstruction_loss(x, recon, loss_cfg.reconstruction)
             total = loss_cfg.reconstruction_weight * rec
@@ -277,38 +285,56 @@ class Trainer:
         return self.ema.shadow if self.ema is not None else self.accelerator.unwrap_model(self.model).module
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> uint8 reconstruction with the exported weights (posterior mean)."""
+    def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 (N, 3, H, W) -> (uint8 reconstruction with the exported weights (posterior mean;
+        rounded codes for a quantized model), per-id counts (V,) of its tokens or None)."""
         module = self.export_module()
         backend = type(self.backend).from_module(module, self.backend.spec.name)
+        quantizer = backend.quantizer
+        counts = None if quantizer is None else torch.zeros(quantizer.spec.vocabulary_size, dtype=torch.int64)
         was_training = module.training
         module.eval()
         out = []
         for x in self._val_pixels(images):
             mean, _ = backend.encode_moments(x)
+            if quantizer is not None:
+                mean, codes = quantizer(mean)
+                counts += id_counts(quantizer.codes_to_ids(codes), len(counts))
             recon = backend.decode_latents(mean).float()
             if recon.ndim == 5:
                 recon = recon[:, :, 0]
             out.append(to_uint8_pixels(recon).cpu())
         module.train(was_training)
-        return torch.cat(out)
+        return torch.cat(out), counts
 
     def validate(self) -> dict:
-        """PSNR/SSIM (tokenizers_svc.metrics, uint8) of the exported weights on the held-out images."""
+        """PSNR/SSIM (tokenizers_svc.metrics, uint8) of the exported weights on the held-out images;
+        codebook usage and perplexity of their tokens for a quantized model."""
         if self.val_images is None or not self.accelerator.is_main_process:
             return {}
-        recon = self.reconstruct(self.val_images)
+        recon, counts = self.reconstruct(self.val_images)
         metrics = {
             "val_psnr": float(psnr(self.val_images, recon).mean()),
             "val_ssim": float(ssim(self.val_images, recon).mean()),
             "val_images": len(self.val_images),
             "step": self.state.step,
         }
+        codebook = "" if counts is None else codebook_health(counts)
+        if codebook:
+            metrics |= {f"val_{key}": value for key, value in codebook.items()}
+            codebook = (
+                f", codebook usage {codebook['codebook_usage']:.3f}, perplexity {codebook['perplexity']:.1f}"
+            )
         self.accelerator.log(
-            {"val/psnr": metrics["val_psnr"], "val/ssim": metrics["val_ssim"]}, step=self.state.step
+            {
+                f"val/{k.removeprefix('val_')}": v
+                for k, v in metrics.items()
+                if k.startswith("val_") and k != "val_images"
+            },
+            step=self.state.step,
         )
         tqdm.write(
-            f"step {self.state.step}: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}"
+            f"step {self.state.step}: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}{codebook}"
         )
         return metrics
 
@@ -320,7 +346,7 @@ class Trainer:
         ):
             return
         originals = self.val_images[:4]
-        recon = self.reconstruct(originals)
+        recon, _ = self.reconstruct(originals)
         grid = torch.cat(
             [torch.cat(list(originals), dim=2), torch.cat(list(recon), dim=2)], dim=1
         )  # (3, 2H, 4W)
@@ -358,7 +384,7 @@ class Trainer:
                     directory, photos, str(acc.device), clips=clips
                 )
             saved = json.loads((directory / "config.json").read_text())  # with the normalization just fitted
-            spec = type(self.backend).spec_from_export(directory, saved, self.spec.name)
+            spec = type(self.backend).spec_from_export(directory, saved, self.spec.name).with_quantizer(saved)
             (directory / CARD_FILE).write_text(json.dumps(self.card(spec), indent=2) + "\n")
         acc.wait_for_everyone()
         return directory

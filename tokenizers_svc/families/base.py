@@ -23,7 +23,13 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs nee
     import torch
     from torch import nn
 
+    from tokenizers_svc.quantizers import FSQ
+
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
+
+# The quantizer's submodule name, as diffusers' VQModel names it; its weights are ``quantize.*``.
+# (Not ``quantizer``: that is the config block, and diffusers resolves config names first.)
+QUANTIZER_MODULE = "quantize"
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,20 @@ class Backend(ABC):
 
     def __init__(self, module: nn.Module, spec: TokenizerSpec, weights_hash: str | None = None) -> None:
         self.module = module
-        self.spec = spec
+        self.spec = spec.with_quantizer(module.config)
         self._weights_hash = weights_hash
+        if self.spec.quantizer is not None and QUANTIZER_MODULE not in dict(module.named_children()):
+            from tokenizers_svc.quantizers import build_quantizer
+
+            parameter = next(module.parameters())
+            quantizer = build_quantizer(self.spec.quantizer, self.spec.latent_channels)
+            module.add_module(QUANTIZER_MODULE, quantizer.to(device=parameter.device, dtype=parameter.dtype))
+
+    @property
+    def quantizer(self) -> FSQ | None:
+        """The discrete bottleneck the config declares (a submodule of ``module``, so it trains,
+        saves and moves with it), or None for a continuous tokenizer."""
+        return self.module.get_submodule(QUANTIZER_MODULE) if self.spec.quantizer is not None else None
 
     @classmethod
     @abstractmethod

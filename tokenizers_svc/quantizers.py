@@ -1,0 +1,137 @@
+"""Discrete bottlenecks that turn a family's continuous latents into token ids: FSQ.
+
+Finite Scalar Quantization (Mentzer et al., arXiv 2309.15505): each code channel is bounded with a
+tanh to just under ``levels[i]`` values and rounded; the rounding passes gradients straight through
+in training. There is no codebook to learn, so no commitment or codebook loss is needed and every
+code stays reachable. The module sits after a family's encoder and before its decoder, on the raw
+latents ``(N, c, [t,] h, w)``:
+
+    raw latents --project_in--> (N, K, ...) --bound, round--> codes in [-1, 1] --project_out--> decoder input
+                                                                   |  ^
+                                                         codes_to_ids  ids_to_codes (exact, int32)
+
+``K = len(levels)``; the projections are per-position linear maps, present only when the config
+asks for them (required when ``K`` differs from the latent channels). Buffers are not saved, so a
+quantizer without projections adds nothing to the weights file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokenizers_svc.errors import UnsupportedModelError
+from tokenizers_svc.spec import ID_DTYPE, QuantizerSpec
+
+BOUND_EPS = 1e-3  # keeps tanh's range just inside the outermost levels, so rounding never leaves them
+
+
+class _QuantizerLoadFilter(logging.Filter):
+    """diffusers' ``from_pretrained`` builds the family's class, which knows neither the config's
+    ``quantizer`` block nor the projection weights; it warns that both are ignored. The backend
+    attaches the quantizer and loads those weights itself (:func:`load_quantizer_weights`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("quantize" in message and ("will be ignored" in message or "were not used" in message))
+
+
+for _logger in ("diffusers.configuration_utils", "diffusers.models.modeling_utils"):
+    logging.getLogger(_logger).addFilter(_QuantizerLoadFilter())
+
+
+def _channels_last(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A per-position linear map on the channel axis of (N, C, ...)."""
+    return linear(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantizer over the channel axis of (N, C, [t,] h, w) latents."""
+
+    def __init__(self, spec: QuantizerSpec, latent_channels: int) -> None:
+        super().__init__()
+        self.spec = spec
+        levels = torch.tensor(spec.levels, dtype=torch.int64)
+        radix = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.int64), levels[:-1]]), 0)
+        self.register_buffer("levels", levels, persistent=False)  # (K,)
+        self.register_buffer("radix", radix, persistent=False)  # (K,): prod(levels[:i])
+        self.register_buffer("half_width", levels // 2, persistent=False)  # code q / half_width in [-1, 1]
+        k = spec.code_channels
+        self.project_in = nn.Linear(latent_channels, k) if spec.projection else None
+        self.project_out = nn.Linear(k, latent_channels) if spec.projection else None
+
+    def _view(self, buffer: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+        return buffer.to(dtype).view(1, -1, *([1] * (ndim - 2)))  # (1, K, 1, ...)
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """raw latents (N, c, ...) -> codes (N, K, ...) on the grid ``q / (levels // 2)`` in [-1, 1],
+        float32; rounding passes gradients straight through."""
+        h = _channels_last(self.project_in, z) if self.project_in is not None else z
+        h = h.float()
+        levels = self._view(self.levels, h.ndim, h.dtype)
+        half = (levels - 1) * (1 + BOUND_EPS) / 2
+        offset = (1 - levels % 2) * 0.5  # even levels: the grid is shifted by half a step
+        shift = torch.atanh(offset / half)
+        bounded = torch.tanh(h + shift) * half - offset  # (N, K, ...) in (-L//2 - eps, (L-1)//2 + eps)
+        rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through estimator
+        return rounded / self._view(self.half_width, h.ndim, h.dtype)
+
+    def latents_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, K, ...) -> the decoder's input (N, c, ...)."""
+        return _channels_last(self.project_out, codes) if self.project_out is not None else codes
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training and decode: raw latents -> (decoder input (N, c, ...), codes (N, K, ...))."""
+        codes = self.codes(z)
+        return self.latents_from_codes(codes.to(z.dtype)), codes
+
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, K, ...) -> ids (N, ...) int32 in [0, vocabulary_size), mixed radix."""
+        half = self._view(self.half_width, codes.ndim, torch.int64)
+        digits = torch.round(codes.float() * half).to(torch.int64) + half  # (N, K, ...) in [0, L)
+        ids = (digits * self._view(self.radix, codes.ndim, torch.int64)).sum(dim=1)
+        return ids.to(getattr(torch, ID_DTYPE))
+
+    def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (N, ...) integers in [0, vocabulary_size) -> codes (N, K, ...) float32."""
+        wide = ids.to(torch.int64).unsqueeze(1)  # (N, 1, ...)
+        ndim = wide.ndim
+        digits = (wide // self._view(self.radix, ndim, torch.int64)) % self._view(
+            self.levels, ndim, torch.int64
+        )
+        half = self._view(self.half_width, ndim, torch.int64)
+        return (digits - half).float() / half.float()
+
+
+def build_quantizer(spec: QuantizerSpec, latent_channels: int, seed: int = 0) -> FSQ:
+    """The quantizer of ``spec`` with seeded projections (training starts from them; a saved model
+    overwrites them with :func:`load_quantizer_weights`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FSQ(spec, latent_channels)
+
+
+def load_quantizer_weights(quantizer: FSQ, directory: Path) -> None:
+    """The projections saved with a model (``quantize.*`` in its safetensors files) into
+    ``quantizer``; a quantizer with projections refuses a directory that has none."""
+    from safetensors import safe_open
+
+    state = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            names = handle.keys()  # a safe_open handle is not iterable
+            for key in names:
+                if key.startswith("quantize."):
+                    state[key.removeprefix("quantize.")] = handle.get_tensor(key)
+    expected = set(quantizer.state_dict())
+    if set(state) != expected:
+        raise UnsupportedModelError(
+            f"model directory {Path(directory).name!r} declares a quantizer with projections but its "
+            f"weights hold quantizer tensors {sorted(state)}; expected {sorted(expected)}",
+            param="model",
+        )
+    if expected:
+        quantizer.load_state_dict(state)
