@@ -1,10 +1,18 @@
-"""Held-out clip segments and the classical video codecs a video tokenizer has to beat at equal floats.
+"""Video content a tokenizer never trained on, and the classical video codecs it has to beat at equal floats.
 
-The video default trains on the first part of each real clip (``segment: [0, 0.8]`` in its recipe) and
-is scored here on clips cut from the rest. Two baselines keep the same number of floats per clip as
-the tokenizer's latent: *spatial* (every frame bicubic down/up-sampled) and *spatio-temporal* (every
-``temporal``-th frame kept, bicubic in space, linear interpolation in time, like a t4 latent's frame
-rule). The colour cast is the per-channel mean error of the reconstruction in grey levels.
+Three groups of clips, each scored on its own:
+
+- ``stills``: one held-out photo held for every frame (a still shot), cut at two scales;
+- ``motion``: a camera pan and a zoom over every held-out photo (``tokenizers_svc.camera``), at a
+  scale drawn per clip;
+- ``real``: clips from the held-out end of each real clip (the video recipes train on the first 80%);
+  the same scenes and cameras as training, so this group measures less than the other two.
+
+Photo clips are a pure function of the photo folder, the seed and the resolution. Two baselines keep
+the same number of floats per clip as the tokenizer's latent: *spatial* (every frame bicubic
+down/up-sampled) and *spatio-temporal* (every ``temporal``-th frame kept, bicubic in space, linear
+interpolation in time, like a t4 latent's frame rule). The colour cast is the per-channel mean error
+of the reconstruction in grey levels.
 
 Tensors: clips are uint8 ``(N, 3, T, R, R)`` in [0, 255].
 
@@ -25,11 +33,56 @@ import torch
 from evals.image_metrics import psnr
 from evals.multiscale import mean_ci
 from evals.video_metrics import frames
-from tokenizers_svc.crops import bicubic_round_trip, segment_clips
+from tokenizers_svc.camera import MoveKind, random_move, render_clip
+from tokenizers_svc.crops import MIN_STD, bicubic_round_trip, list_media, segment_clips
 from tokenizers_svc.loading import load_tokenizer
-from tokenizers_svc.pixels import to_uint8_pixels
+from tokenizers_svc.media import read_image
+from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
 
 REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")  # the real (not rendered) clips
+GROUPS = ("stills", "motion", "real")
+# Shorter side of the photo before the window is cut, in multiples of the clip side: 1 = the whole
+# photo's short side in view (broad content), 3 = a third of it (dense detail), as the image protocol.
+STILL_SCALES = (1.0, 2.0)
+MOTION_SCALES = (1.5, 2.0, 3.0)  # > 1 leaves room for the window to travel
+MOTION_KINDS: tuple[MoveKind, ...] = ("pan", "zoom")
+WINDOW_TRIES = 8  # draws of a window before a flat one (first frame std < MIN_STD) is accepted
+
+
+def photo_clips(
+    photos: Path,
+    group: str,
+    frames: int = 17,
+    resolution: int = 256,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[str]]:
+    """The ``stills`` or ``motion`` group built from every photo under ``photos`` (sorted): uint8
+    (N, 3, T, R, R) and names ``file@scale:kind``. Each photo draws from its own generator
+    (``seed``, photo index), so a clip does not change when other photos are added."""
+    if group not in ("stills", "motion"):
+        raise ValueError(f"photo clip group must be 'stills' or 'motion', got {group!r}")
+    clips, names = [], []
+    for index, path in enumerate(list_media(Path(photos), "image")):
+        photo = torch.from_numpy(read_image(path)).permute(2, 0, 1)  # (3, H, W) uint8
+        rng = np.random.default_rng([seed, index])
+        if group == "stills":
+            plan = [(scale, "still") for scale in STILL_SCALES]
+        else:
+            plan = [(float(rng.choice(MOTION_SCALES)), kind) for kind in MOTION_KINDS]
+        for scale, kind in plan:
+            resized = resize_shorter_side(photo, round(scale * resolution))  # (3, H', W')
+            h, w = resized.shape[-2:]
+            for _ in range(WINDOW_TRIES):
+                clip = render_clip(
+                    resized, random_move(kind, h, w, resolution, frames, rng), frames, resolution
+                )
+                if float(clip[:, 0].float().std()) >= MIN_STD:
+                    break
+            clips.append(clip)
+            names.append(f"{path.relative_to(photos)}@{scale:g}:{kind}")
+    if not clips:
+        raise ValueError(f"no photos under {photos}")
+    return torch.stack(clips), names
 
 
 def _clips(frames: torch.Tensor, n: int) -> torch.Tensor:
@@ -73,8 +126,9 @@ def compare_video(
     floats_per_item: int,
     temporal: int = 4,
 ) -> dict:
-    """Model (uint8 clip batch -> uint8) vs both baselines on every clip: PSNR mean and 95% CI, paired
-    gain over the better baseline, frame PSNR, and the model's per-channel mean error (colour cast)."""
+    """Model (uint8 clip batch -> uint8) vs both baselines on every clip: PSNR mean and 95% CI, the
+    paired gain over each baseline (``gains``) and over the better one (``gain_db``), frame PSNR, and
+    the model's per-channel mean error (colour cast)."""
     recon = torch.cat([reconstruct(batch).cpu() for batch in clips.split(2)])
     spatial = spatial_bicubic(clips, floats_per_item)
     spatiotemporal = spatiotemporal_bicubic(clips, floats_per_item, temporal)
@@ -83,21 +137,27 @@ def compare_video(
         "bicubic_spatial": clip_psnr(clips, spatial),
         "bicubic_spatiotemporal": clip_psnr(clips, spatiotemporal),
     }
-    best = max(("bicubic_spatial", "bicubic_spatiotemporal"), key=lambda k: scores[k].mean())
+    baselines = ("bicubic_spatial", "bicubic_spatiotemporal")
+    best = max(baselines, key=lambda k: scores[k].mean())
     cast = (recon.float() - clips.float()).mean(dim=(0, 2, 3, 4))  # (3,) grey levels
     result = {
         name: dict(zip(("psnr", "psnr_ci95"), mean_ci(values), strict=True))
         for name, values in scores.items()
     }
-    gain, gain_ci = mean_ci(scores["model"] - scores[best])
+    gains = {
+        name: dict(zip(("gain_db", "gain_ci95"), mean_ci(scores["model"] - scores[name]), strict=True))
+        for name in baselines
+    }
     return {
         **result,
         "n": len(names),
         "clips": names,
+        "clip_psnr": {name: [round(float(v), 3) for v in values] for name, values in scores.items()},
         "floats_per_item": floats_per_item,
         "best_baseline": best,
-        "gain_db": gain,
-        "gain_ci95": gain_ci,
+        "gains": gains,
+        "gain_db": gains[best]["gain_db"],
+        "gain_ci95": gains[best]["gain_ci95"],
         "frame_psnr": float(psnr(frames(clips), frames(recon)).mean()),
         "mean_error_rgb": [round(float(v), 3) for v in cast],
         "pixel_floats_per_latent_float": 3 * math.prod(clips.shape[2:]) / floats_per_item,
@@ -122,53 +182,85 @@ def tokenizer_round_trip(tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def markdown(model: str, result: dict, resolution: int, frames: int) -> str:
-    """The comparison as the table the video card shows."""
+def group_clips(
+    group: str,
+    photos: Path,
+    videos: Path,
+    frames: int,
+    resolution: int,
+    seed: int = 0,
+    clips_per_video: int = 4,
+) -> tuple[torch.Tensor, list[str]]:
+    """The clips of one of :data:`GROUPS`: photo clips from ``photos`` or ``clips_per_video`` clips
+    from the held-out end of each real clip in ``videos``."""
+    if group == "real":
+        paths = [videos / name for name in REAL_CLIPS]
+        return segment_clips(paths, clips_per_video=clips_per_video, frames=frames, resolution=resolution)
+    return photo_clips(photos, group, frames, resolution, seed)
+
+
+def markdown(model: str, results: dict[str, dict], resolution: int, frames: int) -> str:
+    """One row per group: the model and both baselines (PSNR, 95% CI), the paired gains, the colour cast."""
+    first = next(iter(results.values()))
     lines = [
-        f"{model} on {result['n']} held-out clips of {frames} frames at {resolution}x{resolution} "
-        f"({result['floats_per_item']} floats per clip, "
-        f"{result['pixel_floats_per_latent_float']:.1f} pixel values per latent float)",
+        f"{model} on clips of {frames} frames at {resolution}x{resolution} it never trained on "
+        f"({first['floats_per_item']} floats per clip, "
+        f"{first['pixel_floats_per_latent_float']:.1f} pixel values per latent float); PSNR dB ± 95% CI",
         "",
-        "| reconstruction | PSNR dB (95% CI) |",
-        "|---|---|",
+        "| group | clips | model | bicubic spatial | bicubic spatio-temporal | gain vs spatial "
+        "| gain vs spatio-temporal | mean error R, G, B |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for name in ("model", "bicubic_spatial", "bicubic_spatiotemporal"):
-        lines.append(f"| {name} | {result[name]['psnr']:.2f} ± {result[name]['psnr_ci95']:.2f} |")
-    lines += [
-        "",
-        f"gain over {result['best_baseline']}: {result['gain_db']:+.2f} ± {result['gain_ci95']:.2f} dB (paired); "
-        f"model mean error R, G, B: {', '.join(f'{v:+.2f}' for v in result['mean_error_rgb'])} grey levels",
-    ]
+    for group, r in results.items():
+        cells = [
+            f"{r[k]['psnr']:.2f} ± {r[k]['psnr_ci95']:.2f}"
+            for k in ("model", "bicubic_spatial", "bicubic_spatiotemporal")
+        ]
+        cells += [f"{g['gain_db']:+.2f} ± {g['gain_ci95']:.2f}" for g in r["gains"].values()]
+        cast = ", ".join(f"{v:+.2f}" for v in r["mean_error_rgb"])
+        lines.append(f"| {group} | {r['n']} | " + " | ".join(cells) + f" | {cast} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m evals.heldout_video",
-        description="A video tokenizer vs bicubic at equal floats on "
-        "clips from the held-out end of each real clip.",
+        description="A video tokenizer vs bicubic at equal floats on still shots and camera moves over "
+        "held-out photos and on the held-out end of each real clip.",
     )
     parser.add_argument("--model", default="tsvc-video-f16t4c16", help="registry name or save_pretrained dir")
+    parser.add_argument(
+        "--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}"
+    )
+    parser.add_argument(
+        "--photos", type=Path, default=Path("../shared/data/images/val"), help="held-out photos"
+    )
     parser.add_argument("--videos", type=Path, default=Path("../shared/data/videos"))
-    parser.add_argument("--segment", default="0.8,1.0", help="fractions of each clip's duration")
-    parser.add_argument("--clips-per-video", type=int, default=4)
+    parser.add_argument("--clips-per-video", type=int, default=4, help="real group: clips per held-out end")
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="draws the photo clips' windows and moves")
+    parser.add_argument(
+        "--stride", type=int, default=1, help="score every n-th clip of each group (quick looks)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the full result here")
     args = parser.parse_args(argv)
-    first, last = (float(v) for v in args.segment.split(","))
-    clips, names = segment_clips(
-        [args.videos / name for name in REAL_CLIPS],
-        segment=(first, last),
-        clips_per_video=args.clips_per_video,
-        frames=args.frames,
-        resolution=args.resolution,
-    )
-    result = compare_tokenizer(clips, names, load_tokenizer(args.model, device=args.device))
-    print(markdown(args.model, result, args.resolution, args.frames))
+    groups = [g for g in args.groups.split(",") if g]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown groups {unknown}; choose from {list(GROUPS)}")
+    tokenizer = load_tokenizer(args.model, device=args.device)
+    results = {}
+    for group in groups:
+        clips, names = group_clips(
+            group, args.photos, args.videos, args.frames, args.resolution, args.seed, args.clips_per_video
+        )
+        results[group] = compare_tokenizer(clips[:: args.stride], names[:: args.stride], tokenizer)
+    print(markdown(args.model, results, args.resolution, args.frames))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        protocol = {k: str(v) for k, v in vars(args).items() if k != "json"}
+        args.json.write_text(json.dumps({"protocol": protocol, "groups": results}, indent=2))
     return 0
 
 

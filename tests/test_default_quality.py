@@ -70,16 +70,23 @@ def test_video_default_beats_bicubic_in_space_and_time_without_colour_cast(share
     assert max(abs(v) for v in result["mean_error_rgb"]) <= MAX_COLOUR_CAST, result["mean_error_rgb"]
 
 
-def test_heldout_video_command_reports_the_model_against_both_baselines(shared_data, tmp_path, capsys):
-    """`python -m evals.heldout_video` (the video card's command) on short clips: the table names the
-    model and both baselines, and the paired gain is the model's PSNR minus the better baseline's."""
+def test_heldout_video_command_reports_every_group_against_both_baselines(shared_data, tmp_path, capsys):
+    """`python -m evals.heldout_video` (the video card's command) on short, small clips: one row per
+    group (stills and motion from the val photos, the real clips' held-out ends), each with the model,
+    both baselines and the paired gains, which are the model's PSNR minus each baseline's."""
     out = tmp_path / "result.json"
-    argv = ["--videos", str(shared_data / "videos"), "--clips-per-video", "1", "--frames", "5"]
-    assert heldout_video.main([*argv, "--resolution", "64", "--json", str(out)]) == 0
+    argv = ["--videos", str(shared_data / "videos"), "--photos", str(shared_data / "images" / "val")]
+    argv += ["--clips-per-video", "1", "--frames", "5", "--resolution", "64", "--stride", "7"]
+    assert heldout_video.main([*argv, "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| bicubic_spatiotemporal |" in table and "| model |" in table
-    result = json.loads(out.read_text())
-    assert result["n"] == len(result["clips"]) >= 1
-    best = result[result["best_baseline"]]["psnr"]
-    assert result["gain_db"] == pytest.approx(result["model"]["psnr"] - best, abs=1e-6)
-    assert result["floats_per_item"] == 16 * 2 * 4 * 4  # c16, frames 1 + 4k -> 2 latent frames, 64/16
+    assert all(f"| {group} |" in table for group in ("stills", "motion", "real"))
+    groups = json.loads(out.read_text())["groups"]
+    assert list(groups) == ["stills", "motion", "real"]
+    for result in groups.values():
+        assert result["n"] == len(result["clips"]) >= 1
+        for baseline, gain in result["gains"].items():
+            assert gain["gain_db"] == pytest.approx(
+                result["model"]["psnr"] - result[baseline]["psnr"], abs=1e-6
+            )
+        assert result["floats_per_item"] == 16 * 2 * 4 * 4  # c16, frames 1 + 4k -> 2 latent frames, 64/16
+    assert groups["stills"]["n"] == 4 and all("val" not in name for name in groups["stills"]["clips"])
