@@ -11,11 +11,11 @@ import json
 import re
 
 import torch
-from conftest import REPO
 from typer.testing import CliRunner
 
-from evals.multiscale import load_multiscale
+from tests.helpers import REPO
 from tokenizers_svc.cli import app
+from tokenizers_svc.crops import load_multiscale
 from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.loading import load_tokenizer
