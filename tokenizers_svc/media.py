@@ -382,14 +382,9 @@ class _FrameBuffer:
         return view.copy() if 2 * self.count < len(self._data) else view
 
 
-def _decode_stream(
-    container: av.container.InputContainer,
-    limits: Limits,
-    max_frames: int | None,
-    start: float | None,
-    end: float | None,
-    stride: int,
-) -> Video:
+def _video_stream(container: av.container.InputContainer, limits: Limits, stride: int):
+    """The first video stream, checked (a decoder, the frame size, the frame rate after ``stride``),
+    and its frame rate."""
     if not container.streams.video:
         raise InvalidMediaError("file has no video stream", param="file")
     stream = container.streams.video[0]
@@ -408,10 +403,21 @@ def _decode_stream(
             f"file records is {MIN_FPS:g}",
             param="stride",
         )
-    duration = _stream_duration(container, stream)
+    return stream, fps
+
+
+def _expected_frames(
+    duration: float | None,
+    fps: float,
+    limits: Limits,
+    max_frames: int | None,
+    start: float | None,
+    end: float | None,
+    stride: int,
+) -> int | None:
+    """Frames the header says [start, end) holds after ``stride`` (None: unknown); a range over the
+    duration or frame limit is refused before any decoding (unless ``max_frames`` bounds the work)."""
     span_start = start or 0.0
-    if start is not None and duration is not None and start >= duration:
-        raise _no_frames(start, end, duration)
     span_end = min(end, duration) if end is not None and duration is not None else (end or duration)
     expected = None  # frame count estimate from the header, sizes the output buffer
     if span_end is not None:
@@ -430,15 +436,37 @@ def _decode_stream(
                 f"{limits.max_frames} frames (pass max_frames, start/end or stride)",
                 param="file",
             )
+    return expected
+
+
+def _seek(container: av.container.InputContainer, stream, seconds: float) -> None:
+    """To the keyframe at or before ``seconds`` (stream time); an unseekable file decodes from the start."""
+    try:
+        target = int(seconds / stream.time_base)
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+    except (av.error.FFmpegError, OverflowError):  # OverflowError: past int64 time-base units
+        container.seek(0)  # unseekable (no index): decode from the start and skip
+
+
+def _decode_stream(
+    container: av.container.InputContainer,
+    limits: Limits,
+    max_frames: int | None,
+    start: float | None,
+    end: float | None,
+    stride: int,
+) -> Video:
+    stream, fps = _video_stream(container, limits, stride)
+    duration = _stream_duration(container, stream)
+    if start is not None and duration is not None and start >= duration:
+        raise _no_frames(start, end, duration)
+    expected = _expected_frames(duration, fps, limits, max_frames, start, end, stride)
+    span_start = start or 0.0
     cap = max_frames if max_frames is not None else limits.max_frames
     # times are relative to the stream's first timestamp, so start/end mean "seconds into the video"
     origin = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
     if start:
-        try:
-            target = int((start + origin) / stream.time_base)
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-        except (av.error.FFmpegError, OverflowError):  # OverflowError: past int64 time-base units
-            container.seek(0)  # unseekable (no index): decode from the start and skip
+        _seek(container, stream, start + origin)
     buffer = _FrameBuffer(min(cap, expected + 2 if expected is not None else 64), limits.max_total_pixels)
     first_time: float | None = None
     quarter_turns = 0
