@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+	@echo "installed in $(VENV); put its commands (tokenizers-svc, accelerate, python with torch) on PATH with: source $(VENV)/bin/activate"
 
 serve: install
 	$(BIN)/tokenizers-svc serve $(if $(PORT),--port $(PORT)) $(if $(VERBOSE),--verbose)

@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> dict:
         raise InvalidRequestError("--i3d (rFVD) needs video data", param="i3d")
     entries = sources.limit_entries(entries, spec, args.max_items)
     models = args.model or [default_model(kind)]
+    # loading the networks takes tens of seconds on a CPU: say so before the first item is scored
+    log.info("eval: %d %s entries from %s; loading Inception", len(entries), kind, args.data)
     inception = fid.load_inception(args.inception, "cpu")  # identity and checks; scorers load their own
     protocol = {
         "resolution": args.resolution,
@@ -167,6 +169,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     run_key = fid.stats_cache_key({**reference_key, "models": models, "shard_size": args.shard_size})
     shards = sources.make_shards(entries, args.shard_size)
+    log.info("eval: loading %s and the metrics' networks, then scoring", ", ".join(models))
     per_chunk = args.batch_size if (args.crop == "center" or kind == "video") else 1
     totals, columns = streaming.evaluate(
         config,

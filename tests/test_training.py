@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from evals.heldout_video import REAL_CLIPS
 from tokenizers_svc import load_tokenizer
 from tokenizers_svc.cli import app
 from tokenizers_svc.loading import build_module
@@ -37,11 +38,16 @@ def one_thread():
 
 
 def shared_overrides(recipe: Path, shared_data: Path, out: Path) -> list[str]:
-    """Point a recipe's ../shared/data paths at the fixture's folder and its output at tmp."""
+    """Point a recipe's examples/ paths at the shared photos (images/train, images/val) and real
+    clips, and its output at tmp: the tests measure training on more than the sample files."""
     raw = yaml.safe_load(recipe.read_text())
     overrides = [f"output_dir={out}"]
     for index, source in enumerate(raw["data"]["sources"]):
-        overrides.append(f"data.sources.{index}.path={shared_data / source['path'].split('data/', 1)[1]}")
+        if source["kind"] == "videos":
+            overrides.append(f"data.sources.{index}.path={shared_data / 'videos'}")
+            overrides.append(f"data.sources.{index}.include=[{','.join(REAL_CLIPS)}]")
+        else:
+            overrides.append(f"data.sources.{index}.path={shared_data / 'images' / 'train'}")
     return [*overrides, f"validation.path={shared_data / 'images' / 'val'}"]
 
 

@@ -611,3 +611,7 @@ def eval_(ctx: typer.Context) -> None:
 def train(ctx: typer.Context) -> None:
     """Train a tokenizer from a recipe with Accelerate; arguments go to training.train."""
     _delegate("training.train", ctx.args)
+
+
+if __name__ == "__main__":  # python -m tokenizers_svc.cli: the same as the tokenizers-svc script
+    app()

@@ -2,7 +2,8 @@
 
 On a terminal it is a tqdm bar; anywhere else (CI, ``ray job logs``, a redirected stderr) tqdm's
 carriage-return updates would make one unreadable line, so it writes a plain line at most every
-``interval_s`` seconds and one when done: ``encode: 3/10 files (30%), 0.52 files/s, ETA 13 s``.
+``interval_s`` seconds and one when done: ``encode: 3/10 files (30%), 0.52 files/s, ETA 13 s``
+(``, loss=0.0123`` appended when :meth:`set_postfix` gave values).
 """
 
 from __future__ import annotations
@@ -37,19 +38,28 @@ class Progress:
         interval_s: float = LOG_INTERVAL_S,
         nested: bool = False,
         quiet: bool = False,
+        initial: int = 0,
     ) -> None:
         """``nested``: a second bar below another one (it disappears when done). ``quiet``: count
-        without showing anything (e.g. one file); :meth:`write` still prints."""
+        without showing anything (e.g. one file); :meth:`write` still prints. ``initial``: work
+        already done before this run (a resumed job); the rate counts only this run's."""
         self.desc, self.total, self.unit = desc, total, unit
         self.stream = stream or sys.stderr
         self.interval_s = interval_s
         self.quiet = quiet
-        self.done = 0
+        self.done = self.initial = initial
+        self.postfix: dict[str, str] = {}
         self.started = self.last_line = time.monotonic()
         self.bar = None
         if self.stream.isatty() and not quiet:
             self.bar = tqdm(
-                total=total, desc=desc, unit=unit, file=self.stream, position=int(nested), leave=not nested
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit=unit,
+                file=self.stream,
+                position=int(nested),
+                leave=not nested,
             )
 
     def update(self, n: int = 1) -> None:
@@ -64,19 +74,27 @@ class Progress:
             self.last_line = now
             print(self.line(now), file=self.stream, flush=True)
 
+    def set_postfix(self, **values: str) -> None:
+        """Values shown after the counts (e.g. the latest loss), on the bar and in the log lines."""
+        self.postfix = {key: str(value) for key, value in values.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix)
+
     def line(self, now: float | None = None) -> str:
-        """``desc: done/total units (pct%), rate units/s, ETA`` (no total: count, rate, elapsed)."""
+        """``desc: done/total units (pct%), rate units/s, ETA`` (no total: count, rate, elapsed),
+        then the postfix values."""
         elapsed = max((now or time.monotonic()) - self.started, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.initial) / elapsed
         count = f"{self.done} {self.unit}s"
+        extra = "".join(f", {key}={value}" for key, value in self.postfix.items())
         if not self.total:
-            return f"{self.desc}: {count}, {rate:.2f} {self.unit}/s, elapsed {_duration(elapsed)}"
+            return f"{self.desc}: {count}, {rate:.2f} {self.unit}/s, elapsed {_duration(elapsed)}{extra}"
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta = _duration(left) if left != float("inf") else "unknown"
         percent = 100 * self.done / self.total
         return (
             f"{self.desc}: {self.done}/{self.total} {self.unit}s ({percent:.0f}%), "
-            f"{rate:.2f} {self.unit}/s, ETA {eta}"
+            f"{rate:.2f} {self.unit}/s, ETA {eta}{extra}"
         )
 
     def write(self, message: str) -> None:

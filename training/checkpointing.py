@@ -60,3 +60,40 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
+
+
+# Recipe keys that change how a run is executed or recorded, not what it trains: a resumed run may
+# differ in these (another output folder, more loader workers, other logging or checkpoint cadence).
+OPERATIONAL_KEYS = (
+    "output_dir",
+    "cpu_threads",
+    "data.num_workers",
+    "data.cache_images",
+    "logging.",
+    "checkpoint.",
+)
+RECIPE_FILE = "recipe.json"  # the recipe a checkpoint was made with, beside Accelerate's state
+
+
+def flatten(value, prefix: str = "") -> dict[str, object]:
+    """A recipe as dotted keys down to the leaves, list items by index (``phases.0.steps``)."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(index), item) for index, item in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, object] = {}
+    for key, item in items:
+        flat |= flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def recipe_differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every training-relevant key that differs (operational keys skipped)."""
+    old, new = flatten(saved), flatten(current)
+    return [
+        f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not key.startswith(OPERATIONAL_KEYS)
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -24,16 +25,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
-from tqdm import tqdm
 
 from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.loading import CARD_FILE
 from tokenizers_svc.metrics import codebook_health, id_counts, psnr, ssim
 from tokenizers_svc.pixels import to_float_pixels, to_uint8_pixels
+from tokenizers_svc.progress import Progress
 from tokenizers_svc.spec import TokenizerSpec
 from training import losses
 from training.card import RunFacts, flat_config, training_card
-from training.checkpointing import TrainState, checkpoint_dir, latest_checkpoint, prune_checkpoints
+from training.checkpointing import (
+    RECIPE_FILE,
+    TrainState,
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    recipe_differences,
+)
 from training.config import Recipe, load_recipe
 from training.data import BatchPlan, build_sources, load_validation, make_loader
 from training.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
@@ -43,17 +51,41 @@ from training.model import Autoencoder, build_backend, last_layer_name, phase_pa
 from training.schedule import lr_at
 
 
+def cpu_threads(recipe_threads: int | None, environ) -> tuple[int | None, str | None]:
+    """torch's intra-op threads for a CPU run, and a note saying where the number came from.
+
+    The command line wins over the recipe: ``accelerate launch --num_cpu_threads_per_process N``
+    (which exports ``OMP_NUM_THREADS=N``; without the flag accelerate exports its own default) or an
+    ``OMP_NUM_THREADS`` the user set. The recipe's ``cpu_threads`` applies only when neither is set,
+    e.g. ``python -m training.train`` in a plain shell. -> (threads to set or None, note or None).
+    """
+    launcher = environ.get("OMP_NUM_THREADS")
+    if recipe_threads is None:
+        return None, None
+    if launcher is None:
+        return recipe_threads, f"{recipe_threads} CPU threads: the recipe's cpu_threads"
+    if launcher.strip() == str(recipe_threads):
+        return None, None
+    return None, (
+        f"{launcher} CPU threads from OMP_NUM_THREADS (--num_cpu_threads_per_process or the environment) "
+        f"win over the recipe's cpu_threads: {recipe_threads}"
+    )
+
+
 class Trainer:
     """One training run, read top to bottom: build (``__init__``), loop (:meth:`fit`: micro steps,
     optimizer steps, logging, validation, checkpoints), export. The parts are components:
     :mod:`training.model`, :mod:`training.ema`, :mod:`training.schedule`, :mod:`training.checkpointing`,
     :mod:`training.card`, :mod:`training.losses`, :mod:`training.data`."""
 
-    def __init__(self, recipe: Recipe, resume: str | None = None) -> None:
+    def __init__(self, recipe: Recipe, resume: str | None = None, force: bool = False) -> None:
+        """``resume``: ``latest`` or a checkpoint directory; one made with a different recipe is
+        refused (naming the keys) unless ``force``."""
         self.recipe = recipe
         self.run_dir = recipe.run_dir
-        if recipe.cpu_threads is not None and not torch.cuda.is_available():
-            torch.set_num_threads(recipe.cpu_threads)
+        threads, threads_note = cpu_threads(recipe.cpu_threads, os.environ)
+        if threads is not None and not torch.cuda.is_available():
+            torch.set_num_threads(threads)
         self.accelerator = Accelerator(
             # without CUDA, several processes (torchrun / accelerate launch) train on CPU over gloo;
             # accelerate only sets that up when told the run is a CPU run
@@ -67,6 +99,12 @@ class Trainer:
         )
         set_seed(recipe.seed)
         acc = self.accelerator
+        self.progress: Progress | None = None  # the step counter, while fit() runs
+        self.say(
+            f"train {recipe.name}: building {recipe.model.preset}, reading the data, {recipe.total_steps} "
+            f"steps on {acc.device}"
+            + (f" ({threads_note})" if threads_note and acc.device.type == "cpu" else "")
+        )
         self.backend = build_backend(recipe)
         self.spec = self.backend.spec
         self._check_sizes()
@@ -106,10 +144,20 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
         if recipe.logging.tensorboard:
             acc.init_trackers("tb", config=flat_config(recipe))
-        self.resumed_from = self._resume(resume) if resume else None
+        self.resumed_from = self._resume(resume, force) if resume else None
+        self.replaces = self._previous_export()
         # token-id counts of the current logging window (quantized models): codebook usage, perplexity
         vocabulary = self.spec.quantizer.vocabulary_size if self.spec.quantizer is not None else 0
         self.window_counts = torch.zeros(vocabulary, dtype=torch.int64)
+
+    def say(self, message: str) -> None:
+        """One line on stderr from the main process, below the progress bar when there is one."""
+        if not self.accelerator.is_main_process:
+            return
+        if self.progress is not None:
+            self.progress.write(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------------------------- setup checks
 
@@ -125,16 +173,49 @@ class Trainer:
                 param="data.crop_sizes",
             )
 
-    def _resume(self, which: str) -> Path | None:
+    def _resume(self, which: str, force: bool) -> Path | None:
         path = latest_checkpoint(self.run_dir) if which == "latest" else Path(which)
         if path is None:
             self.accelerator.print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
             return None
         if not path.is_dir():
             raise ConfigError(f"checkpoint {str(path)!r} does not exist", param="resume")
+        self._check_checkpoint_recipe(path, force)
         self.accelerator.load_state(str(path))
         self.accelerator.print(f"resumed from {path} at step {self.state.step}")
         return path
+
+    def _check_checkpoint_recipe(self, path: Path, force: bool) -> None:
+        """Refuse to continue a checkpoint made by another recipe (its steps, learning rate, data...
+        would silently mix with this one's) unless ``force``; then say what differs."""
+        saved_file = path / RECIPE_FILE
+        if not saved_file.is_file():
+            self.say(f"warning: {path} has no {RECIPE_FILE} (an older checkpoint): its recipe is not checked")
+            return
+        differences = recipe_differences(
+            json.loads(saved_file.read_text()), self.recipe.model_dump(mode="json")
+        )
+        if not differences:
+            return
+        listed = "; ".join(differences)
+        if not force:
+            raise ConfigError(
+                f"checkpoint {path} was made with a different recipe ({listed}); resume with the same "
+                "recipe and overrides, or pass --force to continue it with this one",
+                param="resume",
+            )
+        self.say(f"warning: --force: continuing {path} with a different recipe ({listed})")
+
+    def _previous_export(self) -> int | None:
+        """The step of an export this run will replace when it finishes (said now, not silently)."""
+        card = self.run_dir / "export" / CARD_FILE
+        if not card.is_file():
+            return None
+        steps = json.loads(card.read_text()).get("steps")
+        self.say(
+            f"note: {card.parent} holds the export of step {steps}; this run replaces it when it finishes"
+        )
+        return steps
 
     # ----------------------------------------------------------------------------------- loop
 
@@ -151,12 +232,9 @@ class Trainer:
             start_micro_step=state.step * accum,
         )
         loader = make_loader(recipe, self.sources, self.spec, plan)
-        bar = tqdm(
-            total=recipe.total_steps,
-            initial=state.step,
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
-            unit="step",
+        # a bar on a terminal, whole lines every 10 s in a log (tokenizers_svc.progress)
+        bar = self.progress = Progress(
+            "train", recipe.total_steps, "step", initial=state.step, quiet=not acc.is_main_process
         )
         window_samples, window_start = 0, time.perf_counter()
         terms: dict[str, float] = {}  # loss terms summed over the steps of the logging window
@@ -203,6 +281,7 @@ class Trainer:
             if state.step % recipe.checkpoint.every == 0 and state.step < recipe.total_steps:
                 self.save_checkpoint()
         bar.close()
+        self.progress = None
         state.metrics = self.validate()
         self.log_images()
         self.save_checkpoint()
@@ -333,7 +412,7 @@ class Trainer:
             },
             step=self.state.step,
         )
-        tqdm.write(
+        self.say(
             f"step {self.state.step}: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}{codebook}"
         )
         return metrics
@@ -362,6 +441,8 @@ class Trainer:
         acc.save_state(str(directory))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            recipe = json.dumps(self.recipe.model_dump(mode="json"), indent=2)
+            (directory / RECIPE_FILE).write_text(recipe + "\n")
             prune_checkpoints(self.run_dir, self.recipe.checkpoint.keep)
         return directory
 
@@ -433,6 +514,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--resume", default=None, help="'latest' (newest checkpoint of this run) or a checkpoint dir"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even when the checkpoint was made with a different recipe (the differences are printed)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
     return parser.parse_args(argv)
 
@@ -441,11 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        trainer = Trainer(recipe, resume=args.resume)
+        trainer = Trainer(recipe, resume=args.resume, force=args.force)
         export = trainer.fit()
     except TokenizerError as exc:
         return print_error(exc)
-    trainer.accelerator.print(f"exported {export}")
+    replaced = "" if trainer.replaces is None else f" (replacing the export of step {trainer.replaces})"
+    trainer.accelerator.print(f"exported {export}{replaced}")
     return EXIT_OK
 
 

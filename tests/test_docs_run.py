@@ -1,0 +1,172 @@
+"""The README's and docs' marked examples run as written (issue 25), on files the repository ships.
+
+A fenced ``bash`` or ``python`` block runs when the line before it is ``<!-- doctest -->``;
+``<!-- doctest: server -->`` marks a block that talks to ``http://127.0.0.1:8000``: the test starts
+``tokenizers-svc serve`` (what ``make serve`` runs, the shipped ``serving/config.yaml``) on a free
+port and points the block at it. The blocks of one page run in order, in one temporary directory
+that holds links to the repository's ``examples/``, ``training/`` and ``serving/`` and to the venv as
+``.venv`` (so ``source .venv/bin/activate`` works), with the venv's ``bin`` first on PATH as after
+activation. Whatever the blocks write there must be ignored by git (``.gitignore``): the outputs
+the docs make in a checkout never end up in a commit or a ``ray job submit --working-dir .``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO
+
+MARK = re.compile(r"^<!-- doctest(?P<server>: server)? -->$")
+FENCE = re.compile(r"^```(?P<lang>bash|python)\s*$")
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINKED = ("examples", "training", "serving")
+DEFAULT_URL = "http://127.0.0.1:8000"
+BLOCK_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Block:
+    page: str
+    line: int
+    lang: str
+    server: bool
+    code: str
+
+
+def marked_blocks(page: Path) -> list[Block]:
+    """The marked fenced blocks of ``page``; a mark not followed by a bash/python fence fails."""
+    lines = page.read_text().splitlines()
+    blocks = []
+    for index, line in enumerate(lines):
+        mark = MARK.match(line.strip())
+        if mark is None:
+            continue
+        fence = FENCE.match(lines[index + 1]) if index + 1 < len(lines) else None
+        assert fence is not None, (
+            f"{page.name}:{index + 1}: doctest mark not followed by ```bash or ```python"
+        )
+        end = lines.index("```", index + 2)
+        code = "\n".join(lines[index + 2 : end]) + "\n"
+        blocks.append(Block(page.name, index + 1, fence["lang"], bool(mark["server"]), code))
+    return blocks
+
+
+PAGE_BLOCKS = {page.name: marked_blocks(page) for page in PAGES}
+PAGES_WITH_BLOCKS = [name for name, blocks in PAGE_BLOCKS.items() if blocks]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),  # the checkout's code, also where the venv is not an editable install
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """Start ``tokenizers-svc serve`` once, on the first page that needs it."""
+    process = None
+    url = None
+
+    def start() -> str:
+        nonlocal process, url
+        if url is not None:
+            return url
+        port = _free_port()
+        command = [str(Path(sys.executable).with_name("tokenizers-svc")), "serve", "--port", str(port)]
+        process = subprocess.Popen(
+            command, env=_environment(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"tokenizers-svc serve exited: {process.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("tokenizers-svc serve did not become ready in 300 s")
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}"
+        return url
+
+    yield start
+    if process is not None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _run(block: Block, workdir: Path, url: str | None) -> None:
+    code = block.code if url is None else block.code.replace(DEFAULT_URL, url)
+    if block.lang == "bash":
+        command = ["bash", "-e", "-o", "pipefail", "-c", code]
+    else:
+        command = [sys.executable, "-c", code]
+    started = time.monotonic()
+    done = subprocess.run(
+        command, cwd=workdir, env=_environment(), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+    )
+    print(f"{block.page}:{block.line} ({block.lang}) ran in {time.monotonic() - started:.1f} s")
+    assert done.returncode == 0, (
+        f"{block.page}:{block.line} ({block.lang}) failed with exit {done.returncode}\n"
+        f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    )
+
+
+def _written(workdir: Path) -> list[str]:
+    """What the blocks wrote, as paths relative to the directory (links to the checkout skipped)."""
+    skip = {*LINKED, ".venv"}
+    return sorted(
+        str(path.relative_to(workdir))
+        for path in workdir.rglob("*")
+        if path.is_file() and path.relative_to(workdir).parts[0] not in skip
+    )
+
+
+def test_marks_are_on_bash_or_python_fences():
+    """Collection itself checks every mark; this names the pages that carry some."""
+    assert "README.md" in PAGES_WITH_BLOCKS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES_WITH_BLOCKS)
+def test_marked_blocks_run_as_written(page, tmp_path, server_url):
+    for name in LINKED:
+        (tmp_path / name).symlink_to(REPO / name, target_is_directory=True)
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent, target_is_directory=True)
+    for block in PAGE_BLOCKS[page]:
+        _run(block, tmp_path, server_url() if block.server else None)
+    written = _written(tmp_path)
+    if written:
+        ignored = subprocess.run(
+            ["git", "check-ignore", "--no-index", "--stdin"],
+            cwd=REPO,
+            input="\n".join(written),
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert sorted(set(written) - set(ignored)) == [], "outputs of the docs that git would commit"
