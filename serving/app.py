@@ -65,16 +65,73 @@ def build_app(args: dict) -> Application:
     return Ingress.bind(config.model_dump(), workers)
 
 
+def rendered_deployments(args: dict) -> dict[str, dict]:
+    """What ``serve build`` writes for the application ``args`` make: deployment name -> its
+    options (``ray_actor_options`` with ``num_gpus``, ``autoscaling_config`` or ``num_replicas``,
+    ...), as Ray's ``DeploymentSchema`` renders them."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+    from ray.serve.scripts import deployment_to_schema
+
+    built = build_serve_app(build_app(args), name="tokenizers")
+    return {
+        deployment.name: deployment_to_schema(deployment).model_dump(exclude_unset=True, mode="json")
+        for deployment in built.deployments
+    }
+
+
+def check_serve_config(document: dict, where: str = "config") -> ServiceConfig:
+    """A Serve config file (``serve deploy``, ``serve run``, a KubeRay RayService's serveConfigV2)
+    checked against Ray's schema (``ServeDeploySchema``) and the project's (``ServiceConfig``):
+    the application's ``deployments`` entries, where given, must name deployments this app makes
+    and agree with what its ``args`` make (``tokenizers-svc serve`` reads only the args, so a
+    differing override would make the two ways of starting it differ), and a model on ``cuda``
+    must ask for GPUs. Returns the first application's ServiceConfig."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(f"{where} is not a valid Ray Serve config: {exc}", param="config") from None
+    apps = document["applications"]
+    if not apps or "args" not in apps[0]:
+        raise ConfigError(f"{where} must hold applications[0].args (a Serve config file)", param="config")
+    config = parse_config(apps[0]["args"])
+    for model in config.models:
+        if model.device.startswith("cuda") and model.num_gpus <= 0:
+            raise ConfigError(
+                f"{where}: model {model.name} runs on {model.device} but asks for num_gpus {model.num_gpus}",
+                param="num_gpus",
+            )
+    rendered = rendered_deployments(apps[0]["args"])
+    for override in apps[0].get("deployments") or []:
+        name = override.get("name")
+        if name not in rendered:
+            raise ConfigError(
+                f"{where}: deployments names {name!r}; this app makes {sorted(rendered)}", param="deployments"
+            )
+        differs = sorted(key for key, value in override.items() if rendered[name].get(key) != value)
+        if differs:
+            raise ConfigError(
+                f"{where}: deployment {name}: {', '.join(differs)} differ from what args make "
+                f"({ {key: rendered[name].get(key) for key in differs} }); set them in args",
+                param="deployments",
+            )
+    return config
+
+
 def load_config_file(path: str | Path) -> dict:
-    """The Serve config file -> {"http_options", "proxy_location", "args"} of its first application."""
+    """The Serve config file, checked (:func:`check_serve_config`) -> {"http_options",
+    "proxy_location", "args"} of its first application."""
     path = Path(path)
     try:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read service config {path}: {exc}", param="config") from None
-    apps = (document or {}).get("applications") or []
-    if not apps or "args" not in apps[0]:
+    if not isinstance(document, dict):
         raise ConfigError(f"{path} must hold applications[0].args (a Serve config file)", param="config")
+    check_serve_config(document, str(path))
+    apps = document["applications"]
     return {
         "http_options": document.get("http_options") or {},
         "proxy_location": document.get("proxy_location") or "HeadOnly",

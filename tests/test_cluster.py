@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,7 +19,9 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 import pytest
+import ray
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,42 +47,129 @@ def test_make_serve_passes_the_port():
     assert _make_plan("VERBOSE=1") == [f"{venv}/bin/tokenizers-svc serve  --verbose"]
 
 
+def _gpu_config() -> dict:
+    return yaml.safe_load((REPO / "serving" / "config.gpu.yaml").read_text())
+
+
+def test_deployment_configs_pass_rays_schema_and_ours():
+    """The local config, the GPU config (serve build form) and the KubeRay RayService's
+    serveConfigV2 all pass Ray's ServeDeploySchema and the project's ServiceConfig; the GPU
+    deployments ask for GPUs and autoscale; the RayService serves the GPU config's application."""
+    from serving.app import check_serve_config, rendered_deployments
+
+    check_serve_config(yaml.safe_load((REPO / "serving" / "config.yaml").read_text()))
+    gpu = _gpu_config()
+    config = check_serve_config(gpu)
+    assert {m.dtype for m in config.models} == {"auto"} and all(m.device == "cuda" for m in config.models)
+    rendered = rendered_deployments(gpu["applications"][0]["args"])
+    for model in config.models:
+        deployment = rendered[f"tokenizer-{model.name}"]
+        assert deployment["ray_actor_options"]["num_gpus"] == model.num_gpus > 0
+        assert deployment["autoscaling_config"]["max_replicas"] == model.autoscaling.max_replicas
+    assert [d["name"] for d in gpu["applications"][0]["deployments"]] == list(rendered)
+
+    service = yaml.safe_load((REPO / "docs" / "kuberay" / "rayservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    check_serve_config(serve_config, "serveConfigV2")
+    assert serve_config["applications"] == gpu["applications"]
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    gpus = [
+        int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in cluster["workerGroupSpecs"]
+    ]
+    assert all(n >= max(m.num_gpus for m in config.models) for n in gpus)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda app: app["deployments"][0]["ray_actor_options"].update(num_gpus=1), "ray_actor_options"),
+        (lambda app: app["deployments"][0].update(name="tokenizer-typo"), "tokenizer-typo"),
+        (lambda app: app["args"]["models"][0].update(num_gpus=0), "num_gpus"),
+        (lambda app: app["deployments"][0].update(num_replicas="two"), "not a valid Ray Serve config"),
+    ],
+)
+def test_deployment_config_mistakes_are_refused(change, named):
+    """An override that differs from what args make, a deployment the app does not make, a cuda
+    model without GPUs, a value Ray's schema refuses: each a ConfigError naming it."""
+    from serving.app import check_serve_config
+    from tokenizers_svc.errors import ConfigError
+
+    gpu = _gpu_config()
+    change(gpu["applications"][0])
+    with pytest.raises(ConfigError, match=named):
+        check_serve_config(gpu)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+# Ray's noise that a normal run must not print: its C++ E-level lines ("[time E pid tid] file.cc"),
+# the token-authentication banner, the dashboard's address.
+RAY_NOISE = re.compile(r"\] E |^\[[^]]* E \d|Token authentication is|View the dashboard at", re.MULTILINE)
+
+
+def _wait_for_line(started, text: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in started.output():
+        assert started.process.poll() is None and time.monotonic() < deadline, started.output()
+        time.sleep(1)
+
+
 @pytest.mark.slow
-def test_serve_listens_on_the_port_given(tmp_path):
-    """`tokenizers-svc serve --port P` (what `make serve PORT=P` runs) answers on P, not on the
-    config's port, and stops cleanly on SIGTERM."""
-    config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
-    config["applications"][0]["args"]["models"] = [{"name": "sd-vae-tiny", "num_cpus": 0.5}]
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = Path(sys.executable).with_name("tokenizers-svc")
-    command = [script, "serve", "--config", path, "--port", str(port), "--num-cpus", "1"]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_two_servers_and_a_batch_job_side_by_side(tmp_path, shared_data, photo_uint8):
+    """Two `tokenizers-svc serve` (what `make serve PORT=...` runs) on two ports and a batch job,
+    all at once on this machine, each with its own Ray: no port collides (no dashboard), each
+    server answers on its --port, the job completes; nobody prints Ray's E lines or its token
+    banner; each server says what it does before its URL, which is its last start-up line; SIGTERM
+    stops each cleanly."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)  # as a user's shell: Ray decides, and must stay quiet
+    config = _tiny_config(tmp_path / "config.yaml")
+    ports = [_free_port(), _free_port()]
+    servers: list[_Started] = []
+    job = None
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stdout.read()
-            time.sleep(1)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["models"]
-        assert [m["served_name"] for m in models] == ["sd-vae-tiny"]
+        for port in ports:
+            command = [CLI, "serve", "--config", config, "--port", str(port), "--num-cpus", "1"]
+            servers.append(_Started(command, tmp_path / f"serve-{port}.log", env))
+        output = tmp_path / "latents"
+        photos = sorted((shared_data / "images" / "val").iterdir())[:6]
+        inputs = tmp_path / "photos"
+        inputs.mkdir()
+        for photo in photos:
+            shutil.copy(photo, inputs / photo.name)
+        command = [CLI, "batch-encode", "--input", inputs, "--output", output, "--model", TINY_MODEL]
+        command += ["--resize", "shorter-side", "--resolution", "64"]
+        job = _Started(command, tmp_path / "batch.log", env)
+        png = _png(photo_uint8)
+        for server, port in zip(servers, ports, strict=True):
+            _wait_for_line(server, "listening on")
+            lines = server.output().strip().splitlines()
+            assert lines[-1].startswith(f"tokenizers-svc listening on http://127.0.0.1:{port}"), lines
+            assert lines[0] == "tokenizers-svc serve: loading the service code"  # before the imports
+            starting = next(i for i, line in enumerate(lines) if "starting a local Ray instance" in line)
+            loading = next(i for i, line in enumerate(lines) if "loading models" in line)
+            assert starting < loading < len(lines) - 1
+            assert _encode_status(port, png) == 200
+        assert job.process.wait(timeout=300) == 0, job.output()
+        assert "complete" in job.output().strip().splitlines()[-1]
+        for server, port in zip(servers, ports, strict=True):  # both still serve after the job
+            assert _encode_status(port, png) == 200
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=120) == 0, server.output()
+        for started in [*servers, job]:
+            assert not RAY_NOISE.search(started.output()), started.output()
     finally:
-        server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=120)
-    assert server.returncode == 0, output
-    assert f"listening on http://127.0.0.1:{port}" in output
+        for started in [*servers, job]:
+            if started is not None:
+                started.kill()
 
 
 # ---------------------------------------------------------------------------------------------- two nodes
@@ -132,20 +223,28 @@ def _ray_node(args: list[str], temp_dir: Path, env: dict) -> _Started:
 
 
 def _cluster_state(address: str, env: dict) -> dict:
-    """Alive nodes (their ``tsvc_*`` label -> node id) and live actors (class name, node id), asked
-    of the GCS from a separate driver (this pytest process may hold another Ray)."""
+    """Alive nodes (their ``tsvc_*`` label -> node id) and every actor (class, node, state, the
+    resources it was created with), read from the GCS by a separate driver (this pytest process
+    may hold another Ray). The GCS actor table is read raw: Ray's parsed view leaves out the
+    required resources, and the state API needs a dashboard, which these nodes do not run."""
     code = """
 import json, ray
+from ray.core.generated import gcs_pb2
 ray.init(address=ADDRESS, log_to_driver=False, logging_level="ERROR")
 nodes = {}
 for node in ray.nodes():
     labels = [r for r in node["Resources"] if r.startswith("tsvc_")]
     if node["Alive"] and labels:
         nodes[labels[0]] = node["NodeID"]
-actors = [
-    {"class": a["ActorClassName"], "node": a["Address"]["NodeID"]}
-    for a in ray._private.state.actors().values() if a["State"] == "ALIVE"
-]
+actors = []
+for blob in ray._private.state.state._connect_and_get_accessor().get_actor_table(None, None):
+    actor = gcs_pb2.ActorTableData.FromString(blob)
+    actors.append({
+        "class": actor.class_name,
+        "node": actor.address.node_id.hex(),
+        "state": gcs_pb2.ActorTableData.ActorState.Name(actor.state),
+        "resources": dict(actor.required_resources),
+    })
 print("STATE " + json.dumps({"nodes": nodes, "actors": actors}))
 """.replace("ADDRESS", repr(address))
     out = subprocess.run(
@@ -156,7 +255,9 @@ print("STATE " + json.dumps({"nodes": nodes, "actors": actors}))
 
 class _Cluster:
     """A head node (2 CPUs, resource ``tsvc_head``) on this machine; worker nodes (1 CPU,
-    ``tsvc_worker<N>``) join it. Token auth is on, as Ray's default; every port is chosen free."""
+    ``tsvc_worker<N>``) join it. Each node declares one GPU: a logical resource on this CPU machine
+    that stands in for a GPU, so the tests see GPU options reach Ray's actors. Token auth is on, as
+    Ray's default; every port is chosen free."""
 
     def __init__(self, temp: Path) -> None:
         self.temp = temp
@@ -171,6 +272,7 @@ class _Cluster:
             f"--ray-client-server-port={_free_port()}",
             "--include-dashboard=false",
             "--num-cpus=2",
+            "--num-gpus=1",
             '--resources={"tsvc_head": 1}',
         ]
         self.head = self._start(_ray_node(head, temp / "head", self.env))
@@ -185,7 +287,7 @@ class _Cluster:
 
     def add_worker(self, label: str) -> tuple[_Started, dict]:
         """Start a worker node labelled ``label``; returns it and the live nodes (label -> id)."""
-        args = [f"--address={self.address}", "--num-cpus=1", f'--resources={{"{label}": 1}}']
+        args = [f"--address={self.address}", "--num-cpus=1", "--num-gpus=1", f'--resources={{"{label}": 1}}']
         node = self._start(_ray_node(args, self.temp / label, self.env))
         deadline = time.monotonic() + 120
         while label not in (nodes := self.state()["nodes"]):
@@ -240,6 +342,7 @@ def test_batch_job_on_two_nodes_survives_losing_one(cluster, shared_data, tmp_pa
     command = [CLI, "batch-encode", "--input", shared_data / "images" / "train", "--output", output]
     command += ["--model", TINY_MODEL, "--resize", "shorter-side", "--resolution", "64"]
     command += ["--workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "2", "--shard-rows", "2"]
+    command += ["--num-gpus-per-worker", "0"]  # the nodes' stand-in GPUs cannot run torch
     job = cluster.run(command, "batch-1")
     deadline = time.monotonic() + 300
     while not any(row["encoder_node"] == nodes["tsvc_worker1"] for row in _rows(output)):
@@ -261,3 +364,70 @@ def test_batch_job_on_two_nodes_survives_losing_one(cluster, shared_data, tmp_pa
     assert {row["encoder_node"] for row in rows} == {nodes["tsvc_head"], nodes["tsvc_worker1"]}
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["complete"] and manifest["outputs"]["duplicate_rows"] == 0
+
+
+def _tiny_config(path: Path, **model) -> Path:
+    config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    config["applications"][0]["args"]["models"] = [{"name": TINY_MODEL, "num_cpus": 0.5, **model}]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _png(photo_uint8) -> bytes:
+    """A 128x128 crop of the real test photo as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(photo_uint8[:128, :128]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _encode_status(port: int, png: bytes) -> int:
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models/{TINY_MODEL}/encode"
+        return httpx.post(url, content=png, headers={"content-type": "image/png"}, timeout=30).status_code
+    except httpx.TransportError:
+        return 0
+
+
+@pytest.mark.slow
+def test_service_on_two_nodes_answers_after_losing_one(cluster, tmp_path, photo_uint8):
+    """`tokenizers-svc serve --address` deploys two replicas of a model, one on each node; the
+    worker node is killed; the service answers an encode again within a bounded time."""
+    worker, nodes = cluster.add_worker("tsvc_worker2")
+    png = _png(photo_uint8)
+    port = _free_port()
+    config = _tiny_config(tmp_path / "config.yaml", num_replicas=2, num_gpus=0.5)  # device: cpu
+    command = [CLI, "serve", "--config", config, "--port", str(port), "--address", cluster.address]
+    server = cluster.run(command, "serve")
+    deadline = time.monotonic() + 300
+    while "listening on" not in server.output():
+        assert server.process.poll() is None and time.monotonic() < deadline, server.output()
+        time.sleep(1)
+    replicas = [a for a in cluster.state()["actors"] if TINY_MODEL in a["class"] and a["state"] == "ALIVE"]
+    assert sorted(a["node"] for a in replicas) == sorted([nodes["tsvc_head"], nodes["tsvc_worker2"]])
+    assert all(a["resources"] == {"CPU": 0.5, "GPU": 0.5} for a in replicas)  # num_gpus reached them
+    assert _encode_status(port, png) == 200
+    worker.kill()
+    killed = time.monotonic()
+    statuses = []
+    while (status := _encode_status(port, png)) != 200:
+        statuses.append(status)
+        assert time.monotonic() - killed < 120, f"no answer 120 s after losing a node: {statuses}"
+        time.sleep(0.5)
+    print(f"answered {time.monotonic() - killed:.1f} s after the node was killed; before: {statuses}")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=120) == 0, server.output()
+
+
+@pytest.mark.slow
+def test_batch_gpu_option_reaches_the_encoder_actors(cluster, shared_data, tmp_path):
+    """--num-gpus-per-worker 1 on a cluster whose GPUs are stand-ins: the encoder actor is created
+    with one GPU and the plan's device is cuda, so it fails to load there (this machine has no CUDA)
+    and the job stops with that error instead of encoding on the CPU."""
+    photos = shared_data / "images" / "val"
+    command = [CLI, "batch-encode", "--input", photos, "--output", tmp_path / "latents", "--limit", "1"]
+    command += ["--model", TINY_MODEL, "--num-gpus-per-worker", "1", "--cpus-per-worker", "0.5"]
+    job = cluster.run(command, "batch-gpu")
+    assert job.process.wait(timeout=300) != 0
+    assert "cuda" in job.output().lower(), job.output()[-3000:]
+    encoders = [a for a in cluster.state()["actors"] if "EncodeWorker" in a["class"]]
+    assert {"CPU": 0.5, "GPU": 1.0} in [a["resources"] for a in encoders], encoders

@@ -592,6 +592,8 @@ def _delegate(module_name: str, argv: list[str]) -> None:
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 def serve(ctx: typer.Context) -> None:
     """Run the HTTP service (Ray Serve); arguments go to serving.app (try `serve --help`)."""
+    if not {"-h", "--help"} & set(ctx.args):  # importing Ray Serve, FastAPI and torch takes seconds
+        typer.echo("tokenizers-svc serve: loading the service code", err=True)
     _delegate("serving.app", ctx.args)
 
 
