@@ -26,6 +26,7 @@ from evals import fid, multiscale, report, sources, stats, streaming
 from tokenizers_svc.crops import DEFAULT_SCALES, MIN_STD, SQUARE_CROPS
 from tokenizers_svc.defaults import default_model
 from tokenizers_svc.errors import InvalidRequestError, TokenizerError, print_error
+from tokenizers_svc.metrics import codebook_health
 from tokenizers_svc.registry import weights_home
 
 CROPS = (*SQUARE_CROPS, "multiscale")
@@ -251,6 +252,11 @@ def summarize(totals: streaming.Accumulator, protocol: dict, inception, config, 
         metrics["fid_n"] = stream.inception.n
         if reference.i3d is not None:
             metrics["rfvd"] = fid.frechet_distance(reference.i3d.feature_stats(), stream.i3d.feature_stats())
+        for extra in ("webp_bytes", "webp_quality", "webp_over_budget"):
+            if stream.metrics.groups(extra):
+                metrics[extra] = stream.metrics.mean_ci(extra)[1]
+        if name in totals.token_counts:  # codebook health on the eval set
+            metrics |= codebook_health(torch.from_numpy(totals.token_counts[name]))
         row = {"name": name, **info, "metrics": metrics}
         if info["kind"] == "model":
             timing = totals.timing[name]

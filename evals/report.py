@@ -74,7 +74,7 @@ def markdown_table(result: dict) -> str:
         latent = "x".join(map(str, row["latent_shape_per_item"])) if "latent_shape_per_item" in row else "-"
         cells = [
             row["name"] + (" (baseline)" if row["kind"] == "baseline" else ""),
-            latent if row["kind"] == "model" else "x".join(map(str, row["downsampled_size"])) + " px",
+            latent if row["kind"] == "model" else _baseline_size(row),
             f"{row['compression_ratio']:.1f}",
             _fmt(m["rfid"]),
             _fmt(1e3 * m["kid"]),
@@ -98,7 +98,57 @@ def markdown_table(result: dict) -> str:
         "",
     ]
     lines += per_scale_table(result)
+    lines += discrete_table(result)
     return "\n".join(lines)
+
+
+def discrete_table(result: dict) -> list[str]:
+    """Markdown lines: each discrete model's codebook health and bit budget, beside the classical
+    codecs given the same bits per item (evals/classical.py); empty without a discrete model."""
+    rows = {row["name"]: row for row in result["results"]}
+    models = [row for row in result["results"] if "bits_per_item" in row]
+    if not models:
+        return []
+    lines = [
+        "Discrete tokens: codebook health on this set, and classical codecs at the same bits per item "
+        "(bits = tokens x log2(vocabulary)):",
+        "",
+        "| model / codec | vocabulary | tokens/item | bits/pixel | codebook usage | perplexity | PSNR | SSIM | rFID | bytes/item |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in models:
+        m = row["metrics"]
+        vocabulary = row["spec"]["tokens"]["vocabulary_size"]
+        cells = [row["name"], str(vocabulary), str(row["tokens_per_item"]), _fmt(row["bits_per_pixel"], 4)]
+        cells += [_fmt(m["codebook_usage"], 3), _fmt(m["perplexity"], 1), _fmt(m["psnr"]), _fmt(m["ssim"], 4)]
+        cells += [_fmt(m["rfid"]), _fmt(row["bits_per_item"] / 8, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+        for codec in row["codecs"]:
+            c = rows[codec]["metrics"]
+            size = _fmt(c["webp_bytes"], 0) if "webp_bytes" in c else _fmt(row["bits_per_item"] / 8, 0)
+            if "webp_quality" in c:
+                size += f" (quality {_fmt(c['webp_quality'], 1)}, {_fmt(100 * c['webp_over_budget'], 0)}% over budget)"
+            cells = [
+                f"  {codec}",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                _fmt(c["psnr"]),
+                _fmt(c["ssim"], 4),
+                _fmt(c["rfid"]),
+                size,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _baseline_size(row: dict) -> str:
+    """What a baseline keeps per item: its downsampled size, or a codec's byte budget."""
+    if "downsampled_size" in row:
+        return "x".join(map(str, row["downsampled_size"])) + " px"
+    return f"{row['budget_bytes']} B"
 
 
 def skipped_lines(skipped: dict | None) -> list[str]:

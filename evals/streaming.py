@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -24,9 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from evals import fid, image_metrics, sources, stats, video_metrics
+from evals import classical, fid, image_metrics, sources, stats, video_metrics
 from tokenizers_svc import load_tokenizer
 from tokenizers_svc.crops import bicubic_round_trip, bicubic_size
+from tokenizers_svc.metrics import id_counts
 
 log = logging.getLogger("evals")
 
@@ -73,6 +75,7 @@ class Accumulator:
         self.item_shape: list[int] | None = None
         self.frames_per_item = 1
         self.skipped: dict[str, dict] = {}  # entry name -> {"type", "message"} of why it was not read
+        self.token_counts: dict[str, np.ndarray] = {}  # discrete model -> per-id counts (V,) int64
 
     def stream(self, name: str) -> stats.StreamStats:
         if name not in self.streams:
@@ -104,6 +107,13 @@ class Accumulator:
         self.item_shape = self.item_shape or other.item_shape
         self.frames_per_item = other.frames_per_item
         self.skipped.update(other.skipped)
+        for model, counts in other.token_counts.items():
+            self.count_tokens(model, counts)
+
+    def count_tokens(self, model: str, counts: np.ndarray) -> None:
+        """Add per-id counts (V,) of a discrete model's tokens (codebook usage, perplexity)."""
+        mine = self.token_counts.get(model)
+        self.token_counts[model] = counts.copy() if mine is None else mine + counts
 
     def state(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -112,6 +122,8 @@ class Accumulator:
         for j, (_, _, pixels) in enumerate(self.samples):
             for k, value in enumerate(pixels.values()):
                 out[f"sample{j}.{k}"] = value.cpu().numpy()
+        for k, counts in enumerate(self.token_counts.values()):
+            out[f"token_counts{k}"] = counts
         meta = {
             "streams": list(self.streams),
             "info": self.info,
@@ -120,6 +132,7 @@ class Accumulator:
             "item_shape": self.item_shape,
             "frames_per_item": self.frames_per_item,
             "skipped": self.skipped,
+            "token_counts": list(self.token_counts),
         }
         out["meta"] = np.array(json.dumps(meta))
         return out
@@ -133,6 +146,9 @@ class Accumulator:
         acc.info, acc.timing = meta["info"], meta["timing"]
         acc.item_shape, acc.frames_per_item = meta["item_shape"], meta["frames_per_item"]
         acc.skipped = meta["skipped"]
+        acc.token_counts = {
+            m: np.array(state[f"token_counts{k}"]) for k, m in enumerate(meta["token_counts"])
+        }
         for j, (key, name, names) in enumerate(meta["samples"]):
             pixels = {
                 s: torch.tensor(state[f"sample{j}.{k}"]) for k, s in enumerate(names)
@@ -231,13 +247,23 @@ class Scorer:
             self._add_features(acc.stream(REFERENCE), x, keys)
         rows: list[list[str]] = []
         outputs: dict[str, torch.Tensor] = {}
-        baselines: dict[int, str] = {}  # floats per item -> baseline stream
+        baselines: dict = {}  # floats per item -> baseline stream; bits per item -> (thumbnail, codecs)
         baseline_psnr: dict[str, np.ndarray] = {}
         for tokenizer in self.tokenizers:
             rec, floats, info = self._reconstruct(tokenizer, x, acc)
             acc.info[tokenizer.name] = {"kind": "model", "floats_per_item": floats, **info}
             model_psnr = self._score_stream(acc, tokenizer.name, x, rec, keys, groups, names, rows)
             outputs[tokenizer.name] = rec
+            if "bits_per_item" in info:  # discrete: classical codecs at the same number of bits
+                bits = info["bits_per_item"]
+                if bits not in baselines:
+                    baselines[bits] = self._bit_baselines(acc, x, bits, outputs, (keys, groups, names, rows))
+                    baseline_psnr.update(baselines[bits][1])
+                thumbnail, scored = baselines[bits]
+                acc.info[tokenizer.name] |= {"baseline": thumbnail, "codecs": list(scored)}
+                gain = model_psnr - baseline_psnr[thumbnail]  # paired per item
+                acc.streams[tokenizer.name].metrics.add("gain_db", gain, groups)
+                continue
             if floats not in baselines:
                 frames_per_item = acc.frames_per_item
                 size, factor = bicubic_size(*x.shape[-2:], floats / frames_per_item)
@@ -269,11 +295,50 @@ class Scorer:
                 acc.add_sample(key, name, pixels)
         return rows
 
+    def _bit_baselines(self, acc, x: torch.Tensor, bits: float, outputs: dict, scoring: tuple) -> tuple:
+        """The 8-bit thumbnail and WebP at ``bits`` per item (evals/classical.py), scored as streams;
+        -> (thumbnail stream, {stream: per-item PSNR}). Images only (WebP has no video mode here)."""
+        frames = self.frames(x)
+        per_frame_bits = bits / acc.frames_per_item
+        thumb, size = classical.thumbnail_round_trip(frames, per_frame_bits)
+        thumb = thumb.reshape(x.shape[0], -1, *thumb.shape[1:]).transpose(1, 2) if self.video else thumb
+        budget = int(bits // 8)
+        name = f"thumbnail8-{size[0]}x{size[1]}"
+        acc.info[name] = {
+            "kind": "baseline",
+            "floats_per_item": bits / 8,
+            "downsampled_size": list(size),
+            "target_bits_per_item": bits,
+            "codec": "8-bit RGB thumbnail, antialiased bicubic down and bicubic up",
+        }
+        outputs[name] = thumb.contiguous()
+        psnrs = {name: self._score_stream(acc, name, x, outputs[name], *scoring)}
+        if not self.video:
+            webp, stats = classical.webp_at_budget(x, budget)
+            webp_name = f"webp-{budget}B"
+            acc.info[webp_name] = {
+                "kind": "baseline",
+                "floats_per_item": bits / 8,
+                "budget_bytes": budget,
+                "target_bits_per_item": bits,
+                "codec": "WebP (libwebp via Pillow, lossy, method 4), largest quality within the budget",
+            }
+            outputs[webp_name] = webp.to(x.device)
+            psnrs[webp_name] = self._score_stream(acc, webp_name, x, outputs[webp_name], *scoring)
+            metrics = acc.stream(webp_name).metrics
+            groups = scoring[1]
+            for key, values in stats.items():
+                metrics.add(f"webp_{key}", values.astype(np.float64), groups)
+        return name, psnrs
+
     def _reconstruct(self, tokenizer, x: torch.Tensor, acc: Accumulator) -> tuple[torch.Tensor, int, dict]:
         per_frame = self.video and tokenizer.spec.modality == "image"
         inputs = video_metrics.frames(x) if per_frame else x  # image models see clips as independent frames
+        quantizer = tokenizer.spec.quantizer  # discrete: ids are what is stored, decode reads them
         if tokenizer.name not in self.warm:  # first call pays one-off costs; keep it out of the timing
-            tokenizer.decode(tokenizer.encode(inputs[:1]), output_dtype=torch.uint8)
+            tokenizer.decode(
+                tokenizer.encode(inputs[:1], tokens=quantizer is not None), output_dtype=torch.uint8
+            )
             self.warm.add(tokenizer.name)
         timing = acc.timing.setdefault(
             tokenizer.name,
@@ -282,7 +347,7 @@ class Scorer:
         _sync(self.device)
         with PeakMemory(self.device) as encode_mem:
             t0 = time.perf_counter()
-            latents = tokenizer.encode(inputs)
+            latents = tokenizer.encode(inputs, tokens=quantizer is not None)
             _sync(self.device)
             t1 = time.perf_counter()
         with PeakMemory(self.device) as decode_mem:
@@ -297,7 +362,7 @@ class Scorer:
         if per_frame:
             n, c, t, h, w = x.shape
             rec = rec.reshape(n, t, c, h, w).transpose(1, 2)
-        first = latents.latents
+        first = latents.ids if quantizer is not None else latents.latents
         floats = first[0].numel() * (x.shape[2] if per_frame else 1)
         info = {
             "source": tokenizer.source,
@@ -306,6 +371,12 @@ class Scorer:
             "latent_shape_per_item": list(first.shape[1:]),
             "frames_encoded_independently": per_frame,
         }
+        if quantizer is not None:  # floats_per_item: the ids' bytes, what the equal-bits codecs get
+            bits = classical.bits_per_item(floats, quantizer.vocabulary_size)
+            pixels = math.prod(x.shape[2:])  # per item: [T x] H x W
+            info |= {"tokens_per_item": floats, "bits_per_item": bits, "bits_per_pixel": bits / pixels}
+            acc.count_tokens(tokenizer.name, id_counts(latents.ids, quantizer.vocabulary_size).numpy())
+            floats = bits / 8
         return rec.contiguous(), floats, info
 
     def _add_features(self, stream: stats.StreamStats, pixels: torch.Tensor, keys: np.ndarray) -> None:

@@ -274,3 +274,43 @@ def test_crops_are_deterministic_squares():
     assert center.shape == (3, 32, 32) and center.dtype == torch.uint8
     ((_, upscaled),) = square_crops(image[:, :20, :30], 32, "grid")  # too small: resized up, one tile
     assert upscaled.shape == (3, 32, 32)
+
+
+def test_discrete_tokenizer_reports_codebook_health_and_codecs_at_equal_bits(tmp_path):
+    """An FSQ model is scored from its ids: codebook usage and perplexity on the set, bits per pixel,
+    and the 8-bit thumbnail and WebP baselines given the same bits per item."""
+    from dataclasses import replace
+
+    from evals import classical
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in PHOTOS[:2]:
+        (images / f"{name}.png").write_bytes(encode_image(getattr(data, name)(), format="png"))
+    preset = get_preset("dc-ae-f32c32-tiny")
+    quantizer = {"kind": "fsq", "levels": [5, 5, 5]}
+    model = tmp_path / "fsq"
+    build_module(replace(preset, config={**preset.config, "quantizer": quantizer})).save_pretrained(model)
+    out = tmp_path / "report"
+    argv = ["--model", str(model), "--data", str(images), "--resolution", "128", "--samples", "1"]
+    assert main([*argv, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.loads((out / "report.json").read_text())
+    rows = {row["name"]: row for row in result["results"]}
+    fsq = rows["fsq"]
+    bits = 16 * np.log2(125)  # (128 / 32)^2 tokens of a 125-id vocabulary
+    assert fsq["tokens_per_item"] == 16 and fsq["bits_per_item"] == pytest.approx(bits)
+    assert fsq["bits_per_pixel"] == pytest.approx(bits / 128**2)
+    assert 0 < fsq["metrics"]["codebook_usage"] <= 32 / 125  # at most 32 distinct ids in 2 x 16 tokens
+    assert 1 <= fsq["metrics"]["perplexity"] <= 32
+    thumbnail, webp = fsq["codecs"]
+    assert fsq["baseline"] == thumbnail and rows[thumbnail]["downsampled_size"] == [2, 2]  # 111 bits: 4.6 px
+    assert rows[webp]["budget_bytes"] == int(bits // 8)
+    assert rows[webp]["metrics"]["webp_over_budget"] in (0.0, 0.5, 1.0)
+    assert "Discrete tokens" in (out / "report.md").read_text()
+    # the codecs hold what they were given: an 8-bit thumbnail of at most `bits`, WebP files measured
+    photo = torch.from_numpy(data.astronaut()[:128, :128].copy()).permute(2, 0, 1).unsqueeze(0)
+    recon, size = classical.thumbnail_round_trip(photo, bits)
+    assert recon.shape == photo.shape and 3 * 8 * size[0] * size[1] <= bits * 1.25
+    decoded, stats = classical.webp_at_budget(photo, 2000)
+    assert decoded.shape == photo.shape and stats["bytes"][0] <= 2000 and not stats["over_budget"][0]
+    assert stats["quality"][0] > 0

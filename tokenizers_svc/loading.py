@@ -38,12 +38,13 @@ def build_module(preset: Preset, seed: int = 0) -> torch.nn.Module:
     """Instantiate a preset's module from its config with seeded random weights (training, tests)."""
     cls = model_class(preset.class_name)
     config = dict(preset.config)
-    quantizer = config.pop("quantizer", None)  # the backend attaches it (families.base.Backend)
+    quantizer = config.pop("quantizer", None)  # not a constructor argument of any family's class
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = cls(**config)
-    if quantizer is not None:
+    if quantizer is not None:  # the backend attaches it, so save_pretrained writes its projections
         module.register_to_config(quantizer=quantizer)
+        backend_for(preset.class_name).from_module(module, preset.name)
     return module
 
 
