@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import REPO
 
@@ -42,3 +44,38 @@ def test_tiny_recipes_read_the_examples(recipe, monkeypatch):
     for path in paths:
         assert path.startswith("examples/") and (REPO / path).is_dir(), path
         assert any((REPO / path).iterdir()), path
+
+
+def test_cli_says_what_it_loads_before_loading(tmp_path):
+    """issue 25, item 5: a command that loads a model says so first (on stderr, stdout stays data)."""
+    from typer.testing import CliRunner
+
+    from tokenizers_svc.cli import app
+
+    out = tmp_path / "cat.safetensors"
+    result = CliRunner().invoke(
+        app, ["encode", str(EXAMPLES / "images/train/cat.jpg"), "-o", str(out), "-m", "sd-vae-tiny"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == "loading sd-vae-tiny (cpu, float32)"
+    assert "loading" not in result.stdout
+
+
+# What a clone does not have: the project's data folder and made-up file names.
+NOT_IN_A_CLONE = re.compile(
+    r"\.\./shared/data|photo\.jpg|clip\.mp4|/data/photos|/data/clips|cat\.png|path/to/"
+)
+
+
+def test_doc_examples_use_files_a_clone_has():
+    """Code blocks in README.md and docs/*.md name examples/ (or a cluster's own paths), never the
+    project's ../shared/data or placeholder files a reader does not have."""
+    found = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        inside = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                inside = not inside
+            elif inside and NOT_IN_A_CLONE.search(line):
+                found.append(f"{page.name}:{number}: {line.strip()}")
+    assert found == []

@@ -61,6 +61,8 @@ def _fail(exc: TokenizerError) -> typer.Exit:
 
 
 def _load(model: str, device: str, dtype: DType) -> Tokenizer:
+    # torch and the model take seconds on a CPU: say what is happening before either
+    typer.echo(f"loading {model} ({device}, {dtype.value})", err=True)
     import torch
 
     from tokenizers_svc.loading import load_tokenizer
