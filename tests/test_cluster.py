@@ -347,9 +347,10 @@ def test_batch_job_on_two_nodes_survives_losing_one(cluster, shared_data, tmp_pa
     deadline = time.monotonic() + 300
     while not any(row["encoder_node"] == nodes["tsvc_worker1"] for row in _rows(output)):
         assert job.process.poll() is None and time.monotonic() < deadline, job.output()
-        time.sleep(0.5)
+        time.sleep(0.2)
     written_before_kill = len(_rows(output))
     worker.kill()
+    assert written_before_kill < len(inputs), "the job ended before the node could be killed"
     try:
         first_exit = job.process.wait(timeout=240)
     except subprocess.TimeoutExpired:
