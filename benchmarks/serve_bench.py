@@ -1,11 +1,21 @@
 """Serving overhead: HTTP + Ray Serve vs the same model called in-process, at concurrency 1/4/16.
 
-Both sides do the same work per request: decode a PNG (real photo crop), encode it with
-``sd-vae-tiny`` and write the latent file. The in-process baseline runs the work in batches of
-min(concurrency, max_batch_size) requests, the batch size the server can form at that
-concurrency. Prints throughput (req/s), p50/p95 latency, and the ratio served/in-process.
+Both sides do the same work per request: decode a PNG (crops of a real photo), encode it and write
+the latent file, with the same torch threads (``--threads``: the replica's ``num_cpus`` and the
+in-process loop's ``torch.set_num_threads``). The in-process baseline runs the work in batches of
+min(concurrency, max_batch_size) requests, the batch size the server can form at that concurrency.
 
-    .venv/bin/python benchmarks/serve_bench.py [--size 64] [--requests 48] [--num-cpus 2]
+Each level runs ``--rounds`` times (served, then in-process, alternating, so that a noisy neighbour
+hits both); the ratio served/in-process is reported as the median of the rounds with its spread
+(min-max). Where the served request's time goes comes from the ``Server-Timing`` header the service
+sends (medians, ms): ``proxy`` = client latency less the ingress's time (client, HTTP, Serve's
+proxy and its hop to the ingress), ``ingress`` = the ingress's own work (middleware, parsing,
+admission), ``hop`` = its handle call less the replica's time (the actor hop both ways), ``media``
+= PNG decoding in the replica, ``queue`` = waiting for the model or a batch, and ``model``. Also prints the resident memory (RSS) of the model's replica and of a bare Ray actor.
+The model is served inside the ingress (``in_ingress``, one actor hop) unless ``--separate-replica``.
+
+    .venv/bin/python benchmarks/serve_bench.py [--model tsvc-image-f8c4] [--size 256] [--requests 24]
+                                               [--rounds 3] [--threads 1] [--num-cpus 2]
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import time
 
 import httpx
 import numpy as np
+import psutil
 import ray
 import torch
 from ray import serve
@@ -28,20 +39,23 @@ from tokenizers_svc import media
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 
-MODEL = "sd-vae-tiny"
+APP = "bench"
+TIMING_PARTS = ("proxy", "ingress", "hop", "media", "queue", "model")
 
 
 def _bodies(size: int, count: int) -> list[bytes]:
     photo = data.astronaut()  # (512, 512, 3) uint8
+    repeats = size // 512 + 1  # larger sizes: the photo tiled
+    photo = np.tile(photo, (repeats, repeats, 1))
     rng = np.random.default_rng(0)
     out = []
     for _ in range(count):
-        y, x = rng.integers(0, 512 - size, 2)
+        y, x = rng.integers(0, photo.shape[0] - size + 1, 2)
         out.append(media.encode_image(photo[y : y + size, x : x + size].copy(), "png"))
     return out
 
 
-def _percentiles(latencies: list[float]) -> tuple[float, float]:
+def _p50_p95(latencies: list[float]) -> tuple[float, float]:
     ordered = sorted(latencies)
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
@@ -63,35 +77,82 @@ def in_process(tokenizer, bodies: list[bytes], batch: int) -> tuple[float, list[
     return len(bodies) / (time.perf_counter() - start), latencies
 
 
-async def served(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[float]]:
-    """``concurrency`` closed-loop clients sharing the request list."""
+def _server_timing(header: str, latency: float) -> dict[str, float]:
+    """``hop;dur=1.2, media;dur=3.4, ...`` (ms) -> seconds by part, plus ``outside``."""
+    parts = {}
+    for entry in header.split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        parts[name] = float(duration) / 1e3
+    replica = parts["media"] + parts["queue"] + parts["model"]
+    parts["ingress"] -= parts["hop"] + replica  # the ingress's own work: HTTP, parsing, admission
+    parts["proxy"] = latency - parts["ingress"] - parts["hop"] - replica  # client <-> proxy <-> ingress
+    return parts
+
+
+async def served(
+    url: str, model: str, bodies: list[bytes], concurrency: int
+) -> tuple[float, list[float], list[dict]]:
+    """``concurrency`` closed-loop clients sharing the request list: (req/s, latencies, timings)."""
     queue = list(bodies)
     latencies: list[float] = []
+    timings: list[dict] = []
 
     async def client(http: httpx.AsyncClient) -> None:
         while queue:
             body = queue.pop()
             t0 = time.perf_counter()
             response = await http.post(
-                f"/v1/models/{MODEL}/encode", content=body, headers={"content-type": "image/png"}
+                f"/v1/models/{model}/encode", content=body, headers={"content-type": "image/png"}
             )
             response.raise_for_status()
             latencies.append(time.perf_counter() - t0)
+            timings.append(_server_timing(response.headers["server-timing"], latencies[-1]))
 
-    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        return len(bodies) / (time.perf_counter() - start), latencies
+        return len(bodies) / (time.perf_counter() - start), latencies, timings
+
+
+def _replica_rss_mb(deployment: str) -> list[float]:
+    """RSS of the processes whose title names the deployment's replicas (``ray::ServeReplica:...``)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "memory_info"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if f"ServeReplica:{APP}:{deployment}" in cmdline:
+            found.append(process.info["memory_info"].rss / 2**20)
+    return found
+
+
+@ray.remote(num_cpus=0)
+class _Bare:
+    """A Ray actor that imports nothing of ours: the floor every replica stands on."""
+
+    def rss_mb(self) -> float:
+        return psutil.Process().memory_info().rss / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
-    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--model", default="tsvc-image-f8c4", help="preset or model directory")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level (median, spread)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads: replica num_cpus and in-process"
+    )
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    parser.add_argument(
+        "--separate-replica",
+        action="store_true",
+        help="serve the model in a replica of its own (in_ingress: false) instead of inside the ingress",
+    )
     args = parser.parse_args()
 
     bodies = _bodies(args.size, args.requests)
@@ -100,39 +161,62 @@ def main() -> None:
         port = sock.getsockname()[1]
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    name = "bench-model"
     config = {
         "api_key_env": None,
         "models": [
             {
-                "name": MODEL,
-                "num_cpus": 1,
+                "name": name,
+                "model": args.model,
+                "num_cpus": args.threads,
                 "max_batch_size": args.max_batch_size,
-                "batch_wait_timeout_s": 0.01,
+                "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                "in_ingress": not args.separate_replica,
             }
         ],
     }
-    serve.run(build_app(config), name="bench", route_prefix="/", blocking=False)
+    serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    torch.set_num_threads(1)  # the replica runs with num_cpus=1 -> 1 torch thread
-    tokenizer = load_tokenizer(MODEL, allow_random_init=True)
-    asyncio.run(served(url, bodies[:4], 1))  # warm-up
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.model, allow_random_init=True)
+    asyncio.run(served(url, name, bodies[:4], 1))  # warm-up
     in_process(tokenizer, bodies[:4], 1)
 
-    print(f"sd-vae-tiny encode, {args.size}x{args.size} PNG, {args.requests} requests per level")
     print(
-        f"{'conc':>4} {'batch':>5} | {'served req/s':>12} {'p50 ms':>7} {'p95 ms':>7} | "
-        f"{'in-proc req/s':>13} {'p50 ms':>7} {'p95 ms':>7} | {'ratio':>5}"
+        f"{args.model} encode, {args.size}x{args.size} PNG, {args.requests} requests x {args.rounds} rounds "
+        f"per level, {args.threads} torch thread(s) on each side, Ray with {args.num_cpus} CPUs"
     )
-    for concurrency in (1, 4, 16):
+    print(
+        f"{'conc':>4} {'batch':>5} | {'served req/s':>12} {'p50 ms':>7} | {'in-proc req/s':>13} {'p50 ms':>7} | "
+        f"{'ratio median [min-max]':>23} | served p50 ms: " + " ".join(f"{p:>7}" for p in TIMING_PARTS)
+    )
+    for concurrency in args.concurrency:
         batch = min(concurrency, args.max_batch_size)
-        served_rps, served_lat = asyncio.run(served(url, bodies, concurrency))
-        local_rps, local_lat = in_process(tokenizer, bodies, batch)
-        s50, s95 = _percentiles(served_lat)
-        l50, l95 = _percentiles(local_lat)
+        ratios, served_rps, local_rps, served_lat, local_lat, timings = [], [], [], [], [], []
+        for _ in range(args.rounds):
+            rps, latencies, round_timings = asyncio.run(served(url, name, bodies, concurrency))
+            local, local_latencies = in_process(tokenizer, bodies, batch)
+            ratios.append(rps / local)
+            served_rps.append(rps)
+            local_rps.append(local)
+            served_lat += latencies
+            local_lat += local_latencies
+            timings += round_timings
+        parts = " ".join(f"{statistics.median(t[p] for t in timings) * 1e3:>7.1f}" for p in TIMING_PARTS)
+        spread = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
         print(
-            f"{concurrency:>4} {batch:>5} | {served_rps:>12.1f} {s50 * 1e3:>7.1f} {s95 * 1e3:>7.1f} | "
-            f"{local_rps:>13.1f} {l50 * 1e3:>7.1f} {l95 * 1e3:>7.1f} | {served_rps / local_rps:>5.2f}"
+            f"{concurrency:>4} {batch:>5} | {statistics.median(served_rps):>12.2f} "
+            f"{_p50_p95(served_lat)[0] * 1e3:>7.1f} | {statistics.median(local_rps):>13.2f} "
+            f"{_p50_p95(local_lat)[0] * 1e3:>7.1f} | {spread:>23} | served p50 ms: {parts}"
         )
+    bare = _Bare.remote()
+    bare_mb = ray.get(bare.rss_mb.remote())
+    replicas = _replica_rss_mb("tokenizer-" + name if args.separate_replica else "Ingress")
+    print(
+        f"{'model' if args.separate_replica else 'ingress (model inside)'} replica RSS: "
+        f"{', '.join(f'{mb:.0f}' for mb in replicas)} MB; a bare Ray actor: {bare_mb:.0f} MB; "
+        f"in-process driver (model loaded, benchmark run): {psutil.Process().memory_info().rss / 2**20:.0f} MB"
+    )
     serve.shutdown()
     ray.shutdown()
 

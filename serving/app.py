@@ -61,8 +61,12 @@ def build_app(args: dict) -> Application:
     for model in config.models:  # fail at start, not in a replica that Serve keeps restarting
         if not Path(model.source).is_dir():
             get_preset(model.source)
-    workers = {model.name: _worker(model, config) for model in config.models}
-    return Ingress.bind(config.model_dump(), workers)
+    workers = {model.name: _worker(model, config) for model in config.models if not model.in_ingress}
+    local = [model for model in config.models if model.in_ingress]
+    resources = {"num_cpus": sum(m.num_cpus for m in local)}  # the models the ingress serves itself
+    if any(m.num_gpus for m in local):
+        resources["num_gpus"] = sum(m.num_gpus for m in local)
+    return Ingress.options(ray_actor_options=resources).bind(config.model_dump(), workers)
 
 
 def rendered_deployments(args: dict) -> dict[str, dict]:

@@ -67,6 +67,22 @@ class Reply:
     headers: dict[str, str]
     batch_size: int
     compute_s: float = 0.0  # model time spent on this request (its share of a batch): admission's rate
+    media_s: float = 0.0  # decoding the request's media (encode) or writing the output media (decode)
+    replica_s: float = 0.0  # from the job's arrival in the replica to this reply
+
+    def server_timing(self, call_s: float) -> str:
+        """The ``Server-Timing`` header of the answer, in ms: where the request's time went
+        (``call_s``: the ingress's handle call). ``hop`` is the call less the replica's time
+        (the actor hop both ways, bodies included); ``queue`` the replica's time outside media and
+        model (waiting for the model or a batch, building the reply)."""
+        queue = self.replica_s - self.media_s - self.compute_s
+        parts = {
+            "hop": call_s - self.replica_s,
+            "media": self.media_s,
+            "queue": queue,
+            "model": self.compute_s,
+        }
+        return ", ".join(f"{name};dur={max(0.0, seconds) * 1e3:.1f}" for name, seconds in parts.items())
 
 
 @dataclass

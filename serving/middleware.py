@@ -73,9 +73,13 @@ class ServiceMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # the ingress's share of the request's time (the routes add the replica's parts)
+                extra = [
+                    (b"server-timing", f"ingress;dur={(time.perf_counter() - started) * 1e3:.1f}".encode())
+                ]
                 if echo_id is not None:
-                    extra = [(REQUEST_ID_HEADER.encode(), echo_id.encode())]
-                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+                    extra.append((REQUEST_ID_HEADER.encode(), echo_id.encode()))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         async def refuse(error: TokenizerError) -> None:

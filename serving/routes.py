@@ -41,6 +41,7 @@ from serving.schemas import (
     ModelList,
     ServiceConfig,
 )
+from serving.worker import InProcessModel
 from tokenizers_svc import media
 from tokenizers_svc.errors import (
     HTTPError,
@@ -150,11 +151,19 @@ def _accepts(request: Request) -> str:
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    """Routes requests to one tokenizer deployment per model (``workers``: served name -> handle)."""
+    """Routes requests to one tokenizer deployment per model (``workers``: served name -> handle),
+    or to the models it serves itself (``in_ingress``: :class:`~serving.worker.InProcessModel`)."""
 
     def __init__(self, config: dict, workers: dict) -> None:
         self.config = ServiceConfig.model_validate(config)
-        self.workers = workers
+        limits = self.config.limits.model_dump()
+        local = [m for m in self.config.models if m.in_ingress]
+        self.workers = {  # in the config's order: /v1/models lists them so
+            m.name: InProcessModel(m.model_dump(), limits) if m.in_ingress else workers[m.name]
+            for m in self.config.models
+        }
+        if local:  # one process: its torch threads are the CPUs its models asked for together
+            torch.set_num_threads(max(1, int(sum(m.num_cpus for m in local))))
         self.metrics = ServiceMetrics(m.name for m in self.config.models)
         self.info: dict[str, dict] = {}
         self.limits = self.config.limits.work()
@@ -202,6 +211,7 @@ class Ingress:
             raise
         timeout = self.timeouts[model]
         job.deadline = time.time() + timeout
+        called = time.perf_counter()
         response = getattr(self._handle(model), method).remote(job)
         gauge = self.metrics.in_flight.labels(model)
         gauge.inc()
@@ -232,7 +242,8 @@ class Ingress:
         if isinstance(reply, ErrorReply):
             raise reply.to_error()
         self.metrics.batch_size.labels(model, method).observe(reply.batch_size)
-        return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
+        headers = {**reply.headers, "server-timing": reply.server_timing(time.perf_counter() - called)}
+        return Response(reply.body, media_type=reply.media_type, headers=headers)
 
     def _pixel_cost(self, shape: list[int], options: EncodeOptions) -> Cost:
         """A tensor body's encode cost, refused (413) over the limits before it is parsed."""

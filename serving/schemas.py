@@ -58,6 +58,18 @@ class ModelConfig(_Strict):
     max_queued_requests: int = Field(64, ge=1)  # beyond this the handle refuses -> 503
     request_timeout_s: float | None = Field(None, gt=0)  # overrides the service's request_timeout_s
     autoscaling: Autoscaling | None = None
+    # Serve the model inside the ingress's process: one actor hop less per request (the proxy's
+    # only), no process of its own (several small models share one); it scales with the ingress.
+    in_ingress: bool = False
+
+    @model_validator(mode="after")
+    def _in_ingress_scales_with_it(self) -> ModelConfig:
+        if self.in_ingress and (self.num_replicas != 1 or self.autoscaling is not None):
+            raise ValueError(
+                f"model {self.name!r}: in_ingress models run in the ingress's replica and scale with it; "
+                "num_replicas and autoscaling need in_ingress: false"
+            )
+        return self
 
     @property
     def source(self) -> str:

@@ -1,10 +1,11 @@
 """The tokenizer deployment: one model per replica, dynamic batching of stackable requests.
 
 The ingress sends an :class:`~serving.jobs.EncodeJob` or :class:`~serving.jobs.DecodeJob`; the
-replica decodes media with the shared runner (``tokenizers_svc.pipeline``), then waits briefly in a
-``@serve.batch`` queue so that concurrent requests with the same shape, dtype and options run as one
-model call (``pipeline.run_in_groups``: a failing group is retried item by item, as in the batch
-job). Batches are sized in pixels (summed H*W*T), not only in requests. Decoded pixels become media
+replica decodes media with the shared runner (``tokenizers_svc.pipeline``), then queues in a
+:class:`~serving.batcher.Batcher` (continuous batching: what queued while the model was busy runs
+as its next call; a lone request does not wait) so that concurrent requests with the same shape,
+dtype and options run as one model call (``pipeline.run_in_groups``: a failing group is retried item
+by item, as in the batch job). Batches are sized in pixels (summed H*W*T), not only in requests. Decoded pixels become media
 through ``pipeline.pixels_to_media``, as in the CLI. Library errors come back as
 :class:`~serving.jobs.ErrorReply` values, so the ingress maps them to HTTP statuses without
 depending on exception pickling.
@@ -19,10 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
-from ray import serve
+from ray.serve.exceptions import BackPressureError
 
+from serving.batcher import Batcher
 from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
 from serving.schemas import LimitsConfig, ModelConfig
 from tokenizers_svc import abandon
@@ -67,8 +70,8 @@ def _item_key(item: _Item) -> tuple:
     return item.key
 
 
-def _batch_units(items: list[_Item]) -> int:
-    return sum(item.size for item in items)
+def _item_size(item: _Item) -> int:
+    return item.size
 
 
 def tensor_reply(tensor: torch.Tensor, extra: dict[str, str], batch_size: int) -> Reply:
@@ -97,9 +100,9 @@ class TokenizerWorker:
             allow_random_init=self.config.allow_random_init,
         )
         self.quantum = max(1, self.config.max_batch_pixels // self.config.max_batch_size)
-        for batched in (self._encode_batched, self._decode_batched):
-            batched.set_max_batch_size(self.config.max_batch_pixels)
-            batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        batching = (_item_size, self.config.max_batch_pixels, self.config.batch_wait_timeout_s)
+        self.encoder = Batcher(partial(self._run_batch, run_bucket=self._encode_bucket), *batching)
+        self.decoder = Batcher(partial(self._run_batch, run_bucket=self._decode_bucket), *batching)
 
     def describe(self) -> dict:
         info = self.tokenizer.describe()
@@ -115,14 +118,18 @@ class TokenizerWorker:
     # ---- encode ----
 
     async def encode(self, job: EncodeJob) -> Reply | ErrorReply:
+        started = time.perf_counter()
         try:
             with abandon.scope(WorkToken(job.deadline)) as token:
-                if job.data is not None:
-                    media_input = await asyncio.to_thread(load_media, job.data, self.limits, job.options)
-                else:
-                    media_input = self._tensor_media(job.tensor, job.options)
+                with self.encoder.preparing():
+                    if job.data is not None:
+                        media_input = await asyncio.to_thread(load_media, job.data, self.limits, job.options)
+                    else:
+                        media_input = self._tensor_media(job.tensor, job.options)
+                media_s = time.perf_counter() - started
                 latents, batch, compute_s = await self._encode_one(media_input, job.options, token)
-            return self._encode_reply(latents, job, batch, compute_s)
+            reply = self._encode_reply(latents, job, batch, compute_s)
+            return replace(reply, media_s=media_s, replica_s=time.perf_counter() - started)
         except TokenizerError as error:
             return ErrorReply.of(error)
 
@@ -155,7 +162,7 @@ class TokenizerWorker:
             return latents, 1, compute_s
         key = (media_input.kind, tuple(pixels.shape), pixels.dtype, options)
         item = _Item(key=key, tensor=pixels, size=size, token=token, options=options)
-        result, batch, compute_s = await self._encode_batched(item)
+        result, batch, compute_s = await self.encoder.submit(item)
         if isinstance(result, TokenizerError):
             raise result
         return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch, compute_s
@@ -171,7 +178,7 @@ class TokenizerWorker:
     async def _run_batch(
         self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
     ) -> list[tuple[object, int, float]]:
-        """A @serve.batch batch: items nobody waits for any more are dropped, those that could no
+        """A batch (:class:`~serving.batcher.Batcher`): items nobody waits for any more are dropped, those that could no
         longer finish in time get 503; the rest run grouped (``run_in_groups``) until every one of
         them is abandoned. Per item: (result or error, size of its model call, its share of the
         batch's model time, by batch units)."""
@@ -187,7 +194,7 @@ class TokenizerWorker:
                 else:
                     live.append(item)
             if live:
-                units = _batch_units(live)
+                units = sum(item.size for item in live)
                 batch_token = WorkToken(parts=tuple(item.token for item in live))
                 with abandon.scope(batch_token):
                     outcomes, elapsed = await self._timed(
@@ -223,10 +230,6 @@ class TokenizerWorker:
             retry_after=LATE_RETRY_AFTER_S,
         )
 
-    @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
-    async def _encode_batched(self, items: list[_Item]) -> list[tuple[Latents | TokenizerError, int, float]]:
-        return await self._run_batch(items, self._encode_bucket)
-
     def _encode_bucket(self, bucket: list[_Item]) -> list[Latents]:
         stacked = torch.cat([item.tensor for item in bucket])  # (B, 3, [T,] H, W)
         return encode_stacked(self.tokenizer, stacked, bucket[0].options)
@@ -252,6 +255,7 @@ class TokenizerWorker:
     # ---- decode ----
 
     async def decode(self, job: DecodeJob) -> Reply | ErrorReply:
+        started = time.perf_counter()
         try:
             spec = self.tokenizer.spec
             cost = check_decode_cost(
@@ -264,8 +268,10 @@ class TokenizerWorker:
                 pixels, batch, compute_s = await self._decode_one(
                     raw, latents, job.options.tiling, token, cost.total_pixels
                 )
+                written = time.perf_counter()
                 reply = await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
-            return replace(reply, compute_s=compute_s)
+            done = time.perf_counter()
+            return replace(reply, compute_s=compute_s, media_s=done - written, replica_s=done - started)
         except TokenizerError as error:
             return ErrorReply.of(error)
 
@@ -315,7 +321,7 @@ class TokenizerWorker:
             return pixels, 1, compute_s
         key = (tuple(raw.shape), raw.dtype, crop)
         item = _Item(key=key, tensor=raw, size=size, token=token, latents=latents)
-        result, batch, compute_s = await self._decode_batched(item)
+        result, batch, compute_s = await self.decoder.submit(item)
         if isinstance(result, TokenizerError):
             raise result
         return result, batch, compute_s
@@ -326,12 +332,6 @@ class TokenizerWorker:
         if latents is not None:
             return self.tokenizer.decode(replace(latents, latents=raw, normalized=False), tiling=tiling)
         return self.tokenizer.decode(raw, normalized=False, tiling=tiling)
-
-    @serve.batch(max_batch_size=1, batch_size_fn=_batch_units)
-    async def _decode_batched(
-        self, items: list[_Item]
-    ) -> list[tuple[torch.Tensor | TokenizerError, int, float]]:
-        return await self._run_batch(items, self._decode_bucket)
 
     def _decode_bucket(self, bucket: list[_Item]) -> list[torch.Tensor]:
         stacked = torch.cat([item.tensor for item in bucket])  # (B, C, [t,] h, w) raw
@@ -356,3 +356,40 @@ class TokenizerWorker:
         if out.channels_last:
             tensor = tensor.movedim(1, -1).contiguous()
         return tensor_reply(tensor, {}, batch)
+
+
+class InProcessModel:
+    """A model served inside the ingress's own process (``ModelConfig.in_ingress``): called like a
+    deployment handle (``model.encode.remote(job)`` -> an awaitable the caller may cancel), without
+    the actor hop and without a process of its own. As behind Serve's handle, at most
+    ``max_ongoing_requests + max_queued_requests`` requests are in; more are refused with
+    BackPressureError (503 at the ingress)."""
+
+    def __init__(self, config: dict, limits: dict) -> None:
+        self.worker = TokenizerWorker(config, limits)
+        self.capacity = self.worker.config.ongoing + self.worker.config.max_queued_requests
+        self.in_flight = 0
+
+    def __getattr__(self, method: str) -> _InProcessMethod:
+        return _InProcessMethod(self, getattr(self.worker, method))
+
+
+@dataclass
+class _InProcessMethod:
+    model: InProcessModel
+    fn: Callable
+
+    def remote(self, *args) -> asyncio.Future:
+        if self.model.in_flight >= self.model.capacity:
+            refused = asyncio.get_running_loop().create_future()
+            refused.set_exception(BackPressureError(self.model.in_flight, self.model.capacity))
+            return refused
+        self.model.in_flight += 1
+        return asyncio.ensure_future(self._call(*args))
+
+    async def _call(self, *args):
+        try:
+            result = self.fn(*args)
+            return await result if asyncio.iscoroutine(result) else result
+        finally:
+            self.model.in_flight -= 1

@@ -3,7 +3,8 @@
 One app per module (local Ray, 2 CPUs, 127.0.0.1, random port). Served models, all the random-init
 ``sd-vae-tiny`` preset: ``sd-vae-tiny`` (batching), ``tiny-queue1`` (one request at a time, one
 queued: overflow -> 503), ``tiny-timeout`` (a 1 ms timeout: every call -> 504) and
-``tiny-bounded`` (one request per model call, an 8 s timeout: abandoned work and admission).
+``tiny-bounded`` (one request per model call, an 8 s timeout: abandoned work and admission) and
+``tiny-in-ingress`` (served inside the ingress's process).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ MODEL = "sd-vae-tiny"
 MAX_BODY = 1_000_000
 MAX_PIXELS = 500_000
 BOUNDED = "tiny-bounded"
+IN_INGRESS = "tiny-in-ingress"  # served inside the ingress's process (no deployment of its own)
 # A replica of sd-vae-tiny serves in about 0.6 GB (Ray worker + torch + model); an input that the caps
 # failed to stop (a 20000-px resize, a decode of gigapixels) takes it to several GB.
 REPLICA_RSS_BOUND = 1.5 * 2**30
@@ -63,6 +65,7 @@ CONFIG = {
         },
         {"name": "tiny-timeout", "model": MODEL, "num_cpus": 0.5, "request_timeout_s": 0.001},
         {"name": BOUNDED, "model": MODEL, "num_cpus": 0, "max_batch_size": 1, "request_timeout_s": 8},
+        {"name": IN_INGRESS, "model": MODEL, "num_cpus": 0, "batch_wait_timeout_s": 0.05, "in_ingress": True},
     ],
 }
 VIDEO_MODEL = "video-vae-tiny"  # served too once the models helper registers it
@@ -188,6 +191,57 @@ def test_encode_image_matches_library(http, tokenizer, crops, fmt):
     assert served.source_sha256 == local.source_sha256
     # Same weights (seeded init), same input, same code path; only thread scheduling can differ.
     torch.testing.assert_close(served.latents, local.latents, rtol=0, atol=1e-5)
+
+
+def test_model_in_the_ingress_serves_like_its_own_deployment(base_url, http, tokenizer, crops):
+    """No deployment of its own; same latents as the library, batched, decoded, counted in /metrics,
+    and the answer says where its time went (Server-Timing)."""
+    deployments = serve.status().applications["tokenizers-test"].deployments
+    assert "tokenizer-" + MODEL in deployments and "tokenizer-" + IN_INGRESS not in deployments
+    assert IN_INGRESS in http.get("/readyz").json()["models"]
+    bodies = [_png(c) for c in crops]
+
+    async def concurrent():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"/v1/models/{IN_INGRESS}/encode", content=b, headers={"content-type": "image/png"}
+                    )
+                    for b in bodies
+                )
+            )
+
+    responses = asyncio.run(concurrent())
+    for response, body in zip(responses, bodies, strict=True):
+        assert response.status_code == 200, response.text
+        timing = response.headers["server-timing"]
+        assert all(f"{part};dur=" in timing for part in ("ingress", "hop", "media", "queue", "model"))
+        local = encode_media(tokenizer, load_media(body), EncodeOptions())
+        torch.testing.assert_close(
+            latents_from_bytes(response.content).latents, local.latents, rtol=1e-4, atol=1e-5
+        )
+    decoded = http.post(
+        f"/v1/models/{IN_INGRESS}/decode",
+        content=responses[0].content,
+        headers={"content-type": "application/x-safetensors"},
+    )
+    assert decoded.status_code == 200 and media.decode_image(decoded.content).shape == (48, 64, 3)
+    metrics = http.get("/metrics").text
+    assert any(
+        line.startswith("tokenizers_requests_total")
+        and f'model="{IN_INGRESS}"' in line
+        and 'status="200"' in line
+        for line in metrics.splitlines()
+    )
+    batches = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("tokenizers_batch_size_count")
+        and f'model="{IN_INGRESS}"' in line
+        and "encode" in line
+    ]
+    assert batches == [len(bodies)]
 
 
 def test_encode_options_raw_posterior_resize(http, tokenizer, crops):

@@ -1,0 +1,101 @@
+"""Memory of the shipped service (serving/config.yaml's models): each model in a replica of its own
+vs the models inside the ingress's process (``in_ingress``), on one local Ray instance.
+
+For each layout: start Ray and the app, send one encode per image model, then count the processes
+this run started (the driver's descendants: Ray's daemons, Serve's controller and proxy, replicas)
+and their resident (RSS) and unique (USS: what the process alone holds; shared library pages are
+counted once in the first) memory. Also a bare Ray actor's, the floor every replica stands on.
+
+    .venv/bin/python benchmarks/serve_memory.py [--num-cpus 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import time
+
+import httpx
+import psutil
+import ray
+from ray import serve
+from skimage import data
+
+from serving.app import DEFAULT_CONFIG, build_app, load_config_file
+from tokenizers_svc import media
+
+
+@ray.remote(num_cpus=0)
+class _Bare:
+    def rss_mb(self) -> float:
+        return psutil.Process().memory_info().rss / 2**20
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes() -> list[tuple[str, float, float]]:
+    """(title, RSS MB, USS MB) of every process this driver started, directly or not."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            info = process.memory_full_info()
+            title = " ".join(process.cmdline())[:60] or process.name()
+        except psutil.Error:
+            continue
+        found.append((title, info.rss / 2**20, info.uss / 2**20))
+    return found
+
+
+def measure(args_config: dict, in_ingress: bool, num_cpus: int) -> None:
+    config = {**args_config, "api_key_env": None}
+    config["models"] = [{**m, "in_ingress": in_ingress} for m in config["models"]]
+    port = _free_port()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="memory", route_prefix="/", blocking=False)
+    body = media.encode_image(data.astronaut()[:256, :256].copy(), "png")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:
+        while http.get("/readyz").status_code != 200:
+            time.sleep(1)
+        for model in http.get("/v1/models").json()["models"]:
+            if model["modality"] != "video":
+                http.post(
+                    f"/v1/models/{model['served_name']}/encode",
+                    content=body,
+                    headers={"content-type": "image/png"},
+                ).raise_for_status()
+    bare_actor = _Bare.remote()
+    bare = ray.get(bare_actor.rss_mb.remote())
+    ray.kill(bare_actor)
+    time.sleep(2)
+    processes = _processes()
+    layout = "models in the ingress" if in_ingress else "a replica per model"
+    print(
+        f"{layout}: {len(processes)} processes, RSS {sum(p[1] for p in processes) / 1024:.2f} GB, "
+        f"USS {sum(p[2] for p in processes) / 1024:.2f} GB (bare Ray actor RSS {bare:.0f} MB)"
+    )
+    for title, rss, uss in processes:
+        if "ServeReplica" in title:
+            print(f"    {title:60s} RSS {rss:6.0f} MB  USS {uss:6.0f} MB")
+    serve.shutdown()
+    ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args()
+    config = load_config_file(DEFAULT_CONFIG)["args"]
+    print(f"models: {', '.join(m['name'] for m in config['models'])}")
+    for in_ingress in (False, True):
+        measure(config, in_ingress, args.num_cpus)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Continuous batching (serving/batcher.py), without Ray: a lone request runs at once, requests that
+queue while the model is busy run together next, requests still being prepared are waited for, a
+batch never exceeds its units, a failing batch fails only its own callers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving.batcher import Batcher
+
+
+class Model:
+    """Records each batch; each call takes ``seconds``."""
+
+    def __init__(self, seconds: float = 0.05, fail_on: object = None) -> None:
+        self.seconds = seconds
+        self.fail_on = fail_on
+        self.batches: list[list] = []
+
+    async def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.seconds)
+        if self.fail_on in items:
+            raise ValueError("bad item")
+        return [item * 10 for item in items]
+
+
+def _batcher(model: Model, max_units: int = 100, wait_s: float = 1.0) -> Batcher:
+    return Batcher(model, lambda item: 1, max_units, wait_s)
+
+
+def test_lone_request_does_not_wait_for_company():
+    async def scenario():
+        model = Model(seconds=0)
+        batcher = _batcher(model, wait_s=5.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await batcher.submit(1) == 10
+        return loop.time() - started, model.batches
+
+    elapsed, batches = asyncio.run(scenario())
+    assert batches == [[1]]
+    assert elapsed < 1.0  # far below wait_s: nothing was waited for
+
+
+def test_requests_queued_behind_a_busy_model_run_as_one_batch():
+    async def scenario():
+        model = Model(seconds=0.2)
+        batcher = _batcher(model)
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.05)  # the first batch is running
+        rest = [asyncio.create_task(batcher.submit(i)) for i in (2, 3, 4)]
+        return await asyncio.gather(first, *rest), model.batches
+
+    results, batches = asyncio.run(scenario())
+    assert results == [10, 20, 30, 40]
+    assert batches == [[1], [2, 3, 4]]
+
+
+def test_idle_model_waits_for_requests_being_prepared():
+    async def scenario():
+        model = Model(seconds=0)
+        batcher = _batcher(model, wait_s=5.0)
+
+        async def request(item: int, preparing_s: float) -> int:
+            with batcher.preparing():
+                await asyncio.sleep(preparing_s)  # decoding its media
+            return await batcher.submit(item)
+
+        return await asyncio.gather(request(1, 0.0), request(2, 0.1), request(3, 0.2)), model.batches
+
+    results, batches = asyncio.run(scenario())
+    assert results == [10, 20, 30]
+    assert batches == [[1, 2, 3]]
+
+
+def test_batches_hold_at_most_max_units_in_arrival_order():
+    async def scenario():
+        model = Model(seconds=0.1)
+        batcher = _batcher(model, max_units=3)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.02)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 8)]
+        await asyncio.gather(first, *rest)
+        return model.batches
+
+    assert asyncio.run(scenario()) == [[0], [1, 2, 3], [4, 5, 6], [7]]
+
+
+def test_a_failing_batch_fails_its_callers_only_and_the_batcher_goes_on():
+    async def scenario():
+        model = Model(seconds=0.1, fail_on=2)
+        batcher = _batcher(model)
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.02)
+        failing = [asyncio.create_task(batcher.submit(i)) for i in (2, 3)]
+        outcomes = await asyncio.gather(first, *failing, return_exceptions=True)
+        return outcomes, await batcher.submit(4)
+
+    outcomes, later = asyncio.run(scenario())
+    assert outcomes[0] == 10
+    assert all(isinstance(outcome, ValueError) for outcome in outcomes[1:])
+    assert later == 40
+
+
+def test_a_caller_that_left_is_dropped_from_its_batch():
+    async def scenario():
+        model = Model(seconds=0.1)
+        batcher = _batcher(model)
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.02)
+        gone = asyncio.create_task(batcher.submit(2))
+        kept = asyncio.create_task(batcher.submit(3))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return await asyncio.gather(first, kept), model.batches
+
+    results, batches = asyncio.run(scenario())
+    assert results == [10, 30]
+    assert batches == [[1], [3]]
