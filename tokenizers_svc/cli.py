@@ -602,6 +602,8 @@ def serve(ctx: typer.Context) -> None:
 @app.command("batch-encode", context_settings=PASSTHROUGH, add_help_option=False)
 def batch_encode(ctx: typer.Context) -> None:
     """Encode a dataset with Ray Data; arguments go to serving.batch."""
+    if not {"-h", "--help"} & set(ctx.args):  # importing Ray Data and torch, then the checks, take seconds
+        typer.echo("batch-encode: checking inputs, output and model", err=True)
     _delegate("serving.batch", ctx.args)
 
 

@@ -94,13 +94,17 @@ def init_ray(
     """
     local = starts_local_instance(address)
     if announce:
-        where = (
-            "starting a local Ray instance"
-            if local
-            else f"joining the Ray cluster at {address or 'RAY_ADDRESS'}"
-        )
-        dashboard = f"dashboard on 127.0.0.1:{dashboard_port}" if dashboard_port else "dashboard off"
-        print(f"{announce}: {where} ({dashboard})", file=sys.stderr, flush=True)
+        if local:
+            dashboard = f"dashboard on 127.0.0.1:{dashboard_port}" if dashboard_port else "dashboard off"
+            where = f"starting a local Ray instance ({dashboard})"
+        else:
+            named = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS")
+            where = (
+                f"joining the Ray cluster at {named}"
+                if named
+                else "joining the Ray cluster `ray start` started here"
+            )
+        print(f"{announce}: {where}", file=sys.stderr, flush=True)
     _turn_on_token_auth_quietly(address)
     options: dict = {"address": address, "log_to_driver": log_to_driver}
     if local:
