@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import socket
 import statistics
-import threading
 import time
 from collections import Counter
 
@@ -29,6 +28,7 @@ from skimage import data
 
 from serving.app import DEFAULT_CONFIG, build_app, load_config_file
 from tokenizers_svc import media
+from tokenizers_svc.memory import PeakRss
 
 MAX_COUNT = 200  # the burst stays bounded whatever the flags say
 APP = "overload-bench"
@@ -50,30 +50,6 @@ def _replica(model: str) -> psutil.Process:
         if any(title in part for part in process.info["cmdline"] or []):
             return process
     raise RuntimeError(f"no replica process titled {title}")
-
-
-class PeakRss:
-    """Samples a process's RSS every 0.1 s in a thread; ``peak`` is the largest seen."""
-
-    def __init__(self, process: psutil.Process) -> None:
-        self.process, self.peak, self._stop = process, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 async def _burst(url: str, model: str, bodies: list[bytes], deadline: float) -> list[tuple[int, float]]:
@@ -126,7 +102,7 @@ def main() -> None:
         replica = _replica(args.model)
         rss_before = replica.memory_info().rss
         started = time.perf_counter()
-        with PeakRss(replica) as peak:
+        with PeakRss(replica.pid, interval_s=0.1) as peak:
             results = asyncio.run(_burst(url, args.model, bodies[1:], args.deadline))
         wall = time.perf_counter() - started
         time.sleep(5)  # let abandoned work (if any) stop before reading memory back

@@ -16,13 +16,15 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evals import fid, multiscale, report, sources, stats, streaming
+from evals import fid, image_metrics, multiscale, report, sources, stats, streaming
+from evals.accumulator import REFERENCE, Accumulator, EvalConfig
+from evals.checkpoint import CHECKPOINT
+from evals.scorer import PeakMemory
 from tokenizers_svc.crops import DEFAULT_SCALES, MIN_STD, SQUARE_CROPS
 from tokenizers_svc.defaults import default_model
 from tokenizers_svc.errors import InvalidRequestError, TokenizerError, print_error
@@ -32,39 +34,6 @@ from tokenizers_svc.registry import weights_home
 CROPS = (*SQUARE_CROPS, "multiscale")
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 1000  # entries per shard: the unit of resume, Ray work and checkpoints
-
-
-@dataclass
-class Dataset:
-    """Every item in memory, for small sets and tests: uint8 (N, 3, R, R) images or (N, 3, T, R, R) clips."""
-
-    pixels: torch.Tensor
-    names: list[str]
-    kind: str  # "image" | "video"
-    scales: list[int | None]
-
-
-def load_dataset(
-    data: Path,
-    resolution: int,
-    crop: str,
-    max_items: int | None,
-    frames: int = 17,
-    scales: tuple[int, ...] = DEFAULT_SCALES,
-) -> Dataset:
-    """The items the streaming evaluation would see, stacked."""
-    kind, entries = sources.list_entries(data)
-    spec = sources.CropSpec(kind, crop, resolution, tuple(scales), frames)
-    items = [
-        item
-        for entry in sources.limit_entries(entries, spec, max_items)
-        for item in sources.entry_items(entry, spec)
-    ]
-    if not items:
-        raise InvalidRequestError(f"no usable {kind}s under {data} at resolution {resolution}", param="data")
-    return Dataset(
-        torch.stack([p for _, _, p in items]), [n for n, _, _ in items], kind, [s for _, s, _ in items]
-    )
 
 
 def parse_scales(text: str) -> tuple[int, ...]:
@@ -123,9 +92,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate every model and the matching bicubic baselines; write the report; return report.json's dict."""
+    started = time.perf_counter()
+    kind, spec, entries = _inputs(args)
+    models = args.model or [default_model(kind)]
+    # loading the networks takes tens of seconds on a CPU: say so before the first item is scored
+    log.info("eval: %d %s entries from %s; loading Inception", len(entries), kind, args.data)
+    inception = fid.load_inception(args.inception, "cpu")  # identity and checks; scorers load their own
+    protocol = _protocol(args, kind)
+    data_sha256 = sources.content_hash(entries)
+    reference_key = {**protocol, "inception_sha1": inception.sha1, "data_sha256": data_sha256}
+    cache_path = (
+        args.cache_dir or weights_home().parent / "fid-stats"
+    ) / f"ref-{fid.stats_cache_key(reference_key)}.npz"
+    reference = load_reference(cache_path, args.kid_items)
+    config = _eval_config(args, models, spec)
+    run_key = fid.stats_cache_key({**reference_key, "models": models, "shard_size": args.shard_size})
+    shards = sources.make_shards(entries, args.shard_size)
+    log.info("eval: loading %s and the metrics' networks, then scoring", ", ".join(models))
+    totals, columns = streaming.evaluate(
+        config,
+        shards,
+        args.out,
+        run_key,
+        reference,
+        resume=args.resume,
+        workers=args.workers,
+        ray_actors=args.ray_actors if args.ray else None,
+        entries_per_chunk=args.batch_size if (args.crop == "center" or kind == "video") else 1,
+    )
+    if reference is None:
+        save_reference(cache_path, totals.streams[REFERENCE], reference_key)
+    result = summarize(totals, protocol, inception, config, columns)
+    result["data"] = {
+        "source": str(args.data),
+        "entries": len(entries),
+        "sha256": data_sha256,
+        "skipped": skipped_summary(totals.skipped),
+    }
+    if totals.skipped:
+        log.warning("eval: skipped %d unreadable entries (see report.json data.skipped)", len(totals.skipped))
+    result["run"] = _run_summary(args, len(shards), result["n"], time.perf_counter() - started)
+    model_names = [row["name"] for row in result["results"] if row["kind"] == "model"]
+    report.write_report(args.out, result, totals.samples, model_names)
+    (args.out / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing left to resume
+    return result
+
+
+def _inputs(args: argparse.Namespace) -> tuple[str, sources.CropSpec, list[sources.Entry]]:
+    """The data's kind, how its entries become items, and the entries (cut to --max-items), after
+    checking the options against the data."""
     if args.resolution < 16:
         raise InvalidRequestError(f"--resolution must be >= 16, got {args.resolution}", param="resolution")
-    started = time.perf_counter()
     kind, entries = sources.list_entries(args.data)
     spec = sources.CropSpec(kind, args.crop, args.resolution, tuple(args.scales), args.frames)
     if args.crop == "multiscale" and kind == "video":
@@ -137,11 +154,11 @@ def run(args: argparse.Namespace) -> dict:
         )
     if args.i3d is not None and kind != "video":
         raise InvalidRequestError("--i3d (rFVD) needs video data", param="i3d")
-    entries = sources.limit_entries(entries, spec, args.max_items)
-    models = args.model or [default_model(kind)]
-    # loading the networks takes tens of seconds on a CPU: say so before the first item is scored
-    log.info("eval: %d %s entries from %s; loading Inception", len(entries), kind, args.data)
-    inception = fid.load_inception(args.inception, "cpu")  # identity and checks; scorers load their own
+    return kind, spec, sources.limit_entries(entries, spec, args.max_items)
+
+
+def _protocol(args: argparse.Namespace, kind: str) -> dict:
+    """What makes two runs' numbers comparable (part of the reference statistics' cache key)."""
     protocol = {
         "resolution": args.resolution,
         "crop": args.crop,
@@ -152,13 +169,11 @@ def run(args: argparse.Namespace) -> dict:
     }
     if args.crop == "multiscale":
         protocol["multiscale"] = {"scales": list(args.scales), "min_std": MIN_STD}
-    data_sha256 = sources.content_hash(entries)
-    reference_key = {**protocol, "inception_sha1": inception.sha1, "data_sha256": data_sha256}
-    cache_path = (
-        args.cache_dir or weights_home().parent / "fid-stats"
-    ) / f"ref-{fid.stats_cache_key(reference_key)}.npz"
-    reference = load_reference(cache_path, args.kid_items)
-    config = streaming.EvalConfig(
+    return protocol
+
+
+def _eval_config(args: argparse.Namespace, models: list[str], spec: sources.CropSpec) -> EvalConfig:
+    return EvalConfig(
         models=models,
         spec=spec,
         device=args.device,
@@ -168,45 +183,17 @@ def run(args: argparse.Namespace) -> dict:
         kid_capacity=args.kid_items,
         samples=args.samples,
     )
-    run_key = fid.stats_cache_key({**reference_key, "models": models, "shard_size": args.shard_size})
-    shards = sources.make_shards(entries, args.shard_size)
-    log.info("eval: loading %s and the metrics' networks, then scoring", ", ".join(models))
-    per_chunk = args.batch_size if (args.crop == "center" or kind == "video") else 1
-    totals, columns = streaming.evaluate(
-        config,
-        shards,
-        args.out,
-        run_key,
-        reference,
-        resume=args.resume,
-        workers=args.workers,
-        ray_actors=args.ray_actors if args.ray else None,
-        entries_per_chunk=per_chunk,
-    )
-    if reference is None:
-        save_reference(cache_path, totals.streams[streaming.REFERENCE], reference_key)
-    result = summarize(totals, protocol, inception, config, columns)
-    result["data"] = {
-        "source": str(args.data),
-        "entries": len(entries),
-        "sha256": data_sha256,
-        "skipped": skipped_summary(totals.skipped),
-    }
-    if totals.skipped:
-        log.warning("eval: skipped %d unreadable entries (see report.json data.skipped)", len(totals.skipped))
-    wall = time.perf_counter() - started
-    result["run"] = {
-        "shards": len(shards),
+
+
+def _run_summary(args: argparse.Namespace, shards: int, items: int, wall: float) -> dict:
+    return {
+        "shards": shards,
         "shard_size": args.shard_size,
         "workers": args.workers,
         "ray_actors": args.ray_actors if args.ray else None,
         "wall_s": wall,
-        "items_per_s": result["n"] / wall,
+        "items_per_s": items / wall,
     }
-    model_names = [row["name"] for row in result["results"] if row["kind"] == "model"]
-    report.write_report(args.out, result, totals.samples, model_names)
-    (args.out / streaming.CHECKPOINT).unlink(missing_ok=True)  # finished: nothing left to resume
-    return result
 
 
 def skipped_summary(skipped: dict[str, dict], listed: int = 100) -> dict:
@@ -231,9 +218,9 @@ def save_reference(path: Path, reference: stats.StreamStats, key: dict) -> None:
     np.savez(path, key=np.array(json.dumps(key)), **reference.state("reference"))
 
 
-def summarize(totals: streaming.Accumulator, protocol: dict, inception, config, columns: list[str]) -> dict:
+def summarize(totals: Accumulator, protocol: dict, inception, config, columns: list[str]) -> dict:
     """Statistics of every stream -> report.json's dict (metrics, throughput, per-scale comparison)."""
-    reference = totals.streams.get(streaming.REFERENCE)
+    reference = totals.streams.get(REFERENCE)
     if reference is None or reference.inception.n < 2:
         count = 0 if reference is None else reference.inception.n
         raise InvalidRequestError(f"FID/KID need at least 2 images (or frames), got {count}", param="data")
@@ -267,7 +254,7 @@ def summarize(totals: streaming.Accumulator, protocol: dict, inception, config, 
                 "decode_items_per_s": timing["items"] / timing["decode_s"],
                 "encode_peak_memory_mb": timing["encode_peak_bytes"] / 2**20,
                 "decode_peak_memory_mb": timing["decode_peak_bytes"] / 2**20,
-                "memory_method": streaming.PeakMemory(torch.device(config.device)).method,
+                "memory_method": PeakMemory(torch.device(config.device)).method,
             }
             if protocol["crop"] == "multiscale":
                 row["vs_bicubic"] = multiscale.comparison_from_sums(
@@ -297,7 +284,7 @@ def summarize(totals: streaming.Accumulator, protocol: dict, inception, config, 
             ),
             "psnr": "per-item mean, uint8, peak 255 (video: per-frame mean); float32 on the device",
             "ssim": "Gaussian window 11, sigma 1.5, data range 255, per-channel mean (RGB); float32",
-            "lpips": streaming.image_metrics.Lpips.load().reason,
+            "lpips": image_metrics.Lpips.load().reason,
             "i3d": None
             if config.i3d is None
             else {"path": config.i3d, "sha1": fid.sha1_file(Path(config.i3d))},

@@ -39,11 +39,15 @@ class Progress:
         nested: bool = False,
         quiet: bool = False,
         initial: int = 0,
+        also: str | None = None,
     ) -> None:
         """``nested``: a second bar below another one (it disappears when done). ``quiet``: count
         without showing anything (e.g. one file); :meth:`write` still prints. ``initial``: work
-        already done before this run (a resumed job); the rate counts only this run's."""
+        already done before this run (a resumed job); the rate counts only this run's. ``also``: the
+        unit of a second count that :meth:`update` adds to (e.g. the items cut from files), shown
+        after the counts with its own rate."""
         self.desc, self.total, self.unit = desc, total, unit
+        self.also, self.also_done = also, 0
         self.stream = stream or sys.stderr
         self.interval_s = interval_s
         self.quiet = quiet
@@ -62,10 +66,13 @@ class Progress:
                 leave=not nested,
             )
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, also: int = 0) -> None:
         self.done += n
+        self.also_done += also
         if self.bar is not None:
             self.bar.update(n)
+            if self.also:
+                self.bar.set_postfix({**self.postfix, f"{self.also}s": self._also_text(time.monotonic())})
             return
         now = time.monotonic()
         if self.quiet:
@@ -83,19 +90,28 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         """``desc: done/total units (pct%), rate units/s, ETA`` (no total: count, rate, elapsed),
         then the postfix values."""
-        elapsed = max((now or time.monotonic()) - self.started, 1e-9)
+        now = now or time.monotonic()
+        elapsed = max(now - self.started, 1e-9)
         rate = (self.done - self.initial) / elapsed
         count = f"{self.done} {self.unit}s"
+        also = f", {self._also_text(now)}" if self.also else ""
         extra = "".join(f", {key}={value}" for key, value in self.postfix.items())
         if not self.total:
-            return f"{self.desc}: {count}, {rate:.2f} {self.unit}/s, elapsed {_duration(elapsed)}{extra}"
+            return (
+                f"{self.desc}: {count}, {rate:.2f} {self.unit}/s{also}, elapsed {_duration(elapsed)}{extra}"
+            )
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta = _duration(left) if left != float("inf") else "unknown"
         percent = 100 * self.done / self.total
         return (
             f"{self.desc}: {self.done}/{self.total} {self.unit}s ({percent:.0f}%), "
-            f"{rate:.2f} {self.unit}/s, ETA {eta}{extra}"
+            f"{rate:.2f} {self.unit}/s{also}, ETA {eta}{extra}"
         )
+
+    def _also_text(self, now: float) -> str:
+        """``12 items (3.40 item/s)``: the second count and its rate in this run."""
+        rate = self.also_done / max(now - self.started, 1e-9)
+        return f"{self.also_done} {self.also}s ({rate:.2f} {self.also}/s)"
 
     def write(self, message: str) -> None:
         """A message that does not break the bar."""

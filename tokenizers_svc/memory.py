@@ -1,0 +1,53 @@
+"""Resident memory of a process, and its peak over a block, sampled in a thread.
+
+torch's CPU allocations are invisible to tracemalloc, so the resident set (``/proc/<pid>/statm``) is
+the honest measure of what a model call or a whole server holds. The evaluation measures its own
+process around each model call; the overload benchmark watches a server replica from outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size of process ``pid`` (this one by default), in bytes (Linux /proc)."""
+    with open(f"/proc/{pid or 'self'}/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+    """``with PeakRss(pid, interval_s) as peak: ...``: ``peak.base`` is the RSS at the start,
+    ``peak.peak`` the largest sample (at least the start and the end). A process that ends while
+    watched stops the sampling; ``peak`` keeps what was seen."""
+
+    def __init__(self, pid: int | None = None, interval_s: float = 0.002) -> None:
+        self.pid, self.interval_s = pid, interval_s
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self.base = self.peak = rss_bytes(self.pid)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.peak = max(self.peak, rss_bytes(self.pid))
+            except OSError:  # the process ended
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    @property
+    def growth(self) -> int:
+        """Peak above the start, in bytes."""
+        return self.peak - self.base
