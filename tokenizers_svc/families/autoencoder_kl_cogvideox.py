@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokenizers_svc.families.base import CausalVideoVAEBackend, Preset, group_norm_min_latent_size
+from tokenizers_svc.families.base import CausalVideoVAEBackend, group_norm_min_latent_size
 from tokenizers_svc.spec import LatentNormalization
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
@@ -53,24 +53,10 @@ class CogVideoXVAEBackend(CausalVideoVAEBackend):
 
 
 BACKENDS = (CogVideoXVAEBackend,)
-PRESETS = (
-    Preset(
-        name="cogvideox-vae",
-        class_name="AutoencoderKLCogVideoX",
-        source="THUDM/CogVideoX-2b",
-        subfolder="vae",
-        description="CogVideoX-2b VAE (f8 t4 c16, 1 + 4k frames, scaling 1.15258426)",
-    ),
-    # the same class at a few hundred thousand parameters, random init, f8 and the real temporal rule,
-    # so every code path (causal caches, frame batching) runs on CPU in about a second; it states the
-    # config keys its spec reads (the class defaults), so the registry lists it from config
-    Preset(
-        name="cogvideox-vae-tiny",
-        class_name="AutoencoderKLCogVideoX",
-        config={"latent_channels": 4, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
-         "norm_num_groups": 4, "sample_height": 64, "sample_width": 64, "scaling_factor": 1.15258426,
-         "temporal_compression_ratio": 4},
-        description="CogVideoX-style VAE (f8 t4 c4), random init",
-        random_init=True,
-    ),
+PRESETS = CogVideoXVAEBackend.presets(
+    hub=("cogvideox-vae", "THUDM/CogVideoX-2b", "CogVideoX-2b VAE (f8 t4 c16, 1 + 4k frames, scaling 1.15258426)"),
+    tiny=("cogvideox-vae-tiny", {"latent_channels": 4, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
+          "norm_num_groups": 4, "sample_height": 64, "sample_width": 64, "scaling_factor": 1.15258426,
+          "temporal_compression_ratio": 4},
+          "CogVideoX-style VAE (f8 t4 c4), random init"),
 )  # fmt: skip

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from tokenizers_svc.families.base import TINY_LATENT_MEAN, TINY_LATENT_STD, CausalVideoVAEBackend, Preset
+from tokenizers_svc.families.base import TINY_LATENT_MEAN, TINY_LATENT_STD, CausalVideoVAEBackend
 from tokenizers_svc.spec import LatentNormalization
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
@@ -66,26 +66,12 @@ class CosmosVAEBackend(CausalVideoVAEBackend):
 
 
 BACKENDS = (CosmosVAEBackend,)
-PRESETS = (
-    Preset(
-        name="cosmos-vae",
-        class_name="AutoencoderKLCosmos",
-        source="nvidia/Cosmos-1.0-Tokenizer-CV8x8x8",
-        subfolder="vae",
-        description="Cosmos 1.0 CV8x8x8 tokenizer (f8 t8 c16, 1 + 8k frames, deterministic)",
-    ),
-    # the same class at a few hundred thousand parameters, random init, f8 and the real temporal rule,
-    # so every code path (causal caches, frame batching) runs on CPU in about a second; it states the
-    # config keys its spec reads (the class defaults), so the registry lists it from config
-    Preset(
-        name="cosmos-vae-tiny",
-        class_name="AutoencoderKLCosmos",
-        # haar patch 4 then one 2x stage; temporal 4x (Cosmos ships 4x and 8x variants)
-        config={"latent_channels": 4, "encoder_block_out_channels": [8, 16, 16, 16],
-         "decode_block_out_channels": [8, 16, 16, 16], "attention_resolutions": [], "resolution": 64,
-         "num_layers": 1, "patch_size": 4, "spatial_compression_ratio": 8, "temporal_compression_ratio": 4,
-         "latents_mean": TINY_LATENT_MEAN, "latents_std": TINY_LATENT_STD},
-        description="Cosmos-style deterministic tokenizer (f8 t4 c4), random init",
-        random_init=True,
-    ),
+PRESETS = CosmosVAEBackend.presets(
+    hub=("cosmos-vae", "nvidia/Cosmos-1.0-Tokenizer-CV8x8x8", "Cosmos 1.0 CV8x8x8 tokenizer (f8 t8 c16, 1 + 8k frames, deterministic)"),
+    # haar patch 4 then one 2x stage; temporal 4x (Cosmos ships 4x and 8x variants)
+    tiny=("cosmos-vae-tiny", {"latent_channels": 4, "encoder_block_out_channels": [8, 16, 16, 16],
+          "decode_block_out_channels": [8, 16, 16, 16], "attention_resolutions": [], "resolution": 64,
+          "num_layers": 1, "patch_size": 4, "spatial_compression_ratio": 8, "temporal_compression_ratio": 4,
+          "latents_mean": TINY_LATENT_MEAN, "latents_std": TINY_LATENT_STD},
+          "Cosmos-style deterministic tokenizer (f8 t4 c4), random init"),
 )  # fmt: skip

@@ -6,7 +6,7 @@ A causal video VAE: the spec and the frame rule come from
 
 from __future__ import annotations
 
-from tokenizers_svc.families.base import CausalVideoVAEBackend, Preset, group_norm_min_latent_size
+from tokenizers_svc.families.base import CausalVideoVAEBackend, group_norm_min_latent_size
 from tokenizers_svc.spec import LatentNormalization
 
 
@@ -30,24 +30,10 @@ class HunyuanVideoVAEBackend(CausalVideoVAEBackend):
 
 
 BACKENDS = (HunyuanVideoVAEBackend,)
-PRESETS = (
-    Preset(
-        name="hunyuan-video-vae",
-        class_name="AutoencoderKLHunyuanVideo",
-        source="hunyuanvideo-community/HunyuanVideo",
-        subfolder="vae",
-        description="HunyuanVideo VAE (f8 t4 c16, 1 + 4k frames, scaling 0.476986)",
-    ),
-    # the same class at a few hundred thousand parameters, random init, f8 and the real temporal rule,
-    # so every code path (causal caches, frame batching) runs on CPU in about a second; it states the
-    # config keys its spec reads (the class defaults), so the registry lists it from config
-    Preset(
-        name="hunyuan-video-vae-tiny",
-        class_name="AutoencoderKLHunyuanVideo",
-        config={"latent_channels": 4, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
-         "norm_num_groups": 4, "scaling_factor": 0.476986, "spatial_compression_ratio": 8,
-         "temporal_compression_ratio": 4},
-        description="HunyuanVideo-style VAE (f8 t4 c4, mid-block attention), random init",
-        random_init=True,
-    ),
+PRESETS = HunyuanVideoVAEBackend.presets(
+    hub=("hunyuan-video-vae", "hunyuanvideo-community/HunyuanVideo", "HunyuanVideo VAE (f8 t4 c16, 1 + 4k frames, scaling 0.476986)"),
+    tiny=("hunyuan-video-vae-tiny", {"latent_channels": 4, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
+          "norm_num_groups": 4, "scaling_factor": 0.476986, "spatial_compression_ratio": 8,
+          "temporal_compression_ratio": 4},
+          "HunyuanVideo-style VAE (f8 t4 c4, mid-block attention), random init"),
 )  # fmt: skip

@@ -12,7 +12,6 @@ from tokenizers_svc.families.base import (
     TINY_LATENT_MEAN,
     TINY_LATENT_STD,
     CausalVideoVAEBackend,
-    Preset,
     group_norm_min_latent_size,
 )
 from tokenizers_svc.spec import LatentNormalization
@@ -43,26 +42,12 @@ class MochiVAEBackend(CausalVideoVAEBackend):
 
 
 BACKENDS = (MochiVAEBackend,)
-PRESETS = (
-    Preset(
-        name="mochi-vae",
-        class_name="AutoencoderKLMochi",
-        source="genmo/mochi-1-preview",
-        subfolder="vae",
-        description="Mochi 1 VAE (f8 t6 c12, 1 + 6k frames, per-channel mean/std)",
-    ),
-    # the same class at a few hundred thousand parameters, random init, f8 and the real temporal rule,
-    # so every code path (causal caches, frame batching) runs on CPU in about a second; it states the
-    # config keys its spec reads (the class defaults), so the registry lists it from config
-    Preset(
-        name="mochi-vae-tiny",
-        class_name="AutoencoderKLMochi",
-        # Mochi's GroupNorm has 32 groups, so 32 channels is the narrowest width
-        config={"latent_channels": 4, "encoder_block_out_channels": [32, 32, 32, 32],
-         "decoder_block_out_channels": [32, 32, 32, 32], "layers_per_block": [1, 1, 1, 1, 1],
-         "add_attention_block": [False] * 5, "latents_mean": TINY_LATENT_MEAN, "latents_std": TINY_LATENT_STD,
-         "scaling_factor": 1.0, "spatial_expansions": [2, 2, 2], "temporal_expansions": [1, 2, 3]},
-        description="Mochi-style VAE (f8 t6 c4, 1 + 6k frames), random init",
-        random_init=True,
-    ),
+PRESETS = MochiVAEBackend.presets(
+    hub=("mochi-vae", "genmo/mochi-1-preview", "Mochi 1 VAE (f8 t6 c12, 1 + 6k frames, per-channel mean/std)"),
+    # Mochi's GroupNorm has 32 groups, so 32 channels is the narrowest width
+    tiny=("mochi-vae-tiny", {"latent_channels": 4, "encoder_block_out_channels": [32, 32, 32, 32],
+          "decoder_block_out_channels": [32, 32, 32, 32], "layers_per_block": [1, 1, 1, 1, 1],
+          "add_attention_block": [False] * 5, "latents_mean": TINY_LATENT_MEAN, "latents_std": TINY_LATENT_STD,
+          "scaling_factor": 1.0, "spatial_expansions": [2, 2, 2], "temporal_expansions": [1, 2, 3]},
+          "Mochi-style VAE (f8 t6 c4, 1 + 6k frames), random init"),
 )  # fmt: skip

@@ -6,7 +6,7 @@ A causal video VAE: the spec and the frame rule come from
 
 from __future__ import annotations
 
-from tokenizers_svc.families.base import TINY_LATENT_MEAN, TINY_LATENT_STD, CausalVideoVAEBackend, Preset
+from tokenizers_svc.families.base import TINY_LATENT_MEAN, TINY_LATENT_STD, CausalVideoVAEBackend
 from tokenizers_svc.spec import LatentNormalization
 
 
@@ -34,24 +34,10 @@ class WanVAEBackend(CausalVideoVAEBackend):
 
 
 BACKENDS = (WanVAEBackend,)
-PRESETS = (
-    Preset(
-        name="wan2.1-vae",
-        class_name="AutoencoderKLWan",
-        source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-        subfolder="vae",
-        description="Wan 2.1 video VAE (f8 t4 c16, 1 + 4k frames, per-channel mean/std)",
-    ),
-    # the same class at a few hundred thousand parameters, random init, f8 and the real temporal rule,
-    # so every code path (causal caches, frame batching) runs on CPU in about a second; it states the
-    # config keys its spec reads (the class defaults), so the registry lists it from config
-    Preset(
-        name="wan-vae-tiny",
-        class_name="AutoencoderKLWan",
-        # 4 levels (3 spatial downsamples, 2 temporal) like Wan 2.1, 8 base channels, no attention
-        config={"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
-         "temperal_downsample": [False, True, True], "latents_mean": TINY_LATENT_MEAN, "latents_std": TINY_LATENT_STD},
-        description="Wan 2.1-style VAE (f8 t4 c4), random init",
-        random_init=True,
-    ),
+PRESETS = WanVAEBackend.presets(
+    hub=("wan2.1-vae", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan 2.1 video VAE (f8 t4 c16, 1 + 4k frames, per-channel mean/std)"),
+    # 4 levels (3 spatial downsamples, 2 temporal) like Wan 2.1, 8 base channels, no attention
+    tiny=("wan-vae-tiny", {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
+          "temperal_downsample": [False, True, True], "latents_mean": TINY_LATENT_MEAN, "latents_std": TINY_LATENT_STD},
+          "Wan 2.1-style VAE (f8 t4 c4), random init"),
 )  # fmt: skip

@@ -204,6 +204,20 @@ class CausalVideoVAEBackend(Backend):
     def normalization(cfg) -> LatentNormalization:
         raise NotImplementedError
 
+    @classmethod
+    def presets(cls, hub: tuple[str, str, str], tiny: tuple[str, dict, str]) -> tuple[Preset, Preset]:
+        """The family's two presets: ``hub`` = (name, hub id, description), the released checkpoint's
+        ``vae`` subfolder; ``tiny`` = (name, config, description), the same class at a few hundred
+        thousand parameters, random init, f8 and the real temporal rule, so every code path (causal
+        caches, frame batching) runs on CPU in about a second. A tiny config states the keys its spec
+        reads (the class defaults), so the registry lists it from config."""
+        (hub_name, source, hub_description), (tiny_name, config, tiny_description) = hub, tiny
+        class_name = cls.class_names[0]
+        return (
+            Preset(hub_name, class_name, source=source, subfolder="vae", description=hub_description),
+            Preset(tiny_name, class_name, config=config, description=tiny_description, random_init=True),
+        )
+
 
 # Non-trivial per-channel stats for the tiny random-init video presets, so a normalization round trip
 # can fail.
