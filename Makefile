@@ -29,6 +29,7 @@ serve: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
+# The developer loop: no Ray, no Serve, no training (every such module or test is marked slow).
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -196,16 +196,6 @@ def _rank_clip(eigenvalues: np.ndarray) -> np.ndarray:
     return np.where(eigenvalues > cutoff, eigenvalues, 0.0)
 
 
-def frechet_distance_sqrtm(a: FeatureStats, b: FeatureStats) -> float:
-    """Independent method for cross-checks: ``scipy.linalg.sqrtm(S_a @ S_b)`` (real part of the trace)."""
-    import scipy.linalg
-
-    _check_pair(a, b)
-    covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)
-    diff = a.mu - b.mu
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean).real)
-
-
 def _check_pair(a: FeatureStats, b: FeatureStats) -> None:
     if a.mu.shape != b.mu.shape:
         raise ShapeMismatchError(
@@ -260,17 +250,3 @@ def sample_size_label(n: int) -> str:
 def stats_cache_key(parts: dict) -> str:
     """Cache key for reference statistics: data identity + protocol + feature network."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def cached_features(cache_dir: Path, key_parts: dict, compute) -> tuple[np.ndarray, bool]:
-    """Reference features from ``cache_dir/ref-<key>.npz`` or from ``compute()`` (then stored with their
-    float64 mean/covariance). The key covers the data and the protocol. Returns (features, was_cached)."""
-    path = cache_dir / f"ref-{stats_cache_key(key_parts)}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            return cached["features"], True
-    feats = compute()
-    stats = FeatureStats.from_features(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, features=feats, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=json.dumps(key_parts))
-    return feats, False

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from tests.helpers import SHARED_DATA
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,22 +45,3 @@ def photo_nchw(photo_uint8) -> torch.Tensor:
     """The real photo center-cropped to 64x48 as (1, 3, 48, 64) uint8."""
     image = torch.from_numpy(photo_uint8[100:292:4, 100:356:4].copy())  # (48, 64, 3)
     return image.permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def small_presets(max_params: int) -> dict:
-    """Random-init presets with at most ``max_params`` parameters -> their specs (name -> TokenizerSpec).
-
-    Built on the meta device (no memory, no init), at collection time, so tests parametrized over it
-    cover every family's tiny presets, including families added later.
-    """
-    from tokenizers_svc.registry import backend_for, list_presets, model_class
-
-    specs = {}
-    for preset in list_presets():
-        if not preset.random_init:
-            continue
-        with torch.device("meta"):
-            module = model_class(preset.class_name)(**preset.config)
-        if sum(p.numel() for p in module.parameters()) <= max_params:
-            specs[preset.name] = backend_for(preset.class_name).from_module(module, preset.name).spec
-    return specs

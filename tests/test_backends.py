@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import small_presets
 
+from tests.helpers import small_presets
 from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.errors import InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.latents import Latents, latents_from_bytes

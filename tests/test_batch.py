@@ -32,6 +32,8 @@ from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 from tokenizers_svc.registry import list_presets
 
+pytestmark = pytest.mark.slow  # the whole module starts Ray: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_MODEL = "sd-vae-tiny"
 VIDEO_MODEL = "video-vae-tiny"

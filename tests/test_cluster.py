@@ -23,6 +23,8 @@ import ray
 import yaml
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # the whole module starts Ray nodes: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -19,6 +19,10 @@ from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 from tokenizers_svc.pixels import bucket_sizes, cover_size, nearest_bucket, resize_crop, to_float_pixels
 
+pytestmark = (
+    pytest.mark.slow
+)  # the whole module starts Ray (its fixtures run the batch job): `make test-fast` skips it
+
 MODEL = "sd-vae-tiny"
 PHOTOS = ("board.jpg", "stuff.jpg", "plant.jpg")  # board and stuff: both 640x480
 OPTIONS = EncodeOptions(resize="shorter-side", resolution=48)

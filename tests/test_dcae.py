@@ -10,10 +10,11 @@ import pytest
 import torch
 from diffusers import AutoencoderDC
 
+from tests.helpers import safetensors_bytes
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.media import image_to_tensor, read_image
-from tokenizers_svc.model_stats import count_params, meta_backend, safetensors_bytes
+from tokenizers_svc.model_stats import count_params, meta_backend
 from tokenizers_svc.registry import get_preset
 
 # dc-ae-f32c32-in-1.0 as written by diffusers' scripts/convert_dcae_to_diffusers.py (the config of

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO
+
+from tests.helpers import REPO
 
 MARK = re.compile(r"^<!-- doctest(?P<server>: server)? -->$")
 FENCE = re.compile(r"^```(?P<lang>bash|python)\s*$")

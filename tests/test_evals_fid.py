@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from evals import fid
 from evals.image_metrics import psnr
-from evals.reconstruct import load_dataset
+from tests.helpers import frechet_distance_sqrtm, load_dataset, noise
 from tokenizers_svc.errors import ConfigError, ShapeMismatchError
-from tokenizers_svc.pixels import to_uint8_pixels
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +45,19 @@ def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return t.reshape(images.shape).round().clamp(0, 255).to(torch.uint8)
 
 
-def _noise(images: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    x = images.float() / 127.5 - 1 + torch.randn(images.shape, generator=gen) * (std / 127.5)
-    return to_uint8_pixels(x.clamp(-1, 1))
-
-
 def test_frechet_methods_agree_to_1e6_relative():
     rng = np.random.default_rng(0)
     d = 96
     a = rng.normal(size=(600, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)
     b = rng.normal(size=(600, d)) @ rng.normal(size=(d, d)) / np.sqrt(d) + 0.3
     sa, sb = fid.FeatureStats.from_features(a), fid.FeatureStats.from_features(b)
-    eig, ref = fid.frechet_distance(sa, sb), fid.frechet_distance_sqrtm(sa, sb)
+    eig, ref = fid.frechet_distance(sa, sb), frechet_distance_sqrtm(sa, sb)
     assert ref > 1.0
     assert abs(eig - ref) / ref < 1e-6
 
 
 def test_fid_zero_on_itself_and_symmetric(inception, val_photos, val_stats):
-    noisy = inception.features(_noise(val_photos, 24.0))  # (8, 2048): rank-deficient covariance
+    noisy = inception.features(noise(val_photos, 24.0))  # (8, 2048): rank-deficient covariance
     s, t = val_stats, fid.FeatureStats.from_features(noisy)
     assert noisy.shape == (8, fid.FEATURE_DIM) and noisy.dtype == np.float64
     assert abs(fid.frechet_distance(s, s)) < 1e-6 * np.trace(s.sigma)
@@ -119,7 +112,7 @@ def load_size_299(images: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_fid_and_psnr_track_blur_and_noise_on_real_photos(inception, val_photos, val_stats):
     ref = val_stats
-    for degrade, levels in ((_gaussian_blur, (0.6, 1.2, 2.4)), (_noise, (8.0, 24.0, 64.0))):
+    for degrade, levels in ((_gaussian_blur, (0.6, 1.2, 2.4)), (noise, (8.0, 24.0, 64.0))):
         fids, psnrs = [], []
         for level in levels:
             degraded = degrade(val_photos, level)

@@ -164,22 +164,6 @@ def test_bmp_and_tiff_are_read_and_unreadable_files_are_skipped_with_a_reason(tm
     assert items == {"a-astronaut.png", "b-chelsea.bmp", "c-coffee.tif"}
 
 
-def test_reference_features_are_cached(tmp_path):
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return np.random.default_rng(0).normal(size=(5, 8))
-
-    key = {"data": "x", "resolution": 64}
-    first, cached_first = fid.cached_features(tmp_path, key, compute)
-    again, cached_again = fid.cached_features(tmp_path, key, compute)
-    _, cached_other = fid.cached_features(tmp_path, {**key, "resolution": 128}, compute)
-    assert (cached_first, cached_again, cached_other) == (False, True, False) and len(calls) == 2
-    np.testing.assert_array_equal(first, again)
-    assert len(list(tmp_path.glob("ref-*.npz"))) == 2
-
-
 def test_video_data_with_an_image_model(shared_data, tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()

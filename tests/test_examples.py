@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import REPO
 
+from tests.helpers import REPO
 from tokenizers_svc.formats import is_video_file
 from tokenizers_svc.media import read_image, read_video
 from training.config import load_recipe

@@ -11,9 +11,9 @@ import json
 import re
 
 import torch
-from conftest import REPO
 from typer.testing import CliRunner
 
+from tests.helpers import REPO
 from tokenizers_svc.cli import app
 from tokenizers_svc.crops import load_multiscale
 from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS

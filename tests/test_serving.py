@@ -39,6 +39,8 @@ from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 from tokenizers_svc.registry import list_presets
 
+pytestmark = pytest.mark.slow  # the whole module starts Ray Serve: `make test-fast` skips it
+
 MODEL = "sd-vae-tiny"
 MAX_BODY = 1_000_000
 MAX_PIXELS = 500_000

@@ -100,7 +100,6 @@ def test_default_config_file_parses_and_bad_config_is_refused():
     served = [m.name for m in config.models]
     assert served[:2] == [DEFAULT_MODELS["image"], DEFAULT_MODELS["video"]], served  # make serve: defaults
     assert sum(m.num_cpus for m in config.models) <= 2  # every replica fits a 2-core machine
-    assert config.limits.max_body_bytes > 0
     with pytest.raises(ConfigError, match="max_batch_size"):
         parse_config({"models": [{"name": "sd-vae-tiny", "max_batch_size": 0}]})
     with pytest.raises(ConfigError, match="typo_key"):

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_presets
 
+from tests.helpers import small_presets
 from tokenizers_svc import tiling
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.loading import load_tokenizer

@@ -27,8 +27,7 @@ def minimal() -> dict:
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipes_validate_and_name_known_presets(path):
-    recipe = load_recipe(path)
-    assert recipe.total_steps > 0
+    recipe = load_recipe(path)  # raises for a recipe the schema refuses
     get_preset(recipe.model.preset)  # raises for unknown presets
 
 

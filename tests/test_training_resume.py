@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
 
+from tests.helpers import REPO
 from training.checkpointing import recipe_differences
 from training.train import cpu_threads, main
 

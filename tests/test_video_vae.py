@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
+from tests.helpers import safetensors_bytes
 from tokenizers_svc.families.autoencoder_kl_ltx import LTXVideoBackend
 from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.media import read_video, video_to_tensor
-from tokenizers_svc.model_stats import count_params, meta_backend, safetensors_bytes
+from tokenizers_svc.model_stats import count_params, meta_backend
 from tokenizers_svc.registry import get_preset
 
 # Lightricks/LTX-Video at revision 8984fa25007f376c1a299016d0957a37a2f797bb:

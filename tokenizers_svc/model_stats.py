@@ -17,7 +17,6 @@ Reference inputs: one 256x256 image, or one 17-frame 256x256 clip padded to the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,12 +29,6 @@ from tokenizers_svc.spec import TokenizerSpec
 REFERENCE_SIZE = 256  # pixels per side of the reference image / clip
 REFERENCE_FRAMES = 17  # frames of the reference clip (before padding to the frame rule)
 FLOPS_PER_MAC = 2  # what FlopCounterMode counts per multiply-accumulate
-SAFETENSORS_DTYPES = {  # torch dtype -> (header name, bytes per element, rank in safetensors' Dtype enum)
-    torch.float16: ("F16", 2, 7),
-    torch.bfloat16: ("BF16", 2, 8),
-    torch.float32: ("F32", 4, 11),
-    torch.int64: ("I64", 8, 13),
-}
 
 
 @dataclass(frozen=True)
@@ -110,23 +103,3 @@ def preset_stats(
     """Parameters and GMACs of a preset at ``input_shape`` (default: the reference input)."""
     preset = get_preset(name_or_preset) if isinstance(name_or_preset, str) else name_or_preset
     return backend_stats(preset.name, meta_backend(preset, config), input_shape)
-
-
-def safetensors_bytes(state_dict: dict[str, torch.Tensor]) -> int:
-    """Size of the safetensors file ``save_pretrained`` writes for ``state_dict``, from shapes only
-    (meta tensors work): an 8-byte header length, the JSON header (compact, sorted keys,
-    ``{"format": "pt"}`` metadata, space-padded to a multiple of 8), then the raw tensors in
-    safetensors' order (dtype descending, then name), which fixes the offsets' digit counts.
-
-    Comparing it with a released file's size checks every tensor name and shape without the download.
-    """
-    header, offset = {}, 0
-    for name in sorted(state_dict, key=lambda n: (-SAFETENSORS_DTYPES[state_dict[n].dtype][2], n)):
-        tensor = state_dict[name]
-        dtype, itemsize, _ = SAFETENSORS_DTYPES[tensor.dtype]
-        size = tensor.numel() * itemsize
-        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    length = len(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
-    return 8 + length + (-length) % 8 + offset
