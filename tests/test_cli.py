@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -20,7 +19,6 @@ from tokenizers_svc import media
 from tokenizers_svc.cli import _delegate, app
 from tokenizers_svc.latents import load_latents
 from tokenizers_svc.loading import load_tokenizer
-from tokenizers_svc.progress import Progress
 from tokenizers_svc.registry import list_presets
 
 runner = CliRunner()
@@ -157,21 +155,6 @@ def test_long_video_shows_progress_per_chunk_in_logs(shared_data, tmp_path):
     decoded = runner.invoke(app, ["decode", str(latents), "-o", str(back)])
     assert decoded.exit_code == 0, decoded.output
     assert "decode c.st" not in decoded.stderr  # decoding uses the default chunking: one pass here
-
-
-def test_progress_lines_count_rate_and_eta():
-    """Outside a terminal: a line at most every interval and one when done, with count, rate, ETA."""
-    stream = io.StringIO()
-    progress = Progress("eval", 4, "item", stream=stream, interval_s=0)
-    progress.started -= 10  # as if 10 s had passed
-    progress.update(2)
-    progress.update(2)
-    lines = stream.getvalue().splitlines()
-    assert lines[0].startswith("eval: 2/4 items (50%), 0.20 item/s, ETA 10 s")
-    assert lines[1].startswith("eval: 4/4 items (100%)")
-    unknown = Progress("batch-encode", None, "row", stream=stream, interval_s=3600)
-    unknown.update(5)  # within the interval and no total: silent
-    assert stream.getvalue().count("\n") == 2 and "5 rows" in unknown.line()
 
 
 def test_directory_input_and_name_collisions(photos, tmp_path):

@@ -5,7 +5,6 @@ equal the single-process, uninterrupted one."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -22,7 +21,6 @@ from evals import fid, image_metrics, sources, stats
 from evals.reconstruct import main
 from tests.helpers import load_dataset, noise
 from tokenizers_svc.crops import bicubic_round_trip
-from tokenizers_svc.progress import Progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,20 +208,6 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(val_dir, tmp_path, uni
     result, rows = _report(out)
     _assert_same_metrics(result, uninterrupted[0], rel=1e-6)
     assert rows == uninterrupted[1]  # every item once: no lost or repeated rows
-
-
-def test_progress_of_a_resumed_run_counts_files_and_items():
-    """The evaluation's progress: files (2 done before this run, so not in the rate) and the items cut
-    from them, each with its rate in this run."""
-    stream = io.StringIO()
-    progress = Progress("eval", 10, "file", stream=stream, interval_s=0, initial=2, also="item")
-    progress.update(4, also=12)
-    assert stream.getvalue().startswith("eval: 6/10 files (60%), ")  # not a terminal: a log line
-    two_seconds_in = progress.started + 2
-    assert (
-        progress.line(two_seconds_in)
-        == "eval: 6/10 files (60%), 2.00 file/s, 12 items (6.00 item/s), ETA 2 s"
-    )
 
 
 ALIGN_PROBE = (

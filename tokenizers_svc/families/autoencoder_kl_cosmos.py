@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs nee
     import torch
 
 # Cosmos 1.0 pipelines scale normalized latents by their EDM scheduler's ``sigma_data``, which lives
-# in the scheduler config, not the VAE's: ``EDMEulerScheduler``'s default (tests/test_video_vae.py
+# in the scheduler config, not the VAE's: ``EDMEulerScheduler``'s default (tests/test_backends.py
 # checks it against diffusers; the hub scheduler config could not be checked offline).
 COSMOS_SIGMA_DATA = 0.5
 
