@@ -20,7 +20,7 @@ from tokenizers_svc import load_tokenizer
 from tokenizers_svc.cli import app
 from tokenizers_svc.loading import build_module
 from tokenizers_svc.media import image_to_tensor, read_image
-from tokenizers_svc.registry import get_preset
+from tokenizers_svc.registry import get_preset, model_class
 from training.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,3 +224,44 @@ def test_tiny_fsq_recipe_trains_a_discrete_tokenizer_and_logs_codebook_health(sh
     ids = tokenizer.encode(photo, tokens=True)
     assert ids.ids.dtype == torch.int32 and tuple(ids.ids.shape) == (1, 8, 12)
     assert tokenizer.decode(ids, output_dtype=torch.uint8).shape == photo.shape
+
+
+@pytest.mark.slow
+def test_a_video_model_trains_its_temporal_codec_over_a_frozen_image_model(shared_data, tmp_path):
+    """cpu-video-dcae.yaml's mechanics at a tiny size: an AutoencoderDCVideo built from a saved image
+    DC-AE (model.spatial_init_from), trained on photo clips and real clips with the per-frame latent
+    objective (loss.space: frame_latents) on its temporal codec only: the exported spatial path is
+    the image model's, bit for bit; the temporal codec moved; the export loads as a video tokenizer."""
+    image_dir = tmp_path / "image"
+    spatial = get_preset("dc-ae-video-tiny").config["spatial_config"]
+    image = model_class("AutoencoderDC")(**spatial)
+    image.register_to_config(latents_mean=[0.0, 0.1, -0.1, 0.2], latents_std=[1.0, 2.0, 0.5, 1.5])
+    image.save_pretrained(str(image_dir))
+    recipe = RECIPES / "cpu-video-dcae.yaml"
+    overrides = [
+        *shared_overrides(recipe, shared_data, tmp_path / "run"),
+        "validation.path=null",
+        "model.preset=dc-ae-video-tiny",
+        f"model.spatial_init_from={image_dir}",
+        "data.sources.0.frames=5",
+        "data.sources.1.frames=5",
+        "data.crop_sizes=[32]",
+        "data.num_workers=0",
+        "phases.0.steps=4",
+        "optim.warmup_steps=0",
+        "checkpoint.every=2",
+        "logging.every=2",
+    ]
+    assert main(["--recipe", str(recipe), *overrides]) == 0
+    export = tmp_path / "run" / "export"
+    weights = load_file(str(export / "diffusion_pytorch_model.safetensors"))
+    for key, value in image.state_dict().items():
+        assert torch.equal(weights[f"spatial.{key}"], value), key
+    assert weights["temporal_decoder.conv_out.weight"].abs().sum() > 0  # zero at init
+    card = json.loads((export / "card.json").read_text())
+    assert card["train_terms_last"].keys() >= {"rec", "loss"}
+    tokenizer = load_tokenizer(export)
+    assert tokenizer.spec.family == "DC-AE-Video" and tokenizer.spec.temporal_compression == 4
+    assert tokenizer.spec.normalization.mean == pytest.approx(
+        card["metrics"]["final"]["latent_statistics"]["mean"]
+    )

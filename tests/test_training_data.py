@@ -174,3 +174,19 @@ def test_validation_images(shared_data):
     )
     images = load_validation(recipe)
     assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8
+
+
+def test_photo_clips_are_stills_pans_and_zooms_of_training_photos(shared_data):
+    """The photo_clips source: 17-frame clips rendered from the training photos on the fly, a pure
+    function of seed and step like every source, with still shots and moving shots among them."""
+    recipe = recipe_for(
+        [{"kind": "photo_clips", "path": str(shared_data / "images" / "train"), "frames": 17}],
+        crop_sizes=[32],
+    )
+    first = batches(recipe, VIDEO_SPEC, BatchPlan(seed=0), range(12))
+    again = batches(recipe, VIDEO_SPEC, BatchPlan(seed=0, start_micro_step=3), [0])
+    assert torch.equal(first[3]["pixels"], again[0]["pixels"])
+    clips = torch.cat([b["pixels"] for b in first])  # (24, 3, 17, 32, 32) uint8
+    assert clips.shape == (24, 3, 17, 32, 32) and clips.dtype == torch.uint8
+    change = (clips[:, :, 1:].float() - clips[:, :, :-1].float()).abs().flatten(1).amax(1)
+    assert (change == 0).any() and (change > 0).sum() >= 8  # still shots and moving shots (2/3 expected)

@@ -32,6 +32,9 @@ class ModelSection(_Strict):
     preset: str  # registry preset whose class and config are the starting point
     config: dict[str, Any] = Field(default_factory=dict)  # constructor kwargs overriding the preset's
     init_from: str | None = None  # a save_pretrained directory whose weights initialise the model
+    # an image model's save_pretrained directory that becomes the per-frame spatial path of a video
+    # model built on one (weights and latent statistics copied; the preset's class must support it)
+    spatial_init_from: str | None = None
     name: str | None = None  # name written into the exported card (defaults to the recipe name)
     # set config.scaling_factor = 1 / std of the exported model's raw latents on the validation images,
     # so normalized latents have unit variance for diffusion training (what SD's 0.18215 was)
@@ -42,10 +45,12 @@ class ModelSection(_Strict):
 
 
 class SourceSection(_Strict):
-    """One training source. ``kind``: image folder (recursive), video folder, or WebDataset shards."""
+    """One training source. ``kind``: image folder (recursive), video folder, WebDataset shards, or
+    ``photo_clips``: clips of ``frames`` frames made on the fly from an image folder's photos (still
+    shots, pans and zooms, tokenizers_svc.camera)."""
 
-    kind: Literal["images", "videos", "webdataset"]
-    path: str  # folder (images/videos) or a folder / glob of .tar shards (webdataset)
+    kind: Literal["images", "videos", "webdataset", "photo_clips"]
+    path: str  # folder (images/videos/photo_clips) or a folder / glob of .tar shards (webdataset)
     weight: float = Field(1.0, gt=0)  # relative probability that a batch comes from this source
     include: list[str] = Field(default_factory=list)  # glob patterns on the relative path; empty = all
     exclude: list[str] = Field(default_factory=list)  # glob patterns removed after include
@@ -94,6 +99,10 @@ class GanSection(_Strict):
 
 
 class LossSection(_Strict):
+    # "pixels": the losses below on the reconstruction. "frame_latents": MSE between a video model's
+    # per-frame latents after its temporal codec and before (models with a fixed per-frame spatial
+    # path, e.g. AutoencoderDCVideo): no decoder in the step, so the other terms do not apply
+    space: Literal["pixels", "frame_latents"] = "pixels"
     reconstruction: Literal["l1", "l2", "l1+l2"] = "l1"  # l2 is what PSNR measures
     reconstruction_weight: float = Field(1.0, ge=0)
     kl_weight: float = Field(1e-6, ge=0)  # ignored for deterministic tokenizers
@@ -164,6 +173,10 @@ class Recipe(_Strict):
     def _consistent(self) -> Recipe:
         if any(phase.gan for phase in self.phases) and self.loss.gan is None:
             raise ValueError("a phase sets gan: true but loss.gan is not configured")
+        if self.loss.space == "frame_latents" and (
+            self.loss.gan is not None or self.loss.perceptual != "none"
+        ):
+            raise ValueError("loss.space frame_latents has no reconstruction for loss.gan or loss.perceptual")
         names = [phase.name for phase in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")

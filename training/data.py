@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tokenizers_svc.camera import MOVE_KINDS, random_move, render_clip
 from tokenizers_svc.errors import ConfigError, TokenizerError
 from tokenizers_svc.formats import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from tokenizers_svc.formats import VIDEO_SUFFIXES as VIDEO_EXTENSIONS
@@ -33,7 +34,7 @@ from tokenizers_svc.media import decode_image, probe_video, read_image, read_vid
 from tokenizers_svc.pixels import center_crop as center_square
 from tokenizers_svc.pixels import resize_uint8
 from tokenizers_svc.spec import TokenizerSpec
-from training.config import Recipe, SourceSection
+from training.config import DataSection, Recipe, SourceSection
 
 
 def list_files(root: Path, extensions: tuple[str, ...], include: list[str], exclude: list[str]) -> list[Path]:
@@ -94,6 +95,12 @@ class Source:
 
     def summary(self) -> dict:
         return {"kind": self.section.kind, "path": self.section.path, "items": len(self)}
+
+    def crop(
+        self, frames: np.ndarray, size: int, rng: np.random.Generator, data: DataSection
+    ) -> torch.Tensor:
+        """A loaded item (T, H, W, 3) uint8 -> a training sample (3, T, size, size) uint8."""
+        return random_crop(frames, size, rng, data.min_scale, data.hflip, data.max_scale)
 
 
 class ImageFolder(Source):
@@ -206,10 +213,44 @@ class WebDatasetShards(Source):
         return {**super().summary(), "shards": len(self.shards)}
 
 
+class PhotoClips(ImageFolder):
+    """Clips of ``frames`` frames made from the folder's photos as they are drawn: a still shot, a pan
+    or a zoom (equally likely; :mod:`tokenizers_svc.camera`, the moves the evaluation's held-out
+    photo clips use). The photo is first resized so that its shorter side is ``u`` times the crop
+    size, ``u`` log-uniform in [1, 2 x the photo's own shorter side / crop size]: from the whole
+    photo in view to detail magnified twice (the multi-scale part); ``data.min_scale`` and
+    ``max_scale`` do not apply."""
+
+    kind = "photo_clips"
+
+    def __init__(self, section: SourceSection, cache: _DecodeCache) -> None:
+        super().__init__(section, cache)
+        self.frames = section.frames
+
+    def crop(
+        self, frames: np.ndarray, size: int, rng: np.random.Generator, data: DataSection
+    ) -> torch.Tensor:
+        photo = torch.from_numpy(np.ascontiguousarray(frames[0])).permute(2, 0, 1)  # (3, H, W) uint8
+        short = min(photo.shape[-2:])
+        high = max(1.0, 2.0 * short / size)
+        scale = math.exp(rng.uniform(0.0, math.log(high)))
+        h, w = photo.shape[-2:]
+        resized = resize_uint8(
+            photo, (max(size, round(h * size * scale / short)), max(size, round(w * size * scale / short)))
+        )
+        kind = MOVE_KINDS[int(rng.integers(len(MOVE_KINDS)))]
+        move = random_move(kind, *resized.shape[-2:], size, self.frames, rng)
+        clip = render_clip(resized, move, self.frames, size)  # (3, T, size, size)
+        if data.hflip and rng.random() < 0.5:
+            clip = clip.flip(-1)
+        return clip
+
+
 SOURCE_KINDS: dict[str, type[Source]] = {
     "images": ImageFolder,
     "videos": VideoFolder,
     "webdataset": WebDatasetShards,
+    "photo_clips": PhotoClips,
 }
 
 
@@ -344,8 +385,7 @@ class TrainBatches(Dataset):
             except TokenizerError:
                 skipped.append(source.name(index))
                 continue
-            data = self.recipe.data
-            return random_crop(frames, size, rng, data.min_scale, data.hflip, data.max_scale)
+            return source.crop(frames, size, rng, self.recipe.data)
         raise ConfigError(
             f"no file of data source {source.section.path!r} could be decoded", param="data.sources"
         )

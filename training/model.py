@@ -31,6 +31,18 @@ def build_backend(recipe: Recipe) -> Backend:
             return _quantized_from_continuous(
                 module, preset.class_name, recipe.model.config["quantizer"], name
             )
+    elif recipe.model.spatial_init_from:
+        cls = model_class(preset.class_name)
+        if not hasattr(cls, "from_image_model"):
+            raise ConfigError(
+                f"{preset.class_name} has no per-frame spatial path to initialise from an image model",
+                param="model.spatial_init_from",
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)  # the temporal layers' random init
+            module = cls.from_image_model(
+                recipe.model.spatial_init_from, **{**preset.config, **recipe.model.config}
+            )
     else:
         try:
             module = build_module(
@@ -79,10 +91,19 @@ class Autoencoder(nn.Module):
         self.rank, self.world_size = rank, world_size
 
     def forward(
-        self, x: torch.Tensor
+        self, x: torch.Tensor, frame_latents: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """-> (reconstruction like x, posterior mean, logvar | None, token ids | None). A quantized
-        model decodes its rounded codes (straight-through gradients) and has no posterior noise."""
+        model decodes its rounded codes (straight-through gradients) and has no posterior noise.
+        ``frame_latents``: (prediction, target, None, None) of the backend's per-frame latent
+        objective (``loss.space: frame_latents``), each (N, c, T, h, w), instead."""
+        if frame_latents:
+            if not hasattr(self.backend, "frame_latent_objective"):
+                raise ConfigError(
+                    f"{self.backend.spec.family} has no per-frame latent objective; use loss.space: pixels",
+                    param="loss.space",
+                )
+            return (*self.backend.frame_latent_objective(x), None, None)
         mean, logvar = self.backend.encode_moments(x)  # (N, c, [t,] h, w) each
         quantizer = self.backend.quantizer
         if quantizer is not None:

@@ -298,6 +298,12 @@ class Trainer:
         models = [self.model] + ([self.discriminator] if self.discriminator is not None else [])
         contexts = [nullcontext() if sync else acc.no_sync(m) for m in models]
         with contexts[0]:
+            if loss_cfg.space == "frame_latents":
+                prediction, target, _, _ = self.model(x, frame_latents=True)  # (B, c, T, h, w) each
+                rec = torch.nn.functional.mse_loss(prediction.float(), target.float())
+                terms = {"rec": rec, "loss": rec}
+                acc.backward(rec / accum)
+                return {k: float(v.detach()) for k, v in terms.items()}
             recon, mean, logvar, ids = self.model(x)
             if ids is not None:
                 self.window_counts += id_counts(ids, self.spec.quantizer.vocabulary_size)

@@ -8,6 +8,7 @@ see :mod:`tokenizers_svc.families.base` for the contract.
 
 from tokenizers_svc.families import (
     autoencoder_dc,
+    autoencoder_dc_video,
     autoencoder_kl,
     autoencoder_kl_cogvideox,
     autoencoder_kl_cosmos,
@@ -20,6 +21,7 @@ from tokenizers_svc.families import (
 
 FAMILIES = (
     autoencoder_dc,
+    autoencoder_dc_video,
     autoencoder_kl,
     autoencoder_kl_ltx,
     autoencoder_kl_wan,
