@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tokenizers_svc.crops import DEFAULT_SCALES, list_media, multiscale_crops, square_crops
 from tokenizers_svc.errors import InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.formats import EVAL_IMAGE_SUFFIXES, EVAL_ONLY_IMAGE_FORMATS
+from tokenizers_svc.manifests import read_manifest
 from tokenizers_svc.media import decode_image, read_video
 
 
@@ -85,13 +86,9 @@ def _tar_entries(tar: Path) -> list[Entry]:
 
 
 def _parquet_entries(path: Path) -> list[Entry]:
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise InvalidRequestError(f"no Parquet file at {path}", param="data")
-    table = pq.read_table(path, columns=["path"])
-    paths = [str(p) for p in table.column("path").to_pylist()]
-    return [Entry(p, str(p if Path(p).is_absolute() else path.parent / p)) for p in paths]
+    """A Parquet manifest's rows (:func:`tokenizers_svc.manifests.read_manifest`), named as listed;
+    empty rows are left out."""
+    return [Entry(listed, absolute) for listed, absolute in read_manifest(path, param="data") if listed]
 
 
 def entry_bytes(entry: Entry, tars: dict | None = None) -> bytes:

@@ -15,12 +15,11 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from tokenizers_svc.errors import ConfigError, TokenizerError
 from tokenizers_svc.formats import is_media_file
 from tokenizers_svc.limits import Limits
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
+from tokenizers_svc.manifests import read_manifest
 from tokenizers_svc.pipeline import EncodeOptions
 from tokenizers_svc.pixels import bucket_sizes
 from tokenizers_svc.spec import FrameRule
@@ -114,19 +113,10 @@ def list_inputs(spec: str) -> tuple[list[str], list[dict]]:
     ignored: list[dict] = []
     first: dict[str, str] = {}  # input -> how it was first listed (a manifest row, a path)
     if path.is_file() and path.suffix == ".parquet":
-        table = pq.read_table(path)
-        if "path" not in table.column_names:
-            raise ConfigError(
-                f"manifest {path.name} needs a 'path' column, got columns {table.column_names}",
-                param="input",
-            )
-        base = path.resolve().parent
-        column = "path_bytes" if "path_bytes" in table.column_names else "path"
-        for row, name in enumerate(table.column(column).to_pylist()):
-            if not name:
+        for row, (listed, absolute) in enumerate(read_manifest(path, param="input")):
+            if not listed:
                 ignored.append({"path": "", "reason": f"empty path in row {row} of {path.name}"})
                 continue
-            absolute = os.path.abspath(base / os.fsdecode(name))
             if absolute in first:
                 reason = f"duplicate: row {row} of {path.name} repeats {first[absolute]}"
                 ignored.append({"path": absolute, "reason": reason})
