@@ -141,6 +141,8 @@ def test_two_servers_and_a_batch_job_side_by_side(tmp_path, shared_data, photo_u
         for port in ports:
             command = [CLI, "serve", "--config", config, "--port", str(port), "--num-cpus", "1"]
             servers.append(_Started(command, tmp_path / f"serve-{port}.log", env))
+            if len(servers) == 1:  # its Ray is up: a first-ever start has written ~/.ray/auth_token,
+                _wait_for_line(servers[0], "loading models")  # which the others then read, not race to write
         output = tmp_path / "latents"
         photos = sorted((shared_data / "images" / "val").iterdir())[:6]
         inputs = tmp_path / "photos"
@@ -268,6 +270,9 @@ class _Cluster:
         port = _free_port()
         self.address = f"127.0.0.1:{port}"
         self.started: list[_Started] = []
+        # ray start uses token auth only when a token exists (a local ray.init makes one, ray start
+        # does not): make one if this machine has none, as docs/serving.md says to.
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, capture_output=True, check=True)
         head = [
             "--head",
             f"--port={port}",
