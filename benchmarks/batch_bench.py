@@ -1,13 +1,25 @@
-"""Batch job throughput vs a plain in-process loop over the same files and model, in one run.
+"""Batch job throughput vs the best plain in-process loop over the same files and model, two cases in one run.
 
-Both sides do the same work per file: read, decode, resize (shorter side), encode, serialize the
-latent file and write it to Parquet. The loop is the simplest correct script (one file at a time,
-one process, all torch threads); the job is ``serving.batch`` on a local Ray (decode in CPU tasks,
-``--workers`` encoder actors). Both times include loading the model; Ray's own start-up is
-reported separately. Prints items/s for each and the ratio job/loop.
+Cases (each on ``--items`` inputs, the photos of ../shared/data/images repeated, as in a real
+dataset where start-up is amortized):
 
-    .venv/bin/python benchmarks/batch_bench.py [--input ../shared/data/images] [--resolution 128]
-        [--workers 1] [--batch-size 8] [--num-cpus 2] [--model sd-vae-tiny] [--loop-threads N]
+- **model-bound**: the default image model (tsvc-image-f8c4) at 256 (``--resize shorter-side``);
+- **decode-bound**: a tiny model (dc-ae-f32c32-tiny) on the full-size photos, at 64 by default:
+  each photo is decoded and resized at full size and the model sees 64 px, so decoding and
+  resizing are most of the work, as on a fast GPU. ``--decode-resolution 0`` encodes at full
+  size instead (on CPUs the tiny DC-AE then costs ~0.6 CPU-s per 0.6 MP photo: model-bound again).
+
+Both sides do the same work per file: read, decode, resize, encode, serialize the latent file,
+write it to Parquet. The loop is the simplest correct script (one file at a time, one process),
+run at its best torch thread count: each count from 1 to the CPUs is timed on the first
+``--calibrate`` files, then the whole loop runs at the fastest. The job is ``serving.batch`` with
+its defaults only (it sizes itself: serving/batch/sizing.py) on a local Ray started with
+``--num-cpus``. Both times include loading the model; Ray's start-up is reported apart, and so is
+the time from Ray being up to the job's first row on disk (``first_row_s``).
+
+    .venv/bin/python benchmarks/batch_bench.py [--items 500] [--num-cpus N] [--calibrate 40]
+        [--cases model-bound decode-bound] [--model tsvc-image-f8c4] [--resolution 256]
+        [--decode-model dc-ae-f32c32-tiny] [--decode-resolution 64]
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +39,31 @@ import torch
 
 from serving import batch
 from tokenizers_svc.errors import TokenizerError
+from tokenizers_svc.formats import is_media_file
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 
 REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO.parent / "shared" / "data" / "images"
 
 
-def plain_loop(paths: list[str], model: str, options: EncodeOptions, out: Path) -> tuple[float, int]:
-    """One file at a time in this process -> (seconds, rows)."""
+def repeated_photos(source: Path, items: int, folder: Path) -> list[str]:
+    """``items`` files in ``folder``: the photos under ``source`` copied round-robin (distinct files,
+    as a dataset has; links would be listed once)."""
+    photos = sorted(p for p in source.rglob("*") if p.is_file() and is_media_file(p))
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(items):
+        photo = photos[i % len(photos)]
+        target = folder / f"{i:06d}-{photo.name}"
+        shutil.copyfile(photo, target)
+        paths.append(str(target))
+    return paths
+
+
+def plain_loop(paths: list[str], model: str, options: EncodeOptions, out: Path, threads: int) -> float:
+    """One file at a time in this process with ``threads`` torch threads -> seconds (model load included)."""
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     tokenizer = load_tokenizer(model)
     rows = []
@@ -44,70 +74,105 @@ def plain_loop(paths: list[str], model: str, options: EncodeOptions, out: Path) 
         except TokenizerError as exc:
             rows.append({"source_path": path, "latents": None, "error": f"{exc.type}: {exc.message}"})
     pq.write_table(pa.Table.from_pylist(rows), out / "loop.parquet")
-    return time.perf_counter() - start, len(rows)
+    return time.perf_counter() - start
+
+
+def best_loop(
+    paths: list[str], model: str, options: EncodeOptions, out: Path, cpus: int, calibrate: int
+) -> dict:
+    """The loop at its best torch thread count: each count timed on the first ``calibrate`` files
+    (after one warm-up pass), then every file at the fastest."""
+    head = paths[:calibrate]
+    plain_loop(head[:2], model, options, out, 1)  # warm-up: file cache, first-call set-up
+    trials = {threads: plain_loop(head, model, options, out, threads) for threads in range(1, cpus + 1)}
+    threads = min(trials, key=trials.get)
+    seconds = plain_loop(paths, model, options, out, threads)
+    return {
+        "threads": threads,
+        "calibration_s": {str(k): round(v, 2) for k, v in trials.items()},
+        "seconds": round(seconds, 2),
+        "items_per_s": round(len(paths) / seconds, 3),
+    }
+
+
+def run_job(folder: Path, model: str, resize: list[str], out: Path, cpus: int) -> dict:
+    """``serving.batch`` with defaults only on a fresh local Ray of ``cpus`` CPUs."""
+    started = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray_init_s = time.perf_counter() - started
+    argv = ["--input", str(folder), "--output", str(out), "--model", model, *resize]
+    try:
+        started = time.perf_counter()
+        manifest = batch.run(batch.build_parser().parse_args(argv), argv)
+        seconds = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    rows = manifest["outputs"]["rows"]
+    return {
+        "seconds": round(seconds, 2),
+        "rows": rows,
+        "errors": manifest["outputs"]["error_rows"],
+        "items_per_s": round(rows / seconds, 3),
+        "first_row_s": manifest["run"]["first_row_s"],
+        "ray_init_s": round(ray_init_s, 2),
+        "size": manifest["run"]["size"],
+    }
+
+
+def run_case(name: str, model: str, resolution: int, args: argparse.Namespace, tmp: Path) -> dict:
+    folder = tmp / f"{name}-inputs"
+    paths = repeated_photos(Path(args.photos), args.items, folder)
+    if resolution:
+        options = EncodeOptions(resize="shorter-side", resolution=resolution)
+        resize = ["--resize", "shorter-side", "--resolution", str(resolution)]
+    else:
+        options, resize = EncodeOptions(), []
+    load = [round(os.getloadavg()[0], 2)]
+    loop = best_loop(paths, model, options, tmp, args.num_cpus, args.calibrate)
+    job = run_job(folder, model, resize, tmp / f"{name}-job", args.num_cpus)
+    load.append(round(os.getloadavg()[0], 2))
+    shutil.rmtree(folder)
+    result = {
+        "case": name,
+        "model": model,
+        "resolution": resolution or "full size",
+        "items": len(paths),
+        "loop": loop,
+        "job": job,
+        "ratio_job_over_best_loop": round(job["items_per_s"] / loop["items_per_s"], 3),
+        "load_average_1min": load,  # before, after: the box is shared
+    }
+    print(
+        f"{name}: job {job['items_per_s']} items/s (first row {job['first_row_s']} s after Ray was up) vs "
+        f"loop {loop['items_per_s']} items/s at {loop['threads']} threads -> {result['ratio_job_over_best_loop']}x",
+        flush=True,
+    )
+    return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", default=str(REPO.parent / "shared" / "data" / "images"))
-    p.add_argument("--model", default="sd-vae-tiny")
-    p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--photos", default=str(PHOTOS), help="folder of photos, repeated to --items")
+    p.add_argument("--items", type=int, default=500)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument(
-        "--loop-threads", type=int, default=None, help="torch threads for the loop (default: torch's)"
+        "--calibrate", type=int, default=40, help="files per thread count when finding the loop's best"
     )
+    p.add_argument(
+        "--cases", nargs="+", choices=("model-bound", "decode-bound"), default=["model-bound", "decode-bound"]
+    )
+    p.add_argument("--model", default="tsvc-image-f8c4")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--decode-model", default="dc-ae-f32c32-tiny")
+    p.add_argument("--decode-resolution", type=int, default=64, help="0: encode at full size")
     args = p.parse_args()
-    if args.loop_threads:
-        torch.set_num_threads(args.loop_threads)
-    load_before = os.getloadavg()[0]
-
-    paths, _ = batch.list_inputs(args.input)
-    options = EncodeOptions(resize="shorter-side", resolution=args.resolution)
-    with tempfile.TemporaryDirectory() as tmp:
-        loop_s, loop_rows = plain_loop(paths, args.model, options, Path(tmp))
-
-        t0 = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-        ray_init_s = time.perf_counter() - t0
-        argv = [
-            "--input", args.input, "--output", str(Path(tmp) / "job"), "--model", args.model,
-            "--resize", "shorter-side", "--resolution", str(args.resolution),
-            "--workers", str(args.workers), "--batch-size", str(args.batch_size),
-        ]  # fmt: skip
-        t0 = time.perf_counter()
-        manifest = batch.run(batch.build_parser().parse_args(argv), argv)
-        job_s = time.perf_counter() - t0
-        ray.shutdown()
-
-    job_rows = manifest["outputs"]["rows"]
-    result = {
-        "files": len(paths),
-        "model": args.model,
-        "resolution": args.resolution,
-        "workers": args.workers,
-        "batch_size": args.batch_size,
-        "num_cpus": args.num_cpus,
-        "loop_torch_threads": torch.get_num_threads(),
-        "job_torch_threads_per_actor": 1,
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
-        "loop": {"seconds": round(loop_s, 2), "rows": loop_rows, "items_per_s": round(loop_rows / loop_s, 2)},
-        "job": {
-            "seconds": round(job_s, 2),
-            "rows": job_rows,
-            "errors": manifest["outputs"]["error_rows"],
-            "items_per_s": round(job_rows / job_s, 2),
-            "bytes_written": manifest["run"]["bytes_written"],
-            "ray_init_s": round(ray_init_s, 2),
-        },
+    cases = {
+        "model-bound": (args.model, args.resolution),
+        "decode-bound": (args.decode_model, args.decode_resolution),
     }
-    result["ratio_job_over_loop"] = round(result["job"]["items_per_s"] / result["loop"]["items_per_s"], 2)
-    print(json.dumps(result, indent=2))
-    print(
-        f"job {result['job']['items_per_s']} items/s vs loop {result['loop']['items_per_s']} items/s "
-        f"-> ratio {result['ratio_job_over_loop']}"
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [run_case(name, *cases[name], args, Path(tmp)) for name in args.cases]
+    print(json.dumps({"num_cpus": args.num_cpus, "cases": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The offline way of running tokenizers on Ray (the HTTP app is the online one), in its own modules:
 :mod:`~serving.batch.plan` (inputs, model and options, validated on the driver),
-:mod:`~serving.batch.stages` (decode on CPU tasks -> encode on an actor pool -> write shards),
+:mod:`~serving.batch.sizing` (how many actors, threads, decode tasks, rows per call),
+:mod:`~serving.batch.stages` (decode -> encode on an actor pool -> write shards),
 :mod:`~serving.batch.output` (atomic shards, run ownership, progress) and
 :mod:`~serving.batch.driver` (``main``/``run``: the pipeline and the manifest).
 
@@ -16,7 +17,14 @@ resumes without gaps or duplicates. docs/batch.md has the row schema.
 from serving.batch.driver import build_parser, main, run, summary_line
 from serving.batch.output import RUN_FILE, read_progress, shard_paths
 from serving.batch.plan import JobPlan, list_inputs, make_plan
-from serving.batch.stages import PREPARED_SCHEMA, EncodeWorker, prepare_input, prepare_row, write_shard
+from serving.batch.stages import (
+    PREPARED_SCHEMA,
+    EncodeWorker,
+    prepare_input,
+    prepare_row,
+    prepared_table,
+    write_shard,
+)
 from tokenizers_svc.datasets import ROW_SCHEMA
 
 __all__ = [
@@ -31,6 +39,7 @@ __all__ = [
     "make_plan",
     "prepare_input",
     "prepare_row",
+    "prepared_table",
     "read_progress",
     "run",
     "shard_paths",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from serving.batch import sizing
 from serving.batch.output import (
     INPUTS_FILE,
     JOB_FILE,
@@ -35,19 +37,23 @@ from serving.batch.output import (
     shard_paths,
     write_atomic,
 )
-from serving.batch.plan import DTYPES, JobPlan, list_inputs, make_plan, path_text
-from serving.batch.stages import EncodeWorker, prepare_row, write_shard
+from serving.batch.plan import DTYPES, JobPlan, check_flags, list_inputs, make_plan, path_text
+from serving.batch.sizing import GPU_BATCH_SIZE, JobSize, ModelCost, Resources
+from serving.batch.stages import EncodeWorker, prepare_batch, write_shard
+from tokenizers_svc import media
+from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.datasets import MANIFEST_FILE, SHARD_PREFIX
 from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.formats import is_video_file
-from tokenizers_svc.loading import resolved_dtype
+from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.options import add_arguments
-from tokenizers_svc.pixels import CROP_MODES
+from tokenizers_svc.pixels import CROP_MODES, policy_size
 from tokenizers_svc.progress import Progress as ProgressLog  # output.Progress: what the shards hold
 from tokenizers_svc.ray_cluster import init_ray, started_here
 
-MAX_INPUT_BLOCKS = 1000  # one CPU task per block of inputs; enough blocks to keep a cluster busy
+MAX_INPUT_BLOCKS = 1000  # blocks of pending inputs; enough to spread over a cluster's actors
+FLUSH_S = 30.0  # a shard at least this often while rows come (a killed run loses at most this)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,18 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="frames per video clip (default: 16 rounded up to the frame rule)",
     )
-    p.add_argument(
-        "--batch-size", type=int, default=8, help="rows per encoder call (same shapes batch together)"
-    )
     p.add_argument("--shard-rows", type=int, default=256, help="rows per Parquet shard (at most)")
-    p.add_argument("--workers", type=int, default=1, help="encoder actors")
+    # How big the stages are: chosen from the cluster and the model (serving/batch/sizing.py)
+    # unless given; each flag overrides its part only.
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per encoder call; same shapes batch together (default: about 1 s of model work on "
+        f"CPUs, {GPU_BATCH_SIZE} on GPUs)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="encoder actors (default: one per CPU, or one per GPU)"
+    )
     p.add_argument(
         "--num-gpus-per-worker",
         type=float,
         default=None,
         help="GPUs per encoder actor (default: 1 when the Ray cluster has GPUs, else 0)",
     )
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per encoder actor")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="Ray CPUs per encoder actor, and as many torch threads (default: the CPUs shared by the "
+        "actors, the cores by their torch threads; 1 per actor with GPUs)",
+    )
+    p.add_argument(
+        "--decode-tasks",
+        type=int,
+        default=None,
+        help="Ray Data tasks decoding ahead of the encoder actors; 0: each actor decodes its own inputs "
+        "(default: 0 on CPUs, the CPUs the actors leave with GPUs)",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on a GPU)")
     p.add_argument(
         "--limit", type=int, default=None, help="encode at most this many pending inputs, then stop"
@@ -164,48 +191,6 @@ def _check_job(output: Path, plan: JobPlan, previous: dict | None) -> None:
         )
 
 
-def _gpus_per_worker(requested: float | None) -> float:
-    import ray
-
-    available = ray.cluster_resources().get("GPU", 0)
-    if requested is None:
-        return 1.0 if available else 0.0
-    if requested < 0:
-        raise ConfigError(f"--num-gpus-per-worker must be >= 0, got {requested}", param="num_gpus_per_worker")
-    if requested > available:
-        raise ConfigError(
-            f"--num-gpus-per-worker {requested} but the Ray cluster has {available:g} GPUs",
-            param="num_gpus_per_worker",
-        )
-    return requested
-
-
-def _fit_workers(workers: int, cpus_per_worker: float) -> tuple[float, float]:
-    """(CPUs per encoder actor, CPUs per read/write task) that let the job make progress: the
-    actors may take at most the cluster's CPUs less what one read/write task needs (1, or half
-    the cluster when it has fewer than 2), else every CPU sits in an actor waiting for rows that
-    no task is left to decode. Asking for more is scaled down, with a note on stderr."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    task_cpus = min(1.0, total / 2)
-    budget = total - task_cpus
-    if task_cpus <= 0:
-        raise ConfigError(
-            "the Ray cluster has no CPUs; the job's read and write tasks need some", param="workers"
-        )
-    if workers * cpus_per_worker <= budget:
-        return cpus_per_worker, task_cpus
-    fitted = budget / workers
-    print(
-        f"batch-encode: --workers {workers} x --cpus-per-worker {cpus_per_worker:g} would take every one of "
-        f"the cluster's {total:g} CPUs and leave none for reading inputs; using {fitted:.3g} CPUs per "
-        f"worker ({task_cpus:g} kept for the read/write tasks)",
-        file=sys.stderr,
-    )
-    return fitted, task_cpus
-
-
 def _restarts() -> dict:
     """Encoder actor restarts: Ray Data's default (restart forever) on a cluster this job joined,
     where a lost node must not stop the job; none on a local instance this process started, where
@@ -230,46 +215,118 @@ def _claim(output: Path, plan: JobPlan, previous: dict | None) -> str:
     return run_id
 
 
+def _item_shape(plan: JobPlan, sample: str | None) -> tuple[int, ...]:
+    """The shape (1, 3, [T,] H, W) of a typical item after the resize or crop, from a sample
+    image's header (no pixels decoded); with no image, a clip of 512x512 frames."""
+    dims = media.probe_dimensions(Path(sample).read_bytes()) if sample is not None else None
+    frames, height, width = dims if dims is not None else (plan.clip_frames, 512, 512)
+    if plan.crop_sizes:
+        height, width = plan.crop_sizes[0]
+    elif plan.options.resize != "none":
+        height, width = policy_size(height, width, plan.options.resize, plan.options.resolution)
+    if plan.modality == "image":
+        return (1, 3, height, width)
+    return (1, 3, min(frames or 1, plan.clip_frames), height, width)
+
+
+def _model_cost(tokenizer: Tokenizer, plan: JobPlan, pending: list[dict]) -> ModelCost:
+    """What one item costs the model, measured on this machine (sizing.probe_seconds_per_item) at
+    the size of the first pending image (videos are not read for this: 512x512 frames then)."""
+    paths = (os.fsdecode(item["path"]) for item in pending)
+    sample = next((path for path in paths if not is_video_file(path)), None)
+    try:
+        shape = _item_shape(plan, sample)
+    except OSError:  # unreadable: it becomes an error row; size the job for a typical photo
+        shape = _item_shape(plan, None)
+    seconds = sizing.probe_seconds_per_item(tokenizer, shape)
+    params = sum(p.numel() for p in tokenizer.module.parameters())
+    return ModelCost(seconds=seconds, pixels=math.prod(shape[2:]), params=params)
+
+
+def _size(args: argparse.Namespace, cost: ModelCost, pending: int) -> JobSize:
+    size = sizing.choose(
+        Resources.of_cluster(),
+        cost,
+        pending,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.num_gpus_per_worker,
+        decode_tasks=args.decode_tasks,
+        batch_size=args.batch_size,
+    )
+    print(f"batch-encode: {size.describe()}", file=sys.stderr)
+    return size
+
+
+class _ShardWriter:
+    """Encoded rows -> shards, on the driver: the first rows at once (the job shows output within
+    seconds), then a shard per ``shard_rows`` rows or per FLUSH_S seconds, whichever comes first
+    (a killed run loses at most that much work), and the rest at the end."""
+
+    def __init__(self, output: Path, run_id: str, shard_rows: int) -> None:
+        self.output, self.run_id, self.shard_rows = output, run_id, shard_rows
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+        self.last = time.monotonic()
+        self.summaries: list[dict] = []
+        self.first_shard_at: float | None = None  # time.perf_counter() when the first shard landed
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if not self.summaries or self.rows >= self.shard_rows or time.monotonic() - self.last >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        rows = pa.concat_tables(self.pending) if self.pending else None
+        self.pending, self.rows, self.last = [], 0, time.monotonic()
+        for start in range(0, rows.num_rows if rows is not None else 0, self.shard_rows):
+            self.summaries.append(
+                write_shard(rows.slice(start, self.shard_rows), output=self.output, run_id=self.run_id)
+            )
+            self.first_shard_at = self.first_shard_at or time.perf_counter()
+
+
 def _encode(
-    pending: list[dict], plan: JobPlan, args: argparse.Namespace, gpus: float, output: Path, run_id: str
-) -> list[dict]:
-    """The Ray Data pipeline over ``pending`` inputs -> one summary row per shard written. Progress
-    counts rows as shards land: of the pending inputs when all are images (one row each), else
-    (clips) without a total."""
+    pending: list[dict], plan: JobPlan, args: argparse.Namespace, size: JobSize, output: Path, run_id: str
+) -> _ShardWriter:
+    """The Ray Data pipeline over ``pending`` inputs -> the writer (its shards' summaries). Progress
+    counts rows as they are encoded: of the pending inputs when all are images (one row each),
+    else (clips) without a total."""
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
-    worker_cpus, task_cpus = _fit_workers(args.workers, args.cpus_per_worker)
     ds = ray.data.from_items(pending, override_num_blocks=min(len(pending), MAX_INPUT_BLOCKS))
-    # flat_map: one input -> several rows (clips); Ray Data keeps it in CPU tasks instead of
-    # fusing it into the encoder actors.
-    ds = ds.flat_map(prepare_row, fn_kwargs={"plan": plan}, num_cpus=task_cpus)
+    if size.decode_tasks:  # decoding apart, ahead of the encoders; uint8 pixels in one Arrow buffer
+        ds = ds.map_batches(
+            prepare_batch,
+            fn_kwargs={"plan": plan},
+            batch_size=size.batch_size,
+            batch_format="pyarrow",
+            num_cpus=size.cpus_per_decode_task,
+            compute=ray.data.TaskPoolStrategy(size=size.decode_tasks),
+        )
     with warnings.catch_warnings():  # Ray 2.60 sets max_restarts through ray_remote_args only
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
         ds = ds.map_batches(
             EncodeWorker,
-            fn_constructor_args=(plan, max(1, int(worker_cpus))),
-            batch_size=args.batch_size,
+            fn_constructor_args=(plan, size.torch_threads, size.decode_tasks == 0),
+            batch_size=size.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=args.workers),
-            num_gpus=gpus,
-            num_cpus=worker_cpus,
+            # two calls queued per actor: the next batch is at hand, the tail stays short
+            compute=ray.data.ActorPoolStrategy(size=size.workers, max_tasks_in_flight_per_actor=2),
+            num_gpus=size.gpus_per_worker,
+            num_cpus=size.cpus_per_worker,
             **_restarts(),
         )
-    ds = ds.map_batches(
-        write_shard,
-        fn_kwargs={"output": str(output), "run_id": run_id},
-        batch_size=args.shard_rows,
-        batch_format="pyarrow",
-        num_cpus=task_cpus,
-    )
     total = None if any(is_video_file(os.fsdecode(item["path"])) for item in pending) else len(pending)
-    summaries = []
+    writer = _ShardWriter(output, run_id, args.shard_rows)
     with ProgressLog("batch-encode", total, "row") as progress:
-        for summary in ds.iter_rows():
-            summaries.append(summary)
-            progress.update(summary["ok"] + summary["errors"])
-    return summaries
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(table)
+            progress.update(table.num_rows)
+        writer.flush()
+    return writer
 
 
 def _manifest(
@@ -333,7 +390,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         args.model = default_model_for(inputs)
     output = _checked_output(args.output)
     previous = _previous_job(output)
-    plan = make_plan(args, device="cpu")
+    check_flags(args)
+    tokenizer = load_tokenizer(args.model, device="cpu")
+    plan = make_plan(args, "cpu", tokenizer)
     if args.dtype == "auto" and previous is not None:  # auto resumes in the dtype the job began with
         plan = replace(plan, dtype=previous.get("dtype", plan.dtype))
     _check_job(output, plan, previous)
@@ -346,18 +405,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     skipped = len(inputs) - len(pending)
     pending = pending[: args.limit]
 
-    summaries, wall = [], 0.0
+    summaries, wall, size, first_row_s = [], 0.0, None, None
     if pending:  # else nothing to do, and no Ray started for it
+        cost = _model_cost(tokenizer, plan, pending)
+        del tokenizer  # the actors load their own
         if not ray.is_initialized():
             init_ray(args.address, dashboard_port=args.dashboard_port, announce="batch-encode")
-        gpus = _gpus_per_worker(args.num_gpus_per_worker)
-        if gpus > 0:  # --dtype auto: bfloat16 on GPUs, unless the job began in another dtype
+        ray_up = time.perf_counter()
+        size = _size(args, cost, len(pending))
+        if size.gpus_per_worker > 0:  # --dtype auto: bfloat16 on GPUs, unless the job began in another
             dtype = plan.dtype if previous is not None else resolved_dtype(args.dtype, "cuda")
             plan = replace(plan, device="cuda", dtype=dtype)
         run_id = _claim(output, plan, previous)
         started = time.perf_counter()
-        summaries = _encode(pending, plan, args, gpus, output, run_id)
+        writer = _encode(pending, plan, args, size, output, run_id)
         wall = time.perf_counter() - started
+        summaries = writer.summaries
+        if writer.first_shard_at is not None:
+            first_row_s = round(writer.first_shard_at - ray_up, 3)
 
     ok = sum(s["ok"] for s in summaries)
     errors = sum(s["errors"] for s in summaries)
@@ -370,6 +435,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "bytes_written": sum(s["bytes"] for s in summaries),
         "wall_s": round(wall, 3),
         "rows_per_s": round((ok + errors) / wall, 3) if summaries else 0.0,
+        "first_row_s": first_row_s,  # from Ray being up to the first shard on disk
+        "size": size.to_dict() if size is not None else None,  # what the job chose (or was told)
     }
     manifest = _manifest(args, argv, plan, inputs, ignored, run, read_progress(output), output)
     _write_manifest(output, inputs, manifest)

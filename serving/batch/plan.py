@@ -15,6 +15,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.errors import ConfigError, TokenizerError
 from tokenizers_svc.formats import is_media_file
 from tokenizers_svc.limits import Limits
@@ -151,12 +152,13 @@ def clip_ranges(frames: int, clip_frames: int) -> list[tuple[int, int]]:
     return [(s, min(s + clip_frames, frames)) for s in range(0, frames, clip_frames)]
 
 
-def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
-    """Validate the arguments against the model (loaded once here, on CPU) before any work."""
+def check_flags(args: argparse.Namespace) -> None:
+    """The arguments that need no model: counts, and options that go together."""
     for name in (
         "batch_size",
         "shard_rows",
         "workers",
+        "cpus_per_worker",
         "clip_frames",
         "stride",
         "max_frames",
@@ -166,6 +168,10 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}", param=name)
+    for name in ("decode_tasks", "num_gpus_per_worker"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}", param=name)
     if args.resize != "none" and args.resolution is None:
         raise ConfigError(f"--resize {args.resize} needs --resolution", param="resolution")
     if args.crop != "none" and (args.resolution is None or args.resize != "none"):
@@ -178,7 +184,13 @@ def make_plan(args: argparse.Namespace, device: str) -> JobPlan:
         raise ConfigError("--aspect-buckets needs --crop center or --crop random", param="aspect_buckets")
     if args.seed is not None and not args.sample:
         raise ConfigError("--seed only applies with --sample", param="seed")
-    tokenizer = load_tokenizer(args.model, device="cpu")
+
+
+def make_plan(args: argparse.Namespace, device: str, tokenizer: Tokenizer | None = None) -> JobPlan:
+    """Validate the arguments against the model (loaded here on CPU, unless the caller has it)
+    before any work."""
+    check_flags(args)
+    tokenizer = tokenizer or load_tokenizer(args.model, device="cpu")
     spec = tokenizer.spec
     dtype = resolved_dtype(args.dtype, device)
     if dtype not in spec.dtypes:

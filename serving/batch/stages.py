@@ -1,12 +1,14 @@
-"""The job's three stages, each a function or class Ray Data runs on a block of rows.
+"""The job's stages: what Ray Data runs on a block of rows, and the shard writer the driver runs.
 
-1. :func:`prepare_row` (CPU tasks): read the input's bytes once, hash and sniff them once, decode,
-   cut video clips; rows carry uint8 pixels as decoded.
+1. :func:`prepare_row` (decoding): read the input's bytes once, hash and sniff them once, decode,
+   cut video clips; rows carry uint8 pixels as decoded. It runs inside the encoder actors when
+   they decode their own inputs (CPUs only), or in Ray Data tasks ahead of them
+   (:func:`prepare_batch`, GPUs), which hand the pixels on as one Arrow buffer.
 2. :class:`EncodeWorker` (an actor pool, one model each): apply the plan's resize or crop, encode
    rows of the same resulting shape in one call (``pipeline.run_in_groups``: a failing group is retried item
    by item, as in the server, and whatever the model raises on an item becomes that item's error
    row), fill the latent file.
-3. :func:`write_shard` (CPU tasks): one Parquet shard per block, written atomically.
+3. :func:`write_shard` (the driver): rows -> one Parquet shard, written atomically.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -38,11 +41,11 @@ from tokenizers_svc.pixels import (
     resize_pixels,
     to_float_pixels,
 )
-from tokenizers_svc.wire import dtype_name, tensor_from_bytes, tensor_to_bytes
+from tokenizers_svc.wire import PIXEL_DTYPES, dtype_name
 
-# Between the CPU and the encoder stage: pixels in the wire format (tokenizers_svc.wire), shape
-# (1, 3, H, W) or (1, 3, T, H, W), uint8 [0, 255] as decoded (float [-1, 1] is accepted too, for
-# pixels made elsewhere). Null on error rows.
+# Between decode tasks and the encoder actors: pixels as raw C-order bytes (the wire format of
+# tokenizers_svc.wire), shape (1, 3, H, W) or (1, 3, T, H, W), uint8 [0, 255] as decoded (float
+# [-1, 1] is accepted too, for pixels made elsewhere). Null on error rows.
 PREPARED_SCHEMA = pa.schema(
     [
         *ROW_SCHEMA,
@@ -51,21 +54,67 @@ PREPARED_SCHEMA = pa.schema(
         ("pixel_dtype", pa.string()),
     ]
 )
-SUMMARY_SCHEMA = pa.schema(
-    [("shard", pa.string()), ("ok", pa.int64()), ("errors", pa.int64()), ("bytes", pa.int64())]
-)
-
 
 # ---------------------------------------------------------------------------------------------- CPU stage
 
 
 def prepare_row(item: dict, *, plan: JobPlan) -> list[dict]:
-    """CPU stage (Ray Data tasks, ``flat_map``): ``{path, done_ids}`` -> rows to encode (pixels
-    set) and error rows, with PREPARED_SCHEMA's columns. Clips whose id is in ``done_ids`` are
+    """``{path, done_ids}`` -> rows to encode (``pixels``: a uint8 tensor) and error rows
+    (``pixels`` None), with PREPARED_SCHEMA's other columns. Clips whose id is in ``done_ids`` are
     already written by an earlier run and are left out."""
     done = set(item["done_ids"])
     path = os.fsdecode(item["path"])  # bytes from the driver (any file name), or text
     return [row for row in prepare_input(path, plan, plan.key()) if row["id"] not in done]
+
+
+def prepare_batch(items: pa.Table, *, plan: JobPlan) -> pa.Table:
+    """Decode stage (Ray Data tasks, when decoding runs apart from the encoders): ``{path,
+    done_ids}`` rows -> PREPARED_SCHEMA rows, one per image or clip or failed input."""
+    return prepared_table([row for item in items.to_pylist() for row in prepare_row(item, plan=plan)])
+
+
+def prepared_table(rows: list[dict]) -> pa.Table:
+    """Rows with tensor pixels -> PREPARED_SCHEMA: each item's pixels copied once, into the Arrow
+    column's buffer."""
+    pixels = [row["pixels"] for row in rows]
+    table = pa.Table.from_pylist(
+        [
+            {
+                **row,
+                "pixels": None,
+                "pixel_shape": None if p is None else list(p.shape),
+                "pixel_dtype": None if p is None else dtype_name(p.dtype),
+            }
+            for row, p in zip(rows, pixels, strict=True)
+        ],
+        schema=PREPARED_SCHEMA,
+    )
+    column = pa.array(
+        [None if p is None else memoryview(p.contiguous().numpy()).cast("B") for p in pixels],
+        type=pa.large_binary(),
+    )
+    return table.set_column(table.schema.get_field_index("pixels"), "pixels", column)
+
+
+def _pixel_views(table: pa.Table) -> list[torch.Tensor | None]:
+    """PREPARED_SCHEMA's pixels as tensors over the Arrow buffer, without a copy (read only: the
+    encoder makes float pixels of them before anything is written)."""
+    views: list[torch.Tensor | None] = []
+    shapes = table.column("pixel_shape").to_pylist()
+    dtypes = table.column("pixel_dtype").to_pylist()
+    for chunk in table.column("pixels").chunks:
+        _, offsets, data = chunk.buffers()
+        starts = np.frombuffer(offsets, dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        for i in range(len(chunk)):
+            shape, dtype = shapes[len(views)], dtypes[len(views)]
+            if not chunk[i].is_valid:
+                views.append(None)
+                continue
+            torch_dtype = PIXEL_DTYPES[dtype]
+            count = int(starts[i + 1] - starts[i]) // torch_dtype.itemsize
+            flat = torch.frombuffer(data, dtype=torch_dtype, count=count, offset=int(starts[i]))
+            views.append(flat.reshape(shape))
+    return views
 
 
 def _row(plan: JobPlan, key: dict, path: str, clip: tuple[int, int] | None = None, **fields) -> dict:
@@ -82,17 +131,9 @@ def _row(plan: JobPlan, key: dict, path: str, clip: tuple[int, int] | None = Non
     return row
 
 
-def _with_pixels(row: dict, pixels: torch.Tensor) -> dict:
-    return {
-        **row,
-        "pixels": tensor_to_bytes(pixels),
-        "pixel_shape": list(pixels.shape),
-        "pixel_dtype": dtype_name(pixels.dtype),
-    }
-
-
 def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
-    """One input path -> its rows: one per image, one per video clip, or one error row."""
+    """One input path -> its rows: one per image, one per video clip, or one error row; ``pixels``
+    holds the decoded uint8 (1, 3, H, W) or (1, 3, t, H, W), None on an error row."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -117,7 +158,7 @@ def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
     height, width = loaded.original_size
     common = {"sha256": sha, "kind": loaded.kind, "original_height": height, "original_width": width}
     if loaded.kind == "image":
-        return [_with_pixels(_row(plan, key, path, **common), loaded.pixels)]
+        return [_row(plan, key, path, **common, pixels=loaded.pixels)]
     ranges = clip_ranges(loaded.num_frames, plan.clip_frames)
     rows = []
     for index, (s, e) in enumerate(ranges):
@@ -136,16 +177,11 @@ def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
             fps=loaded.fps,
             original_frames=loaded.num_frames,
         )
-        rows.append(_with_pixels(row, loaded.pixels[:, :, s:e]))  # (1, 3, t, H, W) uint8
+        rows.append({**row, "pixels": loaded.pixels[:, :, s:e]})  # (1, 3, t, H, W) uint8
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- encoder
-
-
-def _pixels(row: dict) -> torch.Tensor:
-    """A prepared row's pixels back as a tensor (see PREPARED_SCHEMA for layout and range)."""
-    return tensor_from_bytes(row["pixels"], row["pixel_shape"], row["pixel_dtype"])
 
 
 def _ray_node_id() -> str | None:
@@ -157,9 +193,11 @@ def _ray_node_id() -> str | None:
 
 class EncodeWorker:
     """Encoder stage (Ray Data actor pool): loads the model once, encodes each group of rows of the
-    same resized shape in one call, and returns rows in ROW_SCHEMA (pixels dropped, latents filled)."""
+    same resized shape in one call, and returns rows in ROW_SCHEMA (pixels dropped, latents filled).
+    With ``decode`` it takes ``{path, done_ids}`` rows and decodes them itself (:func:`prepare_row`),
+    else PREPARED_SCHEMA rows from the decode tasks."""
 
-    def __init__(self, plan: JobPlan, num_threads: int) -> None:
+    def __init__(self, plan: JobPlan, num_threads: int, decode: bool = False) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.tokenizer = load_tokenizer(plan.model, device=plan.device, dtype=getattr(torch, plan.dtype))
         if self.tokenizer.weights_hash != plan.weights_hash:
@@ -169,12 +207,21 @@ class EncodeWorker:
                 param="model",
             )
         self.plan = plan
+        self.decode = decode
         self.node_id = _ray_node_id()
         # The resize happens here, per row, so that rows of any source size batch by resized size.
         self.options = replace(plan.options, resize="none", resolution=None)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        rows = [{**row, "encoder_node": self.node_id} for row in table.to_pylist()]  # PREPARED_SCHEMA
+        if self.decode:
+            rows = [row for item in table.to_pylist() for row in prepare_row(item, plan=self.plan)]
+        else:
+            views = _pixel_views(table)
+            rows = table.drop_columns(["pixels"]).to_pylist()
+            for row, pixels in zip(rows, views, strict=True):
+                row["pixels"] = pixels
+        for row in rows:
+            row["encoder_node"] = self.node_id
         pending = [i for i, row in enumerate(rows) if row["error"] is None]
         if self.plan.crop != "none":
             for i in pending:
@@ -186,12 +233,12 @@ class EncodeWorker:
             rows[i] = (
                 {**rows[i], "error": error_text(result)} if isinstance(result, TokenizerError) else result
             )
-        return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA).select(ROW_SCHEMA.names)
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)  # pixels left behind
 
     def _crop_window(self, row: dict) -> dict:
         """The row's bucket (its crop size) and where the crop sits in the item resized to cover it
         (SDXL's crop coordinates): the center, or a window drawn from the row id, so a rerun agrees."""
-        *_, height, width = row["pixel_shape"]
+        *_, height, width = row["pixels"].shape
         size = nearest_bucket(height, width, self.plan.crop_sizes)
         cover = cover_size(height, width, size)
         draw = random.Random(row["id"])
@@ -206,7 +253,7 @@ class EncodeWorker:
     def _group_key(self, row: dict, index: int) -> tuple:
         """Rows that stack: the same shape after the resize or crop. Sampling is seeded per item, so
         sampled items go one by one."""
-        *lead, height, width = row["pixel_shape"]
+        *lead, height, width = row["pixels"].shape
         if self.plan.crop != "none":
             height, width = row["bucket_height"], row["bucket_width"]
         elif self.plan.options.resize != "none":
@@ -215,7 +262,7 @@ class EncodeWorker:
 
     def _model_input(self, row: dict) -> torch.Tensor:
         """(1, 3, [T,] H', W') float [-1, 1] after the plan's resize or crop; validated by the Tokenizer."""
-        pixels = _pixels(row)
+        pixels = row["pixels"]
         pixels = to_float_pixels(pixels) if pixels.dtype == torch.uint8 else pixels
         if self.plan.crop != "none":
             size = (row["bucket_height"], row["bucket_width"])
@@ -256,11 +303,11 @@ class EncodeWorker:
 # ---------------------------------------------------------------------------------------------- shards
 
 
-def write_shard(table: pa.Table, *, output: str, run_id: str) -> pa.Table:
-    """Writer stage (Ray Data tasks): rows -> one Parquet shard, written under a temporary name and
-    renamed, so that a shard is either complete or absent. A writer left over from a killed run
-    (its driver gone, the cluster still up) finds another run id in RUN_FILE and discards its
-    shard: the current run encodes those inputs itself. Returns one SUMMARY_SCHEMA row."""
+def write_shard(table: pa.Table, *, output: str | Path, run_id: str) -> dict:
+    """Rows -> one Parquet shard, written under a temporary name and renamed, so that a shard is
+    either complete or absent. A writer whose run no longer owns the directory (a later run of the
+    same command took it over) finds another run id in RUN_FILE and discards its shard: the current
+    run encodes those inputs itself. Returns ``{shard, ok, errors, bytes}`` (shard "" when discarded)."""
     rows = table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
     directory = Path(output)
     shard = f"{SHARD_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}"
@@ -268,13 +315,12 @@ def write_shard(table: pa.Table, *, output: str, run_id: str) -> pa.Table:
     pq.write_table(rows, tmp)
     if owner(directory) != run_id:
         tmp.unlink(missing_ok=True)
-        return pa.Table.from_pylist([{"shard": "", "ok": 0, "errors": 0, "bytes": 0}], schema=SUMMARY_SCHEMA)
+        return {"shard": "", "ok": 0, "errors": 0, "bytes": 0}
     os.replace(tmp, directory / shard)
     errors = rows.num_rows - rows.column("error").null_count
-    summary = {
+    return {
         "shard": shard,
         "ok": rows.num_rows - errors,
         "errors": errors,
         "bytes": (directory / shard).stat().st_size,
     }
-    return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)

@@ -1,0 +1,231 @@
+"""How big the job's stages are, chosen from the cluster's resources and the model's measured cost.
+
+With no tuning flags the job sizes itself (docs/batch.md, "What the job chooses by itself"):
+
+- **CPUs only**: every core runs the model. One encoder actor per CPU, each with one torch thread,
+  decoding its own inputs (``decode_tasks = 0``): a core that decodes and then encodes is never
+  idle, pixels never leave the process, and several single-threaded model copies scale better
+  than one copy with many threads (intra-op threading loses to data parallelism on small inputs).
+  Fewer, wider actors only when memory cannot hold one model copy per core.
+- **GPUs**: one encoder actor per GPU (one CPU each, to feed it), and every other CPU decodes in
+  Ray Data tasks ahead of the actors, since a GPU encodes faster than one core decodes.
+- **Batch size**: on CPUs, about :data:`TARGET_BATCH_S` of model work per encoder call, from the
+  model's cost measured on the driver (:func:`probe_seconds_per_item`): the first rows come within
+  seconds and the per-call overhead stays small; on GPUs :data:`GPU_BATCH_SIZE`.
+
+Each flag (``--workers``, ``--cpus-per-worker``, ``--num-gpus-per-worker``, ``--decode-tasks``,
+``--batch-size``) overrides its part; the rest is still derived. Whatever is chosen, the actors'
+Ray CPUs leave room for the decode tasks, else no task could run and the job would wait forever.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tokenizers_svc.errors import ConfigError
+
+TARGET_BATCH_S = 1.0  # CPU-seconds of model work per encoder call, at one torch thread
+MAX_CPU_BATCH = 32
+GPU_BATCH_SIZE = 32
+PROBE_PIXELS = 128 * 128  # the probe encodes the planned item shrunk to about this many pixels
+ACTOR_BASE_BYTES = 1.0e9  # a Ray worker with torch and the library imported, before any model
+ACTIVATION_BYTES_PER_PIXEL = 1024  # a conv VAE's peak activations per input pixel, float32
+MEMORY_SHARE = 0.7  # of Ray's memory resource the encoder actors may plan to use
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the Ray cluster offers the job (``ray.cluster_resources()``)."""
+
+    cpus: float
+    gpus: float
+    memory: float  # bytes: Ray's "memory" resource (what tasks and actors may use)
+
+    @classmethod
+    def of_cluster(cls) -> Resources:
+        import ray
+
+        total = ray.cluster_resources()
+        return cls(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0), memory=total.get("memory", 0.0))
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """One item's model work, as the sizing sees it."""
+
+    seconds: float  # CPU-seconds per item at one torch thread (measured on the driver)
+    pixels: int  # pixels per item after the resize or crop (all frames of a clip)
+    params: int  # parameters of the model
+
+    def actor_bytes(self, batch_size: int) -> float:
+        """A rough upper estimate of one encoder actor's memory: worker, float32 weights, activations."""
+        return ACTOR_BASE_BYTES + 4 * self.params + ACTIVATION_BYTES_PER_PIXEL * self.pixels * batch_size
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """The job's stages: encoder actors, their Ray CPUs/GPUs and torch threads, decode tasks (0:
+    each actor decodes its own inputs), rows per encoder call, and why."""
+
+    workers: int
+    torch_threads: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    decode_tasks: int
+    cpus_per_decode_task: float
+    batch_size: int
+    why: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        decode = (
+            "decoding in the actors"
+            if self.decode_tasks == 0
+            else f"{self.decode_tasks} decode tasks x {self.cpus_per_decode_task:.3g} CPU"
+        )
+        gpus = f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
+        return (
+            f"{self.workers} encoder actors x {self.torch_threads} torch threads ({self.cpus_per_worker:.3g} "
+            f"CPU{gpus} each), {decode}, batch {self.batch_size}: {self.why}"
+        )
+
+
+def probe_seconds_per_item(tokenizer, item_shape: tuple[int, ...]) -> float:
+    """CPU-seconds one item of ``item_shape`` (1, 3, [T,] H, W) costs the model at one torch thread,
+    measured on this machine: the item shrunk to about PROBE_PIXELS per frame, encoded twice (the
+    first call pays one-time set-up), and scaled up by the pixel count (conv work grows linearly)."""
+    *lead, height, width = item_shape
+    scale = min(1.0, math.sqrt(PROBE_PIXELS / (height * width)))
+    multiple = tokenizer.spec.multiple
+    probe = [max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)]
+    pixels = torch.zeros(*lead, *probe)  # float [-1, 1]: mid grey
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokenizer.encode(pixels)
+        started = time.thread_time()
+        tokenizer.encode(pixels)
+        seconds = time.thread_time() - started
+    finally:
+        torch.set_num_threads(threads)
+    return seconds * (height * width) / (probe[0] * probe[1])
+
+
+def choose(
+    resources: Resources,
+    cost: ModelCost,
+    pending: int,
+    *,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    decode_tasks: int | None = None,
+    batch_size: int | None = None,
+) -> JobSize:
+    """The job's size for ``pending`` inputs on ``resources``; each argument given (a flag) wins."""
+    if resources.cpus <= 0:
+        raise ConfigError("the Ray cluster has no CPUs; the job's decoding needs some", param="workers")
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if resources.gpus >= 1 else 0.0
+    if gpus_per_worker < 0 or gpus_per_worker > resources.gpus:
+        raise ConfigError(
+            f"--num-gpus-per-worker {gpus_per_worker:g} but the Ray cluster has {resources.gpus:g} GPUs",
+            param="num_gpus_per_worker",
+        )
+    if gpus_per_worker > 0:
+        return _on_gpus(resources, workers, cpus_per_worker, gpus_per_worker, decode_tasks, batch_size)
+    return _on_cpus(resources, cost, pending, workers, cpus_per_worker, decode_tasks, batch_size)
+
+
+def _on_gpus(
+    resources: Resources,
+    workers: int | None,
+    cpus_per_worker: float | None,
+    gpus_per_worker: float,
+    decode_tasks: int | None,
+    batch_size: int | None,
+) -> JobSize:
+    workers = workers or max(1, math.floor(resources.gpus / gpus_per_worker + 1e-9))
+    cpus_per_worker = cpus_per_worker or min(1.0, resources.cpus / (2 * workers))
+    left = resources.cpus - workers * cpus_per_worker
+    if decode_tasks is None:
+        decode_tasks = max(1, math.floor(left))
+    batch_size = batch_size or GPU_BATCH_SIZE
+    why = (
+        f"{resources.gpus:g} GPUs: one actor per {gpus_per_worker:g} GPU, the other "
+        f"{max(left, 0):g} CPUs decode ahead of them"
+    )
+    return _fitted(resources, workers, cpus_per_worker, gpus_per_worker, decode_tasks, batch_size, why, None)
+
+
+def _on_cpus(
+    resources: Resources,
+    cost: ModelCost,
+    pending: int,
+    workers: int | None,
+    cpus_per_worker: float | None,
+    decode_tasks: int | None,
+    batch_size: int | None,
+) -> JobSize:
+    cores = max(1, math.floor(resources.cpus))
+    threads = max(1, round(cpus_per_worker)) if cpus_per_worker else None
+    reasons = [f"{resources.cpus:g} CPUs, model {cost.seconds:.3g} CPU-s per item"]
+    automatic = workers is None
+    if automatic:
+        workers = max(1, min(cores // (threads or 1), pending))
+    if batch_size is None:
+        per_call = math.floor(TARGET_BATCH_S * (threads or 1) / cost.seconds)
+        batch_size = max(1, min(per_call, MAX_CPU_BATCH, math.ceil(pending / workers)))
+    if automatic:
+        by_memory = max(1, math.floor(MEMORY_SHARE * resources.memory / cost.actor_bytes(batch_size)))
+        if by_memory < workers:
+            workers = by_memory
+            reasons.append(f"memory for {by_memory} model copies")
+    if decode_tasks is None:
+        decode_tasks = 0
+        reasons.append("each actor decodes its own inputs, so every core runs the model")
+    threads = threads or max(1, cores // workers)
+    cpus_per_worker = cpus_per_worker or resources.cpus / workers
+    return _fitted(
+        resources, workers, cpus_per_worker, 0.0, decode_tasks, batch_size, "; ".join(reasons), threads
+    )
+
+
+def _fitted(
+    resources: Resources,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    decode_tasks: int,
+    batch_size: int,
+    why: str,
+    threads: int | None,
+) -> JobSize:
+    """The size with the actors' Ray CPUs scaled down, if need be, so that the decode tasks (when
+    any) keep CPUs to run on: one CPU each at most, and half the cluster for all of them at most."""
+    decode_cpus = min(float(decode_tasks), resources.cpus / 2) if decode_tasks else 0.0
+    budget = resources.cpus - decode_cpus
+    fitted = min(cpus_per_worker, budget / workers)
+    if fitted < cpus_per_worker:
+        why += (
+            f"; {workers} actors x {cpus_per_worker:g} CPUs would leave the decode tasks none: "
+            f"{fitted:.3g} Ray CPUs each (torch threads unchanged)"
+        )
+    left = resources.cpus - workers * fitted
+    per_task = min(1.0, left / decode_tasks) if decode_tasks else 0.0
+    return JobSize(
+        workers=workers,
+        torch_threads=threads or max(1, round(cpus_per_worker)),
+        cpus_per_worker=fitted,
+        gpus_per_worker=gpus_per_worker,
+        decode_tasks=decode_tasks,
+        cpus_per_decode_task=per_task,
+        batch_size=batch_size,
+        why=why,
+    )

@@ -1,0 +1,81 @@
+"""What the batch job chooses by itself from the cluster's resources and the model's cost, and how
+each flag overrides its part (serving/batch/sizing.py). No Ray: the choice is a pure function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving.batch.sizing import ModelCost, Resources, choose, probe_seconds_per_item
+from tokenizers_svc.errors import ConfigError
+from tokenizers_svc.loading import load_tokenizer
+
+GB = 1e9
+DEFAULT_AT_256 = ModelCost(seconds=0.27, pixels=256 * 341, params=6_747_927)  # tsvc-image-f8c4, measured
+LARGE_FULL_SIZE = ModelCost(seconds=20.0, pixels=600_000, params=83_653_863)  # sd-vae-ft-mse on photos
+
+
+def test_cpus_only_every_core_runs_the_model_and_decodes_its_own_inputs():
+    """The issue's 2-CPU machine: was one actor with one thread (0.44x a plain loop)."""
+    size = choose(Resources(cpus=2, gpus=0, memory=8 * GB), DEFAULT_AT_256, pending=500)
+    assert (size.workers, size.torch_threads, size.cpus_per_worker) == (2, 1, 1.0)
+    assert size.decode_tasks == 0 and size.gpus_per_worker == 0
+    assert size.batch_size == 3  # about a second of model work per call: floor(1 / 0.27)
+    assert "every core runs the model" in size.describe()
+
+
+def test_gpus_get_one_actor_each_and_the_other_cpus_decode():
+    size = choose(Resources(cpus=16, gpus=2, memory=100 * GB), DEFAULT_AT_256, pending=10_000)
+    assert (size.workers, size.gpus_per_worker, size.cpus_per_worker) == (2, 1.0, 1.0)
+    assert (size.decode_tasks, size.cpus_per_decode_task, size.batch_size) == (14, 1.0, 32)
+    assert size.workers * size.cpus_per_worker + size.decode_tasks * size.cpus_per_decode_task <= 16
+
+
+def test_memory_limits_model_copies_and_widens_them():
+    """64 cores but memory for 5 copies of a large model on full-size photos: 5 actors, 12 threads."""
+    size = choose(Resources(cpus=64, gpus=0, memory=16 * GB), LARGE_FULL_SIZE, pending=1000)
+    per_actor = LARGE_FULL_SIZE.actor_bytes(1)
+    assert size.batch_size == 1 and size.workers == int(0.7 * 16 * GB // per_actor) == 5
+    assert size.torch_threads == 64 // 5 and "memory for 5 model copies" in size.why
+
+
+def test_no_more_actors_than_work():
+    size = choose(Resources(cpus=16, gpus=0, memory=100 * GB), DEFAULT_AT_256, pending=3)
+    assert (size.workers, size.batch_size, size.torch_threads) == (3, 1, 5)
+
+
+def test_flags_override_their_part_and_decode_tasks_keep_cpus():
+    """--workers 2 --cpus-per-worker 2 --decode-tasks 1 on 2 CPUs would leave the decode task no
+    CPU (the job would wait forever): the actors' Ray CPUs shrink, their torch threads stay."""
+    size = choose(
+        Resources(cpus=2, gpus=0, memory=8 * GB),
+        DEFAULT_AT_256,
+        pending=500,
+        workers=2,
+        cpus_per_worker=2,
+        decode_tasks=1,
+        batch_size=8,
+    )
+    assert (size.workers, size.torch_threads, size.batch_size) == (2, 2, 8)
+    assert size.cpus_per_worker == 0.5 and (size.decode_tasks, size.cpus_per_decode_task) == (1, 1.0)
+    assert "would leave the decode tasks none" in size.why
+    gpu = choose(
+        Resources(cpus=8, gpus=4, memory=64 * GB), DEFAULT_AT_256, 100, gpus_per_worker=2, decode_tasks=0
+    )
+    assert (gpu.workers, gpu.gpus_per_worker, gpu.decode_tasks) == (2, 2.0, 0)
+
+
+def test_impossible_resources_are_config_errors():
+    with pytest.raises(ConfigError, match="has 0 GPUs"):
+        choose(Resources(cpus=2, gpus=0, memory=8 * GB), DEFAULT_AT_256, 10, gpus_per_worker=1)
+    with pytest.raises(ConfigError, match="no CPUs"):
+        choose(Resources(cpus=0, gpus=1, memory=8 * GB), DEFAULT_AT_256, 10)
+
+
+def test_probe_measures_the_model_at_one_thread_and_restores_threads():
+    tokenizer = load_tokenizer("sd-vae-tiny")
+    threads = torch.get_num_threads()
+    small = probe_seconds_per_item(tokenizer, (1, 3, 64, 64))  # probed at its own size
+    large = probe_seconds_per_item(tokenizer, (1, 3, 480, 640))  # probed at ~128^2, scaled up
+    assert torch.get_num_threads() == threads
+    assert 0 < small < large
