@@ -2,11 +2,14 @@
 
 The body cap runs before the application reads anything: a declared ``Content-Length`` over the cap
 is refused at once, and a chunked body is counted as it arrives and refused as soon as it passes the
-cap (the rest is never buffered). The application then reads the already-buffered body.
+cap (the rest is never buffered). A body that is not complete within ``body_timeout_s`` (a stalled
+or trickled upload) is refused with 408. Both refusals close the connection (``Connection: close``),
+so the client's unread bytes never hold it. The application then reads the already-buffered body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -16,7 +19,13 @@ from dataclasses import dataclass
 
 from serving.error_response import error_response
 from serving.metrics import ServiceMetrics
-from tokenizers_svc.errors import AuthenticationError, InternalError, LimitExceededError, TokenizerError
+from tokenizers_svc.errors import (
+    AuthenticationError,
+    BodyTimeoutError,
+    InternalError,
+    LimitExceededError,
+    TokenizerError,
+)
 
 Scope = dict
 Message = dict
@@ -32,6 +41,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class MiddlewareSettings:
     max_body_bytes: int
+    body_timeout_s: float = 30.0
     api_key: str | None = None
     metrics: ServiceMetrics | None = None
 
@@ -82,8 +92,11 @@ class ServiceMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        async def refuse(error: TokenizerError) -> None:
-            await error_response(error)(scope, receive, send_with_id)
+        async def refuse(error: TokenizerError, *, close: bool = False) -> None:
+            response = error_response(error)
+            if close:
+                response.headers["connection"] = "close"
+            await response(scope, receive, send_with_id)
 
         response_started = False
 
@@ -97,9 +110,9 @@ class ServiceMiddleware:
             if error is not None:
                 await refuse(error)
                 return
-            body, error = await self._read_body(scope, receive, settings.max_body_bytes)
+            body, error = await self._read_body(scope, receive, settings)
             if error is not None:
-                await refuse(error)
+                await refuse(error, close=True)
                 return
             if body is None:  # client went away
                 return
@@ -128,24 +141,34 @@ class ServiceMiddleware:
 
     @staticmethod
     async def _read_body(
-        scope: Scope, receive: Receive, cap: int
+        scope: Scope, receive: Receive, settings: MiddlewareSettings
     ) -> tuple[bytes | None, TokenizerError | None]:
+        """(body, None), (None, the refusal) or (None, None) when the client went away."""
+        cap, deadline = settings.max_body_bytes, settings.body_timeout_s
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
             return None, _too_large(cap, int(declared))
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None, None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > cap:
-                return None, _too_large(cap, size, streaming=True)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), None
+        try:
+            async with asyncio.timeout(deadline):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None, None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > cap:
+                        return None, _too_large(cap, size, streaming=True)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks), None
+        except TimeoutError:
+            return None, BodyTimeoutError(
+                f"the request body did not arrive within {deadline:g} s ({size:,} bytes received); "
+                "send it at once, or raise body_timeout_s",
+                param="body",
+            )
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

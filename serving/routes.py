@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Annotated
 
 import torch
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -40,6 +40,7 @@ from serving.schemas import (
     ModelInfo,
     ModelList,
     ServiceConfig,
+    check_query,
 )
 from serving.worker import InProcessModel
 from tokenizers_svc import media
@@ -56,7 +57,7 @@ from tokenizers_svc.errors import (
 )
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.limits import Cost
-from tokenizers_svc.pipeline import EncodeOptions, check_decode_cost, check_encode_cost
+from tokenizers_svc.pipeline import EncodeOptions, check_decode_cost, check_encode_cost, check_media_kind
 from tokenizers_svc.spec import FrameRule
 from tokenizers_svc.wire import LATENT_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, parse_shape, tensor_from_bytes
 
@@ -130,9 +131,19 @@ async def _tokenizer_error(request: Request, error: TokenizerError) -> Response:
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0]
     param = str(first["loc"][-1]) if first.get("loc") else None
-    return error_response(
-        InvalidRequestError(f"{param}: {first['msg']} (got {first.get('input')!r})", param=param)
-    )
+    got = repr(first.get("input"))
+    got = got if len(got) <= 80 else got[:80] + "..."  # a 10 KB value is not echoed whole
+    return error_response(InvalidRequestError(f"{param}: {first['msg']} (got {got})", param=param))
+
+
+def strict_query(params: type) -> Depends:
+    """A route dependency: the query holds only ``params``' names, single-valued ones once
+    (``schemas.check_query``); it runs before the values are validated."""
+
+    def check(request: Request) -> None:
+        check_query(params, request.query_params.multi_items())
+
+    return Depends(check)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -178,11 +189,13 @@ class Ingress:
                 replicas=m.autoscaling.min_replicas if m.autoscaling else m.num_replicas,
                 concurrency=m.ongoing,
                 retry_after_s=self.config.retry_after_s,
+                max_batch_units=m.max_batch_pixels,
             )
             for m in self.config.models
         }
         app.state.middleware = MiddlewareSettings(
             max_body_bytes=self.config.limits.max_body_bytes,
+            body_timeout_s=self.config.body_timeout_s,
             api_key=os.environ.get(self.config.api_key_env) if self.config.api_key_env else None,
             metrics=self.metrics,
         )
@@ -209,6 +222,9 @@ class Ingress:
         except OverloadedError:
             self.metrics.rejected.labels(model, "cannot_finish_in_time").inc()
             raise
+        except LimitExceededError:
+            self.metrics.rejected.labels(model, "longer_than_timeout").inc()
+            raise
         timeout = self.timeouts[model]
         job.deadline = time.time() + timeout
         called = time.perf_counter()
@@ -217,6 +233,7 @@ class Ingress:
         gauge.inc()
         retry = self.config.retry_after_s
         reply: Reply | ErrorReply | None = None
+        timed_out = False
         try:
             reply = await asyncio.wait_for(response, timeout)
         except BackPressureError:
@@ -234,11 +251,13 @@ class Ingress:
             raise
         except TimeoutError:
             response.cancel()
+            timed_out = True  # it needed at least the timeout: the next one like it may be refused
             self.metrics.rejected.labels(model, "timeout").inc()
             raise RequestTimeoutError(f"{model} did not answer within {timeout} s", param="model") from None
         finally:
             gauge.dec()
-            self.admission[model].release(ticket, reply.compute_s if isinstance(reply, Reply) else None)
+            compute_s = reply.compute_s if isinstance(reply, Reply) else None
+            self.admission[model].release(ticket, compute_s, timed_out=timed_out)
         if isinstance(reply, ErrorReply):
             raise reply.to_error()
         self.metrics.batch_size.labels(model, method).observe(reply.batch_size)
@@ -299,7 +318,10 @@ class Ingress:
         return await self._describe(model)
 
     @app.post(
-        "/v1/models/{model}/encode", openapi_extra=ENCODE_BODY, responses={**ENCODE_RESPONSES, **ERRORS}
+        "/v1/models/{model}/encode",
+        openapi_extra=ENCODE_BODY,
+        responses={**ENCODE_RESPONSES, **ERRORS},
+        dependencies=[strict_query(EncodeParams)],
     )
     async def encode(
         self, request: Request, model: ModelName, params: Annotated[EncodeParams, Query()]
@@ -312,6 +334,7 @@ class Ingress:
         "/v1/models/{model}/diffusers/encode",
         openapi_extra=ENCODE_BODY,
         responses={**ENCODE_RESPONSES, **ERRORS},
+        dependencies=[strict_query(DiffusersEncodeParams)],
     )
     async def diffusers_encode(
         self, request: Request, model: ModelName, params: Annotated[DiffusersEncodeParams, Query()]
@@ -328,9 +351,12 @@ class Ingress:
         body = await request.body()
         content_type = _content_type(request)
         job.output = "tensor" if _accepts(request) == TENSOR_TYPE else default_output
+        info = await self._describe(model)
         if content_type == TENSOR_TYPE or (params.shape and content_type in ("", "application/octet-stream")):
             shape = parse_shape(params.shape)
             cost = self._pixel_cost(shape, job.options)
+            frames = shape[2] if len(shape) == 5 else None
+            check_media_kind(model, info["modality"], "video" if frames else "image", frames)
             job.tensor = tensor_from_bytes(body, shape, params.dtype)
         elif content_type.startswith(("image/", "video/")) or content_type in (
             "",
@@ -338,6 +364,9 @@ class Ingress:
         ):
             if not body:
                 raise InvalidRequestError("request body is empty; expected an image or a video", param="body")
+            # what the body is (magic bytes) decides before admission: a video for an image model is
+            # a 422 at once, never a 503 from a queue it should not have joined
+            check_media_kind(model, info["modality"], media.sniff_media(body))
             cost = self._media_cost(body, job.options)
             job.data = body
         else:
@@ -348,7 +377,10 @@ class Ingress:
         return await self._call(model, "encode", job, cost)
 
     @app.post(
-        "/v1/models/{model}/decode", openapi_extra=DECODE_BODY, responses={**DECODE_RESPONSES, **ERRORS}
+        "/v1/models/{model}/decode",
+        openapi_extra=DECODE_BODY,
+        responses={**DECODE_RESPONSES, **ERRORS},
+        dependencies=[strict_query(DecodeParams)],
     )
     async def decode(
         self, request: Request, model: ModelName, params: Annotated[DecodeParams, Query()]
@@ -376,6 +408,14 @@ class Ingress:
                 f"decode takes {LATENT_FILE_TYPE} or {TENSOR_TYPE} bodies, got {_content_type(request)!r}",
                 param="content-type",
             )
+        scaling = params.scaling()
+        if scaling is not None and job.latents is not None:
+            raise InvalidRequestError(
+                "scaling_factor/shift_factor apply to tensor/binary latents; a latent file records its own "
+                "normalization (send the file without them)",
+                param="scaling_factor" if params.scaling_factor is not None else "shift_factor",
+            )
+        job.scaling = scaling  # tensor latents scaled as (raw - shift_factor) * scaling_factor
         accepts = _accepts(request)
         if params.output_type is not None:
             apply_decode_protocol(job, params, accepts_tensor=accepts == TENSOR_TYPE)

@@ -11,12 +11,13 @@ one definition, ``tokenizers_svc.options`` (the CLI and the batch job declare th
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+from typing import Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tokenizers_svc.errors import ConfigError
-from tokenizers_svc.latents import MAX_FPS
+from tokenizers_svc.errors import ConfigError, InvalidRequestError
+from tokenizers_svc.formats import MAX_FPS, MIN_FPS
 from tokenizers_svc.limits import Limits
 from tokenizers_svc.options import MAX_SEED, ResizePolicy, field_doc
 from tokenizers_svc.pipeline import DecodeOptions, EncodeOptions
@@ -99,6 +100,7 @@ class ServiceConfig(_Strict):
     models: list[ModelConfig]
     limits: LimitsConfig = LimitsConfig()
     request_timeout_s: float = Field(60.0, gt=0)  # end-to-end per request -> 504
+    body_timeout_s: float = Field(30.0, gt=0)  # the request body must arrive within this -> 408
     retry_after_s: int = Field(1, ge=0)  # Retry-After sent with 503
     api_key_env: str | None = "TOKENIZERS_SVC_API_KEY"  # env var holding the key; unset -> no auth
     default_fps: float = Field(24.0, gt=0)  # mp4 output of bare video tensors (no fps metadata)
@@ -161,6 +163,28 @@ class ModelList(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- request parameters
+
+
+def check_query(params: type[BaseModel], items: list[tuple[str, str]]) -> None:
+    """Refuse (422, naming it) a query parameter that ``params`` does not declare, with the closest
+    declared name when one is close (``resoltion`` -> ``resolution``: a typo used to be ignored and
+    gave latents of the wrong size), and a single-valued parameter given twice (which value won
+    was FastAPI's choice, not the client's); list parameters (``shape``) repeat."""
+    seen: set[str] = set()
+    for name, _ in items:
+        field = params.model_fields.get(name)
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        if field is None:
+            close = difflib.get_close_matches(name, list(params.model_fields), n=1)
+            hint = (
+                f"did you mean {close[0]!r}?" if close else f"expected one of {sorted(params.model_fields)}"
+            )
+            raise InvalidRequestError(f"unknown query parameter {shown!r}; {hint}", param=shown)
+        if name in seen and get_origin(field.annotation) is not list:
+            raise InvalidRequestError(
+                f"query parameter {name!r} is given more than once; it takes one value", param=name
+            )
+        seen.add(name)
 
 
 class TensorBodyParams(BaseModel):
@@ -264,7 +288,7 @@ class DecodeParams(TensorBodyParams, TilingParams, DiffusersDecodeParams):
     )
     normalized: bool = Field(True, description="tensor/binary bodies: the latents are normalized")
     fps: float | None = Field(
-        _DECODE.fps, gt=0, le=MAX_FPS, description="mp4 output; default: the latent file's fps"
+        _DECODE.fps, ge=MIN_FPS, le=MAX_FPS, description="mp4 output; default: the latent file's fps"
     )
     quality: int = Field(_DECODE.quality, ge=1, le=100, description="JPEG/WebP quality")
 

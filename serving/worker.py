@@ -5,7 +5,9 @@ replica decodes media with the shared runner (``tokenizers_svc.pipeline``), then
 :class:`~serving.batcher.Batcher` (continuous batching: what queued while the model was busy runs
 as its next call; a lone request does not wait) so that concurrent requests with the same shape,
 dtype and options run as one model call (``pipeline.run_in_groups``: a failing group is retried item
-by item, as in the batch job). Batches are sized in pixels (summed H*W*T), not only in requests. Decoded pixels become media
+by item, as in the batch job). Batches are sized in pixels (summed H*W*T), not only in requests.
+Requests over ``max_batch_pixels`` run alone in a second lane (``serving/admission.py``), so a small
+request never waits behind a large one. Decoded pixels become media
 through ``pipeline.pixels_to_media``, as in the CLI. Library errors come back as
 :class:`~serving.jobs.ErrorReply` values, so the ingress maps them to HTTP statuses without
 depending on exception pickling.
@@ -25,6 +27,7 @@ from functools import partial
 import torch
 from ray.serve.exceptions import BackPressureError
 
+from serving.admission import Lane, lane_for
 from serving.batcher import Batcher
 from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
 from serving.schemas import LimitsConfig, ModelConfig
@@ -88,10 +91,14 @@ class TokenizerWorker:
     def __init__(self, config: dict, limits: dict) -> None:
         self.config = ModelConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits).work()
-        # One model call at a time per replica: memory holds one piece of work, and the service
-        # time the ingress measures per pixel is the time a queue takes to drain.
-        self.compute = asyncio.Lock()
-        self.recent_rates: deque[float] = deque(maxlen=RECENT_RATES)  # model seconds per batch unit
+        # Two lanes (serving/admission.py), each one model call at a time: small requests (what
+        # batches, up to max_batch_pixels) and large ones, so a small request never waits behind a
+        # large one. Memory holds at most one batch and one large piece of work; the service time
+        # the ingress measures per pixel is the time a lane's queue takes to drain.
+        self.lanes: dict[Lane, asyncio.Lock] = {"small": asyncio.Lock(), "large": asyncio.Lock()}
+        self.recent_rates: dict[Lane, deque[float]] = {  # model seconds per batch unit
+            lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
+        }
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         self.tokenizer = load_tokenizer(
             self.config.source,
@@ -153,7 +160,8 @@ class TokenizerWorker:
         self, media_input: MediaInput, options: EncodeOptions, token: WorkToken
     ) -> tuple[Latents, int, float]:
         pixels = media_input.pixels
-        size = max(_pixel_count(pixels), self.quantum)
+        # priced as the ingress priced it (after any resize), so both put it in the same lane
+        size = max(check_encode_cost(tuple(pixels.shape), options, self.limits).total_pixels, self.quantum)
         # Sampled encodes draw per-request noise (and seeds); oversized ones would not fit a batch.
         if options.sample or size > self.config.max_batch_pixels:
             latents, compute_s = await self._run_alone(
@@ -170,10 +178,11 @@ class TokenizerWorker:
     async def _run_alone(self, fn: Callable, *args, token: WorkToken, size: int) -> tuple:
         """``fn(*args)`` in a thread when the model calls before it are done: (result, seconds it
         took); refused with 503 instead when, by then, it could no longer finish in time."""
-        async with self.compute:
-            if self._too_late(token, size):
+        lane = lane_for(size, self.config.max_batch_pixels)
+        async with self.lanes[lane]:
+            if self._too_late(token, size, lane):
                 raise self._late()
-            return await self._timed(size, token, fn, *args)
+            return await self._timed(size, token, lane, fn, *args)
 
     async def _run_batch(
         self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
@@ -184,12 +193,12 @@ class TokenizerWorker:
         batch's model time, by batch units)."""
         gone = RequestTimeoutError("the request was abandoned before its batch ran", param="model")
         results: dict[int, tuple[object, int, float]] = {}
-        async with self.compute:
+        async with self.lanes["small"]:  # a batch holds at most max_batch_pixels
             live = []
             for item in items:
                 if item.token.abandoned:
                     results[id(item)] = (gone, 1, 0.0)
-                elif self._too_late(item.token, item.size):
+                elif self._too_late(item.token, item.size, "small"):
                     results[id(item)] = (self._late(), 1, 0.0)
                 else:
                     live.append(item)
@@ -198,29 +207,30 @@ class TokenizerWorker:
                 batch_token = WorkToken(parts=tuple(item.token for item in live))
                 with abandon.scope(batch_token):
                     outcomes, elapsed = await self._timed(
-                        units, batch_token, run_in_groups, live, _item_key, run_bucket
+                        units, batch_token, "small", run_in_groups, live, _item_key, run_bucket
                     )
                 for item, (result, size) in zip(live, outcomes, strict=True):
                     results[id(item)] = (result, size, elapsed * item.size / units)
         return [results[id(item)] for item in items]
 
-    async def _timed(self, units: int, token: WorkToken, fn: Callable, *args) -> tuple:
-        """(fn(*args) in a thread, seconds it took); the seconds per unit join the recent ones
-        unless the work was abandoned part way (its time says nothing about the rate)."""
+    async def _timed(self, units: int, token: WorkToken, lane: Lane, fn: Callable, *args) -> tuple:
+        """(fn(*args) in a thread, seconds it took); the seconds per unit join the lane's recent
+        ones unless the work was abandoned part way (its time says nothing about the rate)."""
         started = time.perf_counter()
         result = await asyncio.to_thread(fn, *args)
         elapsed = time.perf_counter() - started
         if not token.abandoned:
-            self.recent_rates.append(elapsed / units)
+            self.recent_rates[lane].append(elapsed / units)
         return result, elapsed
 
-    def _too_late(self, token: WorkToken, size: int) -> bool:
+    def _too_late(self, token: WorkToken, size: int, lane: Lane) -> bool:
         """Whether work of ``size`` units, started now, would end after the request's deadline at
-        the slowest recent rate: the replica's own check behind the ingress's admission, whose
-        estimate a burst's contention can beat."""
-        if token.deadline is None or not self.recent_rates:
+        the lane's slowest recent rate: the replica's own check behind the ingress's admission,
+        whose estimate a burst's contention can beat."""
+        rates = self.recent_rates[lane]
+        if token.deadline is None or not rates:
             return False
-        return time.time() + size * max(self.recent_rates) > token.deadline
+        return time.time() + size * max(rates) > token.deadline
 
     def _late(self) -> OverloadedError:
         return OverloadedError(

@@ -16,12 +16,15 @@ from serving.middleware import MiddlewareSettings, ServiceMiddleware
 
 KEY = "s3cret-key"
 CAP = 10_000
+BODY_TIMEOUT_S = 1.0
 
 
 def _app() -> FastAPI:
     app = FastAPI()
     app.add_middleware(ServiceMiddleware)
-    app.state.middleware = MiddlewareSettings(max_body_bytes=CAP, api_key=KEY, metrics=ServiceMetrics())
+    app.state.middleware = MiddlewareSettings(
+        max_body_bytes=CAP, body_timeout_s=BODY_TIMEOUT_S, api_key=KEY, metrics=ServiceMetrics()
+    )
 
     @app.post("/echo")
     async def echo(request: Request) -> dict:
@@ -77,6 +80,34 @@ def test_body_cap_declared_and_chunked(base_url):
     response = httpx.post(f"{base_url}/echo", content=chunks(), headers=AUTH)
     assert response.status_code == 413 and "chunked" in response.json()["error"]["message"]
     assert httpx.post(f"{base_url}/echo", content=b"x" * CAP, headers=AUTH).json() == {"size": CAP}
+
+
+def trickle(base_url: str, declared: int, sent: bytes) -> tuple[bytes, bytes]:
+    """POST /echo declaring ``declared`` bytes, send ``sent`` and stall: (the answer, what the
+    server sends after it: b"" once it has closed the connection)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = f"POST /echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-length: {declared}\r\n\r\n"
+        sock.sendall(head.encode() + sent)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer, sock.recv(65536)
+
+
+def test_a_body_not_complete_within_the_deadline_is_408_and_the_connection_is_freed(base_url):
+    """Issue 27 item 7: an upload trickled over 90 s was accepted. Now the body must arrive within
+    body_timeout_s; the 408 closes the connection; other clients are served meanwhile."""
+    answer, after = trickle(base_url, 1000, b"x" * 10)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+    error = httpx.Response(408, content=body).json()["error"]
+    assert error["type"] == "body_timeout" and error["param"] == "body" and "within 1 s" in error["message"]
+    assert after == b""  # the server closed the connection
+    assert httpx.post(f"{base_url}/echo", content=b"abc", headers=AUTH).json() == {"size": 3}
 
 
 def test_unknown_exception_is_a_generic_500(base_url):

@@ -109,6 +109,13 @@ class OverloadedError(TokenizerError):
         self.retry_after = retry_after
 
 
+class BodyTimeoutError(TokenizerError):
+    """The request body did not arrive within the server's ``body_timeout_s`` (a stalled upload)."""
+
+    type = "body_timeout"
+    http_status = 408
+
+
 class RequestTimeoutError(TokenizerError):
     type = "timeout"
     http_status = 504

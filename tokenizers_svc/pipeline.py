@@ -180,13 +180,7 @@ def encode_media(
     An image-only tokenizer refuses videos (InvalidRequestError); video tokenizers take images as
     one-frame clips. ``on_chunk(done, total)`` follows the temporal chunks of a long clip.
     """
-    spec = tokenizer.spec
-    if media_input.kind == "video" and spec.modality == "image":
-        raise InvalidRequestError(
-            f"{spec.name} encodes images only; got a video of {media_input.num_frames} frames "
-            "(use a video or 'both' tokenizer)",
-            param="model",
-        )
+    check_media_kind(tokenizer.spec.name, tokenizer.spec.modality, media_input.kind, media_input.num_frames)
     generator = None
     if options.sample and options.seed is not None:
         generator = torch.Generator().manual_seed(options.seed)
@@ -204,6 +198,17 @@ def encode_media(
         on_chunk=on_chunk,
         tokens=tokens,
     )
+
+
+def check_media_kind(model: str, modality: str, kind: MediaKind, frames: int | None = None) -> None:
+    """Refuse (InvalidRequestError, 422) a video for an image-only model; video models take an
+    image as a one-frame clip. The server checks this before admission and queueing, from the
+    body's magic bytes, so such a request is never told to retry."""
+    if kind == "video" and modality == "image":
+        got = f"a video of {frames} frames" if frames is not None else "a video"
+        raise InvalidRequestError(
+            f"{model} encodes images only; got {got} (use a video or 'both' tokenizer)", param="model"
+        )
 
 
 def encode_stacked(tokenizer: Tokenizer, pixels: torch.Tensor, options: EncodeOptions) -> list[Latents]:
