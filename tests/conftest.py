@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import SHARED_DATA
+from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, free_port, png
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,3 +45,49 @@ def photo_nchw(photo_uint8) -> torch.Tensor:
     """The real photo center-cropped to 64x48 as (1, 3, 48, 64) uint8."""
     image = torch.from_numpy(photo_uint8[100:292:4, 100:356:4].copy())  # (48, 64, 3)
     return image.permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+# ---- the Ray Serve app of the serving test modules (one app per module: local Ray, random port) ----
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    """The app of tests.helpers.SERVING_CONFIG on a local Ray (2 CPUs) at 127.0.0.1:<free port>."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = free_port()
+    started_here = not ray.is_initialized()  # another module's local Ray is reused, not replaced
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(SERVING_CONFIG), name="tokenizers-test", route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    if started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def crops(photo_uint8) -> list[np.ndarray]:
+    """Eight different real 48x64 crops of the astronaut photo, (48, 64, 3) uint8."""
+    return [photo_uint8[y : y + 48, x : x + 64].copy() for y in (0, 120, 240, 360) for x in (40, 300)]
+
+
+@pytest.fixture(scope="module")
+def latent_file(http, crops) -> bytes:
+    response = http.post(
+        f"/v1/models/{MODEL}/encode", content=png(crops[3]), headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 200
+    return response.content

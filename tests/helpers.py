@@ -4,6 +4,7 @@ code the tests need that the library and the applications do not (so it is not k
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,11 +12,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from tokenizers_svc import media
 from tokenizers_svc.crops import DEFAULT_SCALES
 from tokenizers_svc.errors import InvalidRequestError
 from tokenizers_svc.pixels import to_uint8_pixels
+from tokenizers_svc.registry import list_presets
 
 if TYPE_CHECKING:  # evals is imported where it is used: conftest imports this module before any test
+    import httpx
+
     from evals.fid import FeatureStats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,3 +121,64 @@ def safetensors_bytes(state_dict: dict[str, torch.Tensor]) -> int:
     header["__metadata__"] = {"format": "pt"}
     length = len(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
     return 8 + length + (-length) % 8 + offset
+
+
+# ---- the Ray Serve app the serving tests share (tests/conftest.py starts it per module) ----
+MODEL = "sd-vae-tiny"
+MAX_BODY = 1_000_000
+MAX_PIXELS = 500_000
+BOUNDED = "tiny-bounded"
+IN_INGRESS = "tiny-in-ingress"  # served inside the ingress's process (no deployment of its own)
+# A replica of sd-vae-tiny serves in about 0.6 GB (Ray worker + torch + model); an input that the caps
+# failed to stop (a 20000-px resize, a decode of gigapixels) takes it to several GB.
+REPLICA_RSS_BOUND = 1.5 * 2**30
+# 600x800 after the resize, in 16-px tiles: well over 20 s of model work on one core, a few ms a tile
+SLOW = {"resize": "fit", "resolution": 800, "tiling": "true", "tile_size": 16, "tile_overlap": 8}
+SERVING_CONFIG = {
+    "request_timeout_s": 60,
+    "api_key_env": None,
+    "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS, "max_latent_elements": 200_000},
+    "models": [
+        {"name": MODEL, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        {
+            "name": "tiny-queue1",
+            "model": MODEL,
+            "num_cpus": 0.5,
+            "max_batch_size": 1,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+        },
+        {"name": "tiny-timeout", "model": MODEL, "num_cpus": 0.5, "request_timeout_s": 0.001},
+        {"name": BOUNDED, "model": MODEL, "num_cpus": 0, "max_batch_size": 1, "request_timeout_s": 8},
+        {"name": IN_INGRESS, "model": MODEL, "num_cpus": 0, "batch_wait_timeout_s": 0.05, "in_ingress": True},
+    ],
+}
+VIDEO_MODEL = "video-vae-tiny"  # served too once the models helper registers it
+HAS_VIDEO = VIDEO_MODEL in {p.name for p in list_presets()}
+if HAS_VIDEO:
+    SERVING_CONFIG["models"].append({"name": VIDEO_MODEL, "num_cpus": 0.5, "max_batch_size": 2})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    return media.encode_image(pixels, "png")
+
+
+def assert_healthy(http: httpx.Client, crops) -> None:
+    assert http.get("/healthz").status_code == 200
+    response = http.post(
+        f"/v1/models/{MODEL}/encode", content=png(crops[0]), headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 200, response.text
+
+
+def error_body(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param"}
+    assert response.headers.get("x-request-id")
+    return body["error"]
