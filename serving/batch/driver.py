@@ -32,7 +32,7 @@ from serving.batch.output import (
     JOB_FILE,
     RUN_FILE,
     TMP_SUFFIX,
-    Progress,
+    WrittenRows,
     read_progress,
     shard_paths,
     write_atomic,
@@ -49,7 +49,7 @@ from tokenizers_svc.formats import is_video_file
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.options import add_arguments
 from tokenizers_svc.pixels import CROP_MODES, policy_size
-from tokenizers_svc.progress import Progress as ProgressLog  # output.Progress: what the shards hold
+from tokenizers_svc.progress import Progress
 from tokenizers_svc.ray_cluster import init_ray, started_here
 
 MAX_INPUT_BLOCKS = 1000  # blocks of pending inputs; enough to spread over a cluster's actors
@@ -321,7 +321,7 @@ def _encode(
         )
     total = None if any(is_video_file(os.fsdecode(item["path"])) for item in pending) else len(pending)
     writer = _ShardWriter(output, run_id, args.shard_rows)
-    with ProgressLog("batch-encode", total, "row") as progress:
+    with Progress("batch-encode", total, "row") as progress:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(table)
             progress.update(table.num_rows)
@@ -336,7 +336,7 @@ def _manifest(
     inputs: list[str],
     ignored: list[dict],
     run: dict,
-    after: Progress,
+    after: WrittenRows,
     output: Path,
 ) -> dict:
     missing = [path for path in inputs if not after.complete(path)]

@@ -40,7 +40,7 @@ def shard_paths(output: str | Path) -> list[Path]:
 
 
 @dataclass
-class Progress:
+class WrittenRows:
     """What the shards in an output directory hold, per input path."""
 
     ids: dict[str, list[str]]  # input path (file system bytes decoded as os.fsdecode) -> ids written
@@ -53,7 +53,7 @@ class Progress:
         return path in self.expected and len(set(self.ids[path])) >= self.expected[path]
 
 
-def read_progress(output: Path) -> Progress:
+def read_progress(output: Path) -> WrittenRows:
     ids: dict[str, list[str]] = {}
     expected: dict[str, int] = {}
     rows = errors = 0
@@ -70,4 +70,4 @@ def read_progress(output: Path) -> Progress:
             ids.setdefault(source, []).append(id_)
             expected[source] = count
     unique = sum(len(set(v)) for v in ids.values())
-    return Progress(ids, expected, rows, errors, rows - unique)
+    return WrittenRows(ids, expected, rows, errors, rows - unique)
