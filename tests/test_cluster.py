@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
 from PIL import Image
 
@@ -47,62 +46,6 @@ def test_make_serve_passes_the_port():
     assert _make_plan("PORT=8300") == [f"{venv}/bin/tokenizers-svc serve --port 8300"]
     assert _make_plan() == [f"{venv}/bin/tokenizers-svc serve"]
     assert _make_plan("VERBOSE=1") == [f"{venv}/bin/tokenizers-svc serve  --verbose"]
-
-
-def _gpu_config() -> dict:
-    return yaml.safe_load((REPO / "serving" / "config.gpu.yaml").read_text())
-
-
-def test_deployment_configs_pass_rays_schema_and_ours():
-    """The local config, the GPU config (serve build form) and the KubeRay RayService's
-    serveConfigV2 all pass Ray's ServeDeploySchema and the project's ServiceConfig; the GPU
-    deployments ask for GPUs and autoscale; the RayService serves the GPU config's application."""
-    from serving.app import check_serve_config, rendered_deployments
-
-    check_serve_config(yaml.safe_load((REPO / "serving" / "config.yaml").read_text()))
-    gpu = _gpu_config()
-    config = check_serve_config(gpu)
-    assert {m.dtype for m in config.models} == {"auto"} and all(m.device == "cuda" for m in config.models)
-    rendered = rendered_deployments(gpu["applications"][0]["args"])
-    for model in config.models:
-        deployment = rendered[f"tokenizer-{model.name}"]
-        assert deployment["ray_actor_options"]["num_gpus"] == model.num_gpus > 0
-        assert deployment["autoscaling_config"]["max_replicas"] == model.autoscaling.max_replicas
-    assert [d["name"] for d in gpu["applications"][0]["deployments"]] == list(rendered)
-
-    service = yaml.safe_load((REPO / "docs" / "kuberay" / "rayservice.yaml").read_text())
-    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
-    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    check_serve_config(serve_config, "serveConfigV2")
-    assert serve_config["applications"] == gpu["applications"]
-    cluster = service["spec"]["rayClusterConfig"]
-    assert cluster["rayVersion"] == ray.__version__
-    gpus = [
-        int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-        for g in cluster["workerGroupSpecs"]
-    ]
-    assert all(n >= max(m.num_gpus for m in config.models) for n in gpus)
-
-
-@pytest.mark.parametrize(
-    ("change", "named"),
-    [
-        (lambda app: app["deployments"][0]["ray_actor_options"].update(num_gpus=1), "ray_actor_options"),
-        (lambda app: app["deployments"][0].update(name="tokenizer-typo"), "tokenizer-typo"),
-        (lambda app: app["args"]["models"][0].update(num_gpus=0), "num_gpus"),
-        (lambda app: app["deployments"][0].update(num_replicas="two"), "not a valid Ray Serve config"),
-    ],
-)
-def test_deployment_config_mistakes_are_refused(change, named):
-    """An override that differs from what args make, a deployment the app does not make, a cuda
-    model without GPUs, a value Ray's schema refuses: each a ConfigError naming it."""
-    from serving.app import check_serve_config
-    from tokenizers_svc.errors import ConfigError
-
-    gpu = _gpu_config()
-    change(gpu["applications"][0])
-    with pytest.raises(ConfigError, match=named):
-        check_serve_config(gpu)
 
 
 def _free_port() -> int:
@@ -182,6 +125,7 @@ def test_two_servers_and_a_batch_job_side_by_side(tmp_path, shared_data, photo_u
 RAY = Path(sys.executable).with_name("ray")
 CLI = Path(sys.executable).with_name("tokenizers-svc")
 TINY_MODEL = "dc-ae-f32c32-tiny"
+NODE_START_ATTEMPTS = 3
 
 
 def _session_pids(session: int) -> list[int]:
@@ -267,13 +211,19 @@ class _Cluster:
         self.temp = temp
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1"}
         self.env.pop("RAY_ADDRESS", None)
-        port = _free_port()
-        self.address = f"127.0.0.1:{port}"
         self.started: list[_Started] = []
         # ray start uses token auth only when a token exists (a local ray.init makes one, ray start
         # does not): make one if this machine has none, as docs/serving.md says to.
         subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, capture_output=True, check=True)
-        head = [
+        self.address = ""
+        self.head = self._start_node(
+            "head", self._head_args, lambda temp: (temp / "ray_current_cluster").is_file()
+        )
+
+    def _head_args(self) -> list[str]:
+        port = _free_port()
+        self.address = f"127.0.0.1:{port}"
+        return [
             "--head",
             f"--port={port}",
             f"--ray-client-server-port={_free_port()}",
@@ -282,25 +232,29 @@ class _Cluster:
             "--num-gpus=1",
             '--resources={"tsvc_head": 1}',
         ]
-        self.head = self._start(_ray_node(head, temp / "head", self.env))
-        deadline = time.monotonic() + 120
-        while not (temp / "head" / "ray_current_cluster").is_file():
-            assert self.head.process.poll() is None and time.monotonic() < deadline, self.head.output()
-            time.sleep(0.5)
 
-    def _start(self, started: _Started) -> _Started:
-        self.started.append(started)
-        return started
+    def _start_node(self, name: str, args, ready) -> _Started:
+        """Start a node until ``ready(its temp dir)``. Ray gives a raylet 30 s to register with the
+        GCS and then gives up; on a machine loaded by other work a start may miss that, so a node
+        that exits is started again (a few times, each in a fresh session and temp dir)."""
+        for attempt in range(NODE_START_ATTEMPTS):
+            temp = self.temp / f"{name}-{attempt}"
+            node = _ray_node(args(), temp, self.env)
+            self.started.append(node)
+            deadline = time.monotonic() + 180
+            while node.process.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(subprocess.SubprocessError):
+                    if ready(temp):
+                        return node
+                time.sleep(1)
+            node.kill()
+        pytest.fail(f"{name} did not start in {NODE_START_ATTEMPTS} tries:\n{node.output()[-3000:]}")
 
     def add_worker(self, label: str) -> tuple[_Started, dict]:
         """Start a worker node labelled ``label``; returns it and the live nodes (label -> id)."""
         args = [f"--address={self.address}", "--num-cpus=1", "--num-gpus=1", f'--resources={{"{label}": 1}}']
-        node = self._start(_ray_node(args, self.temp / label, self.env))
-        deadline = time.monotonic() + 120
-        while label not in (nodes := self.state()["nodes"]):
-            assert node.process.poll() is None and time.monotonic() < deadline, node.output()
-            time.sleep(1)
-        return node, nodes
+        node = self._start_node(label, lambda: args, lambda _: label in self.state()["nodes"])
+        return node, self.state()["nodes"]
 
     def state(self) -> dict:
         return _cluster_state(self.address, self.env)
@@ -310,7 +264,9 @@ class _Cluster:
         return {**self.env, "RAY_ADDRESS": self.address}
 
     def run(self, command: list, name: str) -> _Started:
-        return self._start(_Started(command, self.temp / f"{name}.log", self.client_env()))
+        started = _Started(command, self.temp / f"{name}.log", self.client_env())
+        self.started.append(started)
+        return started
 
     def stop(self) -> None:
         for started in reversed(self.started):
