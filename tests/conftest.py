@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, free_port, png
+from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, png, served_app
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,21 +53,8 @@ def photo_nchw(photo_uint8) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def base_url():
     """The app of tests.helpers.SERVING_CONFIG on a local Ray (2 CPUs) at 127.0.0.1:<free port>."""
-    import ray
-    from ray import serve
-
-    from serving.app import build_app
-
-    port = free_port()
-    started_here = not ray.is_initialized()  # another module's local Ray is reused, not replaced
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(SERVING_CONFIG), name="tokenizers-test", route_prefix="/", blocking=False)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    if started_here:
-        ray.shutdown()
+    with served_app(SERVING_CONFIG, "tokenizers-test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@ code the tests need that the library and the applications do not (so it is not k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -163,6 +165,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_app(config: dict, name: str) -> Iterator[str]:
+    """The service built from ``config`` (``ServiceConfig`` args) as Serve app ``name`` on
+    127.0.0.1 and a free port: its base URL. Starts a local Ray with 2 CPUs unless one is running
+    (another module's is reused, not replaced), and stops what it started."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = free_port()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name=name, route_prefix="/", blocking=False)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        if started_here:
+            ray.shutdown()
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -19,15 +19,13 @@ import urllib.parse
 import httpx
 import numpy as np
 import pytest
-import ray
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ray import serve
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from serving.app import build_app
+from tests.helpers import error_body, png, served_app
 from tokenizers_svc import media
 
 pytestmark = pytest.mark.slow
@@ -58,31 +56,10 @@ HUGE = {"resize": "fit", "resolution": 800, "tiling": "true", "tile_size": 16, "
 BUSY = {"tiling": "true", "tile_size": 4, "tile_overlap": 0}  # a small image in 4-px tiles: slow per pixel
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url():
-    port = _free_port()
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(CONFIG), name="tokenizers-reliability", route_prefix="/", blocking=False)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    if started_here:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        client.get("/v1/models")  # waits for the replicas to be built
-        yield client
+    with served_app(CONFIG, "tokenizers-reliability") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +67,9 @@ def photo(photo_uint8) -> np.ndarray:
     return np.ascontiguousarray(photo_uint8[100:148, 200:264])  # (48, 64, 3) real photo crop
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    return media.encode_image(np.ascontiguousarray(pixels), "png")
-
-
 def _error(response: httpx.Response) -> dict:
     assert response.headers["content-type"].startswith("application/json"), response.text[:200]
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param"}, body
-    return body["error"]
+    return error_body(response)
 
 
 def _encode(client, model: str, content: bytes, ct: str = "image/png", **params) -> httpx.Response:
@@ -108,7 +79,7 @@ def _encode(client, model: str, content: bytes, ct: str = "image/png", **params)
 
 
 def _assert_serving(http, photo) -> None:
-    response = _encode(http, TINY, _png(photo))
+    response = _encode(http, TINY, png(photo))
     assert response.status_code == 200, response.text
 
 
@@ -116,7 +87,7 @@ def _assert_serving(http, photo) -> None:
 
 
 def test_tiny_images_and_tensors_encode_and_decode_back_at_their_size(http):
-    dot = _encode(http, TINY, _png(np.full((1, 1, 3), 77, dtype=np.uint8)))
+    dot = _encode(http, TINY, png(np.full((1, 1, 3), 77, dtype=np.uint8)))
     assert dot.status_code == 200, dot.text  # was 500: GroupNorm's "more than 1 value per channel"
     back = http.post(
         f"/v1/models/{TINY}/decode",
@@ -165,7 +136,7 @@ def test_time_options_out_of_range_are_422_naming_the_option(http, clip, query, 
 
 
 def test_unknown_and_repeated_query_parameters_are_422(http, photo):
-    typo = _encode(http, TINY, _png(photo), resoltion="512")
+    typo = _encode(http, TINY, png(photo), resoltion="512")
     assert typo.status_code == 422
     assert _error(typo) == {
         "type": "invalid_request",
@@ -174,7 +145,7 @@ def test_unknown_and_repeated_query_parameters_are_422(http, photo):
     }
     twice = http.post(
         f"/v1/models/{TINY}/encode?seed=1&seed=2&sample=true",
-        content=_png(photo),
+        content=png(photo),
         headers={"content-type": "image/png"},
     )
     assert twice.status_code == 422 and _error(twice)["param"] == "seed" and "more than once" in twice.text
@@ -215,7 +186,7 @@ def test_long_query_strings(base_url, http, photo):
     Serve's HTTP proxy (uvicorn/h11: request line and headers over 16 KB) before the service sees
     it, as a text/plain 400 that closes the connection; Ray Serve offers no setting for it
     (docs/serving.md)."""
-    long = _encode(http, TINY, _png(photo), resize="x" * 10_000)
+    long = _encode(http, TINY, png(photo), resize="x" * 10_000)
     assert long.status_code == 422 and len(long.content) < 1_000
     assert _error(long)["param"] == "resize"
     path = f"/v1/models/{TINY}/encode?junk={'x' * 100_000}"
@@ -232,7 +203,7 @@ def test_long_query_strings(base_url, http, photo):
 
 def test_a_body_trickled_past_the_deadline_is_408_and_frees_the_connection(base_url, http, photo):
     started = f"POST /v1/models/{TINY}/encode HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: 5000\r\n\r\n"
-    head, body, after = _raw_exchange(base_url, started.encode() + _png(photo)[:100])  # then it stalls
+    head, body, after = _raw_exchange(base_url, started.encode() + png(photo)[:100])  # then it stalls
     assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
     error = json.loads(body)["error"]
     assert error["type"] == "body_timeout" and f"within {BODY_TIMEOUT_S} s" in error["message"]
@@ -245,7 +216,7 @@ def test_a_body_trickled_past_the_deadline_is_408_and_frees_the_connection(base_
 
 @pytest.fixture(scope="module")
 def latent_file(http, photo) -> bytes:
-    response = _encode(http, TINY, _png(photo))
+    response = _encode(http, TINY, png(photo))
     assert response.status_code == 200
     return response.content
 
@@ -296,11 +267,11 @@ def test_small_requests_do_not_wait_behind_a_large_one_and_its_like_is_then_refu
 
     async def scenario():
         async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-            large = asyncio.create_task(_encode(client, TINY, _png(photo), **HUGE))
+            large = asyncio.create_task(_encode(client, TINY, png(photo), **HUGE))
             await asyncio.sleep(1.0)  # the large request is running
             small_done = []
             for i in range(5):
-                response = await _encode(client, TINY, _png(np.roll(photo, i, axis=0)))
+                response = await _encode(client, TINY, png(np.roll(photo, i, axis=0)))
                 assert response.status_code == 200, response.text
                 small_done.append(large.done())
             return await large, small_done
@@ -308,7 +279,7 @@ def test_small_requests_do_not_wait_behind_a_large_one_and_its_like_is_then_refu
     large, small_done = asyncio.run(scenario())
     assert large.status_code == 504 and _error(large)["type"] == "timeout"
     assert not any(small_done), small_done  # every small one answered while the large one ran
-    again = _encode(http, TINY, _png(photo), **HUGE)
+    again = _encode(http, TINY, png(photo), **HUGE)
     assert again.status_code == 413
     message = _error(again)["message"]
     assert "would need about" in message and f"the request timeout is {TIMEOUT_S} s" in message
@@ -318,7 +289,7 @@ def test_a_video_for_an_image_model_is_422_before_admission(http, photo):
     """Once the model has measured a slow rate (4-px tiles), a long clip's cost is more than its
     timeout: the replica used to answer 503 "retry" before it looked at the media type. The ingress
     reads the magic bytes first: 422, every time."""
-    assert _encode(http, TINY, _png(photo[:16, :16]), **BUSY).status_code == 200
+    assert _encode(http, TINY, png(photo[:16, :16]), **BUSY).status_code == 200
     frames = np.stack([np.roll(photo, i, axis=1) for i in range(120)])  # 120 frames of 48x64
     clip = media.encode_video(frames, fps=24)
     for _ in range(3):
@@ -371,7 +342,7 @@ def test_fuzz_query_strings(http, photo, latent_file, route, query):
     body, ct = (
         (latent_file, "application/x-safetensors")
         if route == "decode"
-        else (_png(photo[:16, :20]), "image/png")
+        else (png(photo[:16, :20]), "image/png")
     )
     path = f"/v1/models/{TINY}/{route}?{urllib.parse.urlencode(query)}"
     _check_answer(http.post(path, content=body, headers={"content-type": ct}))
