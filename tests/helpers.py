@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +194,40 @@ def served_app(config: dict, name: str) -> Iterator[str]:
         serve.shutdown()
         if started_here:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def served_process(env: dict[str, str] | None = None, ready_timeout_s: float = 300) -> Iterator[str]:
+    """``tokenizers-svc serve`` (the shipped ``serving/config.yaml``, what ``make serve`` runs) on a
+    free port as its own process; yields its URL once ``/readyz`` answers 200, stops it after."""
+    import httpx
+    import pytest
+
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("tokenizers-svc")), "serve", "--port", str(port)]
+    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"tokenizers-svc serve exited: {process.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"tokenizers-svc serve did not become ready in {ready_timeout_s:.0f} s")
+            time.sleep(1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -8,13 +8,6 @@ recognisable reconstructions of the real validation photos.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from evals.image_metrics import psnr
+from tests.helpers import served_process
 from tokenizers_svc import TilingOptions, media
 from tokenizers_svc.cli import app
 from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS, default_model
@@ -84,40 +78,11 @@ def test_tiling_is_seamless_with_the_trained_default(shared_data):
     assert score > TRAINED_TILING_PSNR_DB, f"{score:.2f} dB"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served():
     """``tokenizers-svc serve`` on a free port with the shipped config, as its own process."""
-    port = _free_port()
-    command = [str(Path(sys.executable).with_name("tokenizers-svc")), "serve", "--port", str(port)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"tokenizers-svc serve exited: {process.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("tokenizers-svc serve did not become ready in 300 s")
-            time.sleep(1)
+    with served_process() as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.mark.slow

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, served_process
 
 MARK = re.compile(r"^<!-- doctest(?P<server>: server)? -->$")
 FENCE = re.compile(r"^```(?P<lang>bash|python)\s*$")
@@ -66,12 +63,6 @@ def marked_blocks(page: Path) -> list[Block]:
 BLOCKS = [block for page in PAGES for block in marked_blocks(page)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _environment() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     return {
@@ -84,41 +75,16 @@ def _environment() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server_url():
-    """Start ``tokenizers-svc serve`` once, on the first page that needs it."""
-    process = None
-    url = None
+    """Start ``tokenizers-svc serve`` once, for the first block that needs it."""
+    with ExitStack() as stack:
+        urls: list[str] = []
 
-    def start() -> str:
-        nonlocal process, url
-        if url is not None:
-            return url
-        port = _free_port()
-        command = [str(Path(sys.executable).with_name("tokenizers-svc")), "serve", "--port", str(port)]
-        process = subprocess.Popen(
-            command, env=_environment(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"tokenizers-svc serve exited: {process.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("tokenizers-svc serve did not become ready in 300 s")
-            time.sleep(1)
-        url = f"http://127.0.0.1:{port}"
-        return url
+        def start() -> str:
+            if not urls:
+                urls.append(stack.enter_context(served_process(env=_environment())))
+            return urls[0]
 
-    yield start
-    if process is not None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        yield start
 
 
 def _run(block: Block, workdir: Path, url: str | None) -> None:
