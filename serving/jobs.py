@@ -16,6 +16,7 @@ from tokenizers_svc.errors import TokenizerError, error_from_dict
 from tokenizers_svc.latents import Latents
 from tokenizers_svc.pipeline import DecodeOptions, EncodeOptions
 from tokenizers_svc.spec import LatentNormalization
+from tokenizers_svc.tokens import TokenIds
 
 
 @dataclass
@@ -46,12 +47,13 @@ class TensorOutput:
 
 @dataclass
 class DecodeJob:
-    """``latents`` (from a latent file, metadata included) or a bare ``tensor`` (N, C, h, w) /
+    """``latents`` (from a latent file, metadata included), ``tokens`` (ids), or a bare ``tensor`` (N, C, h, w) /
     (N, C, t, h, w) float, normalized by the model's constants (``normalized``) or by ``scaling``.
     ``format``: png | jpeg | webp | mp4 for media, or None with ``tensor_output`` for a tensor."""
 
     options: DecodeOptions = field(default_factory=DecodeOptions)
     latents: Latents | None = None
+    tokens: TokenIds | torch.Tensor | None = None  # a token file, or bare int32 ids: quantized models
     tensor: torch.Tensor | None = None
     normalized: bool = True
     scaling: LatentNormalization | None = None  # diffusers protocol: instead of the model's own

@@ -55,11 +55,18 @@ from tokenizers_svc.errors import (
     UnsupportedMediaTypeError,
     UnsupportedModelError,
 )
-from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.limits import Cost
 from tokenizers_svc.pipeline import EncodeOptions, check_decode_cost, check_encode_cost, check_media_kind
-from tokenizers_svc.spec import FrameRule
-from tokenizers_svc.wire import LATENT_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, parse_shape, tensor_from_bytes
+from tokenizers_svc.spec import ID_DTYPE, FrameRule
+from tokenizers_svc.tokens import TokenIds, encoded_from_bytes
+from tokenizers_svc.wire import (
+    ID_DTYPES,
+    LATENT_DTYPES,
+    LATENT_FILE_TYPE,
+    TENSOR_TYPE,
+    parse_shape,
+    tensor_from_bytes,
+)
 
 IMAGE_ACCEPT = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "video/mp4": "mp4"}
 
@@ -86,15 +93,19 @@ ENCODE_BODY = {
 DECODE_BODY = {
     "requestBody": {
         "required": True,
-        "description": "A latent file (safetensors written by encode / Latents.save), or raw latents "
-        "(tensor/binary: (N, C, h, w) or (N, C, t, h, w) float32/float16/bfloat16; pass shape and dtype).",
+        "description": "A latent file (safetensors written by encode / Latents.save), a token file "
+        "(safetensors written by encode?tokens=true / TokenIds.save: int32 ids and their metadata), raw "
+        "latents (tensor/binary: (N, C, h, w) or (N, C, t, h, w) float32/float16/bfloat16), or raw token "
+        "ids of a quantized model (tensor/binary: (N, h, w) or (N, t, h, w) int32); pass shape and dtype.",
         "content": {LATENT_FILE_TYPE: _binary, "application/octet-stream": _binary, TENSOR_TYPE: _binary},
     }
 }
 ENCODE_RESPONSES = {
     200: {
         "description": "The latent file, or raw latents with `shape`/`dtype`/`normalized` headers "
-        "when `Accept: tensor/binary`.",
+        "when `Accept: tensor/binary`. With `tokens=true` (quantized models): the token file "
+        "(int32 ids, vocabulary, levels, crop metadata), or the bare int32 ids (N, [t,] h, w) with "
+        "`shape`/`dtype`/`vocabulary-size` headers when `Accept: tensor/binary`.",
         "content": {LATENT_FILE_TYPE: _binary, TENSOR_TYPE: _binary},
     }
 }
@@ -394,15 +405,24 @@ class Ingress:
         self._handle(model)
         body = await request.body()
         job = DecodeJob(options=params.to_options())
-        if _content_type(request) == TENSOR_TYPE:
+        if _content_type(request) == TENSOR_TYPE and params.dtype == ID_DTYPE:
+            job.tokens = self._id_tensor(body, params)
+            is_video, frames = job.tokens.ndim == 4, job.tokens.shape[1] if job.tokens.ndim == 4 else 1
+            job.options = replace(job.options, fps=params.fps or self.config.default_fps)
+        elif _content_type(request) == TENSOR_TYPE:
             job.tensor = await self._latent_tensor(model, body, params)
             job.normalized = params.normalized
             is_video, frames = job.tensor.ndim == 5, job.tensor.shape[2] if job.tensor.ndim == 5 else 1
             job.options = replace(job.options, fps=params.fps or self.config.default_fps)
         elif _content_type(request) in ("", LATENT_FILE_TYPE, "application/octet-stream"):
-            job.latents = latents_from_bytes(body)
-            is_video = job.latents.layout == "NCTHW"
-            frames = job.latents.original_frames if is_video else 1
+            encoded = encoded_from_bytes(body)
+            if isinstance(encoded, TokenIds):
+                job.tokens = encoded
+                is_video = encoded.layout == "NTHW"
+            else:
+                job.latents = encoded
+                is_video = encoded.layout == "NCTHW"
+            frames = encoded.original_frames if is_video else 1
         else:
             raise UnsupportedMediaTypeError(
                 f"decode takes {LATENT_FILE_TYPE} or {TENSOR_TYPE} bodies, got {_content_type(request)!r}",
@@ -425,11 +445,29 @@ class Ingress:
             job.format = "jpeg" if params.format == "jpg" else params.format
         else:
             job.format = IMAGE_ACCEPT.get(accepts, "mp4" if is_video and frames != 1 else "png")
-        latent_shape = tuple((job.latents.latents if job.latents is not None else job.tensor).shape)
         info = await self._describe(model)
+        if job.tokens is not None:  # ids decode from latents (N, c, [t,] h, w) of the model's channels
+            ids = job.tokens.ids if isinstance(job.tokens, TokenIds) else job.tokens
+            latent_shape = (ids.shape[0], info["latent_channels"], *ids.shape[1:])
+        else:
+            latent_shape = tuple((job.latents.latents if job.latents is not None else job.tensor).shape)
         rule = FrameRule(info["temporal_compression"], info["causal"])
         cost = check_decode_cost(latent_shape, info["spatial_compression"], rule, self.limits)
         return await self._call(model, "decode", job, cost)
+
+    def _id_tensor(self, body: bytes, params: DecodeParams) -> torch.Tensor:
+        """A tensor/binary body of int32 token ids (N, [t,] h, w), under the latent element cap."""
+        shape = parse_shape(params.shape)
+        if math.prod(shape) > self.limits.max_latent_elements:  # before the body becomes a tensor
+            raise LimitExceededError(
+                f"token ids must have at most {self.limits.max_latent_elements:,} elements, got shape {shape}",
+                param="shape",
+            )
+        if len(shape) not in (3, 4):
+            raise ShapeMismatchError(
+                f"token ids are (N, h, w) or (N, t, h, w), got shape {shape}", param="shape"
+            )
+        return tensor_from_bytes(body, shape, params.dtype, ID_DTYPES)
 
     async def _latent_tensor(self, model: str, body: bytes, params: DecodeParams) -> torch.Tensor:
         """A tensor/binary body -> latents (N, C, [t,] h, w); FLUX-packed (N, L, 4C) ones are unpacked."""

@@ -197,7 +197,7 @@ class TensorBodyParams(BaseModel):
     dtype: str | None = Field(
         None,
         description="tensor/binary bodies: element type; pixels uint8, float32, float16 or bfloat16, "
-        "latents float32, float16 or bfloat16",
+        "latents float32, float16 or bfloat16, token ids int32 (quantized models)",
     )
 
 
@@ -256,6 +256,7 @@ class EncodeParams(DiffusersEncodeParams, TilingParams):
     start: float | None = Field(ge=0, allow_inf_nan=False, **field_doc("start"))
     end: float | None = Field(gt=0, allow_inf_nan=False, **field_doc("end"))
     stride: int = Field(gt=0, **field_doc("stride"))
+    tokens: bool = Field(**field_doc("tokens"))
 
     def to_options(self) -> EncodeOptions:
         return EncodeOptions.from_flags(self.model_dump())

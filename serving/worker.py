@@ -50,7 +50,8 @@ from tokenizers_svc.pipeline import (
 )
 from tokenizers_svc.pixels import to_uint8_pixels
 from tokenizers_svc.tiling import TilingOptions
-from tokenizers_svc.wire import LATENT_FILE_TYPE, TENSOR_TYPE, tensor_headers, tensor_to_bytes
+from tokenizers_svc.tokens import TokenIds
+from tokenizers_svc.wire import ID_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, tensor_headers, tensor_to_bytes
 
 RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
 LATE_RETRY_AFTER_S = 1
@@ -244,7 +245,21 @@ class TokenizerWorker:
         stacked = torch.cat([item.tensor for item in bucket])  # (B, 3, [T,] H, W)
         return encode_stacked(self.tokenizer, stacked, bucket[0].options)
 
-    def _encode_reply(self, latents: Latents, job: EncodeJob, batch: int, compute_s: float) -> Reply:
+    def _encode_reply(
+        self, latents: Latents | TokenIds, job: EncodeJob, batch: int, compute_s: float
+    ) -> Reply:
+        if isinstance(latents, TokenIds):  # int32 ids: the token file, or the bare tensor
+            if job.output == "tensor":
+                headers = {"vocabulary-size": str(latents.vocabulary_size)}
+                reply = Reply(
+                    tensor_to_bytes(latents.ids, ID_DTYPES),
+                    TENSOR_TYPE,
+                    {**tensor_headers(latents.ids), **headers},
+                    batch,
+                )
+            else:
+                reply = Reply(latents.to_bytes(), LATENT_FILE_TYPE, {"content": "token-ids"}, batch)
+            return replace(reply, compute_s=compute_s)
         if latents.mean is not None and latents.mean.data_ptr() == latents.latents.data_ptr():
             # raw mode latents *are* the posterior mean; safetensors refuses to save shared memory
             latents = replace(latents, mean=latents.mean.clone())
@@ -267,6 +282,8 @@ class TokenizerWorker:
     async def decode(self, job: DecodeJob) -> Reply | ErrorReply:
         started = time.perf_counter()
         try:
+            if job.tokens is not None:  # ids -> the latents they stand for, with their crop metadata
+                job.latents = self.tokenizer.latents_from_tokens(job.tokens)
             spec = self.tokenizer.spec
             cost = check_decode_cost(
                 self._latent_shape(job), spec.spatial_compression, spec.frame_rule, self.limits

@@ -10,9 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -160,10 +161,30 @@ SERVING_CONFIG = {
         {"name": IN_INGRESS, "model": MODEL, "num_cpus": 0, "batch_wait_timeout_s": 0.05, "in_ingress": True},
     ],
 }
+# A discrete (FSQ) model: tiny-fsq.yaml's architecture, random init, written by save_tiny_fsq when
+# served_app starts (served models are presets or directories); no CPU reserved, like BOUNDED.
+FSQ_MODEL = "tiny-fsq"
+FSQ_DIR = Path(tempfile.mkdtemp(prefix="tsvc-fsq-")) / FSQ_MODEL
+SERVING_CONFIG["models"].append(
+    {"name": FSQ_MODEL, "model": str(FSQ_DIR), "num_cpus": 0, "max_batch_size": 4}
+)
 VIDEO_MODEL = "video-vae-tiny"  # served too once the models helper registers it
 HAS_VIDEO = VIDEO_MODEL in {p.name for p in list_presets()}
 if HAS_VIDEO:
     SERVING_CONFIG["models"].append({"name": VIDEO_MODEL, "num_cpus": 0.5, "max_batch_size": 2})
+
+
+def save_tiny_fsq(directory: Path) -> Path:
+    """tiny-fsq.yaml's model (an FSQ DC-AE f8, vocabulary 1000) with seeded random weights, saved."""
+    import yaml
+
+    from tokenizers_svc.loading import build_module
+    from tokenizers_svc.registry import get_preset
+
+    recipe = yaml.safe_load((REPO / "training" / "recipes" / "tiny-fsq.yaml").read_text())["model"]
+    preset = get_preset(recipe["preset"])
+    build_module(replace(preset, config={**preset.config, **recipe["config"]})).save_pretrained(directory)
+    return directory
 
 
 def free_port() -> int:
@@ -182,6 +203,8 @@ def served_app(config: dict, name: str) -> Iterator[str]:
 
     from serving.app import build_app
 
+    if any(model.get("model") == str(FSQ_DIR) for model in config["models"]):
+        save_tiny_fsq(FSQ_DIR)  # a served directory must exist before the app is built
     port = free_port()
     started_here = not ray.is_initialized()
     if started_here:

@@ -6,7 +6,8 @@ tests.helpers.SERVING_CONFIG. Served models, all the random-init
 ``sd-vae-tiny`` preset: ``sd-vae-tiny`` (batching), ``tiny-queue1`` (one request at a time, one
 queued: overflow -> 503), ``tiny-timeout`` (a 1 ms timeout: every call -> 504) and
 ``tiny-bounded`` (one request per model call, an 8 s timeout: abandoned work and admission) and
-``tiny-in-ingress`` (served inside the ingress's process).
+``tiny-in-ingress`` (served inside the ingress's process); and ``tiny-fsq``, a discrete (FSQ) model
+(tests.helpers.save_tiny_fsq).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from PIL import Image
 from ray import serve
 
 from tests.helpers import (
+    FSQ_DIR,
+    FSQ_MODEL,
     HAS_VIDEO,
     IN_INGRESS,
     MODEL,
@@ -37,6 +40,7 @@ from tokenizers_svc.client import AsyncClient, Client
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
+from tokenizers_svc.tokens import tokens_from_bytes
 
 pytestmark = pytest.mark.slow  # the whole module starts Ray Serve: `make test-fast` skips it
 
@@ -490,3 +494,82 @@ def test_diffusers_remote_decode_and_encode(base_url, tokenizer, crops):
         width=64,
     )
     torch.testing.assert_close(unpacked, floats)
+
+
+# ---- discrete tokens ----
+
+
+def test_token_ids_round_trip_over_http(http, crops):
+    """encode?tokens=true answers with the token file or bare int32 ids; decode takes either back;
+    the ids are the library's, and the same limits and error shape apply as for latents."""
+    local = load_tokenizer(FSQ_DIR)
+    info = http.get(f"/v1/models/{FSQ_MODEL}").json()
+    assert info["tokens"]["vocabulary_size"] == 1000 and info["tokens"]["id_dtype"] == "int32"
+    data = png(crops[1])
+    response = http.post(
+        f"/v1/models/{FSQ_MODEL}/encode",
+        content=data,
+        params={"tokens": "true"},
+        headers={"content-type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-safetensors"
+    served = tokens_from_bytes(response.content)
+    expected = encode_media(local, load_media(data), EncodeOptions(tokens=True))
+    assert served.ids.dtype == torch.int32 and tuple(served.ids.shape) == (1, 6, 8)  # 48x64 at f8
+    assert torch.equal(served.ids, expected.ids) and served.original_size == (48, 64)
+    bare = http.post(
+        f"/v1/models/{FSQ_MODEL}/encode",
+        content=data,
+        params={"tokens": "true"},
+        headers={"content-type": "image/png", "accept": "tensor/binary"},
+    )
+    assert bare.status_code == 200 and bare.headers["dtype"] == "int32"
+    assert json.loads(bare.headers["shape"]) == [1, 6, 8] and bare.headers["vocabulary-size"] == "1000"
+    ids = torch.frombuffer(bytearray(bare.content), dtype=torch.int32).reshape(1, 6, 8)
+    assert torch.equal(ids, served.ids)
+    decoded = http.post(
+        f"/v1/models/{FSQ_MODEL}/decode",
+        content=response.content,
+        headers={"content-type": "application/x-safetensors", "accept": "image/png"},
+    )
+    assert decoded.status_code == 200, decoded.text
+    pixels = media.image_to_tensor(media.decode_image(decoded.content))
+    want = local.decode(served, output_dtype=torch.uint8)
+    assert pixels.shape == want.shape and int((pixels.int() - want.int()).abs().max()) <= 1
+    as_tensor = http.post(
+        f"/v1/models/{FSQ_MODEL}/decode",
+        content=bare.content,
+        params={"shape": "1,6,8", "dtype": "int32", "format": "tensor"},
+        headers={"content-type": "tensor/binary"},
+    )
+    assert as_tensor.status_code == 200, as_tensor.text
+    assert json.loads(as_tensor.headers["shape"]) == [1, 3, 48, 64]
+    out_of_range = (served.ids + 1000).numpy().tobytes()
+    bad = http.post(
+        f"/v1/models/{FSQ_MODEL}/decode",
+        content=out_of_range,
+        params={"shape": "1,6,8", "dtype": "int32", "format": "tensor"},
+        headers={"content-type": "tensor/binary"},
+    )
+    assert bad.status_code == 422 and error_body(bad)["param"] == "ids"
+    wrong_model = http.post(
+        f"/v1/models/{MODEL}/decode",
+        content=response.content,
+        headers={"content-type": "application/x-safetensors"},
+    )
+    assert wrong_model.status_code == 422 and error_body(wrong_model)["param"] in ("tokenizer", "model")
+    continuous = http.post(
+        f"/v1/models/{MODEL}/encode",
+        content=data,
+        params={"tokens": "true"},
+        headers={"content-type": "image/png"},
+    )
+    assert continuous.status_code == 422 and error_body(continuous)["param"] == "tokens"
+    too_many = http.post(
+        f"/v1/models/{FSQ_MODEL}/decode",
+        content=b"\0" * 4 * 225_000,
+        params={"shape": "1,250,900", "dtype": "int32", "format": "tensor"},
+        headers={"content-type": "tensor/binary"},
+    )
+    assert too_many.status_code == 413 and error_body(too_many)["param"] == "shape"

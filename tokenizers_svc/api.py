@@ -172,20 +172,24 @@ class Tokenizer:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # deferred: startup
 
             z = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).sample(generator)
-        if tokens:
-            return TokenIds(
-                ids=self.ids_from_raw(mean).cpu(),
-                tokenizer=self.name,
-                vocabulary_size=self.spec.quantizer.vocabulary_size,
-                levels=self.spec.quantizer.levels,
-                original_size=prepared.original_size,
-                original_frames=prepared.original_frames,
-                padding=prepared.padding,
-                weights_hash=self.weights_hash,
-                fps=fps,
-                source_sha256=source_sha256,
-                resized_from=prepared.resized_from,
-            )
+        quantizer = self.backend.quantizer
+        if quantizer is not None:  # the latents are the rounded codes, projected to the decoder's input
+            codes = quantizer.codes(mean.to(device=self.backend.device, dtype=self.backend.dtype))
+            if tokens:
+                return TokenIds(
+                    ids=quantizer.codes_to_ids(codes).cpu(),
+                    tokenizer=self.name,
+                    vocabulary_size=self.spec.quantizer.vocabulary_size,
+                    levels=self.spec.quantizer.levels,
+                    original_size=prepared.original_size,
+                    original_frames=prepared.original_frames,
+                    padding=prepared.padding,
+                    weights_hash=self.weights_hash,
+                    fps=fps,
+                    source_sha256=source_sha256,
+                    resized_from=prepared.resized_from,
+                )
+            z = quantizer.latents_from_codes(codes.to(self.backend.dtype)).float()
         if normalize:
             z = self.spec.normalization.apply(z)
         return Latents(
@@ -206,50 +210,38 @@ class Tokenizer:
         )
 
     @torch.no_grad()
-    def ids_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw latents (N, c, [t,] h, w) -> token ids (N, [t,] h, w) int32 (quantized tokenizers)."""
+    def latents_from_tokens(self, tokens: TokenIds | torch.Tensor) -> Latents:
+        """Token ids (a :class:`TokenIds`, or a bare integer tensor (N, [t,] h, w): nothing to crop)
+        -> the raw latents they stand for: codes projected to the decoder's input, exactly what
+        ``encode`` returns for the same pixels, with the ids' metadata."""
         quantizer = self.backend.quantizer
-        z = raw.to(device=self.backend.device, dtype=self.backend.dtype)
-        return quantizer.codes_to_ids(quantizer.codes(z))
-
-    @torch.no_grad()
-    def decoder_input(
-        self, encoded: Latents | TokenIds | torch.Tensor, normalized: bool | None
-    ) -> torch.Tensor:
-        """What the decoder consumes, validated: raw latents, or for a quantized tokenizer the
-        projected codes (from ids, or from latents quantized first, as diffusers' VQModel does).
-        Bare tensors carry no metadata: integer tensors are ids, float ones latents in the space
-        ``normalized`` names."""
-        quantizer = self.backend.quantizer
-        if isinstance(encoded, TokenIds) or (
-            isinstance(encoded, torch.Tensor) and not encoded.is_floating_point()
-        ):
-            tokens = encoded if isinstance(encoded, TokenIds) else self._bare_tokens(encoded)
-            validate_tokens_for(tokens, self.spec, weights_hash=self.weights_hash)
-            codes = quantizer.ids_to_codes(tokens.ids.to(self.backend.device))
-            return quantizer.latents_from_codes(codes.to(self.backend.dtype))
-        if isinstance(encoded, Latents):
-            validate_for(encoded, self.spec, weights_hash=self.weights_hash)
-            raw = encoded.raw()
-        else:
-            if normalized is None:
+        if not isinstance(tokens, TokenIds):
+            if quantizer is None:
                 raise InvalidRequestError(
-                    "bare latent tensors need normalized=True or normalized=False", param="normalized"
+                    f"{self.name} is a continuous tokenizer; it decodes float latents, got an integer tensor",
+                    param="latents",
                 )
-            validate_tensor_for(encoded, self.spec)
-            raw = self.spec.normalization.invert(encoded) if normalized else encoded
-        z = raw.to(device=self.backend.device, dtype=self.backend.dtype)
-        return z if quantizer is None else quantizer(z)[0]
-
-    def _bare_tokens(self, ids: torch.Tensor) -> TokenIds:
-        """A bare id tensor as this tokenizer's token ids (nothing to crop), for validation."""
-        quantizer = self.spec.quantizer
-        if quantizer is None:
-            raise InvalidRequestError(
-                f"{self.name} is a continuous tokenizer; it decodes float latents, got an integer tensor",
-                param="latents",
+            spec = self.spec.quantizer
+            tokens = TokenIds(tokens, self.name, spec.vocabulary_size, spec.levels, (1, 1))
+            tokens.original_size = tuple(
+                int(d) * self.spec.spatial_compression for d in tokens.ids.shape[-2:]
             )
-        return TokenIds(ids, self.name, quantizer.vocabulary_size, quantizer.levels, (1, 1))
+        validate_tokens_for(tokens, self.spec, weights_hash=self.weights_hash)
+        codes = quantizer.ids_to_codes(tokens.ids.to(self.backend.device))  # (N, K, [t,] h, w)
+        raw = quantizer.latents_from_codes(codes.to(self.backend.dtype)).float().cpu()
+        return Latents(
+            latents=raw,
+            tokenizer=self.name,
+            normalized=False,
+            normalization=self.spec.normalization,
+            original_size=tokens.original_size,
+            original_frames=tokens.original_frames,
+            padding=tokens.padding,
+            weights_hash=tokens.weights_hash,
+            fps=tokens.fps,
+            source_sha256=tokens.source_sha256,
+            resized_from=tokens.resized_from,
+        )
 
     @torch.no_grad()
     def decode(
@@ -264,12 +256,27 @@ class Tokenizer:
         """Latents or token ids -> pixels (N, C, H, W) / (N, C, T, H, W), cropped to the original size.
 
         Bare tensors carry no metadata, so no crop is applied; a float tensor needs ``normalized``
-        to say which space it is in, an integer tensor is token ids. ``output_dtype``: float32 gives
+        to say which space it is in, an integer tensor is token ids (:meth:`latents_from_tokens`). ``output_dtype``: float32 gives
         [-1, 1], uint8 gives [0, 255]. ``on_chunk(done, total)`` follows the temporal chunks of a
         long clip.
         """
-        z = self.decoder_input(latents, normalized)
-        crop = latents if isinstance(latents, (Latents, TokenIds)) else None
+        if isinstance(latents, TokenIds) or (
+            isinstance(latents, torch.Tensor) and not latents.is_floating_point()
+        ):
+            latents = self.latents_from_tokens(latents)
+        if isinstance(latents, Latents):
+            validate_for(latents, self.spec, weights_hash=self.weights_hash)
+            raw = latents.raw()
+            crop = latents
+        else:
+            if normalized is None:
+                raise InvalidRequestError(
+                    "bare latent tensors need normalized=True or normalized=False", param="normalized"
+                )
+            validate_tensor_for(latents, self.spec)
+            raw = self.spec.normalization.invert(latents) if normalized else latents
+            crop = None
+        z = raw.to(device=self.backend.device, dtype=self.backend.dtype)
         with self._eval_mode():
             x = tiled_decode(self.backend, z, tiling or TilingOptions(), on_chunk).float().clamp(-1, 1)
         if crop is not None:

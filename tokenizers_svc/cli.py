@@ -427,9 +427,7 @@ def encode(
         "when an input is a video.",
     ),
     raw: bool = _encode_option("normalize"),
-    tokens: bool = typer.Option(
-        False, "--tokens", help="Store int32 token ids (a token file); quantized tokenizers only."
-    ),
+    tokens: bool = _encode_option("tokens"),
     sample: bool = _encode_option("sample"),
     seed: int | None = _encode_option("seed"),
     posterior: bool = _encode_option("return_posterior"),
@@ -482,6 +480,7 @@ def encode(
                 "end": end,
                 "stride": stride,
                 "seed": seed,
+                "tokens": tokens,
             }
         )
         limits = _limits(set_limit)
@@ -495,7 +494,7 @@ def encode(
             with _ChunkProgress(f"encode {source.name}", nested=len(files) > 1) as chunks:
                 try:
                     encoded = encode_media(
-                        tokenizer, load_media(_read(source), limits, options), options, chunks, tokens=tokens
+                        tokenizer, load_media(_read(source), limits, options), options, chunks
                     )
                     _write(target, encoded.to_bytes(), overwrite=overwrite)
                 except TokenizerError as exc:

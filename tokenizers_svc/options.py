@@ -131,6 +131,14 @@ ENCODE_OPTIONS: dict[str, Option] = {
         Option("start", float, None, ("--start",), "videos: start time in seconds"),
         Option("end", float, None, ("--end",), "videos: end time in seconds (exclusive)"),
         Option("stride", int, 1, ("--stride",), "videos: keep every n-th frame"),
+        Option(
+            "tokens",
+            bool,
+            False,
+            ("--tokens",),
+            "int32 token ids instead of latents (quantized tokenizers only)",
+            switch_value=True,
+        ),
     )
 }
 

@@ -56,6 +56,7 @@ class EncodeOptions:
     end: float | None = None
     stride: int = 1
     seed: int | None = None
+    tokens: bool = False  # int32 token ids (TokenIds) instead of latents: quantized tokenizers only
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> EncodeOptions:
@@ -171,11 +172,9 @@ def encode_media(
     media_input: MediaInput,
     options: EncodeOptions = EncodeOptions(),
     on_chunk: ChunkCallback | None = None,
-    *,
-    tokens: bool = False,
 ) -> Latents | TokenIds:
-    """:class:`MediaInput` -> :class:`Latents` (or :class:`TokenIds` with ``tokens``, quantized
-    tokenizers only) with fps and the source hash recorded.
+    """:class:`MediaInput` -> :class:`Latents` (or :class:`TokenIds` with ``options.tokens``,
+    quantized tokenizers only) with fps and the source hash recorded.
 
     An image-only tokenizer refuses videos (InvalidRequestError); video tokenizers take images as
     one-frame clips. ``on_chunk(done, total)`` follows the temporal chunks of a long clip.
@@ -196,7 +195,7 @@ def encode_media(
         fps=media_input.fps,
         source_sha256=media_input.sha256,
         on_chunk=on_chunk,
-        tokens=tokens,
+        tokens=options.tokens,
     )
 
 
@@ -211,7 +210,9 @@ def check_media_kind(model: str, modality: str, kind: MediaKind, frames: int | N
         )
 
 
-def encode_stacked(tokenizer: Tokenizer, pixels: torch.Tensor, options: EncodeOptions) -> list[Latents]:
+def encode_stacked(
+    tokenizer: Tokenizer, pixels: torch.Tensor, options: EncodeOptions
+) -> list[Latents | TokenIds]:
     """Same-shape items stacked as (B, 3, H, W) or (B, 3, T, H, W) -> one :class:`Latents` each, from
     one model call (the server's and the batch job's batching). Callers record fps and hashes."""
     kind = "video" if pixels.ndim == 5 else "image"

@@ -68,7 +68,7 @@ class FSQ(nn.Module):
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """raw latents (N, c, ...) -> codes (N, K, ...) on the grid ``q / (levels // 2)`` in [-1, 1],
-        float32; rounding passes gradients straight through."""
+        float32; with autograd on, rounding passes gradients straight through."""
         h = _channels_last(self.project_in, z) if self.project_in is not None else z
         h = h.float()
         levels = self._view(self.levels, h.ndim, h.dtype)
@@ -76,7 +76,9 @@ class FSQ(nn.Module):
         offset = (1 - levels % 2) * 0.5  # even levels: the grid is shifted by half a step
         shift = torch.atanh(offset / half)
         bounded = torch.tanh(h + shift) * half - offset  # (N, K, ...) in (-L//2 - eps, (L-1)//2 + eps)
-        rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through estimator
+        rounded = torch.round(bounded)  # exact grid values: what ids_to_codes gives back
+        if rounded.requires_grad or bounded.requires_grad:  # training: straight-through estimator
+            rounded = bounded + (rounded - bounded).detach()
         return rounded / self._view(self.half_width, h.ndim, h.dtype)
 
     def latents_from_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,12 @@ import torch
 
 from tokenizers_svc.errors import DTypeMismatchError, InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.latents import LATENT_DTYPES
+from tokenizers_svc.spec import ID_DTYPE
 
 TENSOR_TYPE = "tensor/binary"
 LATENT_FILE_TYPE = "application/x-safetensors"  # the latent file (tokenizers_svc.latents)
 PIXEL_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, **LATENT_DTYPES}  # uint8 [0,255], float [-1,1]
+ID_DTYPES: dict[str, torch.dtype] = {ID_DTYPE: torch.int32}  # token ids of quantized tokenizers
 
 
 def dtype_name(dtype: torch.dtype) -> str:

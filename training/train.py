@@ -487,6 +487,8 @@ class Trainer:
             return
         backend = type(self.backend).from_module(module, self.spec.name)
         latents = [backend.encode_moments(x)[0] for x in self._val_pixels(self.val_images)]
+        if backend.quantizer is not None:  # a quantized model's latents are its projected codes
+            latents = [backend.quantizer(z)[0] for z in latents]
         std = float(torch.cat([z.flatten() for z in latents]).float().std())
         module.register_to_config(scaling_factor=round(1.0 / std, 5))
         self.state.metrics["latent_std"] = std
