@@ -153,7 +153,7 @@ def test_cli_encode_tokens_info_and_decode(photo_nchw, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["info", str(ids), "--json", "-m", model])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["dtype"] == "int32" and info["vocabulary_size"] == 1000 and info["layout"] == "NHW"
     assert info["shape"] == [1, 2, 2] and info["original_size"] == [48, 64]  # 64x64 padded, f32
     result = runner.invoke(app, ["decode", str(ids), "-o", str(tmp_path / "back.png"), "-m", model])
