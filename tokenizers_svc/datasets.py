@@ -23,6 +23,8 @@ from torch.utils.data import Dataset, Sampler
 
 from tokenizers_svc.errors import InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.latents import Latents, latents_from_bytes
+from tokenizers_svc.spec import ID_DTYPE
+from tokenizers_svc.tokens import TokenIds, tokens_from_bytes
 
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
@@ -51,8 +53,9 @@ ROW_SCHEMA = pa.schema(
         ("bucket_width", pa.int32()),
         ("crop_top", pa.int32()),  # --crop: the window's corner in the item resized to cover the bucket
         ("crop_left", pa.int32()),
-        ("latents", pa.binary()),  # a complete latent file (Latents.to_bytes); null on error
-        ("shape", pa.list_(pa.int64())),  # of the stored latent tensor: (1, C, h, w) / (1, C, t, h, w)
+        ("latents", pa.binary()),  # a complete latent file (Latents.to_bytes), or token file with --tokens
+        # of the stored latent tensor: (1, C, h, w) / (1, C, t, h, w); of the ids: (1, h, w) / (1, t, h, w)
+        ("shape", pa.list_(pa.int64())),
         ("dtype", pa.string()),
         ("model", pa.string()),
         ("weights_hash", pa.string()),
@@ -64,9 +67,10 @@ ROW_SCHEMA = pa.schema(
             "encoder_node",
             pa.string(),
         ),  # Ray node id of the encoder actor that made the row (`ray list nodes`)
+        ("ids", pa.list_(pa.int32())),  # --tokens: the token ids, raster order (t, h, w); null otherwise
     ]
 )
-METADATA_COLUMNS = [name for name in ROW_SCHEMA.names if name != "latents"]
+METADATA_COLUMNS = [name for name in ROW_SCHEMA.names if name not in ("latents", "ids")]
 SHARD_CACHE = 4  # shards whose latent column stays in memory; sequential reads touch one at a time
 
 
@@ -104,7 +108,7 @@ class LatentDataset(Dataset):
                     self._index.append((shard, row_number))
                 else:
                     self._errors.append(row)
-        self._columns: OrderedDict[int, pa.ChunkedArray] = OrderedDict()  # shard -> latents column
+        self._columns: OrderedDict[tuple[int, str], pa.ChunkedArray] = OrderedDict()  # (shard, column)
         self._tokenizers: dict[str, object] = {}
 
     def __len__(self) -> int:
@@ -123,17 +127,7 @@ class LatentDataset(Dataset):
         fields of images), which torch's default collate refuses. Items of several shapes (the
         output of ``--resize``, where shapes follow aspect ratios) are refused with the way out:
         ``--crop``, ``--aspect-buckets`` and :class:`BucketBatchSampler`."""
-        shapes = sorted({tuple(item["latents"].shape) for item in items})
-        if len(shapes) > 1:
-            raise ShapeMismatchError(
-                f"a batch stacks latents of one shape, got {len(shapes)}: {', '.join(map(str, shapes[:4]))}; "
-                "encode with --crop center|random (one size) or --crop ... --aspect-buckets (a few sizes), "
-                "and batch with DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset, batch_size), "
-                "collate_fn=LatentDataset.collate), which keeps each batch to one shape",
-                param="batch",
-            )
-        latents = torch.stack([item["latents"] for item in items])
-        return latents, [{k: v for k, v in item.items() if k != "latents"} for item in items]
+        return _stack(items, "latents")
 
     def metadata(self, index: int) -> dict:
         """Row ``index`` without its latents."""
@@ -150,13 +144,15 @@ class LatentDataset(Dataset):
         shard, row = self._index[index]
         return latents_from_bytes(self._latent_column(shard)[row].as_py())
 
-    def _latent_column(self, shard: int) -> pa.ChunkedArray:
-        if shard not in self._columns:
-            self._columns[shard] = pq.read_table(self.shards[shard], columns=["latents"]).column("latents")
+    def _latent_column(self, shard: int, column: str = "latents") -> pa.ChunkedArray:
+        """``column`` of a shard, read once; the last SHARD_CACHE shards stay in memory."""
+        key = (shard, column)
+        if key not in self._columns:
+            self._columns[key] = pq.read_table(self.shards[shard], columns=[column]).column(column)
             while len(self._columns) > SHARD_CACHE:
                 self._columns.popitem(last=False)
-        self._columns.move_to_end(shard)
-        return self._columns[shard]
+        self._columns.move_to_end(key)
+        return self._columns[key]
 
     def decode(self, index: int, tokenizer=None, *, output_dtype: torch.dtype = torch.uint8) -> torch.Tensor:
         """Row ``index`` back to pixels for spot checks: (1, 3, H, W) for an image or (1, 3, T, H, W)
@@ -183,6 +179,79 @@ class LatentDataset(Dataset):
         return f"LatentDataset({str(self.root)!r}, rows={len(self)}, errors={len(self._errors)})"
 
 
+def _stack(items: list[dict], key: str) -> tuple[torch.Tensor, list[dict]]:
+    """Items' ``key`` tensors of one shape stacked, and their metadata dicts; several shapes are
+    refused with the way out (one crop size, or batches of one shape)."""
+    shapes = sorted({tuple(item[key].shape) for item in items})
+    if len(shapes) > 1:
+        raise ShapeMismatchError(
+            f"a batch stacks {key} of one shape, got {len(shapes)}: {', '.join(map(str, shapes[:4]))}; "
+            "encode with --crop center|random (one size) or --crop ... --aspect-buckets (a few sizes), "
+            "and batch with DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset, batch_size), "
+            "collate_fn=dataset.collate), which keeps each batch to one shape",
+            param="batch",
+        )
+    stacked = torch.stack([item[key] for item in items])
+    return stacked, [{k: v for k, v in item.items() if k != key} for item in items]
+
+
+class TokenDataset(LatentDataset):
+    """Map-style dataset over a ``batch-encode --tokens`` output, for an autoregressive trainer.
+
+    ``dataset[i]`` is ``{"ids": tensor, **metadata}``: int32 ids in ``[0, vocabulary_size)``,
+    ``(h, w)`` for an image or ``(t, h, w)`` for a clip, raster order (the ``ids`` column; the row's
+    token file, with its crop metadata, is :meth:`token_file`). ``tokens`` is the job's token
+    description from manifest.json: vocabulary size, levels, id dtype and base, layout and order.
+    Batches of one shape: ``DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset, B),
+    collate_fn=TokenDataset.collate)`` -> (ids (B, [t,] h, w) int32, metadata).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root, normalized=None)
+        latents = [row["source_path"] for row in self._rows if row["dtype"] != ID_DTYPE]
+        if latents:
+            raise InvalidRequestError(
+                f"{self.root} holds latents, not token ids (e.g. {latents[0]}); encode with --tokens and a "
+                "quantized tokenizer, or read it with LatentDataset",
+                param="root",
+            )
+        manifest = self.root / MANIFEST_FILE
+        self.tokens: dict | None = (
+            json.loads(manifest.read_text()).get("tokens") if manifest.is_file() else None
+        )
+        self.vocabulary_size: int | None = None if self.tokens is None else self.tokens["vocabulary_size"]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} rows")
+        shard, row = self._index[index]
+        flat = self._latent_column(shard, "ids")[row].as_py()
+        ids = torch.tensor(flat, dtype=torch.int32).reshape(self._rows[index]["shape"][1:])
+        return {"ids": ids, **self._rows[index]}
+
+    @staticmethod
+    def collate(items: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+        """Same-shape items -> (ids stacked to (B, [t,] h, w) int32, metadata dicts)."""
+        return _stack(items, "ids")
+
+    def token_file(self, index: int) -> TokenIds:
+        """Row ``index`` as :class:`TokenIds` (one item, with its vocabulary and crop metadata)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} rows")
+        shard, row = self._index[index]
+        return tokens_from_bytes(self._latent_column(shard)[row].as_py())
+
+    def decode(self, index: int, tokenizer=None, *, output_dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """Row ``index`` back to pixels (see :meth:`LatentDataset.decode`); ids of other weights are refused."""
+        tokens = self.token_file(index)
+        if tokenizer is None:
+            tokenizer = self._tokenizer(self._rows[index]["model"])
+        return tokenizer.decode(tokens, output_dtype=output_dtype)
+
+    def __repr__(self) -> str:
+        return f"TokenDataset({str(self.root)!r}, rows={len(self)}, errors={len(self._errors)})"
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices whose latents have one shape (one ``--crop`` bucket, or one resized
     size), so that ``LatentDataset.collate`` can stack them::
@@ -197,7 +266,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __init__(
         self,
-        dataset: LatentDataset,
+        dataset: LatentDataset | TokenDataset,
         batch_size: int,
         *,
         shuffle: bool = True,

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         "is a video, else the shipped image tokenizer)",
     )
     # The encode options, declared from their one definition (tokenizers_svc.options)
-    add_arguments(p, ("resize", "resolution", "normalize", "sample", "seed", "stride", "max_frames"))
+    add_arguments(
+        p, ("resize", "resolution", "normalize", "sample", "seed", "stride", "max_frames", "tokens")
+    )
     p.add_argument(
         "--crop",
         choices=CROP_MODES,
@@ -344,6 +346,8 @@ def _manifest(
         "command": shlex.join(["python", "-m", "serving.batch", *argv]),  # rerun it to resume
         "process": shlex.join(sys.orig_argv),  # how this run was started (CLI, ray job, tests)
         "model": {"name": plan.model_name, "source": plan.model, "weights_hash": plan.weights_hash},
+        # --tokens: vocabulary, levels, id dtype and base, layout and order of the ids column
+        **({"tokens": plan.tokens} if plan.tokens is not None else {}),
         "options": plan.key(),
         "device": plan.device,
         "inputs": {"spec": args.input, "count": len(inputs), "listing": INPUTS_FILE, "ignored": ignored},

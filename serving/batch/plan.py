@@ -45,11 +45,14 @@ class JobPlan:
     limits: Limits = field(default_factory=Limits)  # per input; not in key(): it changes no latents
     crop: str = "none"  # none | center | random: each item resized to cover its crop size, then cropped
     crop_sizes: tuple[tuple[int, int], ...] = ()  # (H, W): one fixed size, or the aspect-ratio buckets
+    tokens: dict | None = None  # --tokens: the model's token description (vocabulary, levels, order)
 
     def key(self) -> dict:
         """What determines a row's latents; part of every id and of job.json."""
         options = asdict(self.options)
         options.pop("tiling")
+        if not options["tokens"]:  # absent for latents, so directories written before --tokens resume
+            options.pop("tokens")
         key = {
             "model": self.model_name,
             "weights_hash": self.weights_hash,
@@ -192,6 +195,11 @@ def make_plan(args: argparse.Namespace, device: str, tokenizer: Tokenizer | None
     check_flags(args)
     tokenizer = tokenizer or load_tokenizer(args.model, device="cpu")
     spec = tokenizer.spec
+    if args.tokens and spec.quantizer is None:
+        raise ConfigError(
+            f"--tokens needs a quantized tokenizer (a quantizer block in its config); {spec.name} is continuous",
+            param="tokens",
+        )
     dtype = resolved_dtype(args.dtype, device)
     if dtype not in spec.dtypes:
         raise ConfigError(
@@ -223,4 +231,5 @@ def make_plan(args: argparse.Namespace, device: str, tokenizer: Tokenizer | None
         limits=Limits().with_settings(args.set_limit),
         crop=args.crop,
         crop_sizes=crop_sizes,
+        tokens=spec.describe_tokens() if args.tokens else None,
     )

@@ -41,6 +41,8 @@ from tokenizers_svc.pixels import (
     resize_pixels,
     to_float_pixels,
 )
+from tokenizers_svc.spec import ID_DTYPE
+from tokenizers_svc.tokens import TokenIds
 from tokenizers_svc.wire import PIXEL_DTYPES, dtype_name
 
 # Between decode tasks and the encoder actors: pixels as raw C-order bytes (the wire format of
@@ -287,16 +289,20 @@ class EncodeWorker:
                 resized_from=source_hw if source_hw != resized else None,
                 extra=extra,
             )
-            results.append(
-                {
-                    **row,
-                    "latents": item.to_bytes(),
+            if isinstance(item, TokenIds):  # the token file, and the ids as an int32 column
+                columns = {
+                    "ids": item.ids.flatten().tolist(),
+                    "shape": list(item.ids.shape),
+                    "dtype": ID_DTYPE,
+                }
+            else:
+                columns = {
                     "shape": list(item.latents.shape),
                     "dtype": str(item.latents.dtype).removeprefix("torch."),
                     "normalized": item.normalized,
                     "normalization": json.dumps(item.normalization.to_dict()),
                 }
-            )
+            results.append({**row, "latents": item.to_bytes(), **columns})
         return results
 
 
