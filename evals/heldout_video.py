@@ -241,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="draws the photo clips' windows and moves")
     parser.add_argument(
-        "--stride", type=int, default=1, help="score every n-th clip of each group (quick looks)"
+        "--stride",
+        type=int,
+        default=1,
+        help="score every n-th clip of each group (quick looks; the photo groups hold 2 clips per photo, so an even n keeps one kind: 1x stills, pans)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the full result here")
