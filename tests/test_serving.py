@@ -499,7 +499,7 @@ def test_diffusers_remote_decode_and_encode(base_url, tokenizer, crops):
 # ---- discrete tokens ----
 
 
-def test_token_ids_round_trip_over_http(http, crops):
+def test_token_ids_round_trip_over_http(http, base_url, crops):
     """encode?tokens=true answers with the token file or bare int32 ids; decode takes either back;
     the ids are the library's, and the same limits and error shape apply as for latents."""
     local = load_tokenizer(FSQ_DIR)
@@ -528,6 +528,12 @@ def test_token_ids_round_trip_over_http(http, crops):
     assert json.loads(bare.headers["shape"]) == [1, 6, 8] and bare.headers["vocabulary-size"] == "1000"
     ids = torch.frombuffer(bytearray(bare.content), dtype=torch.int32).reshape(1, 6, 8)
     assert torch.equal(ids, served.ids)
+    with Client(base_url) as client:  # the Python client: TokenIds out, TokenIds and int32 ids in
+        via_client = client.encode(FSQ_MODEL, data, tokens=True)
+        assert torch.equal(via_client.ids, served.ids)
+        pixels_from_ids = client.decode_tensor(FSQ_MODEL, ids)
+        assert tuple(pixels_from_ids.shape) == (1, 3, 48, 64)
+        assert tuple(client.decode_tensor(FSQ_MODEL, via_client).shape) == (1, 3, 48, 64)
     decoded = http.post(
         f"/v1/models/{FSQ_MODEL}/decode",
         content=response.content,

@@ -25,9 +25,12 @@ import torch
 
 from tokenizers_svc import errors
 from tokenizers_svc.formats import SUFFIX_MEDIA_TYPES
-from tokenizers_svc.latents import Latents, latents_from_bytes
+from tokenizers_svc.latents import Latents
+from tokenizers_svc.tokens import TokenIds, encoded_from_bytes
 from tokenizers_svc.wire import (
+    ID_DTYPES,
     LATENT_FILE_TYPE,
+    PIXEL_DTYPES,
     TENSOR_TYPE,
     tensor_from_headers,
     tensor_params,
@@ -96,11 +99,11 @@ def _encode_request(model: str, data: Any, accept: str, options: dict[str, Any])
 def _decode_request(model: str, latents: Any, accept: str, options: dict[str, Any]) -> _Request:
     params = {k: v for k, v in options.items() if v is not None}
     headers = {"accept": accept}
-    if isinstance(latents, Latents):
+    if isinstance(latents, (Latents, TokenIds)):
         content = latents.to_bytes()
         headers["content-type"] = LATENT_FILE_TYPE
     elif isinstance(latents, torch.Tensor):
-        content = tensor_to_bytes(latents)
+        content = tensor_to_bytes(latents, PIXEL_DTYPES if latents.is_floating_point() else ID_DTYPES)
         headers["content-type"] = TENSOR_TYPE
         params.update(tensor_params(latents))
     else:
@@ -183,9 +186,10 @@ class Client(_Base):
     def ready(self) -> bool:
         return self.http.get("/readyz").status_code == 200
 
-    def encode(self, model: str, data: Any, **options: Any) -> Latents:
-        """Options as the route's query parameters: normalize, sample, seed, resize, resolution, tiling..."""
-        return latents_from_bytes(self._send(_encode_request(model, data, LATENT_FILE_TYPE, options)).content)
+    def encode(self, model: str, data: Any, **options: Any) -> Latents | TokenIds:
+        """Options as the route's query parameters: normalize, sample, seed, resize, resolution, tiling,
+        tokens (-> :class:`TokenIds` from a quantized model)..."""
+        return encoded_from_bytes(self._send(_encode_request(model, data, LATENT_FILE_TYPE, options)).content)
 
     def encode_tensor(self, model: str, data: Any, **options: Any) -> torch.Tensor:
         """Bare latents (N, C, [t,] h, w) float32, normalized unless ``normalize=False``."""
@@ -247,9 +251,9 @@ class AsyncClient(_Base):
     async def ready(self) -> bool:
         return (await self.http.get("/readyz")).status_code == 200
 
-    async def encode(self, model: str, data: Any, **options: Any) -> Latents:
+    async def encode(self, model: str, data: Any, **options: Any) -> Latents | TokenIds:
         response = await self._send(_encode_request(model, data, LATENT_FILE_TYPE, options))
-        return latents_from_bytes(response.content)
+        return encoded_from_bytes(response.content)
 
     async def encode_tensor(self, model: str, data: Any, **options: Any) -> torch.Tensor:
         return tensor_from_response(await self._send(_encode_request(model, data, TENSOR_TYPE, options)))
