@@ -301,18 +301,23 @@ def parse_placement(meta: dict[str, str], layout: str) -> dict:
     }
 
 
-def latents_from_bytes(data: bytes) -> Latents:
-    """Parse and validate a latent file's bytes (metadata: :func:`parse_metadata`; finiteness)."""
+def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A latent or token file's bytes -> (tensors, string metadata), before any validation."""
     try:
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
     except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidLatentsError(
-            f"not a safetensors latent file ({type(exc).__name__}); expected the format written by "
-            "Latents.save / the encode endpoint"
+            f"not a safetensors latent file or token file ({type(exc).__name__}); expected one written "
+            "by this project (Latents.save / TokenIds.save / the encode endpoint)"
         ) from None
-    meta = header.get("__metadata__") or {}
+    return tensors, header.get("__metadata__") or {}
+
+
+def latents_from_bytes(data: bytes) -> Latents:
+    """Parse and validate a latent file's bytes (metadata: :func:`parse_metadata`; finiteness)."""
+    tensors, meta = read_safetensors(data)
     fmt = meta.get("format")
     if fmt != FORMAT_NAME:
         raise InvalidLatentsError(f"metadata 'format' must be {FORMAT_NAME!r}, got {fmt!r}", param="format")

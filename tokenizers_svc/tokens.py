@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tokenizers_svc.errors import InvalidLatentsError, ShapeMismatchError
@@ -30,6 +28,7 @@ from tokenizers_svc.latents import (
     latents_from_bytes,
     parse_placement,
     placement_metadata,
+    read_safetensors,
     validate_crop,
     validate_source,
 )
@@ -97,22 +96,9 @@ class TokenIds:
         return path
 
 
-def _header(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidLatentsError(
-            f"not a safetensors latent file or token file ({type(exc).__name__}); expected one written "
-            "by this project (Latents.save / TokenIds.save / the encode endpoint)"
-        ) from None
-    return tensors, header.get("__metadata__") or {}
-
-
 def tokens_from_bytes(data: bytes) -> TokenIds:
     """Parse and validate a token file's bytes: format, version, dtype, shape, vocabulary, id range."""
-    tensors, meta = _header(data)
+    tensors, meta = read_safetensors(data)
     return _tokens(tensors, meta)
 
 
@@ -180,7 +166,7 @@ def load_tokens(path: str | Path) -> TokenIds:
 
 def encoded_from_bytes(data: bytes) -> Latents | TokenIds:
     """A latent file or a token file, told apart by its ``format`` metadata."""
-    tensors, meta = _header(data)
+    tensors, meta = read_safetensors(data)
     if meta.get("format") == FORMAT_NAME:
         return _tokens(tensors, meta)
     if meta.get("format") == LATENTS_FORMAT:
