@@ -279,8 +279,10 @@ def test_encode_applies_the_servers_limits(tmp_path, photos):
         app, ["encode", str(bomb), "-o", str(tmp_path / "b.safetensors"), "-m", "sd-vae-tiny"]
     )
     assert result.exit_code == 1
+    # One progress line ("loading MODEL ...") and then exactly one error line, no traceback.
     assert result.stderr.strip().splitlines() == [
-        f"error: {bomb}: limit_exceeded: PNG image is 5000x4000 = 20,000,000 pixels; the limit is 16,000,000 pixels"
+        "loading sd-vae-tiny (cpu, float32)",
+        f"error: {bomb}: limit_exceeded: PNG image is 5000x4000 = 20,000,000 pixels; the limit is 16,000,000 pixels",
     ]
     upscale = ["encode", str(photos[0]), "-o", str(tmp_path / "u.safetensors"), "-m", "sd-vae-tiny"]
     result = runner.invoke(app, [*upscale, "--resize", "fit", "--resolution", "20000"])
@@ -305,7 +307,7 @@ def test_unwritable_outputs_are_one_error_line(tmp_path, photos):
     ):
         result = runner.invoke(app, argv)
         assert result.exit_code == 1, argv
-        (line,) = result.stderr.strip().splitlines()
+        (line,) = [line for line in result.stderr.strip().splitlines() if not line.startswith("loading ")]
         assert line.startswith("error: invalid_request: cannot ") and "Traceback" not in result.output
 
 
