@@ -37,6 +37,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each run here is a new training process would be: accelerate keeps one AcceleratorState per
+    process and refuses a second Accelerator with another mixed precision (the video recipe's bf16
+    after the tiny recipes' "no")."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def shared_overrides(recipe: Path, shared_data: Path, out: Path) -> list[str]:
     """Point a recipe's examples/ paths at the shared photos (images/train, images/val) and real
     clips, and its output at tmp: the tests measure training on more than the sample files."""
