@@ -26,8 +26,11 @@ install: $(STAMP)
 serve: install
 	$(BIN)/tokenizers-svc serve $(if $(PORT),--port $(PORT)) $(if $(VERBOSE),--verbose)
 
+# Two workers, one test file each at a time (module fixtures such as a Serve app start once): most
+# slow tests wait on process start-up (Ray, servers, torch imports), which two workers overlap.
+TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The developer loop: no Ray, no Serve, no training (every such module or test is marked slow).
 test-fast: install

@@ -16,6 +16,21 @@ import torch
 from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, png, served_app
 
 
+def pytest_configure(config):
+    """`make test` runs two workers (pytest-xdist), each of which may start the first Ray this
+    machine has seen at the same moment; both would write Ray's token file (~/.ray/auth_token). The
+    controller writes it first, with Ray's own function, so the workers only read it."""
+    if hasattr(config, "workerinput"):
+        return
+    from ray._private.authentication.authentication_token_setup import (
+        _get_default_token_path,
+        generate_and_save_token,
+    )
+
+    if not _get_default_token_path().exists():
+        generate_and_save_token()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
