@@ -295,14 +295,21 @@ def _rows(output: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_batch_job_on_two_nodes_survives_losing_one(cluster, shared_data, tmp_path):
-    """batch-encode with RAY_ADDRESS on 40 photos: encoder actors on both nodes; the worker node is
+    """batch-encode with RAY_ADDRESS on 200 photos: encoder actors on both nodes; the worker node is
     killed (its whole process session) once it has written rows; the job finishes, or a rerun
     resumes, with every input exactly one row."""
     worker, nodes = cluster.add_worker("tsvc_worker1")
-    inputs = sorted((shared_data / "images" / "train").resolve().iterdir())
-    assert len(inputs) >= 40
+    # the training photos five times over (distinct files): enough work that the head's actor cannot
+    # finish it alone while the worker node's actor is still starting on a busy machine
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for copy in range(5):
+        for photo in sorted((shared_data / "images" / "train").iterdir()):
+            shutil.copyfile(photo, folder / f"{copy}-{photo.name}")
+    inputs = sorted(folder.resolve().iterdir())
+    assert len(inputs) >= 200
     output = tmp_path / "latents"
-    command = [CLI, "batch-encode", "--input", shared_data / "images" / "train", "--output", output]
+    command = [CLI, "batch-encode", "--input", folder, "--output", output]
     command += ["--model", TINY_MODEL, "--resize", "shorter-side", "--resolution", "64"]
     command += ["--workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "2", "--shard-rows", "2"]
     command += ["--num-gpus-per-worker", "0"]  # the nodes' stand-in GPUs cannot run torch

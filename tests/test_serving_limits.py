@@ -210,11 +210,19 @@ def test_queue_overflow_gives_503_with_retry_after(base_url, http, crops):
 
 
 def _replica_processes(model: str) -> list[psutil.Process]:
-    """The replica processes of a model's deployment (Ray titles them ServeReplica:<app>:<deployment>)."""
+    """The replica processes of a model's deployment (Ray titles them ServeReplica:<app>:<deployment>)
+    in this test process's own Ray: its raylet is a child of this process. Another pytest worker, or
+    a server beside the tests, may run an app of the same name."""
     title = f"ServeReplica:tokenizers-test:tokenizer-{model}"
-    return [
-        p for p in psutil.process_iter(["cmdline"]) if any(title in part for part in p.info["cmdline"] or [])
-    ]
+    ours = psutil.Process().children(recursive=True)
+    return [p for p in ours if any(title in part for part in _cmdline(p))]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # it ended while we looked
+        return []
 
 
 def _replica_rss(model: str) -> int:
