@@ -168,15 +168,17 @@ def per_scale_table(result: dict) -> list[str]:
     if not models:
         return []
     lines = [
-        "PSNR against bicubic at equal floats, per shorter-side scale (mean ± 95% CI; gain is paired per crop):",
+        "PSNR against each model's baseline at its budget, per shorter-side scale: bicubic at equal floats,"
+        " or for a discrete model the 8-bit thumbnail at equal bits (mean ± 95% CI; gain is paired per crop):",
         "",
-        "| model | scale | n | PSNR | bicubic PSNR | gain dB |",
-        "|---|---|---|---|---|---|",
+        "| model | scale | n | PSNR | baseline | baseline PSNR | gain dB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in models:
         vs = row["vs_bicubic"]
         for scale, s in [("all", vs), *vs["per_scale"].items()]:
             cells = [row["name"], scale, str(s["n"]), f"{_fmt(s['psnr'])} ± {_fmt(s['psnr_ci95'])}"]
+            cells += [row.get("baseline", "bicubic")]
             cells += [f"{_fmt(s['bicubic_psnr'])} ± {_fmt(s['bicubic_psnr_ci95'])}"]
             cells += [f"{s['gain_db']:+.2f} ± {_fmt(s['gain_ci95'])}"]
             lines.append("| " + " | ".join(cells) + " |")
