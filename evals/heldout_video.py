@@ -16,7 +16,7 @@ of the reconstruction in grey levels.
 
 Tensors: clips are uint8 ``(N, 3, T, R, R)`` in [0, 255].
 
-    python -m evals.heldout_video --model tsvc-video-f16t4c16 --resolution 256
+    python -m evals.heldout_video --model tsvc-video-f8t4c4 --resolution 256
 """
 
 from __future__ import annotations
@@ -33,56 +33,14 @@ import torch
 from evals.image_metrics import psnr
 from evals.multiscale import mean_ci
 from evals.video_metrics import frames
-from tokenizers_svc.camera import MoveKind, random_move, render_clip
-from tokenizers_svc.crops import MIN_STD, bicubic_round_trip, list_media, segment_clips
+from tokenizers_svc.camera import photo_clips
+from tokenizers_svc.crops import bicubic_round_trip, segment_clips
+from tokenizers_svc.defaults import DEFAULT_MODELS
 from tokenizers_svc.loading import load_tokenizer
-from tokenizers_svc.media import read_image
-from tokenizers_svc.pixels import resize_shorter_side, to_uint8_pixels
+from tokenizers_svc.pixels import to_uint8_pixels
 
 REAL_CLIPS = ("vtest.avi", "tree.avi", "bikes.mp4", "carphone_pristine.mp4")  # the real (not rendered) clips
 GROUPS = ("stills", "motion", "real")
-# Shorter side of the photo before the window is cut, in multiples of the clip side: 1 = the whole
-# photo's short side in view (broad content), 3 = a third of it (dense detail), as the image protocol.
-STILL_SCALES = (1.0, 2.0)
-MOTION_SCALES = (1.5, 2.0, 3.0)  # > 1 leaves room for the window to travel
-MOTION_KINDS: tuple[MoveKind, ...] = ("pan", "zoom")
-WINDOW_TRIES = 8  # draws of a window before a flat one (first frame std < MIN_STD) is accepted
-
-
-def photo_clips(
-    photos: Path,
-    group: str,
-    frames: int = 17,
-    resolution: int = 256,
-    seed: int = 0,
-) -> tuple[torch.Tensor, list[str]]:
-    """The ``stills`` or ``motion`` group built from every photo under ``photos`` (sorted): uint8
-    (N, 3, T, R, R) and names ``file@scale:kind``. Each photo draws from its own generator
-    (``seed``, photo index), so a clip does not change when other photos are added."""
-    if group not in ("stills", "motion"):
-        raise ValueError(f"photo clip group must be 'stills' or 'motion', got {group!r}")
-    clips, names = [], []
-    for index, path in enumerate(list_media(Path(photos), "image")):
-        photo = torch.from_numpy(read_image(path)).permute(2, 0, 1)  # (3, H, W) uint8
-        rng = np.random.default_rng([seed, index])
-        if group == "stills":
-            plan = [(scale, "still") for scale in STILL_SCALES]
-        else:
-            plan = [(float(rng.choice(MOTION_SCALES)), kind) for kind in MOTION_KINDS]
-        for scale, kind in plan:
-            resized = resize_shorter_side(photo, round(scale * resolution))  # (3, H', W')
-            h, w = resized.shape[-2:]
-            for _ in range(WINDOW_TRIES):
-                clip = render_clip(
-                    resized, random_move(kind, h, w, resolution, frames, rng), frames, resolution
-                )
-                if float(clip[:, 0].float().std()) >= MIN_STD:
-                    break
-            clips.append(clip)
-            names.append(f"{path.relative_to(photos)}@{scale:g}:{kind}")
-    if not clips:
-        raise ValueError(f"no photos under {photos}")
-    return torch.stack(clips), names
 
 
 def _clips(frames: torch.Tensor, n: int) -> torch.Tensor:
@@ -228,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         description="A video tokenizer vs bicubic at equal floats on still shots and camera moves over "
         "held-out photos and on the held-out end of each real clip.",
     )
-    parser.add_argument("--model", default="tsvc-video-f16t4c16", help="registry name or save_pretrained dir")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODELS["video"],
+        help="registry name or save_pretrained dir (default: the video default)",
+    )
     parser.add_argument(
         "--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}"
     )

@@ -15,6 +15,7 @@ import torch
 from evals import heldout_video
 from evals.heldout_video import REAL_CLIPS, compare_tokenizer, tokenizer_round_trip
 from evals.multiscale import compare
+from tokenizers_svc.camera import photo_clips
 from tokenizers_svc.crops import MultiscaleCrops, load_multiscale, segment_clips
 from tokenizers_svc.defaults import DEFAULT_MODELS
 from tokenizers_svc.loading import load_tokenizer
@@ -58,15 +59,31 @@ def test_image_default_latents_are_centred_on_training_photos(shared_data):
     assert bool(((std >= 0.8) & (std <= 1.25)).all()), std
 
 
+# Issue 23's bar for the video default: >= +1.0 dB over the better bicubic at equal floats in every
+# group, measured on the full groups at 256² (stills +2.49, motion +1.33, real +3.26: its card). This
+# test scores a quarter of each photo group and two clips per real clip at 128², so its bar is lower.
+VIDEO_GROUP_GAIN_DB = 0.5
+
+
 @pytest.mark.slow
-def test_video_default_beats_bicubic_in_space_and_time_without_colour_cast(shared_data):
+@pytest.mark.parametrize("group", ["stills", "motion", "real"])
+def test_video_default_beats_bicubic_in_space_and_time_without_colour_cast(shared_data, group):
+    """On clips it never trained on: still shots and camera moves over val photos, the real clips'
+    held-out ends."""
     tokenizer = load_tokenizer(DEFAULT_MODELS["video"])
-    clips, names = segment_clips(
-        [shared_data / "videos" / name for name in REAL_CLIPS], clips_per_video=2, frames=17, resolution=128
-    )
+    if group == "real":
+        clips, names = segment_clips(
+            [shared_data / "videos" / name for name in REAL_CLIPS],
+            clips_per_video=2,
+            frames=17,
+            resolution=128,
+        )
+    else:
+        clips, names = photo_clips(shared_data / "images" / "val", group, frames=17, resolution=128)
+        clips, names = clips[::4], names[::4]
     result = compare_tokenizer(clips, names, tokenizer)
     assert result["best_baseline"] == "bicubic_spatiotemporal"  # the stronger one on these clips
-    assert result["gain_db"] > 0, result  # paired, over the better baseline (+1.32 ± 0.59 dB measured)
+    assert result["gain_db"] >= VIDEO_GROUP_GAIN_DB, result  # paired, over the better baseline
     assert max(abs(v) for v in result["mean_error_rgb"]) <= MAX_COLOUR_CAST, result["mean_error_rgb"]
 
 
@@ -88,5 +105,5 @@ def test_heldout_video_command_reports_every_group_against_both_baselines(shared
             assert gain["gain_db"] == pytest.approx(
                 result["model"]["psnr"] - result[baseline]["psnr"], abs=1e-6
             )
-        assert result["floats_per_item"] == 16 * 2 * 4 * 4  # c16, frames 1 + 4k -> 2 latent frames, 64/16
+        assert result["floats_per_item"] == 4 * 2 * 8 * 8  # c4, frames 1 + 4k -> 2 latent frames, 64/8
     assert groups["stills"]["n"] == 4 and all("val" not in name for name in groups["stills"]["clips"])

@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from evals.heldout_video import (
-    MOTION_KINDS,
-    STILL_SCALES,
-    compare_video,
-    photo_clips,
-    spatial_bicubic,
-    spatiotemporal_bicubic,
-)
+from evals.heldout_video import compare_video, spatial_bicubic, spatiotemporal_bicubic
+from tokenizers_svc.camera import MOTION_KINDS, STILL_SCALES, photo_clips
 from tokenizers_svc.crops import bicubic_round_trip, list_media
 
 

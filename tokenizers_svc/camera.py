@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tokenizers_svc.crops import MIN_STD, list_media
+from tokenizers_svc.media import read_image
+from tokenizers_svc.pixels import resize_shorter_side
 
 MoveKind = Literal["still", "pan", "zoom"]
 MOVE_KINDS: tuple[MoveKind, ...] = ("still", "pan", "zoom")
@@ -111,3 +116,47 @@ def render_clip(photo: torch.Tensor, move: CameraMove, frames: int, size: int) -
     source = photo.float().unsqueeze(0).expand(frames, -1, -1, -1)  # (T, 3, H, W)
     out = F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8).transpose(0, 1).contiguous()  # (3, T, size, size)
+
+
+# Shorter side of the photo before the window is cut, in multiples of the clip side: 1 = the whole
+# photo's short side in view (broad content), 3 = a third of it (dense detail), as the image protocol.
+STILL_SCALES = (1.0, 2.0)
+MOTION_SCALES = (1.5, 2.0, 3.0)  # > 1 leaves room for the window to travel
+MOTION_KINDS: tuple[MoveKind, ...] = ("pan", "zoom")
+WINDOW_TRIES = 8  # draws of a window before a flat one (first frame std < MIN_STD) is accepted
+
+
+def photo_clips(
+    photos: Path,
+    group: str,
+    frames: int = 17,
+    resolution: int = 256,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[str]]:
+    """The ``stills`` or ``motion`` group built from every photo under ``photos`` (sorted): uint8
+    (N, 3, T, R, R) and names ``file@scale:kind``. Each photo draws from its own generator
+    (``seed``, photo index), so a clip does not change when other photos are added."""
+    if group not in ("stills", "motion"):
+        raise ValueError(f"photo clip group must be 'stills' or 'motion', got {group!r}")
+    clips, names = [], []
+    for index, path in enumerate(list_media(Path(photos), "image")):
+        photo = torch.from_numpy(read_image(path)).permute(2, 0, 1)  # (3, H, W) uint8
+        rng = np.random.default_rng([seed, index])
+        if group == "stills":
+            plan = [(scale, "still") for scale in STILL_SCALES]
+        else:
+            plan = [(float(rng.choice(MOTION_SCALES)), kind) for kind in MOTION_KINDS]
+        for scale, kind in plan:
+            resized = resize_shorter_side(photo, round(scale * resolution))  # (3, H', W')
+            h, w = resized.shape[-2:]
+            for _ in range(WINDOW_TRIES):
+                clip = render_clip(
+                    resized, random_move(kind, h, w, resolution, frames, rng), frames, resolution
+                )
+                if float(clip[:, 0].float().std()) >= MIN_STD:
+                    break
+            clips.append(clip)
+            names.append(f"{path.relative_to(photos)}@{scale:g}:{kind}")
+    if not clips:
+        raise ValueError(f"no photos under {photos}")
+    return torch.stack(clips), names

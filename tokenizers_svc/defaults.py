@@ -21,7 +21,12 @@ Modality = Literal["image", "video"]
 
 DEFAULT_MODELS: dict[str, str] = {
     "image": "tsvc-image-f8c4",  # training/recipes/default-image.yaml
-    "video": "tsvc-video-f16t4c16",  # training/recipes/default-video.yaml
+    "video": "tsvc-video-f8t4c4",  # training/recipes/cpu-video-dcae.yaml (over the image default)
+}
+# Shipped, but no longer a default: loadable by name (and servable: add it to a serving config), so
+# latent files made with it decode as before.
+PREVIOUS_MODELS: dict[str, str] = {
+    "tsvc-video-f16t4c16": "video",  # training/recipes/default-video.yaml; the video default until 2026-12-04
 }
 
 
@@ -51,7 +56,9 @@ def _provenance(card: dict) -> str:
 def shipped_presets() -> list[Preset]:
     """A preset for each default tokenizer whose weights this checkout ships (read by the registry)."""
     presets = []
-    for modality, name in DEFAULT_MODELS.items():
+    shipped = [(modality, name, "default") for modality, name in DEFAULT_MODELS.items()]
+    shipped += [(modality, name, "previous default") for name, modality in PREVIOUS_MODELS.items()]
+    for modality, name, role in shipped:
         directory = PACKAGED_WEIGHTS / name
         config_path = directory / "config.json"
         if not config_path.is_file():
@@ -65,7 +72,7 @@ def shipped_presets() -> list[Preset]:
                 class_name=config["_class_name"],
                 config={k: v for k, v in config.items() if not k.startswith("_")},
                 source=str(directory),
-                description=f"default {modality} tokenizer, {_provenance(card)}",
+                description=f"{role} {modality} tokenizer, {_provenance(card)}",
             )
         )
     return presets

@@ -1,7 +1,8 @@
 """Fit a trained tokenizer's latent normalization so diffusion sees centred, unit-variance latents.
 
     python -m training.latent_stats EXPORT_DIR --data ../shared/data/images/train [--no-skimage-photos]
-    python -m training.latent_stats EXPORT_DIR --video ../shared/data/videos/bikes.mp4 ... --segment 0,0.8
+    python -m training.latent_stats EXPORT_DIR --video ../shared/data/videos/bikes.mp4 ... --segment 0,0.8 \
+        [--data ../shared/data/images/train]   # a video model: also stills and camera moves over these photos
 
 A diffusion model wants every latent channel near mean 0 and std 1; a plain ``1 / std`` scaling
 factor leaves channels off-centre (the first shipped image default had per-channel means of -1.1 to
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from tokenizers_svc.camera import photo_clips
 from tokenizers_svc.crops import DEFAULT_SCALES, load_multiscale, multiscale_crops, segment_clips
 from tokenizers_svc.errors import EXIT_OK, EXIT_USAGE
 from tokenizers_svc.families.base import Backend
@@ -41,6 +43,7 @@ from tokenizers_svc.registry import backend_for, model_class, read_class_name
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 MAX_CROPS = 400  # evenly spaced over all photos and scales (the first N would be a few photos)
 CLIPS_PER_VIDEO = 8
+PHOTO_CLIP_STRIDE = 4  # of each photo-clip group (stills, motion): 40 training photos give 20 + 20 clips
 
 
 @torch.no_grad()
@@ -107,6 +110,17 @@ def training_clips(videos: list[Path], segment: tuple[float, float]) -> torch.Te
     return segment_clips(videos, segment, clips_per_video=CLIPS_PER_VIDEO, frames=17, resolution=256)[0]
 
 
+def photo_clip_set(folder: Path, stride: int = PHOTO_CLIP_STRIDE) -> torch.Tensor:
+    """Still shots and camera moves over the training photos in ``folder`` (tokenizers_svc.camera, as
+    the video recipe trains on), every ``stride``-th of each: uint8 (N, 3, 17, 256, 256). A video
+    model's statistics from the real clips alone miss this content: the shipped video default's
+    detail channel had std 2.5 on val-photo clips with statistics from the real clips only."""
+    groups = [
+        photo_clips(folder, group, frames=17, resolution=256)[0][::stride] for group in ("stills", "motion")
+    ]
+    return torch.cat(groups)
+
+
 def fit_export(
     export: Path,
     photos: list[Path],
@@ -142,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         action="append",
         default=[],
-        help="training photos (not evaluation ones); repeatable",
+        help="training photos (not evaluation ones); repeatable. With --video: still shots and camera "
+        "moves over them join the clips",
     )
     parser.add_argument(
         "--video", type=Path, action="append", default=[], help="a training video file; repeatable"
@@ -162,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give training photos (--data) or training videos (--video)", file=sys.stderr)
         return EXIT_USAGE
     first, last = (float(v) for v in args.segment.split(","))
-    clips = training_clips(args.video, (first, last)) if args.video else None
+    clips = None
+    if args.video:
+        clips = torch.cat([training_clips(args.video, (first, last)), *map(photo_clip_set, args.data)])
     stats = fit_export(args.export, args.data, args.device, not args.no_skimage_photos, clips)
     print(f"per-channel mean {stats['mean']}, std {stats['std']} over {stats['items']} crops or clips")
     return EXIT_OK
