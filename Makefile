@@ -26,7 +26,8 @@ install: $(STAMP)
 serve: install
 	$(BIN)/tokenizers-svc serve $(if $(PORT),--port $(PORT)) $(if $(VERBOSE),--verbose)
 
-# Two workers, one test file each at a time (module fixtures such as a Serve app start once): most
+# Two workers, one test file each at a time (module fixtures such as a Serve app start once; the
+# shipped server once per worker that needs it): most
 # slow tests wait on process start-up (Ray, servers, torch imports), which two workers overlap.
 TEST_WORKERS ?= 2
 test: install lint

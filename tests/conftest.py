@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, png, served_app
+from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, png, served_app, served_process
 
 
 def pytest_configure(config):
@@ -32,6 +32,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    """GPU tests skip without CUDA."""
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
@@ -63,6 +64,15 @@ def photo_nchw(photo_uint8) -> torch.Tensor:
 
 
 # ---- the Ray Serve app of the serving test modules (one app per module: local Ray, random port) ----
+
+
+@pytest.fixture(scope="session")
+def shipped_server():
+    """``tokenizers-svc serve`` (the shipped ``serving/config.yaml``, what ``make serve`` runs) as its
+    own process on a free port, started at first use and stopped when the session ends: the test
+    files that use it (test_defaults, test_docs_run) share it when they run in one process."""
+    with served_process() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
