@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, png, served_app, served_process
+from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, png, served_app
 
 
 def pytest_configure(config):
@@ -64,15 +64,6 @@ def photo_nchw(photo_uint8) -> torch.Tensor:
 
 
 # ---- the Ray Serve app of the serving test modules (one app per module: local Ray, random port) ----
-
-
-@pytest.fixture(scope="session")
-def shipped_server():
-    """``tokenizers-svc serve`` (the shipped ``serving/config.yaml``, what ``make serve`` runs) as its
-    own process on a free port, started at first use and stopped when the session ends: the test
-    files that use it (test_defaults, test_docs_run) share it when they run in one process."""
-    with served_process() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

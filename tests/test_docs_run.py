@@ -17,12 +17,13 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, served_process
 
 MARK = re.compile(r"^<!-- doctest(?P<server>: server)? -->$")
 FENCE = re.compile(r"^```(?P<lang>bash|python)\s*$")
@@ -72,10 +73,18 @@ def _environment() -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def server_url(request):
-    """The shipped server (conftest's ``shipped_server``), started only for a block that needs it."""
-    return lambda: request.getfixturevalue("shipped_server")
+@pytest.fixture(scope="module")
+def server_url():
+    """Start ``tokenizers-svc serve`` once, for the first block that needs it."""
+    with ExitStack() as stack:
+        urls: list[str] = []
+
+        def start() -> str:
+            if not urls:
+                urls.append(stack.enter_context(served_process(env=_environment())))
+            return urls[0]
+
+        yield start
 
 
 def _run(block: Block, workdir: Path, url: str | None) -> None:
