@@ -414,7 +414,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         cost = _model_cost(tokenizer, plan, pending)
         del tokenizer  # the actors load their own
         if not ray.is_initialized():
-            init_ray(args.address, dashboard_port=args.dashboard_port, announce="batch-encode")
+            # Ray's own process logs stay in its log files (init_ray says where), as for `serve`: a
+            # failed item is a row and a failed actor an exception here; what else Ray prints (e.g. the
+            # GCS's E lines about actors it kills as the job's local Ray shuts down) is not the job's
+            init_ray(
+                args.address, dashboard_port=args.dashboard_port, announce="batch-encode", log_to_driver=False
+            )
         ray_up = time.perf_counter()
         size = _size(args, cost, len(pending))
         if size.gpus_per_worker > 0:  # --dtype auto: bfloat16 on GPUs, unless the job began in another
