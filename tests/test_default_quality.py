@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from evals import heldout_video
-from evals.heldout_video import REAL_CLIPS, compare_tokenizer, tokenizer_round_trip
+from evals.heldout_video import compare_tokenizer, group_clips, tokenizer_round_trip
 from evals.multiscale import compare
-from tokenizers_svc.camera import photo_clips
-from tokenizers_svc.crops import MultiscaleCrops, load_multiscale, segment_clips
+from tokenizers_svc.crops import MultiscaleCrops, load_multiscale
 from tokenizers_svc.defaults import DEFAULT_MODELS
 from tokenizers_svc.loading import load_tokenizer
 from training.latent_stats import skimage_photo_crops
@@ -71,15 +70,9 @@ def test_video_default_beats_bicubic_in_space_and_time_without_colour_cast(share
     """On clips it never trained on: still shots and camera moves over val photos, the real clips'
     held-out ends."""
     tokenizer = load_tokenizer(DEFAULT_MODELS["video"])
-    if group == "real":
-        clips, names = segment_clips(
-            [shared_data / "videos" / name for name in REAL_CLIPS],
-            clips_per_video=2,
-            frames=17,
-            resolution=128,
-        )
-    else:
-        clips, names = photo_clips(shared_data / "images" / "val", group, frames=17, resolution=128)
+    data = shared_data
+    clips, names = group_clips(group, data / "images" / "val", data / "videos", 17, 128, clips_per_video=2)
+    if group != "real":  # a quarter of each photo group
         clips, names = clips[::4], names[::4]
     result = compare_tokenizer(clips, names, tokenizer)
     assert result["best_baseline"] == "bicubic_spatiotemporal"  # the stronger one on these clips
