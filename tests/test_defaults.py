@@ -1,22 +1,20 @@
-"""The shipped default tokenizers, end to end as a new user meets them.
+"""The shipped default tokenizers: packaged, resolved when no model is named, tiling seamlessly.
 
-``tokenizers-svc serve`` (what ``make serve`` runs) is started as a real process with the shipped
-``serving/config.yaml``; the README's curl requests are sent over HTTP; the decoded PNGs must be
-recognisable reconstructions of the real validation photos.
+The round trips a new user makes with them (the README's CLI block and its curl pair against
+``tokenizers-svc serve``, the shipped ``serving/config.yaml``) run in tests/test_docs_run.py, which
+also scores what they write against what they read.
 """
 
 from __future__ import annotations
 
 import json
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from evals.image_metrics import psnr
-from tests.helpers import REPO, served_process
 from tokenizers_svc import TilingOptions, media
 from tokenizers_svc.cli import app
 from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS, default_model
@@ -26,14 +24,6 @@ from tokenizers_svc.pixels import to_uint8_pixels
 
 IMAGE_MODEL = DEFAULT_MODELS["image"]
 VIDEO_MODEL = DEFAULT_MODELS["video"]
-# The card reports the image default at 24.9 dB on images/val (256 px crops); whole photos through
-# the server (padding, PNG) must stay recognisable: well above what a wrong or broken model gives
-# (random init: ~11 dB, a flat grey image: ~12-14 dB on these photos).
-ROUND_TRIP_PSNR_DB = 23.0  # measured 25.3-34.2 dB on four val photos (the one of fewest pixels is tested)
-# The video default (1:192) on 17 frames of examples/videos/pan.mp4 (a fast pan: 18.8 grey levels of
-# mean frame difference), in process: 20.2 dB (the previous default 19.1, spatio-temporal bicubic at
-# equal floats 19.7); the server adds H.264 on the way out.
-VIDEO_ROUND_TRIP_PSNR_DB = 17.0
 
 
 @pytest.mark.parametrize(("modality", "min_ratio"), [("image", 48), ("video", 48)])
@@ -80,78 +70,5 @@ def test_tiling_is_seamless_with_the_trained_default(shared_data):
     assert score > TRAINED_TILING_PSNR_DB, f"{score:.2f} dB"
 
 
-@pytest.fixture(scope="module")
-def shipped_server():
-    """``tokenizers-svc serve`` on a free port with the shipped config, as its own process."""
-    with served_process() as url:
-        yield url
-
-
-@pytest.mark.slow
-def test_make_serve_round_trips_real_photos(shipped_server, shared_data):
-    photos = sorted((shared_data / "images" / "val").glob("*.jpg"), key=_pixels)[:1]
-    assert photos, "no validation photos"
-    with httpx.Client(base_url=shipped_server, timeout=120) as http:
-        for path in photos:
-            encoded = http.post(
-                f"/v1/models/{IMAGE_MODEL}/encode",
-                content=path.read_bytes(),
-                headers={"content-type": "image/jpeg"},
-            )
-            assert encoded.status_code == 200, encoded.text
-            latents = latents_from_bytes(encoded.content)
-            assert latents.tokenizer == IMAGE_MODEL and latents.normalized
-            decoded = http.post(
-                f"/v1/models/{IMAGE_MODEL}/decode?format=png",
-                content=encoded.content,
-                headers={"content-type": "application/x-safetensors"},
-            )
-            assert decoded.status_code == 200, decoded.text
-            original = media.read_image(path)
-            reconstruction = media.decode_image(decoded.content)
-            assert reconstruction.shape == original.shape
-            score = float(psnr(_nchw(original), _nchw(reconstruction))[0])
-            assert score > ROUND_TRIP_PSNR_DB, f"{path.name}: {score:.2f} dB"
-
-
-def _pixels(path) -> int:
-    """Pixels per frame from the file's header (nothing decoded)."""
-    _, height, width = media.probe_dimensions(path.read_bytes())
-    return height * width
-
-
 def _nchw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)[None]
-
-
-@pytest.mark.slow
-def test_make_serve_round_trips_a_real_clip(shipped_server):
-    """The README's video curl pair: 17 frames of the shipped example clip (a camera pan over a real
-    photo) -> latent file -> MP4."""
-    clip = REPO / "examples" / "videos" / "pan.mp4"
-    with httpx.Client(base_url=shipped_server, timeout=300) as http:
-        encoded = http.post(
-            f"/v1/models/{VIDEO_MODEL}/encode?max_frames=17",
-            content=clip.read_bytes(),
-            headers={"content-type": "video/mp4"},
-        )
-        assert encoded.status_code == 200, encoded.text
-        latents = latents_from_bytes(encoded.content)
-        assert latents.tokenizer == VIDEO_MODEL and latents.original_frames == 17
-        assert latents.latents.shape[2] == 5  # 17 = 1 + 4 * 4 frames -> 5 latent frames (causal)
-        decoded = http.post(
-            f"/v1/models/{VIDEO_MODEL}/decode",
-            content=encoded.content,
-            headers={"content-type": "application/x-safetensors"},
-        )
-        assert decoded.status_code == 200, decoded.text
-    assert decoded.headers["content-type"] == "video/mp4"
-    original = media.read_video(clip, max_frames=17).frames
-    reconstruction = media.decode_video(decoded.content).frames
-    assert reconstruction.shape == original.shape
-    score = psnr(_nchw_video(original), _nchw_video(reconstruction)).mean()
-    assert score > VIDEO_ROUND_TRIP_PSNR_DB, f"{score:.2f} dB"
-
-
-def _nchw_video(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(frames).permute(0, 3, 1, 2)  # frames as a batch of images

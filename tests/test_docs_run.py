@@ -8,7 +8,9 @@ runs in its own temporary directory that holds links to the repository's ``examp
 ``training/`` and ``serving/`` and to the venv as ``.venv`` (so ``source .venv/bin/activate``
 works), with the venv's ``bin`` first on PATH as after activation. Whatever a block writes there
 must be ignored by git (``.gitignore``): the outputs the docs make in a checkout never end up in a
-commit or a ``ray job submit --working-dir .``.
+commit or a ``ray job submit --working-dir .``. The reconstructions a block writes of the shipped
+examples (RECONSTRUCTIONS) must be recognisable ones: the README's CLI block and its curl pair are
+the default tokenizers' end-to-end round trips, in process and through the shipped server.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
+from evals.image_metrics import psnr
 from tests.helpers import REPO, served_process
+from tokenizers_svc import media
 
 MARK = re.compile(r"^<!-- doctest(?P<server>: server)? -->$")
 FENCE = re.compile(r"^```(?P<lang>bash|python)\s*$")
@@ -31,6 +36,16 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINKED = ("examples", "training", "serving")
 DEFAULT_URL = "http://127.0.0.1:8000"
 BLOCK_TIMEOUT_S = 540  # within pytest's 600 s; a loaded 2-core box ran the README CLI block in 273 s
+# A reconstruction a block writes -> (the example it reconstructs, the PSNR it must beat in dB).
+# Both thresholds sit well above what a wrong or broken model gives (random init: ~11 dB, a flat
+# grey image: 12-14 dB). The image default on astronaut.jpg (512x512, never trained on): 27.2 dB
+# through the CLI. The video default (1:192) on the first 17 frames of pan.mp4 (a fast pan, 18.8
+# grey levels of mean frame difference): 20.2 dB in process and through the CLI (spatio-temporal
+# bicubic at equal floats: 19.7 dB); H.264 on the way out is part of the round trip.
+RECONSTRUCTIONS = {
+    "astronaut_rec.png": ("examples/images/val/astronaut.jpg", 23.0),
+    "pan_rec.mp4": ("examples/videos/pan.mp4", 17.0),
+}
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,23 @@ def _written(workdir: Path) -> list[str]:
     )
 
 
+def _reconstruction_psnr(written: Path, original: Path) -> float:
+    """Mean PSNR (dB) of a written reconstruction against the example it came from: an image, or a
+    clip against the original's first frames (as many as the reconstruction has)."""
+    if written.suffix == ".mp4":
+        made = media.read_video(written).frames  # (T, H, W, 3) uint8
+        source = media.read_video(original, max_frames=len(made)).frames
+    else:
+        made, source = media.read_image(written)[None], media.read_image(original)[None]
+    assert made.shape == source.shape, f"{written.name}: {made.shape} from {source.shape}"
+    return float(psnr(_frames_nchw(source), _frames_nchw(made)).mean())
+
+
+def _frames_nchw(frames) -> torch.Tensor:
+    """(N, H, W, 3) uint8 frames -> (N, 3, H, W) uint8, the layout evals' psnr takes."""
+    return torch.from_numpy(frames).permute(0, 3, 1, 2)
+
+
 def test_marks_are_on_bash_or_python_fences():
     """Collection itself checks every mark; the README's newcomer path is marked."""
     assert sum(block.page == "README.md" for block in BLOCKS) >= 5
@@ -125,6 +157,10 @@ def test_marked_block_runs_as_written(block, tmp_path, server_url):
     (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent, target_is_directory=True)
     _run(block, tmp_path, server_url() if block.server else None)
     written = _written(tmp_path)
+    for name in set(written) & set(RECONSTRUCTIONS):
+        original, floor_db = RECONSTRUCTIONS[name]
+        score = _reconstruction_psnr(tmp_path / name, REPO / original)
+        assert score > floor_db, f"{block.page}:{block.line} wrote {name} at {score:.2f} dB"
     if written:
         ignored = subprocess.run(
             ["git", "check-ignore", "--no-index", "--stdin"],
