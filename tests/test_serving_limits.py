@@ -230,6 +230,26 @@ def _replica_rss(model: str) -> int:
     return process.memory_info().rss
 
 
+def _replica_cpu_s(model: str) -> float:
+    """CPU seconds the model's replica has used so far (every thread). Work shows as CPU time, on a
+    loaded machine as on an idle one; wall-clock time would depend on the machine's load."""
+    (process,) = _replica_processes(model)
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+# An idle replica (Ray's health checks and metrics) uses a few hundredths of a CPU second per second;
+# working, its torch thread uses most of a core, about half of one on a 2-core box under full load.
+IDLE_WINDOW_S = 3.0
+IDLE_CPU_S = 0.75  # what the replica may use in IDLE_WINDOW_S and still count as doing no work
+
+
+def _replica_cpu_s_over(model: str, window_s: float = IDLE_WINDOW_S) -> float:
+    before = _replica_cpu_s(model)
+    time.sleep(window_s)
+    return _replica_cpu_s(model) - before
+
+
 def _post_png(client, model: str, pixels: np.ndarray, **params) -> httpx.Response:
     return client.post(
         f"/v1/models/{model}/encode",
@@ -242,15 +262,17 @@ def _post_png(client, model: str, pixels: np.ndarray, **params) -> httpx.Respons
 @pytest.mark.parametrize("resolution", [20_000, 100_000])
 def test_case1_resize_past_the_pixel_cap_is_413_at_once(http, crops, resolution):
     """A 48x64 JPEG asked to `fit` 20000 px (15000x20000) used to run for minutes and take 8 GB;
-    100000 px was a 500. Now the ingress prices it from the header and refuses it before any work."""
-    started = time.perf_counter()
+    100000 px was a 500. Now the ingress prices it from the header and refuses it before any work:
+    the replica spends no CPU on it."""
+    cpu_before = _replica_cpu_s(MODEL)
     response = http.post(
         f"/v1/models/{MODEL}/encode",
         content=media.encode_image(crops[0], "jpeg"),
         params={"resize": "fit", "resolution": resolution},
         headers={"content-type": "image/jpeg"},
     )
-    assert response.status_code == 413 and time.perf_counter() - started < 2
+    assert response.status_code == 413
+    assert _replica_cpu_s(MODEL) - cpu_before < IDLE_CPU_S
     error = error_body(response)
     assert error["type"] == "limit_exceeded" and error["param"] == "resolution"
     expected = f"{resolution * 3 // 4}x{resolution} = {resolution**2 * 3 // 4:,} pixels per frame"
@@ -260,14 +282,13 @@ def test_case1_resize_past_the_pixel_cap_is_413_at_once(http, crops, resolution)
 
 
 def test_case2_timed_out_request_is_abandoned_and_frees_its_replica(http, crops):
-    """A request that times out (504 at 8 s) stops at its next tile: the next request is served in
-    seconds, not after the 10+ s the abandoned work would still have taken."""
+    """A request that times out (504 at 8 s) stops at its next tile: its replica goes idle at once
+    instead of spending the seconds the rest of its work would take, and serves the next request."""
     response = _post_png(http, BOUNDED, crops[0], **SLOW)
     assert response.status_code == 504 and error_body(response)["type"] == "timeout"
-    started = time.perf_counter()
+    assert _replica_cpu_s_over(BOUNDED) < IDLE_CPU_S
     response = _post_png(http, BOUNDED, crops[1])
     assert response.status_code == 200, response.text
-    assert time.perf_counter() - started < 3.0
     assert _replica_rss(BOUNDED) < REPLICA_RSS_BOUND
 
 
@@ -275,10 +296,9 @@ def test_case2_request_whose_client_left_is_abandoned(base_url, http, crops):
     """A client that gives up after 1 s (on a model with a 60 s timeout): its work stops too."""
     with httpx.Client(base_url=base_url, timeout=1.0) as impatient, pytest.raises(httpx.ReadTimeout):
         _post_png(impatient, MODEL, crops[0], **SLOW)
-    started = time.perf_counter()
+    assert _replica_cpu_s_over(MODEL) < IDLE_CPU_S
     response = _post_png(http, MODEL, crops[1])
     assert response.status_code == 200, response.text
-    assert time.perf_counter() - started < 3.0
 
 
 def test_case3_burst_is_shed_at_once_instead_of_timing_out(base_url, http, crops):
@@ -288,8 +308,9 @@ def test_case3_burst_is_shed_at_once_instead_of_timing_out(base_url, http, crops
     where the 503 came from rather than by a wall-clock bound (a starved 2-core box answers even a
     shed request slowly)."""
     big = np.tile(crops[0], (3, 3, 1))  # (144, 192, 3)
-    work = {**SLOW, "resolution": 240}  # 180x240 in 16-px tiles: seconds of model work per request,
-    # so 24 of them are far more than the timeout's budget on any machine this suite runs on
+    work = {**SLOW, "resolution": 160}  # 120x160 in 16-px tiles: about a second of model work per
+    # request (a few on a loaded 2-core box, still well inside the 8 s timeout), so 24 of them are far
+    # more than the timeout's budget on any machine this suite runs on
     assert _post_png(http, BOUNDED, big, **work).status_code == 200  # one measured service time
 
     async def timed(client: httpx.AsyncClient) -> tuple[httpx.Response, float]:
