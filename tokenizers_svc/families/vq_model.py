@@ -67,7 +67,9 @@ class VQModelBackend(Backend):
             modality="image",
             spatial_compression=2 ** (len(config["block_out_channels"]) - 1),
             latent_channels=int(config.get("vq_embed_dim") or config["latent_channels"]),  # the codebook's D
-            normalization=LatentNormalization(scale=float(config.get("scaling_factor", VQMODEL_SCALING_FACTOR))),
+            normalization=LatentNormalization(
+                scale=float(config.get("scaling_factor", VQMODEL_SCALING_FACTOR))
+            ),
             is_kl=False,
             in_channels=config["in_channels"],
             min_latent_size=group_norm_min_latent_size(
