@@ -47,16 +47,16 @@ def small_presets(max_params: int) -> dict:
     Built on the meta device (no memory, no init), at collection time, so tests parametrized over it
     cover every family's tiny presets, including families added later.
     """
-    from tokenizers_svc.registry import backend_for, list_presets, model_class
+    from tokenizers_svc.model_stats import count_params, meta_backend
+    from tokenizers_svc.registry import list_presets
 
     specs = {}
     for preset in list_presets():
         if not preset.random_init:
             continue
-        with torch.device("meta"):
-            module = model_class(preset.class_name)(**preset.config)
-        if sum(p.numel() for p in module.parameters()) <= max_params:
-            specs[preset.name] = backend_for(preset.class_name).from_module(module, preset.name).spec
+        backend = meta_backend(preset, dict(preset.config))
+        if count_params(backend.module) <= max_params:
+            specs[preset.name] = backend.spec
     return specs
 
 

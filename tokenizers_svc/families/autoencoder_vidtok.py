@@ -36,6 +36,7 @@ from tokenizers_svc.spec import LatentNormalization, QuantizerSpec, TokenizerSpe
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs needs no torch
     import torch
+    from torch import nn
 
 FSQ_LEVEL = 8  # diffusers' FSQRegularizer(levels=[8] * z_channels)
 
@@ -59,6 +60,18 @@ class AutoencoderVidTokBackend(CausalVideoVAEBackend):
             return spec  # KL: a Gaussian posterior (mean, logvar)
         levels = (FSQ_LEVEL,) * spec.latent_channels
         return replace(spec, is_kl=False, quantizer=QuantizerSpec("fsq", levels, projection=False))
+
+    @classmethod
+    def meta_module(cls, module_class: type, config: Mapping) -> nn.Module:
+        """diffusers' ``FSQRegularizer`` cannot be built on the meta device (its ``__init__`` reads the
+        product of its levels with ``.item()``). It has no parameters and the network does not depend
+        on it (FSQ requires ``double_z`` False, and then the KL network is the same), so the meta twin
+        of an FSQ model is the KL-regularized network, recorded with the config's regularizer."""
+        if config["regularizer"] != "fsq":
+            return super().meta_module(module_class, config)
+        module = super().meta_module(module_class, {**config, "regularizer": "kl"})
+        module.register_to_config(regularizer="fsq")
+        return module
 
     @staticmethod
     def compression(cfg) -> tuple[int, int]:

@@ -93,6 +93,16 @@ class Backend(ABC):
         return cls.spec_from_config(config, name)
 
     @classmethod
+    def meta_module(cls, module_class: type, config: Mapping) -> nn.Module:
+        """``module_class`` built from ``config`` on the meta device: shapes, no storage, no init
+        (:mod:`tokenizers_svc.model_stats` counts parameters and compute on it). A family whose class
+        needs real values while it is constructed overrides this."""
+        import torch
+
+        with torch.device("meta"):
+            return module_class.from_config(config)
+
+    @classmethod
     def from_module(cls, module: nn.Module, name: str, weights_hash: str | None = None) -> Backend:
         """Wrap an instantiated module; the spec is read from ``module.config``. ``weights_hash``:
         known when the weights came from files (:func:`directory_hash`), else hashed on first use."""
