@@ -60,6 +60,24 @@ def small_presets(max_params: int) -> dict:
     return specs
 
 
+def cli_tokens_round_trip(media_path: Path, model: str, decoded: Path) -> tuple[dict, Path]:
+    """``tokenizers-svc encode --tokens``, ``info --json`` and ``decode`` of ``media_path`` with
+    ``model`` (each must exit 0; the token file lands next to the media, the decoded media at
+    ``decoded``) -> (what ``info`` printed, the token file)."""
+    from typer.testing import CliRunner
+
+    from tokenizers_svc.cli import app
+
+    runner, ids = CliRunner(), media_path.with_suffix(".safetensors")
+    encoded = runner.invoke(app, ["encode", str(media_path), "-o", str(ids), "-m", model, "--tokens"])
+    assert encoded.exit_code == 0, encoded.output
+    info = runner.invoke(app, ["info", str(ids), "--json", "-m", model])
+    assert info.exit_code == 0, info.output
+    result = runner.invoke(app, ["decode", str(ids), "-o", str(decoded), "-m", model])
+    assert result.exit_code == 0, result.output
+    return json.loads(info.stdout), ids
+
+
 def noise(images: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
     """uint8 images plus Gaussian noise of ``std`` grey levels (seeded), rounded half up."""
     gen = torch.Generator().manual_seed(seed)

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
+from tests.helpers import cli_tokens_round_trip
 from tokenizers_svc.api import Tokenizer
-from tokenizers_svc.cli import app
 from tokenizers_svc.errors import InvalidLatentsError, ShapeMismatchError, UnsupportedModelError
 from tokenizers_svc.families.autoencoder_vidtok import AutoencoderVidTokBackend
 from tokenizers_svc.loading import build_module, load_tokenizer
@@ -53,9 +52,10 @@ def tokenizer(saved):
     return load_tokenizer(saved)
 
 
-def _diffusers_encode(module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What AutoencoderVidTok.forward does before its decoder: frame 0 repeated t - 1 = 3 times in
-    front, then encode -> (quantized codes, indices)."""
+def _diffusers_encode(module, pixels: torch.Tensor):
+    """What AutoencoderVidTok.forward does before its decoder: uint8 pixels to [-1, 1], frame 0
+    repeated t - 1 = 3 times in front, then diffusers' encode: (quantized codes, indices) for FSQ,
+    an AutoencoderKLOutput for KL."""
     x = pixels.float() / 127.5 - 1
     with torch.no_grad():
         return module.encode(torch.cat([x[:, :, :1].expand(-1, -1, 3, -1, -1), x], dim=2))
@@ -133,21 +133,12 @@ def test_token_file_round_trip_and_refusals(tokenizer, clip, tmp_path):
         tokenizer.decode(replace(back, ids=back.ids[:, 0]))  # image-layout ids
 
 
-def test_cli_encode_tokens_info_and_decode(saved, tokenizer, clip, tmp_path):
+def test_cli_encode_tokens_info_and_decode(saved, clip, tmp_path):
     frames = clip[0].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
     (tmp_path / "pan.mp4").write_bytes(encode_video(frames, 24.0))
-    runner, model, ids = CliRunner(), str(saved), tmp_path / "pan.safetensors"
-    result = runner.invoke(
-        app, ["encode", str(tmp_path / "pan.mp4"), "-o", str(ids), "-m", model, "--tokens"]
-    )
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["info", str(ids), "--json", "-m", model])
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
+    info, _ = cli_tokens_round_trip(tmp_path / "pan.mp4", str(saved), tmp_path / "back.mp4")
     assert info["dtype"] == "int32" and info["vocabulary_size"] == 4096 and info["layout"] == "NTHW"
     assert info["shape"] == [1, 3, 5, 7] and info["levels"] == list(LEVELS)
-    result = runner.invoke(app, ["decode", str(ids), "-o", str(tmp_path / "back.mp4"), "-m", model])
-    assert result.exit_code == 0, result.output
     video = read_video(tmp_path / "back.mp4")
     assert video.frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and video.fps == pytest.approx(24.0)
 
@@ -163,11 +154,7 @@ def test_kl_variant_and_non_causal_models(clip):
     assert tokenizer.spec.is_kl and tokenizer.spec.quantizer is None
     latents = tokenizer.encode(clip, normalize=False, return_posterior=True)
     assert latents.latents.shape == (1, 4, 3, 5, 7)
-    x = clip.float() / 127.5 - 1
-    with torch.no_grad():
-        posterior = tokenizer.module.encode(
-            torch.cat([x[:, :, :1].expand(-1, -1, 3, -1, -1), x], dim=2)
-        ).latent_dist
+    posterior = _diffusers_encode(tokenizer.module, clip).latent_dist
     assert torch.equal(latents.mean, posterior.mean) and torch.equal(latents.logvar, posterior.logvar)
     assert tokenizer.decode(latents).shape == (1, 3, FRAMES, HEIGHT, WIDTH)
     with pytest.raises(UnsupportedModelError, match="non-causal"):

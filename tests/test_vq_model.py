@@ -5,15 +5,13 @@ and ids decode to the same pixels through the library, the token file and the CL
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from tokenizers_svc.cli import app
+from tests.helpers import cli_tokens_round_trip
 from tokenizers_svc.errors import InvalidLatentsError, UnsupportedModelError
 from tokenizers_svc.families.vq_model import VQModelBackend
 from tokenizers_svc.loading import build_module, load_tokenizer
@@ -140,18 +138,9 @@ def test_token_file_round_trip_and_refusals(tokenizer, photo_nchw, tmp_path):
 
 def test_cli_encode_tokens_info_and_decode(saved, tokenizer, photo_nchw, tmp_path):
     (tmp_path / "photo.png").write_bytes(encode_image(tensor_to_image(photo_nchw), "png"))
-    runner, model, ids = CliRunner(), str(saved), tmp_path / "photo.safetensors"
-    result = runner.invoke(
-        app, ["encode", str(tmp_path / "photo.png"), "-o", str(ids), "-m", model, "--tokens"]
-    )
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["info", str(ids), "--json", "-m", model])
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
+    info, ids = cli_tokens_round_trip(tmp_path / "photo.png", str(saved), tmp_path / "back.png")
     assert info["dtype"] == "int32" and info["vocabulary_size"] == VOCABULARY and info["layout"] == "NHW"
     assert info["shape"] == [1, 12, 16] and info["levels"] == [VOCABULARY]
-    result = runner.invoke(app, ["decode", str(ids), "-o", str(tmp_path / "back.png"), "-m", model])
-    assert result.exit_code == 0, result.output
     expected = tokenizer.decode(tokens_from_bytes(ids.read_bytes()), output_dtype=torch.uint8)
     assert torch.equal(image_to_tensor(read_image(tmp_path / "back.png")), expected)
 

@@ -109,21 +109,17 @@ _LDM_VQ_F4 = {
     "scaling_factor": VQMODEL_SCALING_FACTOR,
 }
 
-# f4 like the LDM models, 16..32 channels, and a codebook dimension (3) unlike the encoder's output
-# channels (4), so quant_conv / post_quant_conv and D != latent_channels are exercised.
+# The LDM layout (f4, three levels) at 16..32 channels, and a codebook dimension (3) unlike the
+# encoder's output channels (4), so quant_conv / post_quant_conv and D != latent_channels are exercised.
 _TINY = {
-    "in_channels": 3,
-    "out_channels": 3,
+    **_LDM_VQ_F4,
     "block_out_channels": [16, 32, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 3,
-    "up_block_types": ["UpDecoderBlock2D"] * 3,
     "layers_per_block": 1,
     "latent_channels": 4,
     "vq_embed_dim": 3,
     "num_vq_embeddings": 64,
     "norm_num_groups": 8,
     "sample_size": 64,
-    "scaling_factor": VQMODEL_SCALING_FACTOR,
 }
 
 BACKENDS = (VQModelBackend,)
