@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import cli_tokens_round_trip
-from tokenizers_svc.errors import InvalidLatentsError, UnsupportedModelError
+from tests.helpers import REPO, cli_tokens_round_trip
+from tokenizers_svc.errors import ConfigError, InvalidLatentsError, UnsupportedModelError
 from tokenizers_svc.families.vq_model import VQModelBackend
 from tokenizers_svc.loading import build_module, load_tokenizer
 from tokenizers_svc.media import encode_image, image_to_tensor, read_image, tensor_to_image
@@ -166,3 +166,12 @@ def test_codebook_lookup_models_are_refused():
     config = {**get_preset("vq-model-tiny").config, "lookup_from_codebook": True}
     with pytest.raises(UnsupportedModelError, match="lookup_from_codebook"):
         VQModelBackend.spec_from_config(config, "amused-style")
+
+
+def test_training_a_codebook_is_refused_with_the_reason():
+    from training.config import load_recipe
+    from training.model import build_backend
+
+    recipe = load_recipe(REPO / "training" / "recipes" / "tiny-image.yaml", ["model.preset=vq-model-tiny"])
+    with pytest.raises(ConfigError, match="codebook and commitment losses"):
+        build_backend(recipe)
