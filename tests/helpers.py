@@ -47,17 +47,35 @@ def small_presets(max_params: int) -> dict:
     Built on the meta device (no memory, no init), at collection time, so tests parametrized over it
     cover every family's tiny presets, including families added later.
     """
-    from tokenizers_svc.registry import backend_for, list_presets, model_class
+    from tokenizers_svc.model_stats import count_params, meta_backend
+    from tokenizers_svc.registry import list_presets
 
     specs = {}
     for preset in list_presets():
         if not preset.random_init:
             continue
-        with torch.device("meta"):
-            module = model_class(preset.class_name)(**preset.config)
-        if sum(p.numel() for p in module.parameters()) <= max_params:
-            specs[preset.name] = backend_for(preset.class_name).from_module(module, preset.name).spec
+        backend = meta_backend(preset, dict(preset.config))
+        if count_params(backend.module) <= max_params:
+            specs[preset.name] = backend.spec
     return specs
+
+
+def cli_tokens_round_trip(media_path: Path, model: str, decoded: Path) -> tuple[dict, Path]:
+    """``tokenizers-svc encode --tokens``, ``info --json`` and ``decode`` of ``media_path`` with
+    ``model`` (each must exit 0; the token file lands next to the media, the decoded media at
+    ``decoded``) -> (what ``info`` printed, the token file)."""
+    from typer.testing import CliRunner
+
+    from tokenizers_svc.cli import app
+
+    runner, ids = CliRunner(), media_path.with_suffix(".safetensors")
+    encoded = runner.invoke(app, ["encode", str(media_path), "-o", str(ids), "-m", model, "--tokens"])
+    assert encoded.exit_code == 0, encoded.output
+    info = runner.invoke(app, ["info", str(ids), "--json", "-m", model])
+    assert info.exit_code == 0, info.output
+    result = runner.invoke(app, ["decode", str(ids), "-o", str(decoded), "-m", model])
+    assert result.exit_code == 0, result.output
+    return json.loads(info.stdout), ids
 
 
 def noise(images: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:

@@ -3,7 +3,6 @@ the CLI's --tokens / info / decode, and a tiny FSQ recipe trained with real Acce
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 
@@ -13,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from tests.helpers import cli_tokens_round_trip
 from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.cli import app
 from tokenizers_svc.errors import ConfigError, InvalidLatentsError, InvalidRequestError
@@ -145,25 +145,16 @@ def test_cli_encode_tokens_info_and_decode(photo_nchw, tmp_path):
     from tokenizers_svc.media import encode_image, tensor_to_image
 
     (tmp_path / "photo.png").write_bytes(encode_image(tensor_to_image(photo_nchw), "png"))
-    runner = CliRunner()
-    model, ids = str(tmp_path / "model"), tmp_path / "photo.safetensors"
-    result = runner.invoke(
-        app, ["encode", str(tmp_path / "photo.png"), "-o", str(ids), "-m", model, "--tokens"]
-    )
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["info", str(ids), "--json", "-m", model])
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
+    model = str(tmp_path / "model")
+    info, ids = cli_tokens_round_trip(tmp_path / "photo.png", model, tmp_path / "back.png")
     assert info["dtype"] == "int32" and info["vocabulary_size"] == 1000 and info["layout"] == "NHW"
     assert info["shape"] == [1, 2, 2] and info["original_size"] == [48, 64]  # 64x64 padded, f32
-    result = runner.invoke(app, ["decode", str(ids), "-o", str(tmp_path / "back.png"), "-m", model])
-    assert result.exit_code == 0, result.output
     loaded = load_tokenizer(model)
     expected = loaded.decode(tokens_from_bytes(ids.read_bytes()), output_dtype=torch.uint8)
     from tokenizers_svc.media import image_to_tensor, read_image
 
     assert torch.equal(image_to_tensor(read_image(tmp_path / "back.png")), expected)
-    continuous = runner.invoke(
+    continuous = CliRunner().invoke(
         app,
         [
             "encode",

@@ -173,7 +173,9 @@ class Tokenizer:
 
             z = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).sample(generator)
         quantizer = self.backend.quantizer
-        if quantizer is not None:  # the latents are the rounded codes, projected to the decoder's input
+        # ids, or latents that are the rounded codes projected to the decoder's input; a model whose
+        # latents come before quantization (VQModel: its decode quantizes them) keeps them as encoded
+        if quantizer is not None and (tokens or not self.spec.quantizer.latents_before_quantization):
             codes = quantizer.codes(mean.to(device=self.backend.device, dtype=self.backend.dtype))
             if tokens:
                 return TokenIds(
@@ -212,8 +214,10 @@ class Tokenizer:
     @torch.no_grad()
     def latents_from_tokens(self, tokens: TokenIds | torch.Tensor) -> Latents:
         """Token ids (a :class:`TokenIds`, or a bare integer tensor (N, [t,] h, w): nothing to crop)
-        -> the raw latents they stand for: codes projected to the decoder's input, exactly what
-        ``encode`` returns for the same pixels, with the ids' metadata."""
+        -> the raw latents they stand for: codes projected to the decoder's input, with the ids'
+        metadata. For FSQ that is exactly what ``encode`` returns for the same pixels; for a model
+        whose latents come before quantization (VQModel) it is the codebook rows its decode
+        quantizes ``encode``'s latents to, so both decode to the same pixels."""
         quantizer = self.backend.quantizer
         if not isinstance(tokens, TokenIds):
             if quantizer is None:

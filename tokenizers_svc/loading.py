@@ -117,7 +117,7 @@ def load_directory(path: Path, *, name: str, device, dtype) -> Tokenizer:
             f"cannot load {class_name} from model directory {path.name!r}: {exc}"
         ) from None
     backend = backend_cls.from_module(module, name, directory_hash(path))
-    if backend.quantizer is not None:
+    if backend.attached_quantizer:  # a class with its own codebook (VQModel) has loaded it already
         load_quantizer_weights(backend.quantizer, path)
     place_module(module, device, dtype).eval()
     return Tokenizer(backend, source=str(path))

@@ -52,9 +52,9 @@ class ModelStats:
 def meta_backend(preset: Preset, config: dict | None = None) -> Backend:
     """The preset's backend around a module on the meta device (no weights read or allocated)."""
     config = preset_config(preset) if config is None else config
-    with torch.device("meta"):
-        module = model_class(preset.class_name).from_config(config)
-    backend = backend_for(preset.class_name).from_module(module.eval(), preset.name)
+    backend_class = backend_for(preset.class_name)
+    module = backend_class.meta_module(model_class(preset.class_name), config)
+    backend = backend_class.from_module(module.eval(), preset.name)
     # constants some classes clone from CPU tensors at init (e.g. Cosmos' wavelet filters) would
     # meet meta activations in forward; the spec has read what it needs, so move them too
     module.to("meta")

@@ -1,4 +1,5 @@
-"""Discrete bottlenecks that turn a family's continuous latents into token ids: FSQ.
+"""Discrete bottlenecks that turn a family's continuous latents into token ids: FSQ, and
+:class:`Codebook`, diffusers' learned VQ codebook behind the same interface.
 
 Finite Scalar Quantization (Mentzer et al., arXiv 2309.15505): each code channel is bounded with a
 tanh to just under ``levels[i]`` values and rounded; the rounding passes gradients straight through
@@ -13,6 +14,10 @@ latents ``(N, c, [t,] h, w)``:
 ``K = len(levels)``; the projections are per-position linear maps, present only when the config
 asks for them (required when ``K`` differs from the latent channels). Buffers are not saved, so a
 quantizer without projections adds nothing to the weights file.
+
+Both quantizers answer the four calls the Tokenizer makes (``codes``, ``codes_to_ids``,
+``ids_to_codes``, ``latents_from_codes``) and carry their ``spec``, so token ids, token files and
+every entry point work the same whichever bottleneck made them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tokenizers_svc.errors import UnsupportedModelError
 from tokenizers_svc.spec import ID_DTYPE, QuantizerSpec
 
 BOUND_EPS = 1e-3  # keeps tanh's range just inside the outermost levels, so rounding never leaves them
+NEAREST_ROWS = 4096  # latent positions per distance matrix: 4096 x 8192 rows x 4 bytes = 128 MiB
 
 
 class _QuantizerLoadFilter(logging.Filter):
@@ -106,6 +112,43 @@ class FSQ(nn.Module):
         )
         half = self._view(self.half_width, ndim, torch.int64)
         return (digits - half).float() / half.float()
+
+
+class Codebook:
+    """A learned codebook, diffusers' ``VectorQuantizer`` (``VQModel.quantize``), behind FSQ's interface.
+
+    Codes are codebook rows: ``(N, D, h, w)`` for a ``(n, D)`` codebook, in the space ``VQModel.decode``
+    takes. A position's id is the index of the row nearest to it: the argmin of ``torch.cdist`` over
+    positions flattened channels-last, as ``VectorQuantizer.forward`` computes it, but always in
+    float32 and ``NEAREST_ROWS`` positions at a time. float32, so ids do not depend on the dtype a
+    model is served in (bfloat16 distances can pick a neighbouring row, and a row would then not map
+    back to its own id); chunked, so the distance matrix stays bounded (all positions of a 1024²
+    image at f4 against 8192 rows would be 2 GiB). The rows are read from the module at every call,
+    so the adapter follows the module's device, dtype and weights.
+    """
+
+    def __init__(self, vector_quantizer: nn.Module, spec: QuantizerSpec) -> None:
+        self.spec = spec
+        self.embedding: nn.Embedding = vector_quantizer.embedding  # (n, D): the codebook rows
+
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes or any latents (N, D, ...) -> ids (N, ...) int32 in [0, n): each position's nearest row."""
+        rows = self.embedding.weight.float()  # (n, D)
+        flat = codes.movedim(1, -1).reshape(-1, rows.shape[1]).float()  # (N * h * w, D), raster order
+        nearest = [torch.cdist(part, rows).argmin(dim=1) for part in flat.split(NEAREST_ROWS)]
+        return torch.cat(nearest).view(codes.shape[0], *codes.shape[2:]).to(getattr(torch, ID_DTYPE))
+
+    def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (N, ...) integers in [0, n) -> codes (N, D, ...) float32: the rows they index."""
+        return self.embedding.weight.float()[ids.long()].movedim(-1, 1)
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """raw latents (N, D, ...) -> codes (N, D, ...) float32: each position's nearest row."""
+        return self.ids_to_codes(self.codes_to_ids(z))
+
+    def latents_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, D, ...) -> the decoder's input: the rows themselves (``VQModel.decode``'s space)."""
+        return codes
 
 
 def build_quantizer(spec: QuantizerSpec, latent_channels: int, seed: int = 0) -> FSQ:

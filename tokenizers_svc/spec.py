@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs nee
     import torch
 
 Modality = Literal["image", "video", "both"]
-QUANTIZER_KINDS = ("fsq",)
+QUANTIZER_KINDS = ("fsq",)  # what a config's quantizer block may declare
+VQ_KIND = "vq"  # a learned codebook the model class has itself (VQModel): declared by its backend
 ID_DTYPE = "int32"  # token ids on every boundary: tensors, token files, HTTP bodies, batch columns
 MAX_VOCABULARY = 2**31 - 1  # ids must fit int32
 
@@ -167,7 +168,8 @@ class FrameRule:
 
 @dataclass(frozen=True)
 class QuantizerSpec:
-    """A discrete bottleneck, read from the model config's ``quantizer`` block.
+    """A discrete bottleneck: a model config's ``quantizer`` block (FSQ, any family), or the codebook a
+    model class has itself (``kind="vq"``: diffusers' ``VQModel``, declared by its backend).
 
     FSQ (Mentzer et al., "Finite Scalar Quantization: VQ-VAE Made Simple", arXiv 2309.15505): each of
     ``len(levels)`` code channels is bounded and rounded to ``levels[i]`` values. A code vector's
@@ -176,11 +178,23 @@ class QuantizerSpec:
     (id base 0, dtype int32) and codes -> ids -> codes is exact. ``projection``: a learned per-position
     linear map from the latent channels to ``len(levels)`` code channels and back (required when the
     two differ).
+
+    VQ: a position's code is the nearest of ``n`` learned codebook rows and its id is that row's
+    index, so ``levels = (n,)``: the same mixed-radix rule with one digit, which keeps the token
+    file, its checks and the vocabulary arithmetic unchanged. codes -> ids -> codes is exact; ids ->
+    codes -> ids is exact when the rows are distinct (a duplicated row answers with its lower id).
+
+    ``latents_before_quantization`` says what the model's continuous latents are. False (FSQ): the
+    rounded codes projected to the decoder's input, exactly what the ids decode from. True
+    (``VQModel``): the encoder's output before quantization, what ``VQModel.encode`` returns and
+    latent diffusion trains on; decoding quantizes them first, so latents and ids decode to the
+    same pixels.
     """
 
     kind: str
     levels: tuple[int, ...]
     projection: bool = False
+    latents_before_quantization: bool = False
 
     @property
     def vocabulary_size(self) -> int:
@@ -203,8 +217,17 @@ class QuantizerSpec:
             "bits_per_token": round(self.bits_per_token, 4),
             "id_dtype": ID_DTYPE,
             "id_base": 0,
-            "id_order": "mixed radix over the code channels, the first channel least significant",
+            "id_order": (
+                "the index of the nearest codebook row"
+                if self.kind == VQ_KIND
+                else "mixed radix over the code channels, the first channel least significant"
+            ),
             "codes_ids_exact": True,
+            "latents": (
+                "before quantization: decode quantizes them to the codes their ids stand for"
+                if self.latents_before_quantization
+                else "quantized: the codes projected to the decoder's input, what the ids decode from"
+            ),
         }
 
     @classmethod

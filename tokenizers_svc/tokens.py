@@ -47,7 +47,8 @@ class TokenIds:
     """Token ids plus everything needed to decode them back and to train on them.
 
     ``ids``: int32 (N, h, w) or (N, t, h, w) in ``[0, vocabulary_size)``; ``levels``: the FSQ levels
-    whose mixed-radix digits the ids are. The other fields are a latent file's (:class:`Latents`).
+    whose mixed-radix digits the ids are (``(n,)`` for an n-row codebook: one digit, the row index).
+    The other fields are a latent file's (:class:`Latents`).
     """
 
     ids: torch.Tensor

@@ -17,6 +17,7 @@ from tokenizers_svc.errors import ConfigError
 from tokenizers_svc.families.base import Backend
 from tokenizers_svc.loading import build_module
 from tokenizers_svc.registry import backend_for, get_preset, model_class
+from tokenizers_svc.spec import VQ_KIND
 from training.config import PhaseSection, Recipe
 
 
@@ -52,7 +53,14 @@ def build_backend(recipe: Recipe) -> Backend:
             raise ConfigError(
                 f"model.config does not fit {preset.class_name}: {exc}", param="model.config"
             ) from None
-    return backend_for(preset.class_name).from_module(module, name)
+    backend = backend_for(preset.class_name).from_module(module, name)
+    if backend.spec.quantizer is not None and backend.spec.quantizer.kind == VQ_KIND:
+        raise ConfigError(
+            f"{preset.class_name} learns its codebook with codebook and commitment losses this trainer "
+            "does not have; it encodes and decodes only (an FSQ quantizer block trains)",
+            param="model.preset",
+        )
+    return backend
 
 
 def _quantized_from_continuous(module: nn.Module, class_name: str, quantizer: dict, name: str) -> Backend:

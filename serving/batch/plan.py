@@ -197,7 +197,8 @@ def make_plan(args: argparse.Namespace, device: str, tokenizer: Tokenizer | None
     spec = tokenizer.spec
     if args.tokens and spec.quantizer is None:
         raise ConfigError(
-            f"--tokens needs a quantized tokenizer (a quantizer block in its config); {spec.name} is continuous",
+            f"--tokens needs a quantized tokenizer (a quantizer block in its config, or VQModel / FSQ VidTok); "
+            f"{spec.name} is continuous",
             param="tokens",
         )
     dtype = resolved_dtype(args.dtype, device)

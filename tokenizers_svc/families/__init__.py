@@ -16,7 +16,9 @@ from tokenizers_svc.families import (
     autoencoder_kl_ltx,
     autoencoder_kl_mochi,
     autoencoder_kl_wan,
+    autoencoder_vidtok,
     vitok,
+    vq_model,
 )
 
 FAMILIES = (
@@ -29,5 +31,7 @@ FAMILIES = (
     autoencoder_kl_cogvideox,
     autoencoder_kl_cosmos,
     autoencoder_kl_mochi,
+    autoencoder_vidtok,
     vitok,
+    vq_model,
 )

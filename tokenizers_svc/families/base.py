@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: listing specs nee
     import torch
     from torch import nn
 
-    from tokenizers_svc.quantizers import FSQ
+    from tokenizers_svc.quantizers import FSQ, Codebook
 
 from tokenizers_svc.spec import FrameRule, LatentNormalization, TokenizerSpec
 
@@ -63,16 +63,20 @@ class Backend(ABC):
         self.module = module
         self.spec = spec.with_quantizer(module.config)
         self._weights_hash = weights_hash
+        # True when this backend added the quantizer to a class that does not know it: its saved
+        # weights are then the loader's to read (loading.load_directory), not diffusers'
+        self.attached_quantizer = False
         if self.spec.quantizer is not None and QUANTIZER_MODULE not in dict(module.named_children()):
             from tokenizers_svc.quantizers import build_quantizer
 
             parameter = next(module.parameters())
             quantizer = build_quantizer(self.spec.quantizer, self.spec.latent_channels)
             module.add_module(QUANTIZER_MODULE, quantizer.to(device=parameter.device, dtype=parameter.dtype))
+            self.attached_quantizer = True
 
     @property
-    def quantizer(self) -> FSQ | None:
-        """The discrete bottleneck the config declares (a submodule of ``module``, so it trains,
+    def quantizer(self) -> FSQ | Codebook | None:
+        """The discrete bottleneck the spec declares (a submodule of ``module``, so it trains,
         saves and moves with it), or None for a continuous tokenizer."""
         return self.module.get_submodule(QUANTIZER_MODULE) if self.spec.quantizer is not None else None
 
@@ -87,6 +91,16 @@ class Backend(ABC):
         """The spec of saved weights (``directory`` with ``config``, its config.json), without loading
         them: :meth:`spec_from_config`, plus what a family keeps in the weights file."""
         return cls.spec_from_config(config, name)
+
+    @classmethod
+    def meta_module(cls, module_class: type, config: Mapping) -> nn.Module:
+        """``module_class`` built from ``config`` on the meta device: shapes, no storage, no init
+        (:mod:`tokenizers_svc.model_stats` counts parameters and compute on it). A family whose class
+        needs real values while it is constructed overrides this."""
+        import torch
+
+        with torch.device("meta"):
+            return module_class.from_config(config)
 
     @classmethod
     def from_module(cls, module: nn.Module, name: str, weights_hash: str | None = None) -> Backend:
