@@ -3,7 +3,8 @@
 Both sides do the same work per request: decode a PNG (crops of a real photo), encode it and write
 the latent file, with the same torch threads (``--threads``: the replica's ``num_cpus`` and the
 in-process loop's ``torch.set_num_threads``). The in-process baseline runs the work in batches of
-min(concurrency, max_batch_size) requests, the batch size the server can form at that concurrency.
+min(concurrency, max_batch_size, max_batch_pixels / pixels per image) requests, the batch the server
+can form at that concurrency.
 
 Each level runs ``--rounds`` times (served, then in-process, alternating, so that a noisy neighbour
 hits both); the ratio served/in-process is reported as the median of the rounds with its spread
@@ -16,6 +17,7 @@ The model is served inside the ingress (``in_ingress``, one actor hop) unless ``
 
     .venv/bin/python benchmarks/serve_bench.py [--model tsvc-image-f8c4] [--size 256] [--requests 24]
                                                [--rounds 3] [--threads 1] [--num-cpus 2]
+                                               [--max-batch-size 8] [--max-batch-pixels 131072]
 """
 
 from __future__ import annotations
@@ -147,6 +149,12 @@ def main() -> None:
     )
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--max-batch-pixels",
+        type=int,
+        default=131072,
+        help="summed pixels per model call, as the shipped CPU config (serving/config.yaml)",
+    )
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument(
         "--separate-replica",
@@ -170,6 +178,7 @@ def main() -> None:
                 "model": args.model,
                 "num_cpus": args.threads,
                 "max_batch_size": args.max_batch_size,
+                "max_batch_pixels": args.max_batch_pixels,
                 "batch_wait_timeout_s": args.batch_wait_timeout_s,
                 "in_ingress": not args.separate_replica,
             }
@@ -191,7 +200,7 @@ def main() -> None:
         f"{'ratio median [min-max]':>23} | served p50 ms: " + " ".join(f"{p:>7}" for p in TIMING_PARTS)
     )
     for concurrency in args.concurrency:
-        batch = min(concurrency, args.max_batch_size)
+        batch = min(concurrency, args.max_batch_size, max(1, args.max_batch_pixels // args.size**2))
         ratios, served_rps, local_rps, served_lat, local_lat, timings = [], [], [], [], [], []
         for _ in range(args.rounds):
             rps, latencies, round_timings = asyncio.run(served(url, name, bodies, concurrency))
