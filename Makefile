@@ -33,9 +33,10 @@ TEST_WORKERS ?= 2
 test: install lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# The developer loop: no Ray, no Serve, no training (every such module or test is marked slow).
+# The developer loop: no Ray, no Serve, no training, nothing that takes long (every such module or
+# test is marked slow); on the same two workers as `make test`.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

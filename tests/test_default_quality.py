@@ -41,6 +41,7 @@ def test_image_default_beats_bicubic_on_multiscale_val_crops(shared_data):
     assert all(scale["gain_db"] > 0 for scale in result["per_scale"].values()), result["per_scale"]
 
 
+@pytest.mark.slow  # encodes a few hundred training crops
 def test_image_default_latents_are_centred_on_training_photos(shared_data):
     """Normalized latents: per-channel |mean| <= 0.1 and std in [0.8, 1.25] on multi-scale crops of
     the photos the statistics were fitted on, the training folder and scikit-image's colour photos

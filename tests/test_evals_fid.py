@@ -56,6 +56,7 @@ def test_frechet_methods_agree_to_1e6_relative():
     assert abs(eig - ref) / ref < 1e-6
 
 
+@pytest.mark.slow  # Inception features of the val photos
 def test_fid_zero_on_itself_and_symmetric(inception, val_photos, val_stats):
     noisy = inception.features(noise(val_photos, 24.0))  # (8, 2048): rank-deficient covariance
     s, t = val_stats, fid.FeatureStats.from_features(noisy)

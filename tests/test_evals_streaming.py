@@ -163,6 +163,7 @@ def _assert_same_metrics(result: dict, expected: dict, rel: float) -> None:
             assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=rel), (got["name"], key)
 
 
+@pytest.mark.slow  # Inception features of the reference set, twice
 def test_reference_statistics_are_cached_by_content(val_dir, tmp_path, uninterrupted):
     cache = tmp_path / "cache"
     assert main(_eval_args(val_dir, tmp_path / "a", cache)) == 0

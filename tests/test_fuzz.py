@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,6 +41,7 @@ def _tokenizer(name: str) -> Tokenizer:
     return load_tokenizer(name)
 
 
+@pytest.mark.slow  # every family, dozens of examples: ~30 s
 @BOUNDED
 @given(
     family=st.sampled_from(sorted(FAMILY_PRESETS)),
