@@ -180,16 +180,20 @@ SERVING_CONFIG = {
     ],
 }
 # A discrete (FSQ) model: tiny-fsq.yaml's architecture, random init, written by save_tiny_fsq when
-# served_app starts (served models are presets or directories); no CPU reserved, like BOUNDED.
+# served_app starts (served models are presets or directories); no CPU reserved, like BOUNDED. It and
+# the video model are served inside the ingress, as the shipped config serves its models; the
+# sd-vae-tiny entries above keep replicas of their own, so both layouts are exercised.
 FSQ_MODEL = "tiny-fsq"
 FSQ_DIR = Path(tempfile.mkdtemp(prefix="tsvc-fsq-")) / FSQ_MODEL
 SERVING_CONFIG["models"].append(
-    {"name": FSQ_MODEL, "model": str(FSQ_DIR), "num_cpus": 0, "max_batch_size": 4}
+    {"name": FSQ_MODEL, "model": str(FSQ_DIR), "num_cpus": 0, "max_batch_size": 4, "in_ingress": True}
 )
 VIDEO_MODEL = "video-vae-tiny"  # served too once the models helper registers it
 HAS_VIDEO = VIDEO_MODEL in {p.name for p in list_presets()}
 if HAS_VIDEO:
-    SERVING_CONFIG["models"].append({"name": VIDEO_MODEL, "num_cpus": 0.5, "max_batch_size": 2})
+    SERVING_CONFIG["models"].append(
+        {"name": VIDEO_MODEL, "num_cpus": 0.5, "max_batch_size": 2, "in_ingress": True}
+    )
 
 
 def save_tiny_fsq(directory: Path) -> Path:

@@ -22,9 +22,10 @@ from training.latent_stats import skimage_photo_crops
 
 # Issue 11's bar: >= 1.5 dB over bicubic at equal floats on the multi-scale val crops
 # (measured +2.56 ± 0.27 dB on all 256 crops, on the H200 and on this CPU, see the card). The test
-# scores every 4th crop (64, all four scales) to keep a CPU round trip of ~1 s per crop affordable.
+# scores every 8th crop (32, eight of each of the four scales) to keep a CPU round trip of ~1 s per
+# crop affordable beside the rest of the suite.
 IMAGE_GAIN_DB = 1.5
-CROP_STRIDE = 4
+CROP_STRIDE = 8
 MAX_COLOUR_CAST = 1.5  # grey levels of mean error per channel (the old video default was green)
 
 
@@ -36,7 +37,7 @@ def test_image_default_beats_bicubic_on_multiscale_val_crops(shared_data):
         every.pixels[::CROP_STRIDE], every.names[::CROP_STRIDE], every.scales[::CROP_STRIDE]
     )
     result = compare(crops, tokenizer_round_trip(tokenizer), tokenizer.spec.latent_floats((1, 3, 256, 256)))
-    assert result["n"] == 64 and len(result["per_scale"]) == 4
+    assert result["n"] == 32 and len(result["per_scale"]) == 4
     assert result["gain_db"] >= IMAGE_GAIN_DB, result
     assert all(scale["gain_db"] > 0 for scale in result["per_scale"].values()), result["per_scale"]
 

@@ -1,7 +1,8 @@
 """Issue 27 over real HTTP, on one Serve app: hostile and odd requests cost only themselves.
 
-One app for the module (local Ray, 2 CPUs, 127.0.0.1, random port): ``tiny`` (sd-vae-tiny, an
-8 s timeout, small batches) and ``video`` (video-vae-tiny). Each numbered item of the issue has a
+One app for the module (local Ray, 2 CPUs, 127.0.0.1, random port): ``tiny`` (sd-vae-tiny in a
+replica of its own, an 8 s timeout, small batches) and ``video`` (video-vae-tiny, served inside the
+ingress). Each numbered item of the issue has a
 test here that failed before it was fixed; the fuzz test (hypothesis, a bounded number of
 reproducible examples) sends random query strings, tensor shapes and dtypes and bytes, and checks
 that every answer is a 2xx or a 4xx with the JSON error shape (a 5xx only as 503 + Retry-After),
@@ -48,7 +49,7 @@ CONFIG = {
             "batch_wait_timeout_s": 0.01,
             "request_timeout_s": TIMEOUT_S,
         },
-        {"name": VIDEO, "model": "video-vae-tiny", "num_cpus": 0.5, "max_batch_size": 2},
+        {"name": VIDEO, "model": "video-vae-tiny", "num_cpus": 0.5, "max_batch_size": 2, "in_ingress": True},
     ],
 }
 # 600x800 after the resize, in 16-px tiles: well over the 8 s timeout of model work on one core
