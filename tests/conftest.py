@@ -17,10 +17,18 @@ from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, png, served_app
 
 
 def pytest_configure(config):
-    """`make test` runs two workers (pytest-xdist), each of which may start the first Ray this
-    machine has seen at the same moment; both would write Ray's token file (~/.ray/auth_token). The
-    controller writes it first, with Ray's own function, so the workers only read it."""
+    """`make test` runs two workers (pytest-xdist).
+
+    Each worker gets its share of the cores as torch threads: two workers with torch's default of a
+    thread per core oversubscribe a 2-core machine, and the suite ran slower than with one thread
+    each. (Subprocesses and Ray's workers choose their own threads.)
+
+    Each worker may start the first Ray this machine has seen at the same moment; both would write
+    Ray's token file (~/.ray/auth_token). The controller writes it first, with Ray's own function,
+    so the workers only read it."""
     if hasattr(config, "workerinput"):
+        workers = int(config.workerinput.get("workercount", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
         return
     from ray._private.authentication.authentication_token_setup import (
         _get_default_token_path,
