@@ -71,6 +71,20 @@ def photo_nchw(photo_uint8) -> torch.Tensor:
     return image.permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray (2 CPUs, no dashboard) for a module's batch jobs; another module's is reused, not
+    replaced, and only the one started here is shut down."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started_here:
+        ray.shutdown()
+
+
 # ---- the Ray Serve app of the serving test modules (one app per module: local Ray, random port) ----
 
 

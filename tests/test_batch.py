@@ -33,7 +33,8 @@ from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, loa
 from tokenizers_svc.registry import get_preset, list_presets
 from tokenizers_svc.tokens import tokens_from_bytes
 
-pytestmark = pytest.mark.slow  # the whole module starts Ray: `make test-fast` skips it
+# the whole module runs its jobs on a local Ray (tests/conftest.py): `make test-fast` skips it
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_MODEL = "sd-vae-tiny"
@@ -45,16 +46,6 @@ CLIP = "carphone_pristine.mp4"  # real footage (MANIFEST.json), 176x144 at 29.97
 RESIZE = ["--resize", "shorter-side", "--resolution", "64"]
 OPTIONS = EncodeOptions(resize="shorter-side", resolution=64)
 BAD_NAME = b"bad\xff\xfename.jpg"  # not UTF-8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    started_here = not ray.is_initialized()  # another module's local Ray is reused, not replaced
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started_here:
-        ray.shutdown()
 
 
 @pytest.fixture

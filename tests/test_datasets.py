@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -27,16 +26,6 @@ MODEL = "sd-vae-tiny"
 PHOTOS = ("board.jpg", "stuff.jpg", "plant.jpg")  # board and stuff: both 640x480
 OPTIONS = EncodeOptions(resize="shorter-side", resolution=48)
 BUCKET_RESOLUTION = 64
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    started_here = not ray.is_initialized()  # another module's local Ray is reused, not replaced
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started_here:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
