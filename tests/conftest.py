@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.helpers import MODEL, SERVING_CONFIG, SHARED_DATA, png, served_app
+from tests.helpers import local_ray as ray_for_the_module
 
 
 def pytest_configure(config):
@@ -73,16 +74,9 @@ def photo_nchw(photo_uint8) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray (2 CPUs, no dashboard) for a module's batch jobs; another module's is reused, not
-    replaced, and only the one started here is shut down."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started_here:
-        ray.shutdown()
+    """A local Ray for a module's batch jobs (tests.helpers.local_ray)."""
+    with ray_for_the_module():
+        yield
 
 
 # ---- the Ray Serve app of the serving test modules (one app per module: local Ray, random port) ----

@@ -216,11 +216,26 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def local_ray() -> Iterator[None]:
+    """A local Ray (2 CPUs, no dashboard, Ray's process logs kept out of the test output) unless one is
+    running: another module's is reused, not replaced, and only the one started here is shut down."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
 def served_app(config: dict, name: str) -> Iterator[str]:
     """The service built from ``config`` (``ServiceConfig`` args) as Serve app ``name`` on
     127.0.0.1 and a free port: its base URL. Starts a local Ray with 2 CPUs unless one is running
     (another module's is reused, not replaced), and stops what it started."""
-    import ray
     from ray import serve
 
     from serving.app import build_app
@@ -228,17 +243,13 @@ def served_app(config: dict, name: str) -> Iterator[str]:
     if any(model.get("model") == str(FSQ_DIR) for model in config["models"]):
         save_tiny_fsq(FSQ_DIR)  # a served directory must exist before the app is built
     port = free_port()
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name=name, route_prefix="/", blocking=False)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        if started_here:
-            ray.shutdown()
+    with local_ray():
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name=name, route_prefix="/", blocking=False)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
 
 
 @contextlib.contextmanager
