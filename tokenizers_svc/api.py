@@ -173,24 +173,24 @@ class Tokenizer:
 
             z = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).sample(generator)
         quantizer = self.backend.quantizer
-        # ids, or latents that are the rounded codes projected to the decoder's input; a model whose
-        # latents come before quantization (VQModel: its decode quantizes them) keeps them as encoded
-        if quantizer is not None and (tokens or not self.spec.quantizer.latents_before_quantization):
+        if quantizer is not None and tokens:
+            return TokenIds(
+                ids=quantizer.ids(mean.to(device=self.backend.device, dtype=self.backend.dtype)).cpu(),
+                tokenizer=self.name,
+                vocabulary_size=self.spec.quantizer.vocabulary_size,
+                levels=self.spec.quantizer.levels,
+                original_size=prepared.original_size,
+                original_frames=prepared.original_frames,
+                padding=prepared.padding,
+                weights_hash=self.weights_hash,
+                fps=fps,
+                source_sha256=source_sha256,
+                resized_from=prepared.resized_from,
+            )
+        # latents that are the rounded codes projected to the decoder's input; a model whose latents
+        # come before quantization (VQModel: its decode quantizes them) keeps them as encoded
+        if quantizer is not None and not self.spec.quantizer.latents_before_quantization:
             codes = quantizer.codes(mean.to(device=self.backend.device, dtype=self.backend.dtype))
-            if tokens:
-                return TokenIds(
-                    ids=quantizer.codes_to_ids(codes).cpu(),
-                    tokenizer=self.name,
-                    vocabulary_size=self.spec.quantizer.vocabulary_size,
-                    levels=self.spec.quantizer.levels,
-                    original_size=prepared.original_size,
-                    original_frames=prepared.original_frames,
-                    padding=prepared.padding,
-                    weights_hash=self.weights_hash,
-                    fps=fps,
-                    source_sha256=source_sha256,
-                    resized_from=prepared.resized_from,
-                )
             z = quantizer.latents_from_codes(codes.to(self.backend.dtype)).float()
         if normalize:
             z = self.spec.normalization.apply(z)

@@ -15,7 +15,7 @@ latents ``(N, c, [t,] h, w)``:
 asks for them (required when ``K`` differs from the latent channels). Buffers are not saved, so a
 quantizer without projections adds nothing to the weights file.
 
-Both quantizers answer the four calls the Tokenizer makes (``codes``, ``codes_to_ids``,
+Both quantizers answer the calls the Tokenizer makes (``codes``, ``ids``, ``codes_to_ids``,
 ``ids_to_codes``, ``latents_from_codes``) and carry their ``spec``, so token ids, token files and
 every entry point work the same whichever bottleneck made them.
 """
@@ -96,6 +96,10 @@ class FSQ(nn.Module):
         codes = self.codes(z)
         return self.latents_from_codes(codes.to(z.dtype)), codes
 
+    def ids(self, z: torch.Tensor) -> torch.Tensor:
+        """raw latents (N, c, ...) -> ids (N, ...) int32: their codes' ids."""
+        return self.codes_to_ids(self.codes(z))
+
     def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, K, ...) -> ids (N, ...) int32 in [0, vocabulary_size), mixed radix."""
         half = self._view(self.half_width, codes.ndim, torch.int64)
@@ -141,6 +145,11 @@ class Codebook:
     def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (N, ...) integers in [0, n) -> codes (N, D, ...) float32: the rows they index."""
         return self.embedding.weight.float()[ids.long()].movedim(-1, 1)
+
+    def ids(self, z: torch.Tensor) -> torch.Tensor:
+        """raw latents (N, D, ...) -> ids (N, ...) int32: one nearest-row search (a latent and its
+        nearest row have the same nearest row, so searching again from the codes is not needed)."""
+        return self.codes_to_ids(z)
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """raw latents (N, D, ...) -> codes (N, D, ...) float32: each position's nearest row."""
