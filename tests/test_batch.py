@@ -134,6 +134,9 @@ def test_every_input_accounted_for(image_job):
     assert listing == sorted(r["source_path_bytes"] for r in rows)
     assert manifest["outputs"]["rows"] == len(rows) and manifest["outputs"]["duplicate_rows"] == 0
     assert manifest["run"]["rows_ok"] == len(PHOTOS) + 1 and manifest["run"]["rows_error"] == len(errors)
+    # the driver encoded the head of the inputs while the 2 actors started: one batch (--batch-size
+    # 4) at most, and no more than a third worker's share; the rows above count those exactly once
+    assert manifest["run"]["head_start_inputs"] == min(4, len(rows) // 3) > 0
     assert manifest["run"]["bytes_written"] == sum(p.stat().st_size for p in batch.shard_paths(out))
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in batch.shard_paths(out)]
     assert max(sizes) <= 3 and len(sizes) == len(manifest["outputs"]["shards"])  # --shard-rows 3

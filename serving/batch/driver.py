@@ -4,9 +4,10 @@
     python -m serving.batch ...                              (same arguments)
     ray job submit --working-dir . -- python -m serving.batch ...
 
-Reading order: :func:`main` -> :func:`run`: list the inputs and drop those already done, then
-``prepare_row`` (CPU tasks) -> ``EncodeWorker`` (actor pool) -> ``write_shard`` (CPU tasks), then
-the manifest (what was written, what is missing, the history of runs).
+Reading order: :func:`main` -> :func:`run`: list the inputs and drop those already done, size the
+job, then ``prepare_row`` (in the actors on CPUs, else in tasks) -> ``EncodeWorker`` (actor pool,
+and on CPUs one batch on the driver while the pool starts: :func:`_head_start`) -> ``write_shard``
+(on the driver), then the manifest (what was written, what is missing, the history of runs).
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import math
 import os
 import shlex
 import sys
+import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from serving.batch import sizing
 from serving.batch.output import (
@@ -51,6 +55,7 @@ from tokenizers_svc.options import add_arguments
 from tokenizers_svc.pixels import CROP_MODES, policy_size
 from tokenizers_svc.progress import Progress
 from tokenizers_svc.ray_cluster import init_ray, started_here
+from tokenizers_svc.wire import dtype_name
 
 MAX_INPUT_BLOCKS = 1000  # blocks of pending inputs; enough to spread over a cluster's actors
 FLUSH_S = 30.0  # a shard at least this often while rows come (a killed run loses at most this)
@@ -126,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Ray Data tasks decoding ahead of the encoder actors; 0: each actor decodes its own inputs "
         "(default: 0 on CPUs, the CPUs the actors leave with GPUs)",
+    )
+    p.add_argument(
+        "--no-head-start",
+        action="store_true",
+        help="leave every input to the actors (default on CPUs: the driver, which has the model loaded, "
+        "encodes the first batch while the actors start, so the first rows come within seconds)",
     )
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on a GPU)")
     p.add_argument(
@@ -260,6 +271,23 @@ def _size(args: argparse.Namespace, cost: ModelCost, pending: int) -> JobSize:
     return size
 
 
+def _head_start(
+    args: argparse.Namespace, plan: JobPlan, size: JobSize, tokenizer: Tokenizer, pending: int
+) -> int:
+    """How many pending inputs the driver encodes itself while the actor pool starts (0: none).
+
+    An actor is a fresh process: it imports torch, diffusers and Ray Data and loads the model, ~5
+    CPU-seconds, so its first rows come seconds after Ray is up. The driver already holds the model
+    (it measured its cost), so on CPU plans, in the dtype it loaded, it encodes one batch itself,
+    and the first shard lands within a few seconds. It takes at most the share one more worker
+    would have, so a small job on a cluster still runs on the cluster. ``--no-head-start`` turns it
+    off (e.g. a driver on a small head node)."""
+    loaded = next(tokenizer.module.parameters()).dtype
+    if args.no_head_start or plan.device != "cpu" or dtype_name(loaded) != plan.dtype:
+        return 0
+    return min(size.batch_size, pending // (size.workers + 1))
+
+
 class _ShardWriter:
     """Encoded rows -> shards, on the driver: the first rows at once (the job shows output within
     seconds), then a shard per ``shard_rows`` rows or per FLUSH_S seconds, whichever comes first
@@ -272,6 +300,7 @@ class _ShardWriter:
         self.last = time.monotonic()
         self.summaries: list[dict] = []
         self.first_shard_at: float | None = None  # time.perf_counter() when the first shard landed
+        self.lock = threading.Lock()  # rows come from Ray Data and from the driver's head start
 
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -290,15 +319,24 @@ class _ShardWriter:
 
 
 def _encode(
-    pending: list[dict], plan: JobPlan, args: argparse.Namespace, size: JobSize, output: Path, run_id: str
+    pending: list[dict],
+    plan: JobPlan,
+    args: argparse.Namespace,
+    size: JobSize,
+    output: Path,
+    run_id: str,
+    head_worker: EncodeWorker | None,
+    head: int,
 ) -> _ShardWriter:
-    """The Ray Data pipeline over ``pending`` inputs -> the writer (its shards' summaries). Progress
-    counts rows as they are encoded: of the pending inputs when all are images (one row each),
-    else (clips) without a total."""
+    """The Ray Data pipeline over ``pending`` inputs -> the writer (its shards' summaries); the
+    first ``head`` inputs go to ``head_worker`` on this process instead, in a thread, while Ray Data
+    starts its actors (:func:`_head_start`). Progress counts rows as they are encoded: of the
+    pending inputs when all are images (one row each), else (clips) without a total."""
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
-    ds = ray.data.from_items(pending, override_num_blocks=min(len(pending), MAX_INPUT_BLOCKS))
+    rest = pending[head:]
+    ds = ray.data.from_items(rest, override_num_blocks=min(len(rest), MAX_INPUT_BLOCKS))
     if size.decode_tasks:  # decoding apart, ahead of the encoders; uint8 pixels in one Arrow buffer
         ds = ds.map_batches(
             prepare_batch,
@@ -323,12 +361,34 @@ def _encode(
         )
     total = None if any(is_video_file(os.fsdecode(item["path"])) for item in pending) else len(pending)
     writer = _ShardWriter(output, run_id, args.shard_rows)
-    with Progress("batch-encode", total, "row") as progress:
+    with Progress("batch-encode", total, "row") as progress, ThreadPoolExecutor(1) as driver:
+
+        def take(table: pa.Table) -> None:
+            with writer.lock:
+                writer.add(table)
+                progress.update(table.num_rows)
+
+        head_done = (
+            driver.submit(_encode_head, head_worker, pending[:head], size.torch_threads, take)
+            if head
+            else None
+        )
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(table)
-            progress.update(table.num_rows)
+            take(table)
+        if head_done is not None:
+            head_done.result()  # its rows are written; an unexpected failure is raised here
         writer.flush()
     return writer
+
+
+def _encode_head(worker: EncodeWorker, items: list[dict], threads: int, take) -> None:
+    """The head start's batch, on this process at the actors' torch thread count (then restored)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        take(worker(pa.Table.from_pylist(items)))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _manifest(
@@ -409,10 +469,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     skipped = len(inputs) - len(pending)
     pending = pending[: args.limit]
 
-    summaries, wall, size, first_row_s = [], 0.0, None, None
+    summaries, wall, size, first_row_s, head = [], 0.0, None, None, 0
     if pending:  # else nothing to do, and no Ray started for it
         cost = _model_cost(tokenizer, plan, pending)
-        del tokenizer  # the actors load their own
         if not ray.is_initialized():
             # Ray's own process logs stay in its log files (init_ray says where), as for `serve`: a
             # failed item is a row and a failed actor an exception here; what else Ray prints (e.g. the
@@ -426,8 +485,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             dtype = plan.dtype if previous is not None else resolved_dtype(args.dtype, "cuda")
             plan = replace(plan, device="cuda", dtype=dtype)
         run_id = _claim(output, plan, previous)
+        head = _head_start(args, plan, size, tokenizer, len(pending))
+        head_worker = (
+            EncodeWorker(plan, size.torch_threads, decode=True, tokenizer=tokenizer) if head else None
+        )
+        del tokenizer  # the actors load their own
         started = time.perf_counter()
-        writer = _encode(pending, plan, args, size, output, run_id)
+        writer = _encode(pending, plan, args, size, output, run_id, head_worker, head)
         wall = time.perf_counter() - started
         summaries = writer.summaries
         if writer.first_shard_at is not None:
@@ -445,6 +509,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "wall_s": round(wall, 3),
         "rows_per_s": round((ok + errors) / wall, 3) if summaries else 0.0,
         "first_row_s": first_row_s,  # from Ray being up to the first shard on disk
+        "head_start_inputs": head,  # encoded by the driver while the actor pool started
         "size": size.to_dict() if size is not None else None,  # what the job chose (or was told)
     }
     manifest = _manifest(args, argv, plan, inputs, ignored, run, read_progress(output), output)

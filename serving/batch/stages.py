@@ -29,6 +29,7 @@ import torch
 from serving.batch.output import TMP_SUFFIX, owner
 from serving.batch.plan import JobPlan, clip_ranges, error_text, path_text, row_id
 from tokenizers_svc import media
+from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.datasets import ROW_SCHEMA, SHARD_PREFIX, SHARD_SUFFIX
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.loading import load_tokenizer
@@ -199,9 +200,15 @@ class EncodeWorker:
     With ``decode`` it takes ``{path, done_ids}`` rows and decodes them itself (:func:`prepare_row`),
     else PREPARED_SCHEMA rows from the decode tasks."""
 
-    def __init__(self, plan: JobPlan, num_threads: int, decode: bool = False) -> None:
-        torch.set_num_threads(max(1, num_threads))
-        self.tokenizer = load_tokenizer(plan.model, device=plan.device, dtype=getattr(torch, plan.dtype))
+    def __init__(
+        self, plan: JobPlan, num_threads: int, decode: bool = False, tokenizer: Tokenizer | None = None
+    ) -> None:
+        """``tokenizer``: one the caller loaded for ``plan`` (the driver's, for its head start); the
+        process's torch threads are then the caller's to set."""
+        if tokenizer is None:
+            torch.set_num_threads(max(1, num_threads))
+            tokenizer = load_tokenizer(plan.model, device=plan.device, dtype=getattr(torch, plan.dtype))
+        self.tokenizer = tokenizer
         if self.tokenizer.weights_hash != plan.weights_hash:
             raise ConfigError(
                 f"worker loaded {plan.model} with weights {self.tokenizer.weights_hash[:12]}, the driver "
