@@ -36,6 +36,7 @@ from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
+from tokenizers_svc.memory import release_free_heap
 from tokenizers_svc.pipeline import (
     EncodeOptions,
     MediaInput,
@@ -107,6 +108,7 @@ class TokenizerWorker:
             dtype=getattr(torch, resolved_dtype(self.config.dtype, self.config.device)),
             allow_random_init=self.config.allow_random_init,
         )
+        self.model_calls = 0  # running now, in either lane
         self.quantum = max(1, self.config.max_batch_pixels // self.config.max_batch_size)
         batching = (_item_size, self.config.max_batch_pixels, self.config.batch_wait_timeout_s)
         self.encoder = Batcher(partial(self._run_batch, run_bucket=self._encode_bucket), *batching)
@@ -218,10 +220,18 @@ class TokenizerWorker:
         """(fn(*args) in a thread, seconds it took); the seconds per unit join the lane's recent
         ones unless the work was abandoned part way (its time says nothing about the rate)."""
         started = time.perf_counter()
-        result = await asyncio.to_thread(fn, *args)
+        self.model_calls += 1
+        try:
+            result = await asyncio.to_thread(fn, *args)
+        finally:
+            self.model_calls -= 1
         elapsed = time.perf_counter() - started
         if not token.abandoned:
             self.recent_rates[lane].append(elapsed / units)
+        if not (self.model_calls or self.encoder.queued or self.decoder.queued):
+            # the model goes idle: hand its freed activations back (tokenizers_svc.memory), in a
+            # thread and without waiting, so no reply is held for it
+            asyncio.get_running_loop().run_in_executor(None, release_free_heap)
         return result, elapsed
 
     def _too_late(self, token: WorkToken, size: int, lane: Lane) -> bool:
