@@ -276,7 +276,18 @@ def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp
     # an empty row and a repeated one are ignored, each with its reason in the manifest (issue 27)
     pq.write_table(pa.table({"path": [*paths, "", str(relative / PHOTOS[1])]}), tmp_path / "list.parquet")
     out = tmp_path / "out"
-    argv = ["--input", tmp_path / "list.parquet", "--output", out, "--model", IMAGE_MODEL, *RESIZE]
+    # one actor: a few inputs, and the second actor's start-up would cost more than it encodes
+    argv = [
+        "--input",
+        tmp_path / "list.parquet",
+        "--output",
+        out,
+        "--model",
+        IMAGE_MODEL,
+        *RESIZE,
+        "--workers",
+        "1",
+    ]
     assert _run([*argv, "--limit", "2"]) == 0
     assert re.search(r"^batch-encode: 2/2 rows \(100%\), [\d.]+ row/s", capsys.readouterr().err, re.M)
     first = json.loads((out / "manifest.json").read_text())
@@ -319,7 +330,7 @@ def test_one_bad_input_of_each_kind_costs_only_its_row(shared_data, tmp_path, ca
     (folder / "truncated.jpg").write_bytes(photos[0].read_bytes()[:3000])
     (folder / "zero.jpg").write_bytes(b"")
     out = tmp_path / "out"
-    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL]
+    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, "--workers", "1"]
     assert _run(argv) == 0
     rows = {Path(r["source_path"]).name: r for r in _rows(out)}
     assert len(rows) == len(_rows(out)) == 33
@@ -404,7 +415,18 @@ def test_video_clips_follow_frame_rule_and_equal_in_process(shared_data, tmp_pat
     shutil.copy(shared_data / "videos" / CLIP, folder / CLIP)
     shutil.copy(shared_data / "images" / "val" / "chelsea.jpg", folder / "chelsea.jpg")
     out = tmp_path / "out"
-    argv = ["--input", folder, "--output", out, "--model", VIDEO_MODEL, "--max-frames", "20"]
+    argv = [
+        "--input",
+        folder,
+        "--output",
+        out,
+        "--model",
+        VIDEO_MODEL,
+        "--max-frames",
+        "20",
+        "--workers",
+        "1",
+    ]
     assert _run([*argv, "--clip-frames", "8"]) == 1  # 8 is not 1 + 4k
     assert _run([*argv, "--clip-frames", "9", *RESIZE]) == 0
     rows = sorted(_rows(out), key=lambda r: (r["source_path"], r["clip_index"] or 0))
