@@ -56,6 +56,7 @@ from tokenizers_svc.wire import ID_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, tensor
 
 RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
 LATE_RETRY_AFTER_S = 1
+IDLE_TRIM_S = 1.0  # a model idle this long hands its freed activations back (_schedule_trim)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class TokenizerWorker:
             allow_random_init=self.config.allow_random_init,
         )
         self.model_calls = 0  # running now, in either lane
+        self.trim_timer: asyncio.TimerHandle | None = None
         self.quantum = max(1, self.config.max_batch_pixels // self.config.max_batch_size)
         batching = (_item_size, self.config.max_batch_pixels, self.config.batch_wait_timeout_s)
         self.encoder = Batcher(partial(self._run_batch, run_bucket=self._encode_bucket), *batching)
@@ -220,6 +222,9 @@ class TokenizerWorker:
         """(fn(*args) in a thread, seconds it took); the seconds per unit join the lane's recent
         ones unless the work was abandoned part way (its time says nothing about the rate)."""
         started = time.perf_counter()
+        if self.trim_timer is not None:  # not idle after all
+            self.trim_timer.cancel()
+            self.trim_timer = None
         self.model_calls += 1
         try:
             result = await asyncio.to_thread(fn, *args)
@@ -228,11 +233,24 @@ class TokenizerWorker:
         elapsed = time.perf_counter() - started
         if not token.abandoned:
             self.recent_rates[lane].append(elapsed / units)
-        if not (self.model_calls or self.encoder.queued or self.decoder.queued):
-            # the model goes idle: hand its freed activations back (tokenizers_svc.memory), in a
-            # thread and without waiting, so no reply is held for it
-            asyncio.get_running_loop().run_in_executor(None, release_free_heap)
+        if self._idle():
+            self._schedule_trim()
         return result, elapsed
+
+    def _idle(self) -> bool:
+        return not (self.model_calls or self.encoder.queued or self.decoder.queued)
+
+    def _schedule_trim(self) -> None:
+        """Hand the model's freed activations back to the OS (tokenizers_svc.memory) once it has
+        stayed idle for IDLE_TRIM_S: a replica under load, even at one request at a time, never
+        pays the ~5 ms; a quiet one holds what its libraries need, not its last batch."""
+        if self.trim_timer is None:
+            self.trim_timer = asyncio.get_running_loop().call_later(IDLE_TRIM_S, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self.trim_timer = None
+        if self._idle():  # in a thread, without waiting: a request arriving now is not held
+            asyncio.get_running_loop().run_in_executor(None, release_free_heap)
 
     def _too_late(self, token: WorkToken, size: int, lane: Lane) -> bool:
         """Whether work of ``size`` units, started now, would end after the request's deadline at
