@@ -415,18 +415,8 @@ def test_video_clips_follow_frame_rule_and_equal_in_process(shared_data, tmp_pat
     shutil.copy(shared_data / "videos" / CLIP, folder / CLIP)
     shutil.copy(shared_data / "images" / "val" / "chelsea.jpg", folder / "chelsea.jpg")
     out = tmp_path / "out"
-    argv = [
-        "--input",
-        folder,
-        "--output",
-        out,
-        "--model",
-        VIDEO_MODEL,
-        "--max-frames",
-        "20",
-        "--workers",
-        "1",
-    ]
+    argv = ["--input", folder, "--output", out, "--model", VIDEO_MODEL, "--max-frames", "20"]
+    argv += ["--workers", "1"]  # one actor: one clip and one photo
     assert _run([*argv, "--clip-frames", "8"]) == 1  # 8 is not 1 + 4k
     assert _run([*argv, "--clip-frames", "9", *RESIZE]) == 0
     rows = sorted(_rows(out), key=lambda r: (r["source_path"], r["clip_index"] or 0))
