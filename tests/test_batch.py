@@ -276,18 +276,8 @@ def test_manifest_input_with_missing_file_limit_and_added_file(image_folder, tmp
     # an empty row and a repeated one are ignored, each with its reason in the manifest (issue 27)
     pq.write_table(pa.table({"path": [*paths, "", str(relative / PHOTOS[1])]}), tmp_path / "list.parquet")
     out = tmp_path / "out"
-    # one actor: a few inputs, and the second actor's start-up would cost more than it encodes
-    argv = [
-        "--input",
-        tmp_path / "list.parquet",
-        "--output",
-        out,
-        "--model",
-        IMAGE_MODEL,
-        *RESIZE,
-        "--workers",
-        "1",
-    ]
+    argv = ["--input", tmp_path / "list.parquet", "--output", out, "--model", IMAGE_MODEL, *RESIZE]
+    argv += ["--workers", "1"]  # a few inputs: a second actor's start-up would cost more than it encodes
     assert _run([*argv, "--limit", "2"]) == 0
     assert re.search(r"^batch-encode: 2/2 rows \(100%\), [\d.]+ row/s", capsys.readouterr().err, re.M)
     first = json.loads((out / "manifest.json").read_text())
