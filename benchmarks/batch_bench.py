@@ -14,7 +14,8 @@ write it to Parquet. The loop is the simplest correct script (one file at a time
 run at its best torch thread count: each count from 1 to the CPUs is timed on the first
 ``--calibrate`` files, then the whole loop runs at the fastest. The job is ``serving.batch`` with
 its defaults only (it sizes itself: serving/batch/sizing.py) on a local Ray started with
-``--num-cpus``. Both times include loading the model; Ray's start-up is reported apart, and so is
+``--num-cpus``; it may run a short job in its driver instead (``run.size.engine``; ``--engine ray``
+measures the actor pool whatever the size). Both times include loading the model; Ray's start-up is reported apart, and so is
 the time from Ray being up to the job's first row on disk (``first_row_s``).
 
     .venv/bin/python benchmarks/batch_bench.py [--items 500] [--num-cpus N] [--calibrate 40]
@@ -95,12 +96,14 @@ def best_loop(
     }
 
 
-def run_job(folder: Path, model: str, resize: list[str], out: Path, cpus: int) -> dict:
-    """``serving.batch`` with defaults only on a fresh local Ray of ``cpus`` CPUs."""
+def run_job(folder: Path, model: str, resize: list[str], out: Path, cpus: int, engine: str) -> dict:
+    """``serving.batch`` with defaults only (but ``--engine`` when not auto) on a fresh local Ray of
+    ``cpus`` CPUs. The job may choose to run in the driver (a short job): the manifest says which."""
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray_init_s = time.perf_counter() - started
     argv = ["--input", str(folder), "--output", str(out), "--model", model, *resize]
+    argv += ["--engine", engine] if engine != "auto" else []
     try:
         started = time.perf_counter()
         manifest = batch.run(batch.build_parser().parse_args(argv), argv)
@@ -115,6 +118,7 @@ def run_job(folder: Path, model: str, resize: list[str], out: Path, cpus: int) -
         "items_per_s": round(rows / seconds, 3),
         "first_row_s": manifest["run"]["first_row_s"],
         "ray_init_s": round(ray_init_s, 2),
+        "engine": manifest["run"]["size"]["engine"],
         "size": manifest["run"]["size"],
     }
 
@@ -129,7 +133,7 @@ def run_case(name: str, model: str, resolution: int, args: argparse.Namespace, t
         options, resize = EncodeOptions(), []
     load = [round(os.getloadavg()[0], 2)]
     loop = best_loop(paths, model, options, tmp, args.num_cpus, args.calibrate)
-    job = run_job(folder, model, resize, tmp / f"{name}-job", args.num_cpus)
+    job = run_job(folder, model, resize, tmp / f"{name}-job", args.num_cpus, args.engine)
     load.append(round(os.getloadavg()[0], 2))
     shutil.rmtree(folder)
     result = {
@@ -143,7 +147,8 @@ def run_case(name: str, model: str, resolution: int, args: argparse.Namespace, t
         "load_average_1min": load,  # before, after: the box is shared
     }
     print(
-        f"{name}: job {job['items_per_s']} items/s (first row {job['first_row_s']} s after Ray was up) vs "
+        f"{name}: job ({job['engine']}) {job['items_per_s']} items/s (first row {job['first_row_s']} s after "
+        f"{'Ray was up' if job['engine'] == 'ray' else 'the job began'}) vs "
         f"loop {loop['items_per_s']} items/s at {loop['threads']} threads -> {result['ratio_job_over_best_loop']}x",
         flush=True,
     )
@@ -160,6 +165,12 @@ def main() -> None:
     )
     p.add_argument(
         "--cases", nargs="+", choices=("model-bound", "decode-bound"), default=["model-bound", "decode-bound"]
+    )
+    p.add_argument(
+        "--engine",
+        choices=("auto", "ray", "driver"),
+        default="auto",
+        help="the job's --engine (auto: its default, which runs short jobs in the driver)",
     )
     p.add_argument("--model", default="tsvc-image-f8c4")
     p.add_argument("--resolution", type=int, default=256)

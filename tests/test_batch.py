@@ -162,6 +162,52 @@ def test_latents_equal_in_process_encoding(image_job):
         assert json.loads(row["normalization"]) == tokenizer.spec.normalization.to_dict()
 
 
+def test_the_driver_engine_writes_the_rows_the_ray_job_wrote(image_job, tmp_path, no_ray, capsys):
+    """--engine driver, on the same inputs (a clip, corrupt files, a name that is not UTF-8): no
+    Ray, one thread per core, and row for row what the actors wrote: same ids, errors, latents."""
+    folder, ray_out, _ = image_job
+    out = tmp_path / "driver"
+    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "2"]
+    assert _run([*argv, "--engine", "driver"]) == 0
+    assert "in this process: " in capsys.readouterr().err
+    by_id = {row["id"]: row for row in _rows(ray_out)}
+    rows = _rows(out)
+    assert sorted(row["id"] for row in rows) == sorted(by_id)  # exactly one row per input, the same ids
+    for row in rows:
+        expected = by_id[row["id"]]
+        assert row["error"] == expected["error"] and row["encoder_node"] is None
+        if row["error"] is None:
+            got, want = latents_from_bytes(row["latents"]), latents_from_bytes(expected["latents"])
+            torch.testing.assert_close(got.latents, want.latents)
+    run = json.loads((out / "manifest.json").read_text())["run"]
+    assert run["size"]["engine"] == "driver" and run["size"]["workers"] == 0
+    assert run["size"]["driver_threads"] == len(os.sched_getaffinity(0))
+    assert _run([*argv, "--engine", "driver", "--workers", "2"]) == 1
+    assert "--engine driver runs no encoder actors, but --workers sizes them" in capsys.readouterr().err
+
+
+def test_a_short_image_job_on_this_machine_runs_in_the_driver(shared_data, tmp_path, no_ray, monkeypatch):
+    """No cluster named, images only, a few seconds of work: starting Ray and its actors would cost
+    more than the job, so the driver encodes it (after measuring the first inputs, whose rows it
+    keeps) and Ray is never started; a corrupt file is still its one error row."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in PHOTOS:
+        shutil.copy(shared_data / "images" / "val" / name, folder / name)
+    (folder / "truncated.jpg").write_bytes((folder / PHOTOS[0]).read_bytes()[:4000])
+    out = tmp_path / "out"
+    assert _run(["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE]) == 0
+    rows = _rows(out)
+    by_name = {Path(row["source_path"]).name: row for row in rows}
+    assert len(rows) == len(by_name) == len(PHOTOS) + 1
+    assert by_name.pop("truncated.jpg")["error"].startswith("invalid_media: ")
+    assert all(row["error"] is None and row["latents"] is not None for row in by_name.values())
+    run = json.loads((out / "manifest.json").read_text())["run"]
+    assert run["size"]["engine"] == "driver" and run["head_start_inputs"] == 0
+    assert "would cost more than 25% of the job" in run["size"]["why"]
+
+
 def test_rerun_skips_everything(image_job, no_ray, capsys):
     """Everything done: checked and answered on this machine, without Ray (issue 25)."""
     folder, out, _ = image_job

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.batch.sizing import ModelCost, Resources, choose, probe_seconds_per_item
+from serving.batch.sizing import (
+    ModelCost,
+    Resources,
+    choose,
+    in_driver,
+    probe_seconds_per_item,
+    runs_in_driver,
+)
 from tokenizers_svc.errors import ConfigError
 from tokenizers_svc.loading import load_tokenizer
 
@@ -63,6 +70,19 @@ def test_flags_override_their_part_and_decode_tasks_keep_cpus():
         Resources(cpus=8, gpus=4, memory=64 * GB), DEFAULT_AT_256, 100, gpus_per_worker=2, decode_tasks=0
     )
     assert (gpu.workers, gpu.gpus_per_worker, gpu.decode_tasks) == (2, 2.0, 0)
+
+
+def test_short_jobs_run_in_the_driver_and_long_ones_on_ray():
+    """The pool's ~6 s start against the job's time on this machine's cores (end-to-end CPU-s per
+    item, measured by the driver)."""
+    assert runs_in_driver(0.045, 500, 2)  # batch_bench's decode-bound case: ~11 s, the start ~half
+    assert not runs_in_driver(0.27, 500, 2)  # model-bound: ~68 s, the start under 10%
+    assert not runs_in_driver(0.045, 2000, 2) and runs_in_driver(0.045, 2000, 16)
+    size = in_driver(DEFAULT_AT_256, 500, 2, None, "short")
+    assert (size.engine, size.workers, size.driver_threads, size.torch_threads) == ("driver", 0, 2, 1)
+    assert size.batch_size == 3 and size.describe().startswith("in this process: 2 threads x 1 torch thread")
+    assert in_driver(DEFAULT_AT_256, 3, 2, None, "").batch_size == 2  # ceil(3 / 2): both threads get work
+    assert in_driver(DEFAULT_AT_256, 500, 2, 7, "").batch_size == 7  # --batch-size wins
 
 
 def test_impossible_resources_are_config_errors():

@@ -132,6 +132,16 @@ def started_here() -> bool:
     return bool(getattr(ray._private.worker._global_node, "head", False))
 
 
+def cluster_is_this_machine(address: str | None) -> bool:
+    """Whether the job's Ray is this machine alone: the instance this process is connected to has
+    one node, this one; or, not connected yet, ``ray.init(address=address)`` would start a local
+    instance (no cluster named by ``address`` or ``RAY_ADDRESS``, no ``ray start`` on this machine)."""
+    if ray.is_initialized():
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+    return starts_local_instance(address)
+
+
 def logs_dir() -> str:
     """The log directory of the Ray session this process is connected to (Ray writes every
     process's log there; serve's replicas under ``serve/``)."""

@@ -5,9 +5,10 @@
     ray job submit --working-dir . -- python -m serving.batch ...
 
 Reading order: :func:`main` -> :func:`run`: list the inputs and drop those already done, size the
-job, then ``prepare_row`` (in the actors on CPUs, else in tasks) -> ``EncodeWorker`` (actor pool,
-and on CPUs one batch on the driver while the pool starts: :func:`_head_start`) -> ``write_shard``
-(on the driver), then the manifest (what was written, what is missing, the history of runs).
+job (a small one on this machine runs in this process, without Ray: :func:`_driver_size`), then
+``prepare_row`` (in the actors on CPUs, else in tasks) -> ``EncodeWorker`` (actor pool, and on
+CPUs one batch on the driver while the pool starts: :func:`_head_start`) -> ``write_shard`` (on the
+driver), then the manifest (what was written, what is missing, the history of runs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from serving.batch.output import (
     shard_paths,
     write_atomic,
 )
-from serving.batch.plan import DTYPES, JobPlan, check_flags, list_inputs, make_plan, path_text
+from serving.batch.plan import ACTOR_FLAGS, DTYPES, JobPlan, check_flags, list_inputs, make_plan, path_text
 from serving.batch.sizing import GPU_BATCH_SIZE, JobSize, ModelCost, Resources
 from serving.batch.stages import EncodeWorker, prepare_batch, write_shard
 from tokenizers_svc import media
@@ -54,9 +55,10 @@ from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.options import add_arguments
 from tokenizers_svc.pixels import CROP_MODES, policy_size
 from tokenizers_svc.progress import Progress
-from tokenizers_svc.ray_cluster import init_ray, started_here
+from tokenizers_svc.ray_cluster import cluster_is_this_machine, init_ray, started_here
 from tokenizers_svc.wire import dtype_name
 
+MEASURED_INPUTS = 5  # inputs the driver encodes to judge whether the job runs in it (auto)
 MAX_INPUT_BLOCKS = 1000  # blocks of pending inputs; enough to spread over a cluster's actors
 FLUSH_S = 30.0  # a shard at least this often while rows come (a killed run loses at most this)
 
@@ -137,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave every input to the actors (default on CPUs: the driver, which has the model loaded, "
         "encodes the first batch while the actors start, so the first rows come within seconds)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("auto", "ray", "driver"),
+        default="auto",
+        help="where items are encoded. auto: in this process, without Ray, when no cluster is named "
+        "(--address, RAY_ADDRESS), the inputs are images, there is no GPU and no actor flag, and the "
+        "job is short enough (its measured work) that starting Ray's encoder actors (~6 s) would cost "
+        "more than a quarter of it; else Ray Data. "
+        "ray: always Ray Data; driver: always this process (one thread per core)",
     )
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on a GPU)")
     p.add_argument(
@@ -256,19 +268,70 @@ def _model_cost(tokenizer: Tokenizer, plan: JobPlan, pending: list[dict]) -> Mod
     return ModelCost(seconds=seconds, pixels=math.prod(shape[2:]), params=params)
 
 
-def _size(args: argparse.Namespace, cost: ModelCost, pending: int) -> JobSize:
-    size = sizing.choose(
-        Resources.of_cluster(),
-        cost,
-        pending,
-        workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.num_gpus_per_worker,
-        decode_tasks=args.decode_tasks,
-        batch_size=args.batch_size,
+def _local_cores() -> int:
+    """This machine's cores as the job sees them: the local Ray's CPUs when one is up, else the
+    cores this process may run on."""
+    import ray
+
+    if ray.is_initialized():
+        return max(1, math.floor(ray.cluster_resources().get("CPU", 1)))
+    return len(os.sched_getaffinity(0))
+
+
+def _measure_items(
+    tokenizer: Tokenizer, plan: JobPlan, pending: list[dict]
+) -> tuple[float | None, list[pa.Table]]:
+    """What a pending image costs end to end at one torch thread (read, decode, resize, encode,
+    serialize), measured on the first MEASURED_INPUTS inputs, one at a time -> (the mean CPU-seconds
+    of those that encoded without error, None if none did; the first one warms the decoders and
+    the model up and is not counted unless alone), and their rows: real rows of the job, kept."""
+    worker = EncodeWorker(plan, 1, decode=True, tokenizer=tokenizer)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tables, seconds = [], []
+    try:
+        for item in pending[:MEASURED_INPUTS]:
+            started = time.thread_time()
+            tables.append(worker(pa.Table.from_pylist([item])))
+            if tables[-1].column("error")[0].is_valid:
+                continue  # an error row costs little and says nothing about the others
+            seconds.append(time.thread_time() - started)
+    finally:
+        torch.set_num_threads(previous)
+    counted = seconds[1:] or seconds
+    return (sum(counted) / len(counted) if counted else None), tables
+
+
+def _driver_size(
+    args: argparse.Namespace, plan: JobPlan, tokenizer: Tokenizer, pending: list[dict], cost: ModelCost
+) -> tuple[JobSize | None, list[pa.Table]]:
+    """The job's size when it runs in this process (``--engine driver``, or ``auto`` and
+    sizing.runs_in_driver), else None: it runs on Ray; and the rows of the inputs encoded to
+    measure them (:func:`_measure_items`). Auto keeps to what it can judge: a cluster that is this
+    machine alone (no actors elsewhere to use), no GPU (the pool runs the model there), images only
+    (a video's clips are not counted before decoding it), and no actor flag."""
+    threads = _local_cores()
+    if args.engine == "driver":  # check_flags refused actor flags with it
+        return sizing.in_driver(cost, len(pending), threads, args.batch_size, "--engine driver"), []
+    if (
+        args.engine == "ray"
+        or any(getattr(args, name) is not None for name in ACTOR_FLAGS)
+        or torch.cuda.is_available()
+        or not cluster_is_this_machine(args.address)
+        or any(is_video_file(os.fsdecode(item["path"])) for item in pending)
+        or not sizing.runs_in_driver(cost.seconds, len(pending), threads)  # the model alone is too much
+    ):
+        return None, []
+    seconds, measured = _measure_items(tokenizer, plan, pending)
+    left = len(pending) - len(measured)
+    if seconds is None or not sizing.runs_in_driver(seconds, left, threads):
+        return None, measured
+    why = (
+        f"{len(pending)} inputs x {seconds:.3g} CPU-s on {threads} threads: about "
+        f"{left * seconds / threads:.2g} s here, where starting Ray's encoder actors (~{sizing.POOL_START_S:g} s) "
+        f"would cost more than {sizing.MAX_START_SHARE:.0%} of the job"
     )
-    print(f"batch-encode: {size.describe()}", file=sys.stderr)
-    return size
+    return sizing.in_driver(cost, max(1, left), threads, args.batch_size, why), measured
 
 
 def _head_start(
@@ -325,18 +388,53 @@ def _encode(
     size: JobSize,
     output: Path,
     run_id: str,
-    head_worker: EncodeWorker | None,
+    here: EncodeWorker | None,
     head: int,
+    measured: list[pa.Table],
 ) -> _ShardWriter:
-    """The Ray Data pipeline over ``pending`` inputs -> the writer (its shards' summaries); the
-    first ``head`` inputs go to ``head_worker`` on this process instead, in a thread, while Ray Data
-    starts its actors (:func:`_head_start`). Progress counts rows as they are encoded: of the
-    pending inputs when all are images (one row each), else (clips) without a total."""
+    """Encode ``pending`` inputs -> the writer (its shards' summaries). The first ones are done
+    already: ``measured``, a table per input (:func:`_measure_items`). Run in the driver, ``here``
+    (the driver's model) encodes the rest in this process; else the Ray Data pipeline does, but for
+    the first ``head`` of them, which ``here`` encodes in a thread while Ray Data starts its actors
+    (:func:`_head_start`). Progress counts rows as they are encoded: of the pending inputs when all
+    are images (one row each), else (clips) without a total."""
+    total = None if any(is_video_file(os.fsdecode(item["path"])) for item in pending) else len(pending)
+    writer = _ShardWriter(output, run_id, args.shard_rows)
+    with Progress("batch-encode", total, "row") as progress, ThreadPoolExecutor(1) as driver:
+
+        def take(table: pa.Table) -> None:
+            with writer.lock:
+                writer.add(table)
+                progress.update(table.num_rows)
+
+        for table in measured:
+            take(table)
+        rest = pending[len(measured) :]
+        if size.engine == "driver":
+            _encode_here(here, rest, size.batch_size, size.driver_threads, size.torch_threads, take)
+        else:
+            head_done = (
+                driver.submit(_encode_here, here, rest[:head], head, 1, size.torch_threads, take)
+                if head
+                else None
+            )
+            for table in _pipeline(rest[head:], plan, size).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            ):
+                take(table)
+            if head_done is not None:
+                head_done.result()  # its rows are written; an unexpected failure is raised here
+        writer.flush()
+    return writer
+
+
+def _pipeline(inputs: list[dict], plan: JobPlan, size: JobSize):
+    """The Ray Data dataset that encodes ``inputs``: decode tasks when the size has them, then the
+    encoder actor pool."""
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
-    rest = pending[head:]
-    ds = ray.data.from_items(rest, override_num_blocks=min(len(rest), MAX_INPUT_BLOCKS))
+    ds = ray.data.from_items(inputs, override_num_blocks=min(len(inputs), MAX_INPUT_BLOCKS))
     if size.decode_tasks:  # decoding apart, ahead of the encoders; uint8 pixels in one Arrow buffer
         ds = ds.map_batches(
             prepare_batch,
@@ -348,7 +446,7 @@ def _encode(
         )
     with warnings.catch_warnings():  # Ray 2.60 sets max_restarts through ray_remote_args only
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
-        ds = ds.map_batches(
+        return ds.map_batches(
             EncodeWorker,
             fn_constructor_args=(plan, size.torch_threads, size.decode_tasks == 0),
             batch_size=size.batch_size,
@@ -359,35 +457,29 @@ def _encode(
             num_cpus=size.cpus_per_worker,
             **_restarts(),
         )
-    total = None if any(is_video_file(os.fsdecode(item["path"])) for item in pending) else len(pending)
-    writer = _ShardWriter(output, run_id, args.shard_rows)
-    with Progress("batch-encode", total, "row") as progress, ThreadPoolExecutor(1) as driver:
-
-        def take(table: pa.Table) -> None:
-            with writer.lock:
-                writer.add(table)
-                progress.update(table.num_rows)
-
-        head_done = (
-            driver.submit(_encode_head, head_worker, pending[:head], size.torch_threads, take)
-            if head
-            else None
-        )
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            take(table)
-        if head_done is not None:
-            head_done.result()  # its rows are written; an unexpected failure is raised here
-        writer.flush()
-    return writer
 
 
-def _encode_head(worker: EncodeWorker, items: list[dict], threads: int, take) -> None:
-    """The head start's batch, on this process at the actors' torch thread count (then restored)."""
+def _encode_here(
+    worker: EncodeWorker, items: list[dict], batch_size: int, threads: int, torch_threads: int, take
+) -> None:
+    """``items`` encoded on this process: ``threads`` threads, a batch each at a time (and as many
+    batches queued), at ``torch_threads`` torch threads (then restored); each batch's rows go to
+    ``take`` when done. An interrupt cancels the queued batches and waits for those running."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="batch-encode")
+    running: set = set()
     try:
-        take(worker(pa.Table.from_pylist(items)))
+        for start in range(0, len(items), batch_size):
+            if len(running) >= 2 * threads:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    take(future.result())
+            running.add(pool.submit(worker, pa.Table.from_pylist(items[start : start + batch_size])))
+        for future in as_completed(running):
+            take(future.result())
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(previous)
 
 
@@ -472,30 +564,50 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     summaries, wall, size, first_row_s, head = [], 0.0, None, None, 0
     if pending:  # else nothing to do, and no Ray started for it
         cost = _model_cost(tokenizer, plan, pending)
-        if not ray.is_initialized():
-            # Ray's own process logs stay in its log files (init_ray says where), as for `serve`: a
-            # failed item is a row and a failed actor an exception here; what else Ray prints (e.g. the
-            # GCS's E lines about actors it kills as the job's local Ray shuts down) is not the job's
-            init_ray(
-                args.address, dashboard_port=args.dashboard_port, announce="batch-encode", log_to_driver=False
+        began = time.perf_counter()
+        size, measured = _driver_size(args, plan, tokenizer, pending, cost)
+        measuring = time.perf_counter() - began  # part of the job's encoding time
+        rest = len(pending) - len(measured)  # inputs left to encode
+        if size is None:
+            if not ray.is_initialized():
+                # Ray's own process logs stay in its log files (init_ray says where), as for `serve`: a
+                # failed item is a row and a failed actor an exception here; what else Ray prints (e.g.
+                # the GCS's E lines about actors it kills as the job's local Ray shuts down) is not the job's
+                init_ray(
+                    args.address,
+                    dashboard_port=args.dashboard_port,
+                    announce="batch-encode",
+                    log_to_driver=False,
+                )
+            size = sizing.choose(
+                Resources.of_cluster(),
+                cost,
+                rest,
+                workers=args.workers,
+                cpus_per_worker=args.cpus_per_worker,
+                gpus_per_worker=args.num_gpus_per_worker,
+                decode_tasks=args.decode_tasks,
+                batch_size=args.batch_size,
             )
-        ray_up = time.perf_counter()
-        size = _size(args, cost, len(pending))
-        if size.gpus_per_worker > 0:  # --dtype auto: bfloat16 on GPUs, unless the job began in another
-            dtype = plan.dtype if previous is not None else resolved_dtype(args.dtype, "cuda")
-            plan = replace(plan, device="cuda", dtype=dtype)
+            if size.gpus_per_worker > 0:  # --dtype auto: bfloat16 on GPUs, unless the job began in another
+                dtype = plan.dtype if previous is not None else resolved_dtype(args.dtype, "cuda")
+                plan = replace(plan, device="cuda", dtype=dtype)
+        ready = time.perf_counter() if size.engine == "ray" else began  # Ray is up, or the job began here
+        print(f"batch-encode: {size.describe()}", file=sys.stderr)
         run_id = _claim(output, plan, previous)
-        head = _head_start(args, plan, size, tokenizer, len(pending))
-        head_worker = (
-            EncodeWorker(plan, size.torch_threads, decode=True, tokenizer=tokenizer) if head else None
+        head = _head_start(args, plan, size, tokenizer, rest) if size.engine == "ray" else 0
+        here = (
+            EncodeWorker(plan, size.torch_threads, decode=True, tokenizer=tokenizer)
+            if head or size.engine == "driver"
+            else None
         )
-        del tokenizer  # the actors load their own
+        del tokenizer  # the actors load their own (``here`` holds it for the driver's share)
         started = time.perf_counter()
-        writer = _encode(pending, plan, args, size, output, run_id, head_worker, head)
-        wall = time.perf_counter() - started
+        writer = _encode(pending, plan, args, size, output, run_id, here, head, measured)
+        wall = time.perf_counter() - started + measuring
         summaries = writer.summaries
         if writer.first_shard_at is not None:
-            first_row_s = round(writer.first_shard_at - ray_up, 3)
+            first_row_s = round(writer.first_shard_at - ready, 3)
 
     ok = sum(s["ok"] for s in summaries)
     errors = sum(s["errors"] for s in summaries)
@@ -508,7 +620,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "bytes_written": sum(s["bytes"] for s in summaries),
         "wall_s": round(wall, 3),
         "rows_per_s": round((ok + errors) / wall, 3) if summaries else 0.0,
-        "first_row_s": first_row_s,  # from Ray being up to the first shard on disk
+        "first_row_s": first_row_s,  # from Ray being up (run in the driver: the job's start) to the first shard
         "head_start_inputs": head,  # encoded by the driver while the actor pool started
         "size": size.to_dict() if size is not None else None,  # what the job chose (or was told)
     }

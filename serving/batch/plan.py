@@ -155,6 +155,9 @@ def clip_ranges(frames: int, clip_frames: int) -> list[tuple[int, int]]:
     return [(s, min(s + clip_frames, frames)) for s in range(0, frames, clip_frames)]
 
 
+ACTOR_FLAGS = ("workers", "cpus_per_worker", "num_gpus_per_worker", "decode_tasks")  # size Ray's actors
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The arguments that need no model: counts, and options that go together."""
     for name in (
@@ -177,6 +180,11 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}", param=name)
     if args.resize != "none" and args.resolution is None:
         raise ConfigError(f"--resize {args.resize} needs --resolution", param="resolution")
+    actor_flags = [f"--{name.replace('_', '-')}" for name in ACTOR_FLAGS if getattr(args, name) is not None]
+    if args.engine == "driver" and actor_flags:
+        raise ConfigError(
+            f"--engine driver runs no encoder actors, but {', '.join(actor_flags)} sizes them", param="engine"
+        )
     if args.crop != "none" and (args.resolution is None or args.resize != "none"):
         raise ConfigError(
             f"--crop {args.crop} needs --resolution and no --resize (the crop resizes each item to cover "

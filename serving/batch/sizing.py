@@ -2,6 +2,13 @@
 
 With no tuning flags the job sizes itself (docs/batch.md, "What the job chooses by itself"):
 
+- **Short jobs on this machine run in the driver** (:func:`runs_in_driver`): an encoder actor is
+  a fresh process that imports torch, diffusers and Ray Data and loads the model before its first
+  row (:data:`POOL_START_S`), and on one machine the driver's threads encode as fast as the actors
+  once those run. When that start would cost more than MAX_START_SHARE of the job, the driver,
+  which already holds the model, runs the job itself (:func:`in_driver`: one thread per core, one
+  torch thread each), and Ray is not started. Only on a cluster that is this machine alone, on
+  CPUs, for images; any actor flag asks for the pool.
 - **CPUs only**: every core runs the model. One encoder actor per CPU, each with one torch thread,
   decoding its own inputs (``decode_tasks = 0``): a core that decodes and then encodes is never
   idle, pixels never leave the process, and several single-threaded model copies scale better
@@ -35,6 +42,16 @@ PROBE_PIXELS = 128 * 128  # the probe encodes the planned item shrunk to about t
 ACTOR_BASE_BYTES = 1.0e9  # a Ray worker with torch and the library imported, before any model
 ACTIVATION_BYTES_PER_PIXEL = 1024  # a conv VAE's peak activations per input pixel, float32
 MEMORY_SHARE = 0.7  # of Ray's memory resource the encoder actors may plan to use
+# Seconds from the pipeline's start to the encoder actors' first rows: each actor is a fresh
+# process that imports torch (~1 CPU-s), Ray Data (~0.5) and diffusers (~2) and loads the model,
+# beside Ray Data's own helper actors; 6-8 s measured on the 2-core machine (docs/benchmarks.md).
+POOL_START_S = 6.0
+# On one machine the driver's threads encode as fast as the actors once those run (measured:
+# docs/benchmarks.md), so there the pool's start is all it adds. A job runs in the driver while that
+# start would cost more than this share of its time (jobs of up to POOL_START_S / MAX_START_SHARE
+# seconds in the driver); longer ones go to Ray Data, whose processes also scale past one
+# interpreter's lock on many cores.
+MAX_START_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -69,7 +86,8 @@ class ModelCost:
 @dataclass(frozen=True)
 class JobSize:
     """The job's stages: encoder actors, their Ray CPUs/GPUs and torch threads, decode tasks (0:
-    each actor decodes its own inputs), rows per encoder call, and why."""
+    each actor decodes its own inputs), rows per encoder call, and why. ``engine`` "driver": no
+    actors, ``driver_threads`` threads of this process decode and encode (:func:`in_driver`)."""
 
     workers: int
     torch_threads: int
@@ -79,11 +97,18 @@ class JobSize:
     cpus_per_decode_task: float
     batch_size: int
     why: str
+    engine: str = "ray"  # or "driver"
+    driver_threads: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
+        if self.engine == "driver":
+            return (
+                f"in this process: {self.driver_threads} threads x {self.torch_threads} torch thread, "
+                f"batch {self.batch_size}: {self.why}"
+            )
         decode = (
             "decoding in the actors"
             if self.decode_tasks == 0
@@ -115,6 +140,34 @@ def probe_seconds_per_item(tokenizer, item_shape: tuple[int, ...]) -> float:
     finally:
         torch.set_num_threads(threads)
     return seconds * (height * width) / (probe[0] * probe[1])
+
+
+def runs_in_driver(item_seconds: float, pending: int, threads: int) -> bool:
+    """Whether ``pending`` items of ``item_seconds`` CPU-seconds each (decode and model, one torch
+    thread) on the driver's ``threads`` make a job short enough that an actor pool's start
+    (POOL_START_S) would cost more than MAX_START_SHARE of it."""
+    return MAX_START_SHARE * pending * item_seconds / max(1, threads) < POOL_START_S
+
+
+def in_driver(cost: ModelCost, pending: int, threads: int, batch_size: int | None, why: str) -> JobSize:
+    """The job run in the driver: ``threads`` threads, each encoding a batch at one torch thread
+    (they share the model; torch and the image decoders release the GIL), about TARGET_BATCH_S of
+    model work per call and no more than each thread's share, so that all of them work."""
+    if batch_size is None:
+        per_call = math.floor(TARGET_BATCH_S / cost.seconds)
+        batch_size = max(1, min(per_call, MAX_CPU_BATCH, math.ceil(pending / threads)))
+    return JobSize(
+        workers=0,
+        torch_threads=1,
+        cpus_per_worker=0.0,
+        gpus_per_worker=0.0,
+        decode_tasks=0,
+        cpus_per_decode_task=0.0,
+        batch_size=batch_size,
+        why=why,
+        engine="driver",
+        driver_threads=threads,
+    )
 
 
 def choose(
