@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where items are encoded. auto: in this process, without Ray, when no cluster is named "
         "(--address, RAY_ADDRESS), the inputs are images, there is no GPU and no actor flag, and the "
         "job is short enough (its measured work) that starting Ray's encoder actors (~6 s) would cost "
-        "more than a quarter of it; else Ray Data. "
+        "more than 5%% of it; else Ray Data. "
         "ray: always Ray Data; driver: always this process (one thread per core)",
     )
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on a GPU)")
@@ -268,14 +268,17 @@ def _model_cost(tokenizer: Tokenizer, plan: JobPlan, pending: list[dict]) -> Mod
     return ModelCost(seconds=seconds, pixels=math.prod(shape[2:]), params=params)
 
 
-def _local_cores() -> int:
-    """This machine's cores as the job sees them: the local Ray's CPUs when one is up, else the
-    cores this process may run on."""
+def _driver_threads() -> int:
+    """Threads for a job run in the driver: one per core of this machine as the job sees them (the
+    local Ray's CPUs when one is up, else the cores this process may run on), at most
+    sizing.MAX_DRIVER_THREADS."""
     import ray
 
     if ray.is_initialized():
-        return max(1, math.floor(ray.cluster_resources().get("CPU", 1)))
-    return len(os.sched_getaffinity(0))
+        cores = max(1, math.floor(ray.cluster_resources().get("CPU", 1)))
+    else:
+        cores = len(os.sched_getaffinity(0))
+    return min(cores, sizing.MAX_DRIVER_THREADS)
 
 
 def _measure_items(
@@ -310,7 +313,7 @@ def _driver_size(
     measure them (:func:`_measure_items`). Auto keeps to what it can judge: a cluster that is this
     machine alone (no actors elsewhere to use), no GPU (the pool runs the model there), images only
     (a video's clips are not counted before decoding it), and no actor flag."""
-    threads = _local_cores()
+    threads = _driver_threads()
     if args.engine == "driver":  # check_flags refused actor flags with it
         return sizing.in_driver(cost, len(pending), threads, args.batch_size, "--engine driver"), []
     if (
