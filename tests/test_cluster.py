@@ -93,7 +93,7 @@ def test_two_servers_and_a_batch_job_side_by_side(tmp_path, shared_data, photo_u
         for photo in photos:
             shutil.copy(photo, inputs / photo.name)
         command = [CLI, "batch-encode", "--input", inputs, "--output", output, "--model", TINY_MODEL]
-        command += ["--resize", "shorter-side", "--resolution", "64"]
+        command += ["--resize", "shorter-side", "--resolution", "64", "--engine", "ray"]  # a Ray of its own
         job = _Started(command, tmp_path / "batch.log", env)
         png = _png(photo_uint8)
         for server, port in zip(servers, ports, strict=True):
