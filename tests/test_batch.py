@@ -424,6 +424,40 @@ def test_resume_after_sigkill_no_duplicates_no_gaps(image_folder, tmp_path):
     assert not list(out.glob(".part-*.tmp"))
 
 
+def test_a_killed_driver_engine_run_resumes_exactly_once(shared_data, tmp_path, no_ray):
+    """The job run in its driver (no Ray) is SIGKILLed once its first shard is on disk, with its
+    threads' batches in flight; the rerun encodes the rest: every input exactly once."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(40):  # ~1 s of work on two threads: the kill lands midway
+        name = PHOTOS[i % len(PHOTOS)]
+        shutil.copy(shared_data / "images" / "val" / name, folder / f"{i:02d}-{name}")
+    out = tmp_path / "out"
+    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--engine", "driver"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "serving.batch", *map(str, argv), "--batch-size", "1", "--shard-rows", "1"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not batch.shard_paths(out) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    first = {p.name for p in batch.shard_paths(out)}
+    assert 0 < len(first) < 40, "the job must be killed midway"
+
+    assert _run(argv) == 0
+    rows = _rows(out)
+    assert {p.name for p in batch.shard_paths(out)} >= first
+    assert sorted(Path(r["source_path"]).name for r in rows) == sorted(p.name for p in folder.iterdir())
+    assert all(r["error"] is None for r in rows) and len({r["id"] for r in rows}) == 40
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["outputs"]["duplicate_rows"] == 0
+    assert manifest["run"]["inputs_skipped"] == len(first) and manifest["run"]["size"]["engine"] == "driver"
+
+
 def test_writer_of_an_earlier_run_discards_its_shard(tmp_path):
     """The fence that keeps the writer of a run that lost the directory to a later run of the same
     command from adding rows the later run also writes."""
