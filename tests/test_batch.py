@@ -387,16 +387,11 @@ def test_one_bad_input_of_each_kind_costs_only_its_row(shared_data, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_no_duplicates_no_gaps(image_folder, tmp_path):
-    """SIGKILL the job's driver (a separate process on this test's Ray, as on a cluster) as soon as
-    its first shard is on disk, leave a half-written shard behind, rerun at once: every input
-    exactly once, although the killed run's last tasks may still be finishing."""
-    folder, errors = image_folder
-    out = tmp_path / "out"
-    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--shard-rows", "1"]
-    address = ray.get_runtime_context().gcs_address
+def _killed_at_first_shard(argv: list, out: Path) -> set[str]:
+    """Run ``python -m serving.batch ARGV`` and SIGKILL it as soon as its first shard is in ``out``
+    -> the shards it left."""
     job = subprocess.Popen(
-        [sys.executable, "-m", "serving.batch", *map(str, argv), "--batch-size", "1", "--address", address],
+        [sys.executable, "-m", "serving.batch", *map(str, argv)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -406,7 +401,18 @@ def test_resume_after_sigkill_no_duplicates_no_gaps(image_folder, tmp_path):
         time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    first = {p.name for p in batch.shard_paths(out)}
+    return {p.name for p in batch.shard_paths(out)}
+
+
+def test_resume_after_sigkill_no_duplicates_no_gaps(image_folder, tmp_path):
+    """SIGKILL the job's driver (a separate process on this test's Ray, as on a cluster) as soon as
+    its first shard is on disk, leave a half-written shard behind, rerun at once: every input
+    exactly once, although the killed run's last tasks may still be finishing."""
+    folder, errors = image_folder
+    out = tmp_path / "out"
+    argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--shard-rows", "1"]
+    address = ray.get_runtime_context().gcs_address
+    first = _killed_at_first_shard([*argv, "--batch-size", "1", "--address", address], out)
     total = len(PHOTOS) + 1 + len(errors)  # + the file whose name is not UTF-8
     assert 0 < len(first) < total, "the job must be killed midway"
     assert not (out / "manifest.json").exists()
@@ -434,18 +440,7 @@ def test_a_killed_driver_engine_run_resumes_exactly_once(shared_data, tmp_path, 
         shutil.copy(shared_data / "images" / "val" / name, folder / f"{i:02d}-{name}")
     out = tmp_path / "out"
     argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--engine", "driver"]
-    job = subprocess.Popen(
-        [sys.executable, "-m", "serving.batch", *map(str, argv), "--batch-size", "1", "--shard-rows", "1"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not batch.shard_paths(out) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    first = {p.name for p in batch.shard_paths(out)}
+    first = _killed_at_first_shard([*argv, "--batch-size", "1", "--shard-rows", "1"], out)
     assert 0 < len(first) < 40, "the job must be killed midway"
 
     assert _run(argv) == 0
