@@ -186,6 +186,24 @@ def test_the_driver_engine_writes_the_rows_the_ray_job_wrote(image_job, tmp_path
     assert "--engine driver runs no encoder actors, but --workers sizes them" in capsys.readouterr().err
 
 
+def test_the_driver_engine_encodes_in_the_asked_dtype(shared_data, tmp_path, no_ray):
+    """--engine driver --dtype bfloat16: the driver's float32 copy (loaded to plan and measure) is
+    not the model that encodes; rows equal an in-process bfloat16 encode. The shipped default: its
+    weights hash is its files', the same in any dtype."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(shared_data / "images" / "val" / PHOTOS[2], folder / PHOTOS[2])
+    out = tmp_path / "out"
+    argv = ["--input", folder, "--output", out, "--model", "tsvc-image-f8c4", *RESIZE, "--engine", "driver"]
+    assert _run([*argv, "--dtype", "bfloat16"]) == 0
+    (row,) = _rows(out)
+    tokenizer = load_tokenizer("tsvc-image-f8c4", dtype=torch.bfloat16)
+    data = (folder / PHOTOS[2]).read_bytes()
+    expected = encode_media(tokenizer, load_media(data, options=OPTIONS), OPTIONS)
+    torch.testing.assert_close(latents_from_bytes(row["latents"]).latents, expected.latents)
+    assert json.loads((out / "job.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_a_short_image_job_on_this_machine_runs_in_the_driver(shared_data, tmp_path, no_ray, monkeypatch):
     """No cluster named, images only, a few seconds of work: starting Ray and its actors would cost
     more than the whole job, so the driver encodes it (after measuring the first inputs, whose rows it

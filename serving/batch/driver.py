@@ -281,6 +281,11 @@ def _driver_threads() -> int:
     return min(cores, sizing.MAX_DRIVER_THREADS)
 
 
+def _loaded_dtype(tokenizer: Tokenizer) -> str:
+    """The dtype name of the driver's copy of the model (float32 as it measured it, unless reloaded)."""
+    return dtype_name(next(tokenizer.module.parameters()).dtype)
+
+
 def _measure_items(
     tokenizer: Tokenizer, plan: JobPlan, pending: list[dict]
 ) -> tuple[float | None, list[pa.Table]]:
@@ -319,6 +324,7 @@ def _driver_size(
     if (
         args.engine == "ray"
         or any(getattr(args, name) is not None for name in ACTOR_FLAGS)
+        or _loaded_dtype(tokenizer) != plan.dtype  # its measured rows would be in another dtype
         or torch.cuda.is_available()
         or not cluster_is_this_machine(args.address)
         or any(is_video_file(os.fsdecode(item["path"])) for item in pending)
@@ -348,8 +354,7 @@ def _head_start(
     and the first shard lands within a few seconds. It takes at most the share one more worker
     would have, so a small job on a cluster still runs on the cluster. ``--no-head-start`` turns it
     off (e.g. a driver on a small head node)."""
-    loaded = next(tokenizer.module.parameters()).dtype
-    if args.no_head_start or plan.device != "cpu" or dtype_name(loaded) != plan.dtype:
+    if args.no_head_start or plan.device != "cpu" or _loaded_dtype(tokenizer) != plan.dtype:
         return 0
     return min(size.batch_size, pending // (size.workers + 1))
 
@@ -599,6 +604,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         print(f"batch-encode: {size.describe()}", file=sys.stderr)
         run_id = _claim(output, plan, previous)
         head = _head_start(args, plan, size, tokenizer, rest) if size.engine == "ray" else 0
+        if size.engine == "driver" and _loaded_dtype(tokenizer) != plan.dtype:  # --engine driver --dtype X
+            tokenizer = load_tokenizer(plan.model, device="cpu", dtype=getattr(torch, plan.dtype))
         here = (
             EncodeWorker(plan, size.torch_threads, decode=True, tokenizer=tokenizer)
             if head or size.engine == "driver"
