@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from serving.admission import Lane
 from tokenizers_svc.errors import TokenizerError, error_from_dict
 from tokenizers_svc.latents import Latents
 from tokenizers_svc.pipeline import DecodeOptions, EncodeOptions
@@ -30,6 +31,7 @@ class EncodeJob:
     output: Literal["file", "tensor"] = "file"
     scaling: LatentNormalization | None = None  # diffusers protocol: instead of the model's own
     deadline: float | None = None  # time.time() after which nobody waits for the answer
+    lane: Lane = "small"  # the admission lane the ingress priced it in: the decode slots it waits for
 
 
 @dataclass(frozen=True)

@@ -238,6 +238,8 @@ class Ingress:
             raise
         timeout = self.timeouts[model]
         job.deadline = time.time() + timeout
+        if isinstance(job, EncodeJob):
+            job.lane = ticket.lane  # the replica decodes its media in that lane's slots
         called = time.perf_counter()
         response = getattr(self._handle(model), method).remote(job)
         gauge = self.metrics.in_flight.labels(model)

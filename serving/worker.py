@@ -110,6 +110,14 @@ class TokenizerWorker:
             allow_random_init=self.config.allow_random_init,
         )
         self.model_calls = 0  # running now, in either lane
+        # Media decodes at a time, per lane: one per CPU of the replica and one more that decodes
+        # while the model runs. The model is the bottleneck; decoding further ahead only takes its
+        # cores (docs/benchmarks.md, "Serving"). Per lane, so a large video's decode never holds a
+        # small image's.
+        slots = max(1, int(self.config.num_cpus)) + 1
+        self.decode_slots: dict[Lane, asyncio.Semaphore] = {
+            lane: asyncio.Semaphore(slots) for lane in self.lanes
+        }
         self.trim_timer: asyncio.TimerHandle | None = None
         self.quantum = max(1, self.config.max_batch_pixels // self.config.max_batch_size)
         batching = (_item_size, self.config.max_batch_pixels, self.config.batch_wait_timeout_s)
@@ -135,7 +143,10 @@ class TokenizerWorker:
             with abandon.scope(WorkToken(job.deadline)) as token:
                 with self.encoder.preparing():
                     if job.data is not None:
-                        media_input = await asyncio.to_thread(load_media, job.data, self.limits, job.options)
+                        async with self.decode_slots[job.lane]:
+                            media_input = await asyncio.to_thread(
+                                load_media, job.data, self.limits, job.options
+                            )
                     else:
                         media_input = self._tensor_media(job.tensor, job.options)
                 media_s = time.perf_counter() - started
