@@ -42,7 +42,15 @@ from serving.batch.output import (
     shard_paths,
     write_atomic,
 )
-from serving.batch.plan import ACTOR_FLAGS, DTYPES, JobPlan, check_flags, list_inputs, make_plan, path_text
+from serving.batch.plan import (
+    DTYPES,
+    JobPlan,
+    actor_flags_given,
+    check_flags,
+    list_inputs,
+    make_plan,
+    path_text,
+)
 from serving.batch.sizing import GPU_BATCH_SIZE, JobSize, ModelCost, Resources
 from serving.batch.stages import EncodeWorker, prepare_batch, write_shard
 from tokenizers_svc import media
@@ -268,6 +276,29 @@ def _model_cost(tokenizer: Tokenizer, plan: JobPlan, pending: list[dict]) -> Mod
     return ModelCost(seconds=seconds, pixels=math.prod(shape[2:]), params=params)
 
 
+def _ray_size(args: argparse.Namespace, cost: ModelCost, pending: int) -> JobSize:
+    """Start or join Ray, and size the job's stages on its resources (sizing.choose, flags win)."""
+    import ray
+
+    if not ray.is_initialized():
+        # Ray's own process logs stay in its log files (init_ray says where), as for `serve`: a
+        # failed item is a row and a failed actor an exception here; what else Ray prints (e.g. the
+        # GCS's E lines about actors it kills as the job's local Ray shuts down) is not the job's
+        init_ray(
+            args.address, dashboard_port=args.dashboard_port, announce="batch-encode", log_to_driver=False
+        )
+    return sizing.choose(
+        Resources.of_cluster(),
+        cost,
+        pending,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.num_gpus_per_worker,
+        decode_tasks=args.decode_tasks,
+        batch_size=args.batch_size,
+    )
+
+
 def _driver_threads() -> int:
     """Threads for a job run in the driver: one per core of this machine as the job sees them (the
     local Ray's CPUs when one is up, else the cores this process may run on), at most
@@ -294,18 +325,14 @@ def _measure_items(
     of those that encoded without error, None if none did; the first one warms the decoders and
     the model up and is not counted unless alone), and their rows: real rows of the job, kept."""
     worker = EncodeWorker(plan, 1, decode=True, tokenizer=tokenizer)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     tables, seconds = [], []
-    try:
+    with sizing.torch_threads(1):
         for item in pending[:MEASURED_INPUTS]:
             started = time.thread_time()
             tables.append(worker(pa.Table.from_pylist([item])))
             if tables[-1].column("error")[0].is_valid:
                 continue  # an error row costs little and says nothing about the others
             seconds.append(time.thread_time() - started)
-    finally:
-        torch.set_num_threads(previous)
     counted = seconds[1:] or seconds
     return (sum(counted) / len(counted) if counted else None), tables
 
@@ -323,7 +350,7 @@ def _driver_size(
         return sizing.in_driver(cost, len(pending), threads, args.batch_size, "--engine driver"), []
     if (
         args.engine == "ray"
-        or any(getattr(args, name) is not None for name in ACTOR_FLAGS)
+        or actor_flags_given(args)
         or _loaded_dtype(tokenizer) != plan.dtype  # its measured rows would be in another dtype
         or torch.cuda.is_available()
         or not cluster_is_this_machine(args.address)
@@ -473,22 +500,20 @@ def _encode_here(
     """``items`` encoded on this process: ``threads`` threads, a batch each at a time (and as many
     batches queued), at ``torch_threads`` torch threads (then restored); each batch's rows go to
     ``take`` when done. An interrupt cancels the queued batches and waits for those running."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="batch-encode")
     running: set = set()
-    try:
-        for start in range(0, len(items), batch_size):
-            if len(running) >= 2 * threads:
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    take(future.result())
-            running.add(pool.submit(worker, pa.Table.from_pylist(items[start : start + batch_size])))
-        for future in as_completed(running):
-            take(future.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(previous)
+    with sizing.torch_threads(torch_threads):
+        try:
+            for start in range(0, len(items), batch_size):
+                if len(running) >= 2 * threads:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        take(future.result())
+                running.add(pool.submit(worker, pa.Table.from_pylist(items[start : start + batch_size])))
+            for future in as_completed(running):
+                take(future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _manifest(
@@ -547,8 +572,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Plan and check everything on this machine (inputs, output directory, model, options, what
     is already done), start Ray only when there is work, run the pipeline, write manifest.json;
     returns the manifest."""
-    import ray
-
     inputs, ignored = list_inputs(args.input)
     if args.model is None:
         args.model = default_model_for(inputs)
@@ -577,26 +600,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         measuring = time.perf_counter() - began  # part of the job's encoding time
         rest = len(pending) - len(measured)  # inputs left to encode
         if size is None:
-            if not ray.is_initialized():
-                # Ray's own process logs stay in its log files (init_ray says where), as for `serve`: a
-                # failed item is a row and a failed actor an exception here; what else Ray prints (e.g.
-                # the GCS's E lines about actors it kills as the job's local Ray shuts down) is not the job's
-                init_ray(
-                    args.address,
-                    dashboard_port=args.dashboard_port,
-                    announce="batch-encode",
-                    log_to_driver=False,
-                )
-            size = sizing.choose(
-                Resources.of_cluster(),
-                cost,
-                rest,
-                workers=args.workers,
-                cpus_per_worker=args.cpus_per_worker,
-                gpus_per_worker=args.num_gpus_per_worker,
-                decode_tasks=args.decode_tasks,
-                batch_size=args.batch_size,
-            )
+            size = _ray_size(args, cost, rest)
             if size.gpus_per_worker > 0:  # --dtype auto: bfloat16 on GPUs, unless the job began in another
                 dtype = plan.dtype if previous is not None else resolved_dtype(args.dtype, "cuda")
                 plan = replace(plan, device="cuda", dtype=dtype)

@@ -158,6 +158,11 @@ def clip_ranges(frames: int, clip_frames: int) -> list[tuple[int, int]]:
 ACTOR_FLAGS = ("workers", "cpus_per_worker", "num_gpus_per_worker", "decode_tasks")  # size Ray's actors
 
 
+def actor_flags_given(args: argparse.Namespace) -> list[str]:
+    """The flags that size Ray's encoder actors given on the command line, as spelled there."""
+    return [f"--{name.replace('_', '-')}" for name in ACTOR_FLAGS if getattr(args, name) is not None]
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The arguments that need no model: counts, and options that go together."""
     for name in (
@@ -180,7 +185,7 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}", param=name)
     if args.resize != "none" and args.resolution is None:
         raise ConfigError(f"--resize {args.resize} needs --resolution", param="resolution")
-    actor_flags = [f"--{name.replace('_', '-')}" for name in ACTOR_FLAGS if getattr(args, name) is not None]
+    actor_flags = actor_flags_given(args)
     if args.engine == "driver" and actor_flags:
         raise ConfigError(
             f"--engine driver runs no encoder actors, but {', '.join(actor_flags)} sizes them", param="engine"

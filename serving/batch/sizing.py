@@ -27,8 +27,10 @@ Ray CPUs leave room for the decode tasks, else no task could run and the job wou
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -125,6 +127,25 @@ class JobSize:
         )
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block at ``count`` torch threads, then restore the process's count (measuring at one
+    thread, or encoding beside other threads)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _cpu_batch_size(cost: ModelCost, threads: int, pending: int, callers: int) -> int:
+    """Rows per encoder call on CPUs: about TARGET_BATCH_S of model work at ``threads`` torch
+    threads, at most MAX_CPU_BATCH, and no more than each of ``callers`` gets of ``pending``."""
+    per_call = math.floor(TARGET_BATCH_S * threads / cost.seconds)
+    return max(1, min(per_call, MAX_CPU_BATCH, math.ceil(pending / callers)))
+
+
 def probe_seconds_per_item(tokenizer, item_shape: tuple[int, ...]) -> float:
     """CPU-seconds one item of ``item_shape`` (1, 3, [T,] H, W) costs the model at one torch thread,
     measured on this machine: the item shrunk to about PROBE_PIXELS per frame, encoded twice (the
@@ -134,15 +155,11 @@ def probe_seconds_per_item(tokenizer, item_shape: tuple[int, ...]) -> float:
     multiple = tokenizer.spec.multiple
     probe = [max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)]
     pixels = torch.zeros(*lead, *probe)  # float [-1, 1]: mid grey
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         tokenizer.encode(pixels)
         started = time.thread_time()
         tokenizer.encode(pixels)
         seconds = time.thread_time() - started
-    finally:
-        torch.set_num_threads(threads)
     return seconds * (height * width) / (probe[0] * probe[1])
 
 
@@ -157,9 +174,6 @@ def in_driver(cost: ModelCost, pending: int, threads: int, batch_size: int | Non
     """The job run in the driver: ``threads`` threads, each encoding a batch at one torch thread
     (they share the model; torch and the image decoders release the GIL), about TARGET_BATCH_S of
     model work per call and no more than each thread's share, so that all of them work."""
-    if batch_size is None:
-        per_call = math.floor(TARGET_BATCH_S / cost.seconds)
-        batch_size = max(1, min(per_call, MAX_CPU_BATCH, math.ceil(pending / threads)))
     return JobSize(
         workers=0,
         torch_threads=1,
@@ -167,7 +181,7 @@ def in_driver(cost: ModelCost, pending: int, threads: int, batch_size: int | Non
         gpus_per_worker=0.0,
         decode_tasks=0,
         cpus_per_decode_task=0.0,
-        batch_size=batch_size,
+        batch_size=batch_size or _cpu_batch_size(cost, 1, pending, threads),
         why=why,
         engine="driver",
         driver_threads=threads,
@@ -237,8 +251,7 @@ def _on_cpus(
     if automatic:
         workers = max(1, min(cores // (threads or 1), pending))
     if batch_size is None:
-        per_call = math.floor(TARGET_BATCH_S * (threads or 1) / cost.seconds)
-        batch_size = max(1, min(per_call, MAX_CPU_BATCH, math.ceil(pending / workers)))
+        batch_size = _cpu_batch_size(cost, threads or 1, pending, workers)
     if automatic:
         by_memory = max(1, math.floor(MEMORY_SHARE * resources.memory / cost.actor_bytes(batch_size)))
         if by_memory < workers:
