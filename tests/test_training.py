@@ -219,9 +219,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(shared_data,
 @pytest.mark.slow
 def test_tiny_fsq_recipe_trains_a_discrete_tokenizer_and_logs_codebook_health(shared_data, tmp_path):
     """FSQ on reconstruction alone: validation PSNR rises, codebook usage and perplexity are logged
-    per window and measured on the validation images, and the export encodes to int32 ids."""
+    per window and measured on the validation images, and the export encodes to int32 ids. The
+    export then trains on (``model.init_from``) from exactly its weights, projections included."""
     recipe = RECIPES / "tiny-fsq.yaml"
-    assert main(["--recipe", str(recipe), *shared_overrides(recipe, shared_data, tmp_path)]) == 0
+    projected = "model.config.quantizer.projection=true"  # as the default: learned 4x4 projections
+    assert main(["--recipe", str(recipe), *shared_overrides(recipe, shared_data, tmp_path), projected]) == 0
     card = json.loads((tmp_path / "export" / "card.json").read_text())
     initial, final = card["metrics"]["initial"], card["metrics"]["final"]
     assert final["val_psnr"] > initial["val_psnr"] + 1.0
@@ -235,6 +237,15 @@ def test_tiny_fsq_recipe_trains_a_discrete_tokenizer_and_logs_codebook_health(sh
     ids = tokenizer.encode(photo, tokens=True)
     assert ids.ids.dtype == torch.int32 and tuple(ids.ids.shape) == (1, 8, 12)
     assert tokenizer.decode(ids, output_dtype=torch.uint8).shape == photo.shape
+
+    # a discrete export trains on from its own weights, quantizer projections included ...
+    continued = [*shared_overrides(recipe, shared_data, tmp_path / "on"), f"model.init_from={tmp_path / 'export'}"]
+    assert main(["--recipe", str(recipe), *continued, "phases.0.steps=2"]) == 0
+    on_card = json.loads((tmp_path / "on" / "export" / "card.json").read_text())
+    assert on_card["metrics"]["initial"]["val_psnr"] == pytest.approx(final["val_psnr"], abs=1e-6)
+    # ... and a recipe asking for other levels is refused: that would be another vocabulary
+    other = [*continued, "model.config.quantizer.levels=[5,5,5,5]"]
+    assert main(["--recipe", str(recipe), *other]) == 1
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -16,6 +17,7 @@ from torch import nn
 from tokenizers_svc.errors import ConfigError
 from tokenizers_svc.families.base import Backend
 from tokenizers_svc.loading import build_module
+from tokenizers_svc.quantizers import load_quantizer_weights
 from tokenizers_svc.registry import backend_for, get_preset, model_class
 from tokenizers_svc.spec import VQ_KIND
 from training.config import PhaseSection, Recipe
@@ -28,6 +30,8 @@ def build_backend(recipe: Recipe) -> Backend:
     name = recipe.model.name or recipe.name
     if recipe.model.init_from:
         module = model_class(preset.class_name).from_pretrained(recipe.model.init_from)
+        if module.config.get("quantizer"):  # a discrete model trains on, its codes unchanged
+            return _discrete_continued(module, preset.class_name, recipe, name)
         if "quantizer" in recipe.model.config:  # a continuous model becomes a discrete one
             return _quantized_from_continuous(
                 module, preset.class_name, recipe.model.config["quantizer"], name
@@ -60,6 +64,23 @@ def build_backend(recipe: Recipe) -> Backend:
             "does not have; it encodes and decodes only (an FSQ quantizer block trains)",
             param="model.preset",
         )
+    return backend
+
+
+def _discrete_continued(module: nn.Module, class_name: str, recipe: Recipe, name: str) -> Backend:
+    """A trained discrete model (an export with a quantizer) with its projections loaded, to train
+    on. A recipe that names a quantizer must name the one the model has: other levels would be a
+    different vocabulary, not a continuation."""
+    saved = dict(module.config["quantizer"])
+    asked = recipe.model.config.get("quantizer")
+    if asked is not None and any(saved.get(key) != value for key, value in asked.items()):
+        raise ConfigError(
+            f"model.init_from {recipe.model.init_from!r} has the quantizer {saved}; the recipe asks for "
+            f"{asked}. Drop model.config.quantizer to continue that model, or start from a continuous one",
+            param="model.config.quantizer",
+        )
+    backend = backend_for(class_name).from_module(module, name)
+    load_quantizer_weights(backend.quantizer, Path(recipe.model.init_from))
     return backend
 
 
