@@ -239,7 +239,10 @@ def test_tiny_fsq_recipe_trains_a_discrete_tokenizer_and_logs_codebook_health(sh
     assert tokenizer.decode(ids, output_dtype=torch.uint8).shape == photo.shape
 
     # a discrete export trains on from its own weights, quantizer projections included ...
-    continued = [*shared_overrides(recipe, shared_data, tmp_path / "on"), f"model.init_from={tmp_path / 'export'}"]
+    continued = [
+        *shared_overrides(recipe, shared_data, tmp_path / "on"),
+        f"model.init_from={tmp_path / 'export'}",
+    ]
     assert main(["--recipe", str(recipe), *continued, "phases.0.steps=2"]) == 0
     on_card = json.loads((tmp_path / "on" / "export" / "card.json").read_text())
     assert on_card["metrics"]["initial"]["val_psnr"] == pytest.approx(final["val_psnr"], abs=1e-6)
