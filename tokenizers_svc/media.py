@@ -16,16 +16,14 @@ import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-try:
+if TYPE_CHECKING:
     import av
-except ImportError:  # a declared dependency; a bare GPU box without it still reads and writes images
-    av = None
 
 from tokenizers_svc.errors import (
     DTypeMismatchError,
@@ -232,6 +230,17 @@ def _check_frames_array(pixels: np.ndarray, ndim: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------------- video
 
 
+def _pyav():
+    """PyAV, imported at the first video: a process that only handles images (an image model's
+    replica) never loads FFmpeg's libraries (~15 MB resident). A declared dependency; a bare box
+    without it still reads and writes images."""
+    try:
+        import av
+    except ImportError:
+        raise InvalidMediaError("reading or writing video needs PyAV: pip install av", param="file") from None
+    return av
+
+
 def _ffmpeg_reason(exc: av.error.FFmpegError | UnicodeDecodeError) -> str:
     reason = getattr(exc, "strerror", None)  # UnicodeDecodeError: garbage in container metadata
     return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
@@ -252,8 +261,7 @@ def _open_container(data: bytes | str | Path) -> av.container.InputContainer:
         raise InvalidMediaError(
             f"expected a video, got an {kind}; expected {SUPPORTED_DESCRIPTION}", param="file"
         )
-    if av is None:
-        raise InvalidMediaError("reading video needs PyAV: pip install av", param="file")
+    av = _pyav()
     try:
         return av.open(source, mode="r")
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
@@ -346,7 +354,7 @@ def decode_video(
     container = _open_container(data)
     try:
         return _decode_stream(container, limits, max_frames, start, end, stride)
-    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
+    except (_pyav().error.FFmpegError, UnicodeDecodeError) as exc:
         raise InvalidMediaError(
             f"video is truncated or corrupt ({_ffmpeg_reason(exc)})",
             param="file",
@@ -444,7 +452,7 @@ def _seek(container: av.container.InputContainer, stream, seconds: float) -> Non
     try:
         target = int(seconds / stream.time_base)
         container.seek(target, stream=stream, backward=True, any_frame=False)
-    except (av.error.FFmpegError, OverflowError):  # OverflowError: past int64 time-base units
+    except (_pyav().error.FFmpegError, OverflowError):  # OverflowError: past int64 time-base units
         container.seek(0)  # unseekable (no index): decode from the start and skip
 
 
@@ -565,6 +573,7 @@ def encode_video(frames: np.ndarray, fps: float, *, crf: int = 18, preset: str =
 def _write_mp4(
     path: Path, frames: np.ndarray, fps: float, crf: int, preset: str, width: int, height: int
 ) -> None:
+    av = _pyav()
     with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
