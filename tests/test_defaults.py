@@ -17,10 +17,12 @@ from typer.testing import CliRunner
 from evals.image_metrics import psnr
 from tokenizers_svc import TilingOptions, media
 from tokenizers_svc.cli import app
-from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS, default_model
+from tokenizers_svc.defaults import DEFAULT_MODELS, DEFAULT_TOKEN_MODELS, PACKAGED_WEIGHTS, default_model
+from tokenizers_svc.errors import UnsupportedModelError
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pixels import to_uint8_pixels
+from tokenizers_svc.tokens import tokens_from_bytes
 
 IMAGE_MODEL = DEFAULT_MODELS["image"]
 VIDEO_MODEL = DEFAULT_MODELS["video"]
@@ -51,6 +53,27 @@ def test_cli_encode_without_model_uses_the_default(shared_data, tmp_path, source
     result = CliRunner().invoke(app, ["encode", *command])
     assert result.exit_code == 0, result.output
     assert latents_from_bytes(out.read_bytes()).tokenizer == expected
+
+
+def test_discrete_default_is_shipped_and_encode_tokens_without_model_uses_it(shared_data, tmp_path):
+    """``--tokens`` with no model names the discrete default (the continuous one has no ids); no
+    discrete video default is shipped, and asking for one says so."""
+    name = default_model("image", tokens=True)
+    assert name == DEFAULT_TOKEN_MODELS["image"]
+    directory = PACKAGED_WEIGHTS / name
+    assert 0 < sum(f.stat().st_size for f in directory.glob("*.safetensors")) <= 30_000_000
+    card = json.loads((directory / "card.json").read_text())
+    tokenizer = load_tokenizer(name)
+    assert card["spec"] == json.loads(json.dumps(tokenizer.spec.to_dict()))
+    out = tmp_path / "plant.tokens.safetensors"
+    photo = shared_data / "images/val/plant.jpg"
+    result = CliRunner().invoke(app, ["encode", str(photo), "-o", str(out), "--tokens"])
+    assert result.exit_code == 0, result.output
+    tokens = tokens_from_bytes(out.read_bytes())
+    assert tokens.tokenizer == name and tokens.ids.dtype == torch.int32
+    assert int(tokens.ids.max()) < tokenizer.spec.quantizer.vocabulary_size
+    with pytest.raises(UnsupportedModelError, match="no discrete video tokenizer is shipped"):
+        default_model("video", tokens=True)
 
 
 # Tiled vs untiled with the trained image default on a real 333 x 500 photo, 128 px tiles sharing

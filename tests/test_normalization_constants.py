@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from tests.helpers import REPO
 from tokenizers_svc.cli import app
 from tokenizers_svc.crops import load_multiscale
-from tokenizers_svc.defaults import DEFAULT_MODELS, PACKAGED_WEIGHTS
+from tokenizers_svc.defaults import DEFAULT_MODELS, DEFAULT_TOKEN_MODELS, PACKAGED_WEIGHTS
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.loading import load_tokenizer
 
@@ -118,7 +118,7 @@ def test_readme_default_table_states_the_config_pair():
 
 def test_models_names_the_recipe_of_each_default():
     listing = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
-    for name in DEFAULT_MODELS.values():
+    for name in [*DEFAULT_MODELS.values(), *DEFAULT_TOKEN_MODELS.values()]:
         card = json.loads((PACKAGED_WEIGHTS / name / "card.json").read_text())
         row = next(row for row in listing if row["name"] == name)
         assert row["description"].endswith(f"trained by recipe {card['recipe']['name']}"), row["description"]

@@ -484,7 +484,7 @@ def encode(
             }
         )
         limits = _limits(set_limit)
-        tokenizer = _load(model or default_model_for(files), device, dtype)
+        tokenizer = _load(model or default_model_for(files, tokens), device, dtype)
         _make_directory(out if as_directory else out.parent)
     except TokenizerError as exc:
         raise _fail(exc) from None

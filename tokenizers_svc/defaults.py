@@ -23,6 +23,11 @@ DEFAULT_MODELS: dict[str, str] = {
     "image": "tsvc-image-f8c4",  # training/recipes/default-image.yaml
     "video": "tsvc-video-f8t4c4",  # training/recipes/cpu-video-dcae.yaml (over the image default)
 }
+# The discrete (token-id) default per modality: what ``--tokens`` / ``tokens=True`` uses when no model
+# is named, since a continuous default has no ids to give.
+DEFAULT_TOKEN_MODELS: dict[str, str] = {
+    "image": "tsvc-image-f8-fsq1000",  # training/recipes/default-image-fsq.yaml
+}
 # Shipped, but no longer a default: loadable by name (and servable: add it to a serving config), so
 # latent files made with it decode as before.
 PREVIOUS_MODELS: dict[str, str] = {
@@ -30,21 +35,30 @@ PREVIOUS_MODELS: dict[str, str] = {
 }
 
 
-def default_model(modality: Modality) -> str:
-    """The shipped tokenizer for ``modality``; a clear error when this checkout has none."""
-    name = DEFAULT_MODELS[modality]
+def default_model(modality: Modality, tokens: bool = False) -> str:
+    """The shipped tokenizer for ``modality`` (its discrete one with ``tokens``); a clear error when
+    this checkout has none."""
+    kind = "discrete " if tokens else ""
+    name = (DEFAULT_TOKEN_MODELS if tokens else DEFAULT_MODELS).get(modality)
+    if name is None:
+        raise UnsupportedModelError(
+            f"no {kind}{modality} tokenizer is shipped; name a model with a quantizer (see "
+            '`tokenizers-svc models` and docs/models.md, "Discrete tokens")',
+            param="model",
+        )
     if not (PACKAGED_WEIGHTS / name / "config.json").is_file():
         raise UnsupportedModelError(
-            f"no default {modality} tokenizer is shipped in this checkout (expected weights in "
+            f"no default {kind}{modality} tokenizer is shipped in this checkout (expected weights in "
             f"tokenizers_svc/weights/{name}); name a model explicitly (see `tokenizers-svc models`)",
             param="model",
         )
     return name
 
 
-def default_model_for(paths) -> str:
-    """The shipped video tokenizer when any of ``paths`` is a video (by suffix), else the image one."""
-    return default_model("video" if any(is_video_file(path) for path in paths) else "image")
+def default_model_for(paths, tokens: bool = False) -> str:
+    """The shipped video tokenizer when any of ``paths`` is a video (by suffix), else the image one;
+    the discrete one with ``tokens``."""
+    return default_model("video" if any(is_video_file(path) for path in paths) else "image", tokens)
 
 
 def _provenance(card: dict) -> str:
@@ -57,6 +71,7 @@ def shipped_presets() -> list[Preset]:
     """A preset for each default tokenizer whose weights this checkout ships (read by the registry)."""
     presets = []
     shipped = [(modality, name, "default") for modality, name in DEFAULT_MODELS.items()]
+    shipped += [(modality, name, "discrete default") for modality, name in DEFAULT_TOKEN_MODELS.items()]
     shipped += [(modality, name, "previous default") for name, modality in PREVIOUS_MODELS.items()]
     for modality, name, role in shipped:
         directory = PACKAGED_WEIGHTS / name

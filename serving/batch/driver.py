@@ -574,7 +574,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     returns the manifest."""
     inputs, ignored = list_inputs(args.input)
     if args.model is None:
-        args.model = default_model_for(inputs)
+        args.model = default_model_for(inputs, args.tokens)
     output = _checked_output(args.output)
     previous = _previous_job(output)
     check_flags(args)
