@@ -89,7 +89,8 @@ def _quantized_from_continuous(module: nn.Module, class_name: str, quantizer: di
     latent statistics and the quantizer a square projection, the projection starts as that
     normalization (latents enter the tanh bound centred and unit-scaled, so every level is reached
     from the first step) and the way back as its inverse; the statistics, which describe the
-    continuous latents, are dropped from the config."""
+    continuous latents, are dropped from the config, with the shift of their scalar fallback (the
+    quantized latents are normalized by ``scaling_factor`` alone, refit at export)."""
     config = module.config
     mean, std = config.get("latents_mean"), config.get("latents_std")
     module.register_to_config(quantizer=quantizer)
@@ -103,7 +104,7 @@ def _quantized_from_continuous(module: nn.Module, class_name: str, quantizer: di
                 fsq.project_in.bias.copy_(-mean_t / std_t)
                 fsq.project_out.weight.copy_(torch.diag(std_t))
                 fsq.project_out.bias.copy_(mean_t)
-            module.register_to_config(latents_mean=None, latents_std=None)
+            module.register_to_config(latents_mean=None, latents_std=None, shift_factor=None)
     return backend
 
 
