@@ -72,6 +72,9 @@ def test_discrete_default_is_shipped_and_encode_tokens_without_model_uses_it(sha
     tokens = tokens_from_bytes(out.read_bytes())
     assert tokens.tokenizer == name and tokens.ids.dtype == torch.int32
     assert int(tokens.ids.max()) < tokenizer.spec.quantizer.vocabulary_size
+    listing = json.loads(CliRunner().invoke(app, ["models", "--json"]).stdout)
+    row = next(row for row in listing if row["name"] == name)  # described without building it
+    assert row["vocabulary"] == 1000 and row["tokens"] == card["spec"]["tokens"]
     with pytest.raises(UnsupportedModelError, match="no discrete video tokenizer is shipped"):
         default_model("video", tokens=True)
 

@@ -196,10 +196,10 @@ def test_models_listing_row_reports_compression_params_and_gflops():
 @pytest.mark.parametrize("preset", [p for p in list_presets() if preset_config(p)], ids=lambda p: p.name)
 def test_spec_from_config_is_the_built_models_spec(preset):
     """`models` describes presets from their configs alone; a module built from the same config
-    (meta device) must have the same spec, so a config that leaves a key the spec reads to the
-    class's default fails here. LTX's per-channel statistics are weights, not config."""
+    (meta device) must have the same spec, quantizer included, so a config that leaves a key the
+    spec reads to the class's default fails here. LTX's per-channel statistics are weights, not config."""
     config = preset_config(preset)
-    listed = backend_for(preset.class_name).spec_from_config(config, preset.name)
+    listed = backend_for(preset.class_name).described_spec(config, preset.name)
     built = meta_backend(preset, config).spec
     if built.family == "LTX-Video":
         built = replace(built, normalization=replace(built.normalization, mean=None, std=None))

@@ -102,11 +102,7 @@ def _preset_row(preset: Preset, *, stats: bool = False) -> dict:
         return row
     try:
         backend = backend_for(preset.class_name)
-        spec = (
-            backend.spec_from_config(config, preset.name)
-            if weights is None
-            else backend.spec_from_export(weights, config, preset.name)
-        )
+        spec = backend.described_spec(config, preset.name, weights)
     except (KeyError, TypeError, ValueError) as exc:  # e.g. a hand-made config.json in the weights home
         row["error"] = f"config does not describe the model: {type(exc).__name__}: {exc}"
         return row
@@ -121,6 +117,9 @@ def _preset_row(preset: Preset, *, stats: bool = False) -> dict:
             "compression_ratio": round(spec.compression_ratio(256, 256, 17), 2),
             "normalization": spec.normalization.constants(),
             "normalization_summary": spec.normalization.describe(),
+            # discrete models: what an autoregressive trainer needs (vocabulary, levels, id dtype, order)
+            "tokens": spec.to_dict()["tokens"] if spec.quantizer is not None else None,
+            "vocabulary": spec.quantizer.vocabulary_size if spec.quantizer is not None else None,
         }
     )
     if stats:
@@ -170,7 +169,8 @@ def models(
     RATIO is pixel floats per latent float at 256x256 (17 frames for video). NORMALIZATION is what
     diffusion-ready latents are: ``(raw - shift - mean[c]) / std[c] * scale``; diffusers'
     ``scaling_factor``/``shift_factor`` are scale/shift (--json has every constant). Presets whose
-    weights are neither local nor defined by a config show '-'. Nothing is downloaded. --stats adds
+    weights are neither local nor defined by a config show '-'. IDS is a discrete model's vocabulary
+    (--json: its whole token description). Nothing is downloaded. --stats adds
     PARAMS and GFLOPS: 10^9 multiply-accumulates for encode + decode of that input.
     """
     from tokenizers_svc.registry import list_presets
@@ -189,6 +189,7 @@ def models(
         ("FRAMES", "frame_rule"),
         ("RATIO", "compression_ratio"),
         ("NORMALIZATION", "normalization_summary"),
+        ("IDS", "vocabulary"),
         *([("PARAMS", "params"), ("GFLOPS", "gflops")] if stats else []),
         ("WEIGHTS", "weights"),
     ]

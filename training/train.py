@@ -471,7 +471,7 @@ class Trainer:
                     directory, photos, str(acc.device), clips=clips
                 )
             saved = json.loads((directory / "config.json").read_text())  # with the normalization just fitted
-            spec = type(self.backend).spec_from_export(directory, saved, self.spec.name).with_quantizer(saved)
+            spec = type(self.backend).described_spec(saved, self.spec.name, directory)
             (directory / CARD_FILE).write_text(json.dumps(self.card(spec), indent=2) + "\n")
         acc.wait_for_everyone()
         return directory

@@ -93,6 +93,18 @@ class Backend(ABC):
         return cls.spec_from_config(config, name)
 
     @classmethod
+    def described_spec(cls, config: Mapping, name: str, directory: Path | None = None) -> TokenizerSpec:
+        """What a backend built from ``config`` (with the weights in ``directory``, when given) states,
+        without building it: the family's spec plus the config's ``quantizer`` block, as ``__init__``
+        adds it. The model listing and the trainer's card describe models this way."""
+        spec = (
+            cls.spec_from_config(config, name)
+            if directory is None
+            else cls.spec_from_export(directory, config, name)
+        )
+        return spec.with_quantizer(config)
+
+    @classmethod
     def meta_module(cls, module_class: type, config: Mapping) -> nn.Module:
         """``module_class`` built from ``config`` on the meta device: shapes, no storage, no init
         (:mod:`tokenizers_svc.model_stats` counts parameters and compute on it). A family whose class
