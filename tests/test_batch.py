@@ -404,7 +404,6 @@ def test_one_bad_input_of_each_kind_costs_only_its_row(shared_data, tmp_path, ca
     assert sorted(p.name for p in batch.shard_paths(out)) == shards
 
 
-@pytest.mark.slow
 def _killed_at_first_shard(argv: list, out: Path) -> set[str]:
     """Run ``python -m serving.batch ARGV`` and SIGKILL it as soon as its first shard is in ``out``
     -> the shards it left."""
@@ -422,6 +421,7 @@ def _killed_at_first_shard(argv: list, out: Path) -> set[str]:
     return {p.name for p in batch.shard_paths(out)}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_no_duplicates_no_gaps(image_folder, tmp_path):
     """SIGKILL the job's driver (a separate process on this test's Ray, as on a cluster) as soon as
     its first shard is on disk, leave a half-written shard behind, rerun at once: every input
