@@ -17,7 +17,7 @@ The model is served inside the ingress (``in_ingress``, one actor hop) unless ``
 
     .venv/bin/python benchmarks/serve_bench.py [--model tsvc-image-f8c4] [--size 256] [--requests 24]
                                                [--rounds 3] [--threads 1] [--num-cpus 2]
-                                               [--max-batch-size 8] [--max-batch-pixels 131072]
+                                               [--max-batch-size 8] [--max-batch-pixels 65536]
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument(
         "--max-batch-pixels",
         type=int,
-        default=131072,
+        default=65536,
         help="summed pixels per model call, as the shipped CPU config (serving/config.yaml)",
     )
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)

@@ -151,7 +151,7 @@ def strict_query(params: type) -> Depends:
     """A route dependency: the query holds only ``params``' names, single-valued ones once
     (``schemas.check_query``); it runs before the values are validated."""
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # async: FastAPI runs a sync one in a thread pool
         check_query(params, request.query_params.multi_items())
 
     return Depends(check)

@@ -27,7 +27,7 @@ from training.latent_stats import skimage_photo_crops
 # (measured +2.56 ± 0.27 dB on all 256 crops, on the H200 and on this CPU, see the card). The test
 # scores every 8th crop (32, eight of each of the four scales) to keep a CPU round trip of ~1 s per
 # crop affordable beside the rest of the suite. Batches of two: on one CPU thread this model costs
-# less per item at batch 2 than at 8 or 16 (docs/serving.md, the shipped max_batch_pixels).
+# less per item at batch 2 than at 8 or 16 (docs/serving.md, "Batching and backpressure").
 IMAGE_GAIN_DB = 1.5
 CROP_STRIDE = 8
 CPU_BATCH = 2
