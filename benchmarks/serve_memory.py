@@ -4,7 +4,8 @@ vs the models inside the ingress's process (``in_ingress``), on one local Ray in
 For each layout: start Ray and the app, send one encode per image model, then count the processes
 this run started (the driver's descendants: Ray's daemons, Serve's controller and proxy, replicas)
 and their resident (RSS) and unique (USS: what the process alone holds; shared library pages are
-counted once in the first) memory. Also a bare Ray actor's, the floor every replica stands on.
+counted once in the first) memory. Also a bare Ray actor's, the floor every replica stands on, and
+a bare Serve replica's (Ray Serve's own imports and threads, nothing of ours).
 
     .venv/bin/python benchmarks/serve_memory.py [--num-cpus 2]
 """
@@ -27,6 +28,14 @@ from tokenizers_svc import media
 
 @ray.remote(num_cpus=0)
 class _Bare:
+    def rss_mb(self) -> float:
+        return psutil.Process().memory_info().rss / 2**20
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class _BareReplica:
+    """A Serve replica that imports nothing of ours: what Ray Serve itself holds per replica."""
+
     def rss_mb(self) -> float:
         return psutil.Process().memory_info().rss / 2**20
 
@@ -72,11 +81,14 @@ def measure(args_config: dict, in_ingress: bool, num_cpus: int) -> None:
     bare = ray.get(bare_actor.rss_mb.remote())
     ray.kill(bare_actor)
     time.sleep(2)
-    processes = _processes()
+    processes = _processes()  # the service's own, before the bare Serve replica joins them
+    bare_replica = serve.run(_BareReplica.bind(), name="bare", route_prefix="/bare")
+    bare_serve = bare_replica.rss_mb.remote().result()
     layout = "models in the ingress" if in_ingress else "a replica per model"
     print(
         f"{layout}: {len(processes)} processes, RSS {sum(p[1] for p in processes) / 1024:.2f} GB, "
-        f"USS {sum(p[2] for p in processes) / 1024:.2f} GB (bare Ray actor RSS {bare:.0f} MB)"
+        f"USS {sum(p[2] for p in processes) / 1024:.2f} GB (bare Ray actor RSS {bare:.0f} MB, "
+        f"bare Serve replica RSS {bare_serve:.0f} MB)"
     )
     for title, rss, uss in processes:
         if "ServeReplica" in title:
