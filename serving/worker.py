@@ -36,7 +36,7 @@ from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
-from tokenizers_svc.memory import release_free_heap
+from tokenizers_svc.memory import keep_heap_for_model_calls, release_free_heap
 from tokenizers_svc.pipeline import (
     EncodeOptions,
     MediaInput,
@@ -103,6 +103,7 @@ class TokenizerWorker:
             lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
         }
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
+        keep_heap_for_model_calls()  # freed activations stay for the next call; an idle trim returns them
         self.tokenizer = load_tokenizer(
             self.config.source,
             device=self.config.device,

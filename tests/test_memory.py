@@ -44,9 +44,10 @@ _FREED_IN_A_THREAD = """
 import threading
 import torch
 from tokenizers_svc import load_tokenizer
-from tokenizers_svc.memory import release_free_heap, rss_bytes
+from tokenizers_svc.memory import keep_heap_for_model_calls, release_free_heap, rss_bytes
 torch.set_num_threads(1)
-tokenizer = load_tokenizer("tsvc-image-f8c4")  # sets the heap up as in a replica
+keep_heap_for_model_calls()  # as a served model's replica does
+tokenizer = load_tokenizer("tsvc-image-f8c4")
 pixels = torch.rand(2, 3, 256, 256)
 
 def model_calls():  # a replica's model calls run in a thread
@@ -62,8 +63,7 @@ print(int(release_free_heap()), before - rss_bytes())
 
 
 def test_freed_activations_go_back_to_the_os():
-    """As in a replica (the default image model's calls in a thread, the heap set up by
-    ``load_tokenizer``): what glibc kept of the freed activations is returned (167-179 MB measured
+    """As in a replica (the default image model's calls in a thread, the heap set up as there): what glibc kept of the freed activations is returned (167-179 MB measured
     after three round trips of two 256² images); in a fresh interpreter, whose heap holds only this.
     An earlier version with bare torch blocks failed 2 times in 8 on a loaded machine: glibc's
     dynamic mmap threshold, raised by whatever the imports freed, decided whether those blocks were
@@ -84,9 +84,10 @@ _MAIN_THREAD_CALLS = """
 import resource
 import torch
 from tokenizers_svc import load_tokenizer
-from tokenizers_svc.memory import release_free_heap, rss_bytes
+from tokenizers_svc.memory import keep_heap_for_model_calls, release_free_heap, rss_bytes
 torch.set_num_threads(1)
-tokenizer = load_tokenizer("tsvc-image-f8c4")  # the first load sets the heap up (or not: the env)
+keep_heap_for_model_calls()  # as a served model's replica does (or not: the env)
+tokenizer = load_tokenizer("tsvc-image-f8c4")
 pixels = torch.rand(1, 3, 256, 256)
 for _ in range(2):
     tokenizer.encode(pixels)
@@ -112,7 +113,7 @@ def _main_thread_calls(tuning: str) -> list[int]:
 
 
 def test_model_calls_in_the_main_thread_reuse_their_memory_until_an_idle_trim():
-    """With what ``load_tokenizer`` sets up, a 256² encode in the main thread page-faults nothing:
+    """With what a served model's replica sets up, a 256² encode in the main thread page-faults nothing:
     its activations reuse the memory the previous call freed (measured 0 faults per call). With
     glibc's defaults the main heap hands it back after each call and the next one faults ~18,000
     pages (~73 MB) in again, which made main-thread calls 10-20% slower. The idle trim still

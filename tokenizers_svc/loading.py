@@ -19,7 +19,6 @@ import torch
 from tokenizers_svc.api import Tokenizer, place_module
 from tokenizers_svc.errors import UnsupportedModelError
 from tokenizers_svc.families.base import directory_hash
-from tokenizers_svc.memory import keep_heap_for_model_calls
 from tokenizers_svc.quantizers import load_quantizer_weights
 from tokenizers_svc.registry import (
     Preset,
@@ -73,12 +72,8 @@ def load_tokenizer(
     when offline).
 
     Presets without weights are built with seeded random weights only when ``random_init`` is set
-    on the preset (tiny test presets) or ``allow_random_init=True`` is passed. The first load in a
-    process keeps glibc from trimming the heap after every model call
-    (:func:`tokenizers_svc.memory.keep_heap_for_model_calls`: calls from the main thread ran 10-20%
-    slower without it).
+    on the preset (tiny test presets) or ``allow_random_init=True`` is passed.
     """
-    keep_heap_for_model_calls()
     path = Path(name_or_path)
     if path.is_dir():
         return load_directory(path, name=directory_name(path), device=device, dtype=dtype)
