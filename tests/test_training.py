@@ -63,7 +63,7 @@ def shared_overrides(recipe: Path, shared_data: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path):
+def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path, monkeypatch):
     out, recipe = tmp_path / "run", RECIPES / "tiny-image.yaml"
     result = CliRunner().invoke(
         app, ["train", "--recipe", str(recipe), *shared_overrides(recipe, shared_data, out)]
@@ -90,9 +90,11 @@ def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path):
 
     tokenizer = load_tokenizer(export)  # config.json + safetensors + card.json, nothing else
     assert tokenizer.name == "tiny-image"
-    from serving.worker import TokenizerWorker  # the server's replica loads the same directory
+    from serving import worker  # the server's replica loads the same directory
 
-    served = TokenizerWorker({"name": "trained", "model": str(export), "allow_random_init": False}, {})
+    # its heap setting is per process; this one also runs evaluations (tests/test_worker.py says why)
+    monkeypatch.setattr(worker, "keep_heap_for_model_calls", lambda: False)
+    served = worker.TokenizerWorker({"name": "trained", "model": str(export), "allow_random_init": False}, {})
     assert served.describe()["weights_hash"] == tokenizer.weights_hash
     assert tokenizer.spec.normalization.scale == pytest.approx(
         1 / card["metrics"]["final"]["latent_std"], rel=1e-3

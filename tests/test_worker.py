@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pytest
 from skimage import data
 
 from serving import worker
@@ -18,6 +19,15 @@ from serving.worker import TokenizerWorker
 from tokenizers_svc import media
 from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.pipeline import EncodeOptions
+
+
+@pytest.fixture(autouse=True)
+def _test_process_heap_untouched(monkeypatch):
+    """A replica keeps its heap between model calls for the whole process (glibc settings); this
+    pytest process also runs evaluations that promise bitwise-equal resumed runs, which that
+    setting breaks (tokenizers_svc.memory.keep_heap_for_model_calls), so the workers built here
+    leave it alone."""
+    monkeypatch.setattr(worker, "keep_heap_for_model_calls", lambda: False)
 
 
 def test_idle_model_trims_once_and_a_busy_one_never(monkeypatch):
