@@ -62,21 +62,27 @@ print(int(release_free_heap()), before - rss_bytes())
 """
 
 
-def test_freed_activations_go_back_to_the_os():
-    """As in a replica (the default image model's calls in a thread, the heap set up as there): what glibc kept of the freed activations is returned (167-179 MB measured
-    after three round trips of two 256² images); in a fresh interpreter, whose heap holds only this.
-    An earlier version with bare torch blocks failed 2 times in 8 on a loaded machine: glibc's
-    dynamic mmap threshold, raised by whatever the imports freed, decided whether those blocks were
-    mapped (and unmapped at once) or kept."""
+def _run_fresh(script: str, **env: str) -> list[int]:
+    """The integers ``script`` prints, run in a fresh interpreter with one torch thread."""
     result = subprocess.run(
-        [sys.executable, "-c", _FREED_IN_A_THREAD],
+        [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
-    trimmed, released = map(int, result.stdout.split())
+    return list(map(int, result.stdout.split()))
+
+
+def test_freed_activations_go_back_to_the_os():
+    """As in a replica (the default image model's calls in a thread, the heap set up as there): what
+    glibc kept of the freed activations is returned (167-179 MB measured after three round trips of
+    two 256² images); in a fresh interpreter, whose heap holds only this.
+    An earlier version with bare torch blocks failed 2 times in 8 on a loaded machine: glibc's
+    dynamic mmap threshold, raised by whatever the imports freed, decided whether those blocks were
+    mapped (and unmapped at once) or kept."""
+    trimmed, released = _run_fresh(_FREED_IN_A_THREAD)
     assert trimmed == 1 and released > 64 * 2**20
 
 
@@ -101,15 +107,7 @@ print(per_call, int(release_free_heap()), before - rss_bytes())
 
 
 def _main_thread_calls(tuning: str) -> list[int]:
-    result = subprocess.run(
-        [sys.executable, "-c", _MAIN_THREAD_CALLS],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        env={**os.environ, HEAP_TUNING_ENV: tuning, "OMP_NUM_THREADS": "1"},
-    )
-    return list(map(int, result.stdout.split()))
+    return _run_fresh(_MAIN_THREAD_CALLS, **{HEAP_TUNING_ENV: tuning})
 
 
 def test_model_calls_in_the_main_thread_reuse_their_memory_until_an_idle_trim():
