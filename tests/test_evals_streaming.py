@@ -189,7 +189,11 @@ def test_ray_sharded_equals_single_process(val_dir, tmp_path, uninterrupted):
 def test_resume_after_a_kill_equals_the_uninterrupted_run(val_dir, tmp_path, uninterrupted):
     out = tmp_path / "killed"
     argv = _eval_args(val_dir, out, tmp_path / "cache")
-    env = {**os.environ, "PYTHONPATH": REPO}
+    # the killed run computes with this process's torch threads, as the uninterrupted and resumed runs
+    # here do: other tests in the same pytest worker may have set them (a TokenizerWorker sets its
+    # num_cpus), and another thread count sums in another order (rFID 468.2347 vs 468.2386)
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     process = subprocess.Popen([sys.executable, "-m", "evals.reconstruct", *argv], env=env, cwd=REPO)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
