@@ -92,7 +92,7 @@ def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path, monke
     assert tokenizer.name == "tiny-image"
     from serving import worker  # the server's replica loads the same directory
 
-    # its heap setting is per process; this one also runs evaluations (tests/test_worker.py says why)
+    # its heap setting is per process, and this one runs other tests too (tests/test_worker.py)
     monkeypatch.setattr(worker, "keep_heap_for_model_calls", lambda: False)
     served = worker.TokenizerWorker({"name": "trained", "model": str(export), "allow_random_init": False}, {})
     assert served.describe()["weights_hash"] == tokenizer.weights_hash

@@ -23,10 +23,9 @@ from tokenizers_svc.pipeline import EncodeOptions
 
 @pytest.fixture(autouse=True)
 def _test_process_heap_untouched(monkeypatch):
-    """A replica keeps its heap between model calls for the whole process (glibc settings); this
-    pytest process also runs evaluations that promise bitwise-equal resumed runs, which that
-    setting breaks (tokenizers_svc.memory.keep_heap_for_model_calls), so the workers built here
-    leave it alone."""
+    """A replica keeps its heap between model calls for the whole process (glibc settings,
+    tokenizers_svc.memory.keep_heap_for_model_calls); this pytest process runs other tests too, so
+    the workers built here leave it alone."""
     monkeypatch.setattr(worker, "keep_heap_for_model_calls", lambda: False)
 
 

@@ -85,11 +85,9 @@ HEAP_TUNING_ENV = "TOKENIZERS_SVC_HEAP_TUNING"  # "0" leaves glibc's defaults al
 def keep_heap_for_model_calls() -> bool:
     """Stop glibc from handing the main heap's top back to the OS after every model call, once per
     process; False where it did nothing (not glibc, or ``TOKENIZERS_SVC_HEAP_TUNING=0``). Served
-    models (``serving.worker``) and the benchmarks' in-process baselines call it. Not turned on for
-    every process that loads a model: buffers then land at addresses that depend on the process's
-    history, and the float results of MKL/oneDNN kernels move in the last digits with them, which
-    broke the evaluation's guarantee that a resumed run equals an uninterrupted one (rFID
-    468.2347 vs 468.2386 when the same pytest worker had run other tests first).
+    models (``serving.worker``) and the benchmarks' in-process baselines call it. It is a choice for
+    the process's owner, not a side effect of loading a model: it is process-wide, and it keeps
+    resident memory at its peak until something trims.
 
     Why: a model call frees tens of MB of activations at once. In the main thread they come from the
     main heap (``brk``), whose free top glibc trims back to the OS past a threshold, so the next call
