@@ -210,6 +210,13 @@ class LocalBackend:
             x = torch.cat([head, rest.repeat_interleave(t, 2)], 2)
         return x
 
+    # what tiling calls: a Backend's inference entry points (traced per shape where a family opted in)
+    def inference_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_moments(x)
+
+    def inference_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode_latents(z)
+
 
 @pytest.mark.parametrize(
     ("modality", "causal", "frames"), [("image", False, 0), ("video", True, 37), ("video", False, 36)]

@@ -79,6 +79,7 @@ class Tokenizer:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Tokenizer:
         place_module(self.backend.module, device, dtype)
+        self.backend.forget_traced()
         return self
 
     def prepare(

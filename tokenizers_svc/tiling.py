@@ -1,7 +1,8 @@
 """Spatial tiling and temporal chunking with overlap blending, for every backend.
 
 Works on padded, constraint-satisfying inputs and raw latents, calling only the backend's
-``encode_moments``/``decode_latents``, so peak model memory is bounded by one tile (one spatial
+``inference_moments``/``inference_pixels`` (``encode_moments``/``decode_latents``, traced
+per hot shape where the family opted in), so peak model memory is bounded by one tile (one spatial
 tile of one temporal chunk) whatever the family; only the (small) output is held whole.
 
 **Spatial tiling.** Tile sides and overlaps are rounded to ``align = lcm(spec.multiple,
@@ -301,7 +302,7 @@ def encode(
     grid = _Grid.build(backend.spec, options)
 
     def encode_tile(chunk: torch.Tensor) -> Moments:
-        return tuple(backend.encode_moments(chunk))
+        return tuple(backend.inference_moments(chunk))
 
     mean, logvar = _run(encode_tile, x, grid, options.enabled, True, _chunks_time(backend), on_chunk)
     return mean, logvar
@@ -314,7 +315,7 @@ def decode(
     grid = _Grid.build(backend.spec, options)
 
     def decode_tile(chunk: torch.Tensor) -> tuple[torch.Tensor]:
-        return (backend.decode_latents(chunk),)
+        return (backend.inference_pixels(chunk),)
 
     (pixels,) = _run(decode_tile, z, grid, options.enabled, False, _chunks_time(backend), on_chunk)
     return pixels

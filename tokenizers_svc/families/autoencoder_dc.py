@@ -65,6 +65,7 @@ logging.getLogger("diffusers.configuration_utils").addFilter(_FittedStatisticsFi
 
 class AutoencoderDCBackend(Backend):
     class_names = ("AutoencoderDC",)
+    traced_inference = True
 
     @classmethod
     def spec_from_config(cls, config: Mapping, name: str) -> TokenizerSpec:

@@ -58,11 +58,28 @@ class Backend(ABC):
     #: True when the model itself runs long clips a few frames at a time through a causal cache, so
     #: temporal chunking would only add error (tiling then splits such models in space only)
     streams_frames: bool = False
+    #: True when inference runs hot input shapes as traced graphs (:mod:`tokenizers_svc.traced`); a
+    #: family opts in once tests/test_traced.py shows its traced calls equal eager on new content
+    traced_inference: bool = False
 
     def __init__(self, module: nn.Module, spec: TokenizerSpec, weights_hash: str | None = None) -> None:
+        from tokenizers_svc.traced import TracedCalls  # deferred: listing specs imports no torch
+
         self.module = module
         self.spec = spec.with_quantizer(module.config)
         self._weights_hash = weights_hash
+        # what inference (tokenizers_svc.tiling) calls: encode_moments / decode_latents, traced per
+        # hot shape where the family opted in; training calls those two directly
+        self.inference_moments = (
+            TracedCalls(self.encode_moments, module, f"{self.spec.name} encode")
+            if self.traced_inference
+            else self.encode_moments
+        )
+        self.inference_pixels = (
+            TracedCalls(self.decode_latents, module, f"{self.spec.name} decode")
+            if self.traced_inference
+            else self.decode_latents
+        )
         # True when this backend added the quantizer to a class that does not know it: its saved
         # weights are then the loader's to read (loading.load_directory), not diffusers'
         self.attached_quantizer = False
@@ -138,6 +155,14 @@ class Backend(ABC):
         """z: raw latents (N, c, h, w) or (N, c, t, h, w) -> pixels (N, C, [T,] H, W) float, nominally
         [-1, 1]: ``decode(z).sample``, diffusers' ``DecoderOutput``."""
         return self.module.decode(z).sample
+
+    def forget_traced(self) -> None:
+        """Drop traced graphs: the module moved to another device or dtype."""
+        from tokenizers_svc.traced import TracedCalls
+
+        for calls in (self.inference_moments, self.inference_pixels):
+            if isinstance(calls, TracedCalls):
+                calls.clear()
 
     @property
     def device(self) -> torch.device:
