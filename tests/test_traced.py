@@ -111,4 +111,6 @@ def test_moving_the_model_forgets_its_graphs():
     tokenizer.to(dtype=torch.bfloat16)
     assert not tokenizer.backend.inference_moments.graphs
     latents = [tokenizer.encode(_content(0, (1, 3, 32, 32))) for _ in range(TRACE_AFTER + 1)]
-    assert latents[-1].latents.dtype == torch.float32 and torch.equal(latents[-1].latents, latents[-2].latents)
+    assert latents[-1].latents.dtype == torch.float32 and torch.equal(
+        latents[-1].latents, latents[-2].latents
+    )

@@ -117,7 +117,8 @@ class TracedCalls:
                 graph = torch.jit.trace(_Outputs(self.module, self.fn, kept), x, check_trace=False)
             traced = _as_tuple(graph(x))
             same = len(traced) == len(kept) and all(
-                t.shape == outputs[i].shape and _close(t, outputs[i]) for t, i in zip(traced, kept, strict=True)
+                t.shape == outputs[i].shape and _close(t, outputs[i])
+                for t, i in zip(traced, kept, strict=True)
             )
         except Exception as error:  # any failure to trace leaves the shape eager, never the call failed
             logger.info("%s: shape %s not traced (%s: %s)", self.name, key[0], type(error).__name__, error)
@@ -126,7 +127,11 @@ class TracedCalls:
             self.seen.pop(key, None)
             if not same:
                 if graph is not None:
-                    logger.warning("%s: the traced graph for shape %s differs from eager; it stays eager", self.name, key[0])
+                    logger.warning(
+                        "%s: the traced graph for shape %s differs from eager; it stays eager",
+                        self.name,
+                        key[0],
+                    )
                 self.refused.add(key)
                 return
             self.graphs[key] = (graph, kept, width)
