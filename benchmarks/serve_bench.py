@@ -27,6 +27,7 @@ import asyncio
 import socket
 import statistics
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -118,14 +119,24 @@ async def served(
         return len(bodies) / (time.perf_counter() - start), latencies, timings
 
 
-def _replica_rss_mb(deployment: str) -> list[float]:
-    """RSS of the processes whose title names the deployment's replicas (``ray::ServeReplica:...``)."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "memory_info"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if f"ServeReplica:{APP}:{deployment}" in cmdline:
-            found.append(process.info["memory_info"].rss / 2**20)
-    return found
+def _replicas(deployment: str) -> list[psutil.Process]:
+    """The processes whose title names the deployment's replicas (``ray::ServeReplica:...``)."""
+    return [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if f"ServeReplica:{APP}:{deployment}" in " ".join(process.info["cmdline"] or [])
+    ]
+
+
+def _cpu_and_faults(processes: list[psutil.Process]) -> tuple[float, int]:
+    """(CPU seconds, minor page faults) the processes have used so far (Linux: /proc/PID/stat)."""
+    cpu, faults = 0.0, 0
+    for process in processes:
+        times = process.cpu_times()
+        cpu += times.user + times.system
+        stat = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        faults += int(stat[7])  # minflt, field 10 of proc(5)
+    return cpu, faults
 
 
 @ray.remote(num_cpus=0)
@@ -212,12 +223,20 @@ def main() -> None:
         f"{'conc':>4} {'batch':>5} | {'served req/s':>12} {'p50 ms':>7} | {'in-proc req/s':>13} {'p50 ms':>7} | "
         f"{'ratio median [min-max]':>23} | served p50 ms: " + " ".join(f"{p:>7}" for p in TIMING_PARTS)
     )
+    replicas = _replicas("tokenizer-" + name if args.separate_replica else "Ingress")
+    driver = [psutil.Process()]
+    costs = []
     for concurrency in args.concurrency:
         batch = min(concurrency, args.max_batch_size, max(1, args.max_batch_pixels // args.size**2))
         ratios, served_rps, local_rps, served_lat, local_lat, timings = [], [], [], [], [], []
+        spent = np.zeros(4)  # replica CPU s, replica faults, in-process CPU s, in-process faults
         for _ in range(args.rounds):
+            before = _cpu_and_faults(replicas)
             rps, latencies, round_timings = asyncio.run(served(url, name, bodies, concurrency))
+            after, local_before = _cpu_and_faults(replicas), _cpu_and_faults(driver)
             local, local_latencies = in_process(tokenizer, bodies, batch)
+            local_after = _cpu_and_faults(driver)
+            spent += np.subtract((*after, *local_after), (*before, *local_before))
             ratios.append(rps / local)
             served_rps.append(rps)
             local_rps.append(local)
@@ -231,12 +250,18 @@ def main() -> None:
             f"{_p50_p95(served_lat)[0] * 1e3:>7.1f} | {statistics.median(local_rps):>13.2f} "
             f"{_p50_p95(local_lat)[0] * 1e3:>7.1f} | {spread:>23} | served p50 ms: {parts}"
         )
+        costs.append((concurrency, spent / (args.rounds * len(bodies))))
+    print("per request: CPU ms and minor page faults, the replica process vs the in-process one")
+    for concurrency, (cpu, faults, local_cpu, local_faults) in costs:
+        print(
+            f"{concurrency:>4} | replica {cpu * 1e3:6.1f} ms, {faults:7.0f} faults | "
+            f"in-process {local_cpu * 1e3:6.1f} ms, {local_faults:7.0f} faults"
+        )
     bare = _Bare.remote()
     bare_mb = ray.get(bare.rss_mb.remote())
-    replicas = _replica_rss_mb("tokenizer-" + name if args.separate_replica else "Ingress")
     print(
         f"{'model' if args.separate_replica else 'ingress (model inside)'} replica RSS: "
-        f"{', '.join(f'{mb:.0f}' for mb in replicas)} MB; a bare Ray actor: {bare_mb:.0f} MB; "
+        f"{', '.join(f'{p.memory_info().rss / 2**20:.0f}' for p in replicas)} MB; a bare Ray actor: {bare_mb:.0f} MB; "
         f"in-process driver (model loaded, benchmark run): {psutil.Process().memory_info().rss / 2**20:.0f} MB"
     )
     serve.shutdown()

@@ -16,11 +16,13 @@ depending on exception pickling.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import math
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -101,6 +103,12 @@ class TokenizerWorker:
         self.lanes: dict[Lane, asyncio.Lock] = {"small": asyncio.Lock(), "large": asyncio.Lock()}
         self.recent_rates: dict[Lane, deque[float]] = {  # model seconds per batch unit
             lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
+        }
+        # Each lane's model calls run in one thread of their own, always the same: its heap arena
+        # keeps the memory the last call freed and its caches stay warm, while media decodes and
+        # replies take the event loop's default threads.
+        self.model_threads: dict[Lane, ThreadPoolExecutor] = {
+            lane: ThreadPoolExecutor(1, thread_name_prefix=f"model-{lane}") for lane in self.lanes
         }
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         keep_heap_for_model_calls()  # freed activations stay for the next call; an idle trim returns them
@@ -238,8 +246,9 @@ class TokenizerWorker:
             self.trim_timer.cancel()
             self.trim_timer = None
         self.model_calls += 1
-        try:
-            result = await asyncio.to_thread(fn, *args)
+        try:  # in the lane's model thread, with this request's context (its abandon scope)
+            run = contextvars.copy_context().run
+            result = await asyncio.get_running_loop().run_in_executor(self.model_threads[lane], run, fn, *args)
         finally:
             self.model_calls -= 1
         elapsed = time.perf_counter() - started

@@ -45,6 +45,14 @@ def test_deployment_configs_pass_rays_schema_and_ours():
         for g in cluster["workerGroupSpecs"]
     ]
     assert all(n >= max(m.num_gpus for m in config.models) for n in gpus)
+    # every node runs Serve's HAProxy ingress, as tokenizers-svc serve does on a local instance
+    from serving.app import HAPROXY_ENVIRONMENT
+
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == HAPROXY_ENVIRONMENT["RAY_SERVE_ENABLE_HA_PROXY"]
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == HAPROXY_ENVIRONMENT["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
 
 
 @pytest.mark.parametrize(
