@@ -15,7 +15,7 @@ admission), ``hop`` = its handle call less the replica's time (the actor hop bot
 = PNG decoding in the replica, ``queue`` = waiting for the model or a batch, and ``model``. Also prints the resident memory (RSS) of the model's replica and of a bare Ray actor.
 The model is served inside the ingress (``in_ingress``, one actor hop) unless ``--separate-replica``.
 
-    .venv/bin/python benchmarks/serve_bench.py [--model tsvc-image-f8c4] [--size 256] [--requests 24]
+    .venv/bin/python benchmarks/serve_bench.py [--model tsvc-image-f8c4] [--size 256] [--requests 60]
                                                [--rounds 3] [--threads 1] [--num-cpus 2]
                                                [--max-batch-size 8] [--max-batch-pixels 65536]
 """
@@ -153,7 +153,10 @@ def main() -> None:
     )
     parser.add_argument("--model", default="tsvc-image-f8c4", help="preset or model directory")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level and round")
+    # 60: a round of 24 lasted ~2.7 s, and the replica, idle for the in-process round between, hands
+    # its heap back after 1 s (serving/worker.py, IDLE_TRIM_S), so a short round weighs the first
+    # calls after an idle spell more than a service under steady load sees them
+    parser.add_argument("--requests", type=int, default=60, help="requests per concurrency level and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level (median, spread)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument(
