@@ -13,7 +13,7 @@ from torch import nn
 from tokenizers_svc import traced
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.registry import backend_for
-from tokenizers_svc.traced import TRACE_AFTER, TRACED_ENV, TracedCalls
+from tokenizers_svc.traced import HOT_CALLS, TRACED_ENV, TracedCalls
 
 
 def _content(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -36,7 +36,7 @@ def test_every_family_that_opts_in_is_checked_here():
 def test_traced_calls_equal_eager_on_new_content(name, side, monkeypatch):
     tokenizer = load_tokenizer(name)
     traced_content = _content(0, (1, 3, side, side))
-    for _ in range(TRACE_AFTER):  # the second call traces this shape
+    for _ in range(HOT_CALLS):  # the HOT_CALLS-th call traces this shape
         latents = tokenizer.encode(traced_content)
         tokenizer.decode(latents)
     encode, decode = tokenizer.backend.inference_moments, tokenizer.backend.inference_pixels
@@ -57,23 +57,29 @@ def _calls(fn, module: nn.Module | None = None) -> TracedCalls:
     return TracedCalls(fn, module or nn.Linear(4, 4), "test")
 
 
-def test_a_shape_is_traced_on_its_second_call_and_least_recent_shapes_are_dropped(monkeypatch):
+def test_hot_shapes_are_traced_cold_ones_are_not_and_least_recent_graphs_are_dropped(monkeypatch):
     monkeypatch.setattr(traced, "MAX_SHAPES", 2)
     layer = nn.Linear(4, 4).eval()
     calls = _calls(layer, layer)
     with torch.no_grad():
-        for rows in (1, 1, 2, 2, 3, 3):
-            calls(torch.ones(rows, 4))
+        for rows in (1, 2, 3):  # each hot in turn
+            for _ in range(HOT_CALLS):
+                calls(torch.ones(rows, 4))
         assert [key[0] for key in calls.graphs] == [(2, 4), (3, 4)]
         x = _content(2, (3, 4))
         assert torch.equal(calls(x), layer(x))
+        # many shapes, each a few times within the window (a folder's aspect ratios): none is hot
+        for _ in range(3):
+            for rows in range(10, 10 + traced.HOT_WINDOW // HOT_CALLS + 1):
+                calls(torch.ones(rows, 4))
+        assert [key[0] for key in calls.graphs] == [(2, 4), (3, 4)]
 
 
 def test_outputs_keep_their_structure_with_nones():
     layer = nn.Linear(4, 4).eval()
     calls = _calls(lambda x: (layer(x), None), layer)
     with torch.no_grad():
-        results = [calls(torch.ones(2, 4)) for _ in range(3)]
+        results = [calls(torch.ones(2, 4)) for _ in range(HOT_CALLS + 1)]
     assert len(calls.graphs) == 1
     assert all(out[1] is None and torch.equal(out[0], results[0][0]) for out in results)
 
@@ -83,21 +89,22 @@ def test_a_graph_that_differs_from_eager_is_refused_and_the_shape_stays_eager():
     layer = nn.Linear(4, 4).eval()
     calls = _calls(lambda x: layer(x) + next(counter), layer)
     with torch.no_grad():
-        for _ in range(4):
+        for _ in range(HOT_CALLS + 2):
             calls(torch.zeros(1, 4))
     assert not calls.graphs and calls.refused
-    with torch.no_grad():
-        assert torch.equal(calls(torch.zeros(1, 4)) - layer(torch.zeros(1, 4)), torch.full((1, 4), 5.0))
+    with torch.no_grad():  # eager calls 0..HOT_CALLS+1, the trace one more: this call adds HOT_CALLS+3
+        expected = torch.full((1, 4), float(HOT_CALLS + 3))
+        assert torch.equal(calls(torch.zeros(1, 4)) - layer(torch.zeros(1, 4)), expected)
 
 
 def test_training_and_autograd_run_eager():
     layer = nn.Linear(4, 4)
     calls = _calls(layer, layer)
-    for _ in range(3):
+    for _ in range(HOT_CALLS + 1):
         calls(torch.ones(1, 4)).sum().backward()  # autograd on
     layer.train()
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(HOT_CALLS + 1):
             calls(torch.ones(1, 4))
     assert not calls.graphs and not calls.seen
     assert layer.weight.grad is not None
@@ -105,12 +112,12 @@ def test_training_and_autograd_run_eager():
 
 def test_moving_the_model_forgets_its_graphs():
     tokenizer = load_tokenizer("tsvc-image-f8c4")
-    for _ in range(TRACE_AFTER):
+    for _ in range(HOT_CALLS):
         tokenizer.encode(_content(0, (1, 3, 32, 32)))
     assert tokenizer.backend.inference_moments.graphs
     tokenizer.to(dtype=torch.bfloat16)
     assert not tokenizer.backend.inference_moments.graphs
-    latents = [tokenizer.encode(_content(0, (1, 3, 32, 32))) for _ in range(TRACE_AFTER + 1)]
+    latents = [tokenizer.encode(_content(0, (1, 3, 32, 32))) for _ in range(HOT_CALLS + 1)]
     assert latents[-1].latents.dtype == torch.float32 and torch.equal(
         latents[-1].latents, latents[-2].latents
     )
