@@ -93,6 +93,7 @@ class TracedCalls:
         self.recent: deque[tuple] = deque()  # the keys of the last HOT_WINDOW eager calls
         self.seen: Counter[tuple] = Counter()  # how often each is in ``recent``
         self.refused: set[tuple] = set()
+        self.tracing: set[tuple] = set()  # being traced by one caller; the others stay eager meanwhile
         self.lock = threading.Lock()
 
     def clear(self) -> None:
@@ -102,6 +103,7 @@ class TracedCalls:
             self.recent.clear()
             self.seen.clear()
             self.refused.clear()
+            self.tracing.clear()
 
     def __call__(self, x: torch.Tensor) -> Output:
         if torch.is_grad_enabled() or self.module.training or not tracing_enabled():
@@ -112,7 +114,9 @@ class TracedCalls:
             if entry is not None:
                 self.graphs.move_to_end(key)
             else:
-                hot = self._count(key) and key not in self.refused
+                hot = self._count(key) and key not in self.refused and key not in self.tracing
+                if hot:
+                    self.tracing.add(key)
         if entry is not None:
             graph, kept, width = entry
             return _restore(_as_tuple(graph(x)), kept, width)
@@ -147,6 +151,7 @@ class TracedCalls:
             logger.info("%s: shape %s not traced (%s: %s)", self.name, key[0], type(error).__name__, error)
             same, graph = False, None
         with self.lock:
+            self.tracing.discard(key)
             if not same:
                 if graph is not None:
                     logger.warning(
