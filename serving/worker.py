@@ -248,7 +248,9 @@ class TokenizerWorker:
         self.model_calls += 1
         try:  # in the lane's model thread, with this request's context (its abandon scope)
             run = contextvars.copy_context().run
-            result = await asyncio.get_running_loop().run_in_executor(self.model_threads[lane], run, fn, *args)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.model_threads[lane], run, fn, *args
+            )
         finally:
             self.model_calls -= 1
         elapsed = time.perf_counter() - started
