@@ -7,12 +7,16 @@ and their resident (RSS) and unique (USS: what the process alone holds; shared l
 counted once in the first) memory. Also a bare Ray actor's, the floor every replica stands on, and
 a bare Serve replica's (Ray Serve's own imports and threads, nothing of ours).
 
-    .venv/bin/python benchmarks/serve_memory.py [--num-cpus 2]
+The HTTP ingress is HAProxy, as ``tokenizers-svc serve`` ships (its manager actor, the haproxy
+process and Serve's fallback proxy are counted), unless ``--ingress python``.
+
+    .venv/bin/python benchmarks/serve_memory.py [--num-cpus 2] [--ingress haproxy|python]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import time
 
@@ -22,7 +26,13 @@ import ray
 from ray import serve
 from skimage import data
 
-from serving.app import DEFAULT_CONFIG, build_app, load_config_file
+from serving.app import (
+    DEFAULT_CONFIG,
+    HAPROXY_PORT_VARIABLES,
+    build_app,
+    load_config_file,
+    use_haproxy_ingress,
+)
 from tokenizers_svc import media
 
 
@@ -59,7 +69,11 @@ def _processes() -> list[tuple[str, float, float]]:
     return found
 
 
-def measure(args_config: dict, in_ingress: bool, num_cpus: int) -> None:
+def measure(args_config: dict, in_ingress: bool, num_cpus: int, ingress: str) -> None:
+    if ingress == "haproxy":
+        for name in HAPROXY_PORT_VARIABLES:  # fresh ports for each Ray instance
+            os.environ.pop(name, None)
+        use_haproxy_ingress()
     config = {**args_config, "api_key_env": None}
     config["models"] = [{**m, "in_ingress": in_ingress} for m in config["models"]]
     port = _free_port()
@@ -102,11 +116,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--ingress", choices=("haproxy", "python"), default="haproxy")
     args = parser.parse_args()
     config = load_config_file(DEFAULT_CONFIG)["args"]
-    print(f"models: {', '.join(m['name'] for m in config['models'])}")
+    print(f"models: {', '.join(m['name'] for m in config['models'])}; {args.ingress} ingress")
     for in_ingress in (False, True):
-        measure(config, in_ingress, args.num_cpus)
+        measure(config, in_ingress, args.num_cpus, args.ingress)
 
 
 if __name__ == "__main__":
