@@ -989,7 +989,13 @@ def test_shipped_server_answers_through_haproxy(crops):
     come through as they do through Serve's Python proxy (the rest of this module)."""
     default = "tsvc-image-f8c4"
     with served_process() as url, httpx.Client(base_url=url, timeout=120) as client:
-        assert _listeners(int(url.rsplit(":", 1)[1])) == {"haproxy"}
+        # HAProxy reloads when Serve's routes change, handing its listening socket to a new process;
+        # a scan during that hand-over can miss both, so look again for a few seconds
+        port = int(url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 15
+        while not (listeners := _listeners(port)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert listeners == {"haproxy"}
         body = png(crops[0])
         response = client.post(
             f"/v1/models/{default}/encode", content=body, headers={"content-type": "image/png"}
