@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from ray import serve
 from skimage import data
 
-from serving.app import build_app, use_haproxy_ingress
+from serving.app import build_app, free_port, use_haproxy_ingress
 from tokenizers_svc import media
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.memory import keep_heap_for_model_calls
@@ -191,9 +190,7 @@ def main() -> None:
     keep_heap_for_model_calls()
 
     bodies = _bodies(args.size, args.requests)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     name = "bench-model"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
 import httpx
@@ -30,6 +29,7 @@ from serving.app import (
     DEFAULT_CONFIG,
     HAPROXY_PORT_VARIABLES,
     build_app,
+    free_port,
     load_config_file,
     use_haproxy_ingress,
 )
@@ -48,12 +48,6 @@ class _BareReplica:
 
     def rss_mb(self) -> float:
         return psutil.Process().memory_info().rss / 2**20
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _processes() -> list[tuple[str, float, float]]:
@@ -76,7 +70,7 @@ def measure(args_config: dict, in_ingress: bool, num_cpus: int, ingress: str) ->
         use_haproxy_ingress()
     config = {**args_config, "api_key_env": None}
     config["models"] = [{**m, "in_ingress": in_ingress} for m in config["models"]]
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="memory", route_prefix="/", blocking=False)

@@ -54,6 +54,13 @@ HAPROXY_PORT_VARIABLES = (
 )
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it), for a server this process starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def use_haproxy_ingress() -> None:
     """Turn on the HAProxy ingress for the local Ray instance this process is about to start: Serve
     reads these variables in the processes Ray starts, which inherit this environment. A cluster
@@ -63,9 +70,7 @@ def use_haproxy_ingress() -> None:
         os.environ.setdefault(name, value)
     for name in HAPROXY_PORT_VARIABLES:
         if name not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                os.environ[name] = str(sock.getsockname()[1])
+            os.environ[name] = str(free_port())
 
 
 def _deployment_name(model: str) -> str:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from evals.heldout_video import REAL_CLIPS
+from tests.helpers import worker_in_this_process
 from tokenizers_svc import load_tokenizer
 from tokenizers_svc.cli import app
 from tokenizers_svc.loading import build_module
@@ -90,11 +91,10 @@ def test_tiny_image_recipe_trains_exports_and_loads(shared_data, tmp_path, monke
 
     tokenizer = load_tokenizer(export)  # config.json + safetensors + card.json, nothing else
     assert tokenizer.name == "tiny-image"
-    from serving import worker  # the server's replica loads the same directory
+    from serving.worker import TokenizerWorker  # the server's replica loads the same directory
 
-    # its heap setting is per process, and this one runs other tests too (tests/test_worker.py)
-    monkeypatch.setattr(worker, "keep_heap_for_model_calls", lambda: False)
-    served = worker.TokenizerWorker({"name": "trained", "model": str(export), "allow_random_init": False}, {})
+    with worker_in_this_process(monkeypatch):
+        served = TokenizerWorker({"name": "trained", "model": str(export), "allow_random_init": False}, {})
     assert served.describe()["weights_hash"] == tokenizer.weights_hash
     assert tokenizer.spec.normalization.scale == pytest.approx(
         1 / card["metrics"]["final"]["latent_std"], rel=1e-3

@@ -16,17 +16,16 @@ from skimage import data
 from serving import worker
 from serving.jobs import EncodeJob, Reply
 from serving.worker import TokenizerWorker
+from tests.helpers import worker_in_this_process
 from tokenizers_svc import media
 from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.pipeline import EncodeOptions
 
 
 @pytest.fixture(autouse=True)
-def _test_process_heap_untouched(monkeypatch):
-    """A replica keeps its heap between model calls for the whole process (glibc settings,
-    tokenizers_svc.memory.keep_heap_for_model_calls); this pytest process runs other tests too, so
-    the workers built here leave it alone."""
-    monkeypatch.setattr(worker, "keep_heap_for_model_calls", lambda: False)
+def _leave_this_process_as_it_was(monkeypatch):
+    with worker_in_this_process(monkeypatch):
+        yield
 
 
 def test_idle_model_trims_once_and_a_busy_one_never(monkeypatch):
