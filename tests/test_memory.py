@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tokenizers_svc.memory import HEAP_TUNING_ENV, PeakRss
+from tokenizers_svc.memory import HEAP_TUNING_ENV, PeakRss, model_process_environment
 
 _PEAK_OF_A_BLOCK = """
 import time
@@ -121,3 +121,15 @@ def test_model_calls_in_the_main_thread_reuse_their_memory_until_an_idle_trim():
     assert trimmed == 1 and released > 16 * 2**20
     faults, _, _ = _main_thread_calls("0")
     assert faults > 5000
+
+
+def test_model_process_environment_keeps_the_operators_choice(monkeypatch):
+    """One malloc arena for a served model's process, unless the operator chose a count, or turned
+    the heap settings off (tests/test_serving.py checks that it reaches the replicas)."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv(HEAP_TUNING_ENV, raising=False)
+    assert model_process_environment() == {"MALLOC_ARENA_MAX": "1"}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert model_process_environment() == {"MALLOC_ARENA_MAX": "4"}
+    monkeypatch.setenv(HEAP_TUNING_ENV, "0")
+    assert model_process_environment() == {}

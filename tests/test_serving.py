@@ -767,14 +767,25 @@ def test_queue_overflow_gives_503_with_retry_after(base_url, http, crops):
     assert_healthy(http, crops)
 
 
+def test_processes_that_run_models_allocate_from_one_heap(http):
+    """A model's own replica and the ingress that serves models inside it start with glibc's one
+    malloc arena (tokenizers_svc.memory.model_process_environment): Ray applies the deployment's
+    runtime_env to the processes it starts."""
+    assert http.get("/readyz").status_code == 200
+    for model, deployment in ((MODEL, None), (IN_INGRESS, "Ingress")):
+        (process,) = _replica_processes(model, deployment)
+        assert process.environ().get("MALLOC_ARENA_MAX") == "1", (deployment or model, process.cmdline())
+
+
 # ---- bounded work (issue 13): each case answers at once, leaves the model serving, memory bounded ----
 
 
-def _replica_processes(model: str) -> list[psutil.Process]:
-    """The replica processes of a model's deployment (Ray titles them ServeReplica:<app>:<deployment>)
-    in this test process's own Ray: its raylet is a child of this process. Another pytest worker, or
-    a server beside the tests, may run an app of the same name."""
-    title = f"ServeReplica:tokenizers-test:tokenizer-{model}"
+def _replica_processes(model: str, deployment: str | None = None) -> list[psutil.Process]:
+    """The replica processes of a model's deployment (or of ``deployment``, e.g. the ingress; Ray
+    titles them ServeReplica:<app>:<deployment>) in this test process's own Ray: its raylet is a
+    child of this process. Another pytest worker, or a server beside the tests, may run an app of the
+    same name."""
+    title = f"ServeReplica:tokenizers-test:{deployment or 'tokenizer-' + model}"
     ours = psutil.Process().children(recursive=True)
     return [p for p in ours if any(title in part for part in _cmdline(p))]
 
