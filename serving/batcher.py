@@ -3,7 +3,9 @@
 Requests queue while the model is busy; when it is free, everything queued (up to ``max_units``)
 runs as the next batch. A request that finds the model idle runs at once, unless other requests
 have reached the replica and are still being prepared (their media decoded): then it waits for
-those, at most ``wait_s``, so that requests sent together run together.
+those, at most ``wait_s``, so that requests sent together run together. A full batch can be handed
+over while the model still works on the last one (``ahead``), so that the model starts it the
+moment it is free instead of when the event loop gets round to it; a partial one waits, to fill.
 
 Why not ``@serve.batch``: its window opens at the first request and is waited out whenever the
 batch is not full, so a lone request always paid the whole ``batch_wait_timeout_s`` (10 ms of a
@@ -25,7 +27,10 @@ Result = TypeVar("Result")
 class Batcher(Generic[Item, Result]):
     """``await submit(item)`` -> that item's result from ``run(batch)`` (one result per item, in
     order). ``size(item)``: its batch units; a batch holds at most ``max_units`` (and at least one
-    item). Each replica (one event loop) owns its batchers; they are created inside it."""
+    item). ``ahead``: batches handed to ``run`` at once; beyond the first, only full ones, for a
+    ``run`` that queues them for a model working one call at a time (the next call is at hand the
+    moment the last one ends). Each replica (one event loop) owns its batchers; they are created
+    inside it."""
 
     def __init__(
         self,
@@ -33,11 +38,14 @@ class Batcher(Generic[Item, Result]):
         size: Callable[[Item], int],
         max_units: int,
         wait_s: float,
+        ahead: int = 1,
     ) -> None:
         self.run = run
         self.size = size
         self.max_units = max_units
         self.wait_s = wait_s
+        self.ahead = ahead
+        self._running: set[asyncio.Task] = set()  # batches handed to ``run``, not yet done
         self._queue: list[tuple[Item, asyncio.Future]] = []
         self._preparing = 0  # requests in the replica that will be submitted once prepared
         self._changed = asyncio.Event()
@@ -69,20 +77,36 @@ class Batcher(Generic[Item, Result]):
 
     async def _serve(self) -> None:
         while self._queue:
-            await self._gather_company()
+            self._changed.clear()
+            if self._running:
+                # a batch is already handed over: the next goes too only when it is full (a partial
+                # one waits to fill while the model works) and the model takes one more
+                if len(self._running) >= self.ahead or self._queued_units() < self.max_units:
+                    await self._changed.wait()  # a batch done, or the queue grew
+                    continue
+            else:
+                await self._gather_company()
             batch = self._take()
-            if not batch:
-                continue
-            try:
-                results = await self.run([item for item, _ in batch])
-            except Exception as error:  # the batch's callers see the failure; the loop goes on
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
+            if batch:
+                task = asyncio.create_task(self._run_batch(batch))
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
+
+    async def _run_batch(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
+        try:
+            results = await self.run([item for item, _ in batch])
+        except Exception as error:  # the batch's callers see the failure; the batcher goes on
+            for _, future in batch:
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._changed.set()
 
     async def _gather_company(self) -> None:
         """While requests are still being prepared and the batch is not full, wait for them."""

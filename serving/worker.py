@@ -58,6 +58,7 @@ from tokenizers_svc.wire import ID_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, tensor
 
 RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
 LATE_RETRY_AFTER_S = 1
+LANE_DEPTH = 2  # model calls handed to a lane's thread at once: the one running and the next
 IDLE_TRIM_S = 1.0  # a model idle this long hands its freed activations back (_schedule_trim)
 
 
@@ -98,9 +99,12 @@ class TokenizerWorker:
         self.limits = LimitsConfig.model_validate(limits).work()
         # Two lanes (serving/admission.py), each one model call at a time: small requests (what
         # batches, up to max_batch_pixels) and large ones, so a small request never waits behind a
-        # large one. Memory holds at most one batch and one large piece of work; the service time
-        # the ingress measures per pixel is the time a lane's queue takes to drain.
-        self.lanes: dict[Lane, asyncio.Lock] = {"small": asyncio.Lock(), "large": asyncio.Lock()}
+        # large one. Memory holds at most one batch and one large piece of work at work (the next
+        # call handed over holds only its inputs); the service time the ingress measures per pixel
+        # is the time a lane's queue takes to drain.
+        self.lanes: dict[Lane, asyncio.Semaphore] = {
+            lane: asyncio.Semaphore(LANE_DEPTH) for lane in ("small", "large")
+        }
         self.recent_rates: dict[Lane, deque[float]] = {  # model seconds per batch unit
             lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
         }
@@ -118,7 +122,7 @@ class TokenizerWorker:
             dtype=getattr(torch, resolved_dtype(self.config.dtype, self.config.device)),
             allow_random_init=self.config.allow_random_init,
         )
-        self.model_calls = 0  # running now, in either lane
+        self.model_calls = 0  # handed to a lane (running or next), or waiting for one
         # Media decodes at a time, per lane: one per CPU of the replica and one more that decodes
         # while the model runs. The model is the bottleneck; decoding further ahead only takes its
         # cores (docs/benchmarks.md, "Serving"). Per lane, so a large video's decode never holds a
@@ -130,8 +134,12 @@ class TokenizerWorker:
         self.trim_timer: asyncio.TimerHandle | None = None
         self.quantum = max(1, self.config.max_batch_pixels // self.config.max_batch_size)
         batching = (_item_size, self.config.max_batch_pixels, self.config.batch_wait_timeout_s)
-        self.encoder = Batcher(partial(self._run_batch, run_bucket=self._encode_bucket), *batching)
-        self.decoder = Batcher(partial(self._run_batch, run_bucket=self._decode_bucket), *batching)
+        self.encoder = Batcher(
+            partial(self._run_batch, run_bucket=self._encode_bucket), *batching, LANE_DEPTH
+        )
+        self.decoder = Batcher(
+            partial(self._run_batch, run_bucket=self._decode_bucket), *batching, LANE_DEPTH
+        )
 
     def describe(self) -> dict:
         info = self.tokenizer.describe()
@@ -201,64 +209,87 @@ class TokenizerWorker:
         return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch, compute_s
 
     async def _run_alone(self, fn: Callable, *args, token: WorkToken, size: int) -> tuple:
-        """``fn(*args)`` in a thread when the model calls before it are done: (result, seconds it
-        took); refused with 503 instead when, by then, it could no longer finish in time."""
+        """``fn(*args)`` in its lane's model thread once the calls before it are done: (result,
+        seconds it ran); refused with 503 instead when, by then, it could no longer finish in time."""
         lane = lane_for(size, self.config.max_batch_pixels)
-        async with self.lanes[lane]:
+
+        def checked() -> tuple[object, int]:  # in the model thread, when the call before is done
             if self._too_late(token, size, lane):
                 raise self._late()
-            return await self._timed(size, token, lane, fn, *args)
+            return fn(*args), size
+
+        return await self._in_lane(lane, token, checked)
 
     async def _run_batch(
         self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
     ) -> list[tuple[object, int, float]]:
-        """A batch (:class:`~serving.batcher.Batcher`): items nobody waits for any more are dropped, those that could no
-        longer finish in time get 503; the rest run grouped (``run_in_groups``) until every one of
-        them is abandoned. Per item: (result or error, size of its model call, its share of the
-        batch's model time, by batch units)."""
+        """A batch (:class:`~serving.batcher.Batcher`), checked in the model thread when the call
+        before it is done: items nobody waits for any more are dropped, those that could no longer
+        finish in time get 503; the rest run grouped (``run_in_groups``) until every one of them is
+        abandoned. Per item: (result or error, size of its model call, its share of the batch's
+        model time, by batch units)."""
         gone = RequestTimeoutError("the request was abandoned before its batch ran", param="model")
-        results: dict[int, tuple[object, int, float]] = {}
-        async with self.lanes["small"]:  # a batch holds at most max_batch_pixels
-            live = []
+        late: dict[int, TokenizerError] = {}
+        live: list[_Item] = []
+
+        def checked() -> tuple[list, int]:
             for item in items:
                 if item.token.abandoned:
-                    results[id(item)] = (gone, 1, 0.0)
+                    late[id(item)] = gone
                 elif self._too_late(item.token, item.size, "small"):
-                    results[id(item)] = (self._late(), 1, 0.0)
+                    late[id(item)] = self._late()
                 else:
                     live.append(item)
-            if live:
-                units = sum(item.size for item in live)
-                batch_token = WorkToken(parts=tuple(item.token for item in live))
-                with abandon.scope(batch_token):
-                    outcomes, elapsed = await self._timed(
-                        units, batch_token, "small", run_in_groups, live, _item_key, run_bucket
-                    )
-                for item, (result, size) in zip(live, outcomes, strict=True):
-                    results[id(item)] = (result, size, elapsed * item.size / units)
-        return [results[id(item)] for item in items]
+            if not live:
+                return [], 0
+            with abandon.scope(WorkToken(parts=tuple(item.token for item in live))):
+                return run_in_groups(live, _item_key, run_bucket), sum(item.size for item in live)
 
-    async def _timed(self, units: int, token: WorkToken, lane: Lane, fn: Callable, *args) -> tuple:
-        """(fn(*args) in a thread, seconds it took); the seconds per unit join the lane's recent
-        ones unless the work was abandoned part way (its time says nothing about the rate)."""
-        started = time.perf_counter()
+        batch_token = WorkToken(parts=tuple(item.token for item in items))
+        outcomes, elapsed = await self._in_lane("small", batch_token, checked)  # at most max_batch_pixels
+        units = sum(item.size for item in live)
+        results = {
+            id(item): (result, size, elapsed * item.size / units)
+            for item, (result, size) in zip(live, outcomes, strict=True)
+        }
+        return [results.get(id(item), (late.get(id(item)), 1, 0.0)) for item in items]
+
+    async def _in_lane(
+        self, lane: Lane, token: WorkToken, call: Callable[[], tuple[object, int]]
+    ) -> tuple[object, float]:
+        """``call()`` in the lane's model thread, with this request's context (its abandon scope):
+        (its result, seconds it ran). ``call`` returns (result, batch units it ran); their seconds
+        per unit join the lane's recent ones unless the work was abandoned part way (its time says
+        nothing about the rate). Up to LANE_DEPTH calls are handed to the thread at once: the next
+        one starts the moment the last one ends, not when the event loop, busy with other
+        requests, gets round to it."""
         if self.trim_timer is not None:  # not idle after all
             self.trim_timer.cancel()
             self.trim_timer = None
-        self.model_calls += 1
-        try:  # in the lane's model thread, with this request's context (its abandon scope)
-            run = contextvars.copy_context().run
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.model_threads[lane], run, fn, *args
-            )
+        ran: list[float] = []
+
+        def timed() -> object:
+            started = time.perf_counter()
+            try:
+                result, units = call()
+            finally:
+                ran.append(time.perf_counter() - started)
+            if units and not token.abandoned:
+                self.recent_rates[lane].append(ran[0] / units)
+            return result
+
+        self.model_calls += 1  # handed over or waiting for the lane: not idle
+        try:
+            async with self.lanes[lane]:
+                run = contextvars.copy_context().run
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self.model_threads[lane], run, timed
+                )
         finally:
             self.model_calls -= 1
-        elapsed = time.perf_counter() - started
-        if not token.abandoned:
-            self.recent_rates[lane].append(elapsed / units)
         if self._idle():
             self._schedule_trim()
-        return result, elapsed
+        return result, ran[0] if ran else 0.0
 
     def _idle(self) -> bool:
         return not (self.model_calls or self.encoder.queued or self.decoder.queued)

@@ -121,3 +121,29 @@ def test_a_caller_that_left_is_dropped_from_its_batch():
     results, batches = asyncio.run(scenario())
     assert results == [10, 30]
     assert batches == [[1], [3]]
+
+
+def test_a_full_batch_is_handed_over_while_the_model_works_and_a_partial_one_waits():
+    """``ahead=2``: behind a running batch, the next one is handed over at once when it is full
+    (its run starts while the first still runs) and waits to fill when it is not."""
+
+    async def scenario(waiting: int):
+        started: list[tuple[int, int]] = []  # (batch size, batches running when it started)
+        running: list[int] = []
+
+        async def run(items: list) -> list:
+            started.append((len(items), len(running)))
+            running.append(1)
+            await asyncio.sleep(0.3)
+            running.pop()
+            return [item * 10 for item in items]
+
+        batcher = Batcher(run, lambda item: 1, 2, 1.0, ahead=2)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 1 + waiting)]
+        assert await asyncio.gather(first, *rest) == [i * 10 for i in range(1 + waiting)]
+        return started
+
+    assert asyncio.run(scenario(waiting=2)) == [(1, 0), (2, 1)]  # full: handed over beside the first
+    assert asyncio.run(scenario(waiting=1)) == [(1, 0), (1, 0)]  # partial: after the first was done
