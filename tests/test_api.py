@@ -139,3 +139,24 @@ def test_auto_dtype_is_bfloat16_on_cuda_only():
     assert resolved_dtype("auto", "cuda") == resolved_dtype("auto", "cuda:1") == "bfloat16"
     assert resolved_dtype("auto", "cpu") == "float32"
     assert resolved_dtype("float16", "cuda") == "float16"  # an explicit choice wins
+
+
+def test_inference_runs_in_eval_mode_and_leaves_the_mode_as_it_found_it(tokenizer, odd_photo):
+    """A module in training mode (a training loop's validation) runs encode and decode in eval mode
+    and is back in training mode after; one in eval mode (every loaded one) is not walked again."""
+    module = tokenizer.backend.module
+    seen: list[bool] = []
+    submodule = next(m for m in module.modules() if m is not module and not list(m.children()))
+    hook = submodule.register_forward_hook(lambda m, args, out: seen.append(m.training))
+    try:
+        module.train()
+        latents = tokenizer.encode(odd_photo)
+        tokenizer.decode(latents)
+        assert seen and not any(seen) and all(m.training for m in module.modules())
+        module.eval()
+        seen.clear()
+        tokenizer.decode(tokenizer.encode(odd_photo))
+        assert seen and not any(seen) and not any(m.training for m in module.modules())
+    finally:
+        hook.remove()
+        module.eval()

@@ -300,12 +300,19 @@ class Tokenizer:
 
     @contextlib.contextmanager
     def _eval_mode(self):
-        was_training = self.backend.module.training
-        self.backend.module.eval()
+        """The block runs the module in eval mode; a module in training mode is put back after. One
+        already in eval mode (every loaded and served one) is left as it is: ``eval()`` and
+        ``train()`` walk every submodule, 1.6 ms of Python per call for the image default (4,440
+        attribute sets), held in the thread that runs the model."""
+        module = self.backend.module
+        if not module.training:
+            yield
+            return
+        module.eval()
         try:
             yield
         finally:
-            self.backend.module.train(was_training)
+            module.train()
 
 
 def padded_side(side: int, spec: TokenizerSpec) -> int:
