@@ -99,9 +99,9 @@ class TokenizerWorker:
         self.limits = LimitsConfig.model_validate(limits).work()
         # Two lanes (serving/admission.py), each one model call at a time: small requests (what
         # batches, up to max_batch_pixels) and large ones, so a small request never waits behind a
-        # large one. Memory holds at most one batch and one large piece of work at work (the next
-        # call handed over holds only its inputs); the service time the ingress measures per pixel
-        # is the time a lane's queue takes to drain.
+        # large one. At most one batch and one large piece of work compute at a time (the call
+        # handed over behind each holds only its inputs); the service time the ingress measures per
+        # pixel is the time a lane's queue takes to drain.
         self.lanes: dict[Lane, asyncio.Semaphore] = {
             lane: asyncio.Semaphore(LANE_DEPTH) for lane in ("small", "large")
         }
@@ -229,15 +229,15 @@ class TokenizerWorker:
         abandoned. Per item: (result or error, size of its model call, its share of the batch's
         model time, by batch units)."""
         gone = RequestTimeoutError("the request was abandoned before its batch ran", param="model")
-        late: dict[int, TokenizerError] = {}
+        refused: dict[int, TokenizerError] = {}  # abandoned, or too late to finish
         live: list[_Item] = []
 
         def checked() -> tuple[list, int]:
             for item in items:
                 if item.token.abandoned:
-                    late[id(item)] = gone
+                    refused[id(item)] = gone
                 elif self._too_late(item.token, item.size, "small"):
-                    late[id(item)] = self._late()
+                    refused[id(item)] = self._late()
                 else:
                     live.append(item)
             if not live:
@@ -252,7 +252,7 @@ class TokenizerWorker:
             id(item): (result, size, elapsed * item.size / units)
             for item, (result, size) in zip(live, outcomes, strict=True)
         }
-        return [results.get(id(item), (late.get(id(item)), 1, 0.0)) for item in items]
+        return [results.get(id(item), (refused.get(id(item)), 1, 0.0)) for item in items]
 
     async def _in_lane(
         self, lane: Lane, token: WorkToken, call: Callable[[], tuple[object, int]]
