@@ -216,9 +216,10 @@ class TokenizerWorker:
         def checked() -> tuple[object, int]:  # in the model thread, when the call before is done
             if self._too_late(token, size, lane):
                 raise self._late()
-            return fn(*args), size
+            result = fn(*args)
+            return result, 0 if token.abandoned else size
 
-        return await self._in_lane(lane, token, checked)
+        return await self._in_lane(lane, checked)
 
     async def _run_batch(
         self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
@@ -242,26 +243,24 @@ class TokenizerWorker:
                     live.append(item)
             if not live:
                 return [], 0
-            with abandon.scope(WorkToken(parts=tuple(item.token for item in live))):
-                return run_in_groups(live, _item_key, run_bucket), sum(item.size for item in live)
+            with abandon.scope(WorkToken(parts=tuple(item.token for item in live))) as token:
+                outcomes = run_in_groups(live, _item_key, run_bucket)
+            return outcomes, 0 if token.abandoned else sum(item.size for item in live)
 
-        batch_token = WorkToken(parts=tuple(item.token for item in items))
-        outcomes, elapsed = await self._in_lane("small", batch_token, checked)  # at most max_batch_pixels
-        units = sum(item.size for item in live)
+        outcomes, elapsed = await self._in_lane("small", checked)  # at most max_batch_pixels
+        total = sum(item.size for item in live)
         results = {
-            id(item): (result, size, elapsed * item.size / units)
+            id(item): (result, size, elapsed * item.size / total)
             for item, (result, size) in zip(live, outcomes, strict=True)
         }
         return [results.get(id(item), (refused.get(id(item)), 1, 0.0)) for item in items]
 
-    async def _in_lane(
-        self, lane: Lane, token: WorkToken, call: Callable[[], tuple[object, int]]
-    ) -> tuple[object, float]:
+    async def _in_lane(self, lane: Lane, call: Callable[[], tuple[object, int]]) -> tuple[object, float]:
         """``call()`` in the lane's model thread, with this request's context (its abandon scope):
-        (its result, seconds it ran). ``call`` returns (result, batch units it ran); their seconds
-        per unit join the lane's recent ones unless the work was abandoned part way (its time says
-        nothing about the rate). Up to LANE_DEPTH calls are handed to the thread at once: the next
-        one starts the moment the last one ends, not when the event loop, busy with other
+        (its result, seconds it ran). ``call`` returns (result, batch units it ran), units 0 when
+        the work was abandoned part way (its time says nothing about the rate); the seconds per unit
+        join the lane's recent ones. Up to LANE_DEPTH calls are handed to the thread at once: the
+        next one starts the moment the last one ends, not when the event loop, busy with other
         requests, gets round to it."""
         if self.trim_timer is not None:  # not idle after all
             self.trim_timer.cancel()
@@ -274,7 +273,7 @@ class TokenizerWorker:
                 result, units = call()
             finally:
                 ran.append(time.perf_counter() - started)
-            if units and not token.abandoned:
+            if units:
                 self.recent_rates[lane].append(ran[0] / units)
             return result
 

@@ -35,7 +35,7 @@ def test_idle_model_trims_once_and_a_busy_one_never(monkeypatch):
     async def scenario() -> None:
         served = TokenizerWorker({"name": "tiny", "model": "sd-vae-tiny"}, {})
         for _ in range(5):  # model calls back to back: each cancels the trim the last one set
-            await served._in_lane("small", WorkToken(), lambda: (sum([1, 2]), 1))
+            await served._in_lane("small", lambda: (sum([1, 2]), 1))
         assert trims == [] and served.trim_timer is not None
         await asyncio.sleep(worker.IDLE_TRIM_S + 1.0)  # quiet past the window: one trim
         assert trims == [1] and served.trim_timer is None
@@ -109,14 +109,14 @@ def test_calls_handed_to_a_lane_run_one_at_a_time_and_are_checked_when_they_star
 
             return timed
 
-        calls = [asyncio.create_task(served._in_lane("small", WorkToken(), call(0.2))) for _ in range(3)]
+        calls = [asyncio.create_task(served._in_lane("small", call(0.2))) for _ in range(3)]
         await asyncio.sleep(0.05)
         assert served.model_calls == 3 and served.lanes["small"]._value == 0  # two handed over, one waits
         assert [result for result, _ in await asyncio.gather(*calls)] == ["done"] * 3
         assert queued_at_end[0] == 1  # the second was at hand in the thread when the first ended
 
         # recent rate 0.2 s per unit: a request due in 0.3 s, behind a 0.2 s call, is refused
-        first = asyncio.create_task(served._in_lane("small", WorkToken(), call(0.2)))
+        first = asyncio.create_task(served._in_lane("small", call(0.2)))
         await asyncio.sleep(0.02)
         due = WorkToken(deadline=time.time() + 0.3)
         with pytest.raises(worker.OverloadedError):
