@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ import ray
 from ray import serve
 from skimage import data
 
-from serving.app import build_app
+from serving.app import build_app, free_port
 from tokenizers_svc import media
 
 MAX_COUNT = 200  # the run stays bounded whatever the flags say
@@ -114,9 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="the model's request_timeout_s")
     args = parser.parse_args(argv)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

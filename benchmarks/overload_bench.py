@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ import ray
 from ray import serve
 from skimage import data
 
-from serving.app import DEFAULT_CONFIG, build_app, load_config_file
+from serving.app import DEFAULT_CONFIG, build_app, free_port, load_config_file
 from tokenizers_svc import media
 from tokenizers_svc.memory import PeakRss
 
@@ -89,9 +88,7 @@ def main() -> None:
     config = load_config_file(DEFAULT_CONFIG)["args"]
     config["models"] = [m for m in config["models"] if m["name"] == args.model]
     config["api_key_env"] = None
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
 from tokenizers_svc.errors import UnsupportedModelError
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.model_stats import meta_backend, preset_stats
@@ -63,9 +64,7 @@ def test_unreachable_hub_fails_fast_without_retries(tmp_path):
     """Online mode with no route to the hub: one connection attempt (the probe), not the hub
     client's retries (which took ~30 s). A fresh process, since huggingface_hub reads its endpoint
     and offline flag at import; it counts its connection attempts to the hub's port."""
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
     env.update(TOKENIZERS_SVC_HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
     code = f"""

@@ -4,7 +4,6 @@ Retry-After, typed errors, request encoding. The client against the real service
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from tests.helpers import free_port
 from tokenizers_svc import errors
 from tokenizers_svc.client import AsyncClient, Client, RetryPolicy
 from tokenizers_svc.latents import Latents
@@ -61,9 +61,7 @@ def _app(state: dict) -> FastAPI:
 @pytest.fixture(scope="module")
 def server():
     state = {"calls": 0}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(_app(state), host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

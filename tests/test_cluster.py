@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow  # the whole module starts Ray nodes: `make test-fast` skips it
 
@@ -48,12 +49,6 @@ def test_make_serve_passes_the_port():
     assert _make_plan("VERBOSE=1") == [f"{venv}/bin/tokenizers-svc serve  --verbose"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # Ray's noise that a normal run must not print: its C++ E-level lines ("[time E pid tid] file.cc"),
 # the token-authentication banner, the dashboard's address.
 RAY_NOISE = re.compile(r"\] E |^\[[^]]* E \d|Token authentication is|View the dashboard at", re.MULTILINE)
@@ -77,7 +72,7 @@ def test_two_servers_and_a_batch_job_side_by_side(tmp_path, shared_data, photo_u
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)  # as a user's shell: Ray decides, and must stay quiet
     config = _tiny_config(tmp_path / "config.yaml")
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     servers: list[_Started] = []
     job = None
     try:
@@ -166,7 +161,7 @@ def _ray_node(args: list[str], temp_dir: Path, env: dict) -> _Started:
     where every other ``ray.init()`` on this machine would find it."""
     temp_dir.mkdir(parents=True)
     command = [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}", *args]
-    command += ["--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={_free_port()}"]
+    command += ["--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}"]
     return _Started(command, temp_dir / "ray-start.log", env)
 
 
@@ -221,12 +216,12 @@ class _Cluster:
         )
 
     def _head_args(self) -> list[str]:
-        port = _free_port()
+        port = free_port()
         self.address = f"127.0.0.1:{port}"
         return [
             "--head",
             f"--port={port}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--include-dashboard=false",
             "--num-cpus=2",
             "--num-gpus=1",
@@ -365,7 +360,7 @@ def test_service_on_two_nodes_answers_after_losing_one(cluster, tmp_path, photo_
     worker node is killed; the service answers an encode again within a bounded time."""
     worker, nodes = cluster.add_worker("tsvc_worker2")
     png = _png(photo_uint8)
-    port = _free_port()
+    port = free_port()
     config = _tiny_config(tmp_path / "config.yaml", num_replicas=2, num_gpus=0.5)  # device: cpu
     command = [CLI, "serve", "--config", config, "--port", str(port), "--address", cluster.address]
     server = cluster.run(command, "serve")

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 
 from serving.metrics import ServiceMetrics
 from serving.middleware import MiddlewareSettings, ServiceMiddleware
+from tests.helpers import free_port
 
 KEY = "s3cret-key"
 CAP = 10_000
@@ -43,9 +44,7 @@ def _app() -> FastAPI:
 
 @pytest.fixture(scope="module")
 def base_url():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_app(), host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
