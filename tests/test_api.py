@@ -42,6 +42,15 @@ def test_uint8_and_float_inputs_agree(tokenizer, odd_photo):
     torch.testing.assert_close(from_float.latents, from_uint8.latents, rtol=0, atol=1e-6)
 
 
+def test_uint8_that_needs_no_padding_is_converted_in_the_model_call(tokenizer, photo_nchw):
+    even = photo_nchw[:, :, :36, :52]  # sd-vae-tiny's multiple is 2: no padding
+    prepared = tokenizer.prepare(even)
+    assert prepared.pixels is even and prepared.padding == (0, 0, 0)
+    from_uint8 = tokenizer.encode(even)
+    from_float = tokenizer.encode(to_float_pixels(even))
+    torch.testing.assert_close(from_float.latents, from_uint8.latents, rtol=0, atol=1e-6)
+
+
 def test_normalize_flag(tokenizer, odd_photo):
     normalized = tokenizer.encode(odd_photo, normalize=True)
     raw = tokenizer.encode(odd_photo, normalize=False)

@@ -16,8 +16,11 @@ from tokenizers_svc.registry import backend_for
 from tokenizers_svc.traced import HOT_CALLS, TRACED_ENV, TracedCalls
 
 
-def _content(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+def _content(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:  # as decoded media arrive: converted inside the traced call
+        return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+    return torch.rand(shape, generator=generator) * 2 - 1
 
 
 # Every family with traced_inference = True, through a model of it (the shipped DC-AE defaults:
@@ -33,16 +36,17 @@ def test_every_family_that_opts_in_is_checked_here():
 
 @pytest.mark.parametrize("name", OPTED_IN)
 @pytest.mark.parametrize("side", [32, 64])  # 32: one 4x4 latent, where DC-AE's attention branches
-def test_traced_calls_equal_eager_on_new_content(name, side, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_traced_calls_equal_eager_on_new_content(name, side, dtype, monkeypatch):
     tokenizer = load_tokenizer(name)
-    traced_content = _content(0, (1, 3, side, side))
+    traced_content = _content(0, (1, 3, side, side), dtype)
     for _ in range(HOT_CALLS):  # the HOT_CALLS-th call traces this shape
         latents = tokenizer.encode(traced_content)
         tokenizer.decode(latents)
     encode, decode = tokenizer.backend.inference_moments, tokenizer.backend.inference_pixels
     assert len(encode.graphs) == 1 and len(decode.graphs) == 1
 
-    new = _content(1, (1, 3, side, side))
+    new = _content(1, (1, 3, side, side), dtype)
     traced_latents = tokenizer.encode(new)
     traced_pixels = tokenizer.decode(traced_latents)
     monkeypatch.setenv(TRACED_ENV, "0")

@@ -29,7 +29,9 @@ from tokenizers_svc.tokens import TokenIds, validate_tokens_for
 class Prepared:
     """Pixels ready for the backend plus what decode needs to undo the preparation."""
 
-    pixels: torch.Tensor  # (N, C, H', W') or (N, C, T', H', W') float in [-1, 1], valid size
+    # (N, C, H', W') or (N, C, T', H', W'), valid size: float in [-1, 1], or the input's uint8 [0, 255]
+    # when it needed no resize or padding (the backend converts it in the model call)
+    pixels: torch.Tensor
     original_size: tuple[int, int]  # (H, W) after resize, before padding
     original_frames: int | None
     padding: tuple[int, int, int]  # (bottom rows, right cols, end frames) added
@@ -110,13 +112,20 @@ class Tokenizer:
             raise ShapeMismatchError(
                 f"pixels must not be empty, got shape {tuple(pixels.shape)}", param="pixels"
             )
-        x = to_float_pixels(pixels)
-        source_hw = tuple(x.shape[-2:])
-        x = resize_pixels(x, resize, resolution)
+        source_hw = tuple(pixels.shape[-2:])
+        if pixels.dtype == torch.uint8 and resize == "none":
+            x = pixels
+        else:
+            x = resize_pixels(to_float_pixels(pixels), resize, resolution)
         h, w = x.shape[-2:]
         pad_h, pad_w = padded_side(h, spec) - h, padded_side(w, spec) - w
         frames = x.shape[2] if x.ndim == 5 else None
         pad_t = spec.frame_rule.padded_frames(frames) - frames if frames is not None else 0
+        # uint8 that needs no padding stays uint8: the backend converts it inside its model call
+        # (Backend.pixel_moments), traced with the model where the family traces, so a served call
+        # does not hand the GIL over and back around each of the conversion's ops
+        if x.dtype == torch.uint8 and (pad_h or pad_w or pad_t):
+            x = to_float_pixels(x)
         if pad_h or pad_w:
             x = pad_spatial(x, pad_h, pad_w)
         if pad_t:
@@ -163,7 +172,9 @@ class Tokenizer:
                 f"{self.name} is deterministic; it has no posterior to return", param="return_posterior"
             )
         prepared = self.prepare(pixels, resize=resize, resolution=resolution)
-        x = prepared.pixels.to(device=self.backend.device, dtype=self.backend.dtype)
+        x = prepared.pixels.to(self.backend.device)
+        if x.is_floating_point():
+            x = x.to(self.backend.dtype)
         with self._eval_mode():
             mean, logvar = tiled_encode(self.backend, x, tiling or TilingOptions(), on_chunk)
         mean = mean.float()

@@ -1,7 +1,7 @@
 """Spatial tiling and temporal chunking with overlap blending, for every backend.
 
 Works on padded, constraint-satisfying inputs and raw latents, calling only the backend's
-``inference_moments``/``inference_pixels`` (``encode_moments``/``decode_latents``, traced
+``inference_moments``/``inference_pixels`` (``pixel_moments``/``decode_latents``, traced
 per hot shape where the family opted in), so peak model memory is bounded by one tile (one spatial
 tile of one temporal chunk) whatever the family; only the (small) output is held whole.
 
@@ -296,7 +296,8 @@ def _run(
 def encode(
     backend: Backend, x: torch.Tensor, options: TilingOptions, on_chunk: ChunkCallback | None = None
 ) -> Moments:
-    """x: padded pixels (N, C, H, W) / (N, C, T, H, W) float [-1, 1] -> raw (mean, logvar|None).
+    """x: padded pixels (N, C, H, W) / (N, C, T, H, W), float [-1, 1], or uint8 [0, 255] that the
+    backend converts in its model call (``Backend.pixel_moments``) -> raw (mean, logvar|None).
 
     Tiled/chunked outputs are float32; a pass-through keeps the backend's dtype."""
     grid = _Grid.build(backend.spec, options)
