@@ -63,10 +63,15 @@ def _processes() -> list[tuple[str, float, float]]:
     return found
 
 
+# ports the operator chose for HAProxy's side listeners; the others are picked fresh per Ray instance
+OPERATOR_PORTS = {name: os.environ[name] for name in HAPROXY_PORT_VARIABLES if name in os.environ}
+
+
 def measure(args_config: dict, in_ingress: bool, num_cpus: int, ingress: str) -> None:
     if ingress == "haproxy":
-        for name in HAPROXY_PORT_VARIABLES:  # fresh ports for each Ray instance
+        for name in HAPROXY_PORT_VARIABLES:  # the last instance's picks go; the operator's stay
             os.environ.pop(name, None)
+        os.environ.update(OPERATOR_PORTS)
         use_haproxy_ingress()
     config = {**args_config, "api_key_env": None}
     config["models"] = [{**m, "in_ingress": in_ingress} for m in config["models"]]

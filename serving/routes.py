@@ -42,6 +42,7 @@ from serving.schemas import (
     ServiceConfig,
     check_query,
 )
+from serving.threads import ServingThreads
 from serving.worker import InProcessModel
 from tokenizers_svc import media
 from tokenizers_svc.errors import (
@@ -180,12 +181,13 @@ class Ingress:
         self.config = ServiceConfig.model_validate(config)
         limits = self.config.limits.model_dump()
         local = [m for m in self.config.models if m.in_ingress]
+        # one process for the models served here: their calls compute with the CPUs they asked for
+        # together, in threads they share (serving/threads.py)
+        threads = ServingThreads(int(sum(m.num_cpus for m in local))) if local else None
         self.workers = {  # in the config's order: /v1/models lists them so
-            m.name: InProcessModel(m.model_dump(), limits) if m.in_ingress else workers[m.name]
+            m.name: InProcessModel(m.model_dump(), limits, threads) if m.in_ingress else workers[m.name]
             for m in self.config.models
         }
-        if local:  # one process: its torch threads are the CPUs its models asked for together
-            torch.set_num_threads(max(1, int(sum(m.num_cpus for m in local))))
         self.metrics = ServiceMetrics(m.name for m in self.config.models)
         self.info: dict[str, dict] = {}
         self.limits = self.config.limits.work()

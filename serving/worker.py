@@ -16,13 +16,11 @@ depending on exception pickling.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import math
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -33,6 +31,7 @@ from serving.admission import Lane, lane_for
 from serving.batcher import Batcher
 from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
 from serving.schemas import LimitsConfig, ModelConfig
+from serving.threads import ServingThreads
 from tokenizers_svc import abandon
 from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
@@ -58,7 +57,7 @@ from tokenizers_svc.wire import ID_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, tensor
 
 RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
 LATE_RETRY_AFTER_S = 1
-LANE_DEPTH = 2  # model calls handed to a lane's thread at once: the one running and the next
+LANE_DEPTH = 2  # small-lane model calls handed to its thread at once: the one running and the next
 IDLE_TRIM_S = 1.0  # a model idle this long hands its freed activations back (_schedule_trim)
 
 
@@ -94,27 +93,25 @@ def _pixel_count(tensor: torch.Tensor) -> int:
 class TokenizerWorker:
     """Ray Serve deployment class; ``build_app`` wraps it with ``serve.deployment`` per model."""
 
-    def __init__(self, config: dict, limits: dict) -> None:
+    def __init__(self, config: dict, limits: dict, threads: ServingThreads | None = None) -> None:
         self.config = ModelConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits).work()
         # Two lanes (serving/admission.py), each one model call at a time: small requests (what
         # batches, up to max_batch_pixels) and large ones, so a small request never waits behind a
-        # large one. At most one batch and one large piece of work compute at a time (the call
-        # handed over behind each holds only its inputs); the service time the ingress measures per
-        # pixel is the time a lane's queue takes to drain.
+        # large one. At most one batch and one large piece of work compute at a time (the batch
+        # handed over behind the running one holds only its inputs); the service time the ingress
+        # measures per pixel is the time a lane's queue takes to drain.
         self.lanes: dict[Lane, asyncio.Semaphore] = {
-            lane: asyncio.Semaphore(LANE_DEPTH) for lane in ("small", "large")
+            "small": asyncio.Semaphore(LANE_DEPTH),
+            "large": asyncio.Semaphore(1),  # each large call gets a thread of its own (serving/threads.py)
         }
         self.recent_rates: dict[Lane, deque[float]] = {  # model seconds per batch unit
             lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
         }
-        # Each lane's model calls run in one thread of their own, always the same: its heap arena
-        # keeps the memory the last call freed and its caches stay warm, while media decodes and
-        # replies take the event loop's default threads.
-        self.model_threads: dict[Lane, ThreadPoolExecutor] = {
-            lane: ThreadPoolExecutor(1, thread_name_prefix=f"model-{lane}") for lane in self.lanes
-        }
-        torch.set_num_threads(max(1, int(self.config.num_cpus)))
+        # Model calls run with the replica's CPUs as torch threads, media and replies with one
+        # (serving/threads.py); an ingress passes the threads its models share. Set up before the
+        # model loads, so that loading computes with one thread too.
+        self.threads = threads or ServingThreads(int(self.config.num_cpus))
         keep_heap_for_model_calls()  # freed activations stay for the next call; an idle trim returns them
         self.tokenizer = load_tokenizer(
             self.config.source,
@@ -161,7 +158,7 @@ class TokenizerWorker:
                 with self.encoder.preparing():
                     if job.data is not None:
                         async with self.decode_slots[job.lane]:
-                            media_input = await asyncio.to_thread(
+                            media_input = await self.threads.media_call(
                                 load_media, job.data, self.limits, job.options
                             )
                     else:
@@ -259,9 +256,9 @@ class TokenizerWorker:
         """``call()`` in the lane's model thread, with this request's context (its abandon scope):
         (its result, seconds it ran). ``call`` returns (result, batch units it ran), units 0 when
         the work was abandoned part way (its time says nothing about the rate); the seconds per unit
-        join the lane's recent ones. Up to LANE_DEPTH calls are handed to the thread at once: the
-        next one starts the moment the last one ends, not when the event loop, busy with other
-        requests, gets round to it."""
+        join the lane's recent ones. Up to LANE_DEPTH small calls are handed to the thread at once:
+        the next one starts the moment the last one ends, not when the event loop, busy with other
+        requests, gets round to it. Large calls go one at a time."""
         if self.trim_timer is not None:  # not idle after all
             self.trim_timer.cancel()
             self.trim_timer = None
@@ -280,10 +277,7 @@ class TokenizerWorker:
         self.model_calls += 1  # handed over or waiting for the lane: not idle
         try:
             async with self.lanes[lane]:
-                run = contextvars.copy_context().run
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self.model_threads[lane], run, timed
-                )
+                result = await self.threads.model_call(lane, timed)
         finally:
             self.model_calls -= 1
         if self._idle():
@@ -377,7 +371,7 @@ class TokenizerWorker:
                     raw, latents, job.options.tiling, token, cost.total_pixels
                 )
                 written = time.perf_counter()
-                reply = await asyncio.to_thread(self._decode_reply, pixels, latents, job, batch)
+                reply = await self.threads.media_call(self._decode_reply, pixels, latents, job, batch)
             done = time.perf_counter()
             return replace(reply, compute_s=compute_s, media_s=done - written, replica_s=done - started)
         except TokenizerError as error:
@@ -473,8 +467,8 @@ class InProcessModel:
     ``max_ongoing_requests + max_queued_requests`` requests are in; more are refused with
     BackPressureError (503 at the ingress)."""
 
-    def __init__(self, config: dict, limits: dict) -> None:
-        self.worker = TokenizerWorker(config, limits)
+    def __init__(self, config: dict, limits: dict, threads: ServingThreads) -> None:
+        self.worker = TokenizerWorker(config, limits, threads)
         self.capacity = self.worker.config.ongoing + self.worker.config.max_queued_requests
         self.in_flight = 0
 

@@ -103,7 +103,7 @@ def test_calls_handed_to_a_lane_run_one_at_a_time_and_are_checked_when_they_star
                 running.append(1)
                 assert len(running) == 1  # alone in the model thread
                 time.sleep(seconds)
-                queued_at_end.append(served.model_threads["small"]._work_queue.qsize())
+                queued_at_end.append(served.threads.small._work_queue.qsize())
                 running.pop()
                 return "done", 1
 
