@@ -7,7 +7,8 @@ as its next call; a lone request does not wait) so that concurrent requests with
 dtype and options run as one model call (``pipeline.run_in_groups``: a failing group is retried item
 by item, as in the batch job). Batches are sized in pixels (summed H*W*T), not only in requests.
 Requests over ``max_batch_pixels`` run alone in a second lane (``serving/admission.py``), so a small
-request never waits behind a large one. Decoded pixels become media
+request never waits behind a large one. Model calls and media run in the threads of
+:mod:`serving.threads`, each with its own torch thread count. Decoded pixels become media
 through ``pipeline.pixels_to_media``, as in the CLI. Library errors come back as
 :class:`~serving.jobs.ErrorReply` values, so the ingress maps them to HTTP statuses without
 depending on exception pickling.
