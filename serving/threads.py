@@ -14,10 +14,11 @@ thread beside another thread that had its own team, and ~60 ms for both with
 ``OMP_WAIT_POLICY=passive``. A replica with ``num_cpus: 2`` served 0.78-0.81x the same work
 in-process, its model call 66-72 ms against 54 (``serve_bench.py --threads 2``, docs/benchmarks.md).
 
-So a process has one team: the small lane's calls of every model it serves run in one thread that
-lives as long as the process; a large call runs in a thread of its own that ends with the call,
-taking its team with it; media and reply threads compute with one torch thread. With ``n = 1`` no
-thread has a team, and this is only the threads' layout.
+So a process has one team: a small-lane call that runs alone computes on all ``n`` threads in the
+lane's first thread, which lives as long as the process; calls that queue run side by side on one
+torch thread each (:class:`SmallLane`); a large call runs in a thread of its own that ends with the
+call, taking its team with it; media and reply threads compute with one torch thread. With ``n = 1``
+no thread has a team, and this is only the threads' layout.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -50,30 +54,97 @@ def _executor(workers: int, name: str, torch_threads: int) -> ThreadPoolExecutor
     )
 
 
+class SmallLane:
+    """The small lane's model calls of a process, on ``width`` threads (its models' CPUs): a call that
+    runs alone computes on all ``width`` torch threads in the first thread, the process's one OpenMP
+    team; calls that queue run side by side, one torch thread each, up to ``width`` at a time. A
+    call handed over while others run starts the moment a thread is free, without the event loop.
+
+    Why side by side: a call on two torch threads waits at every parallel region for the thread that
+    the server's HTTP and media work pushed off its core, and calls side by side do not wait for each
+    other. With ``serve_bench.py --threads 2`` (image default, 256²), one two-thread call at a time
+    served 0.90 / 0.91x in-process at concurrency 4 / 16, and a prototype that always ran two
+    one-thread calls side by side 0.99 / 1.01x; alone, a two-thread call takes 50-55 ms against ~92
+    ms on one thread, so a lone request keeps all of them."""
+
+    def __init__(self, width: int) -> None:
+        self.width = max(1, width)
+        self.pending: deque[tuple[Callable[[], object], Future]] = deque()
+        self.wide = False  # a call computes on all the threads
+        self.narrow = 0  # calls computing on one thread each
+        self.changed = threading.Condition()
+        # started now, so that the count the first thread sets is in place before the caller puts
+        # the process default back (ServingThreads); daemons: a process that exits does not wait
+        started = threading.Barrier(self.width + 1)
+        for index in range(self.width):
+            threading.Thread(
+                target=self._serve, args=(index == 0, started), name=f"model-small_{index}", daemon=True
+            ).start()
+        started.wait()
+
+    def submit(self, call: Callable[[], Result]) -> Future:
+        future: Future = Future()
+        with self.changed:
+            self.pending.append((call, future))
+            self.changed.notify_all()
+        return future
+
+    def _can_take(self, first: bool) -> bool:
+        if not self.pending or self.wide:
+            return False
+        # the other threads only run calls side by side: with one running, or two waiting
+        return first or self.narrow > 0 or len(self.pending) > 1
+
+    def _serve(self, first: bool, started: threading.Barrier) -> None:
+        threads = self.width if first else 1
+        _set_torch_threads(threads)
+        started.wait()
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self._can_take(first))
+                call, future = self.pending.popleft()
+                wide = first and not self.narrow and not self.pending
+                if wide:
+                    self.wide = True
+                else:
+                    self.narrow += 1
+            if first and threads != (self.width if wide else 1):
+                threads = self.width if wide else 1
+                torch.set_num_threads(threads)
+            if future.set_running_or_notify_cancel():  # False: its caller left before it started
+                try:
+                    future.set_result(call())
+                except BaseException as error:
+                    future.set_exception(error)
+            with self.changed:
+                if wide:
+                    self.wide = False
+                else:
+                    self.narrow -= 1
+                self.changed.notify_all()
+
+
 class ServingThreads:
     """Model threads with ``model_threads`` torch threads each, media threads with one (module
     docstring). One per process: an ingress shares it among the models it serves itself."""
 
     def __init__(self, model_threads: int) -> None:
         self.model_threads = max(1, model_threads)
-        self.small = _executor(1, "model-small", self.model_threads)
-        # started now, so that the count it sets is in place before the next line: torch's setter
-        # also sets the default of threads that have not computed yet, which goes back to one
-        self.small.submit(int).result()
+        self.small = SmallLane(self.model_threads)
+        # torch's setter also sets the default of threads that have not computed yet: back to one
         torch.set_num_threads(1)
         self.media = _executor(min(32, (os.cpu_count() or 1) + 4), "media", 1)  # asyncio's default size
 
     async def model_call(self, lane: Lane, call: Callable[[], Result]) -> Result:
-        """``call()`` in the lane's model thread, with the caller's context (its abandon scope). The
-        small lane's calls queue for its one thread, in the order they come; a large call gets a
-        thread of its own, which ends with it."""
+        """``call()`` in a model thread of the lane, with the caller's context (its abandon scope).
+        The small lane's calls start in the order they come (:class:`SmallLane`); a large call gets
+        a thread of its own, which ends with it."""
         run = contextvars.copy_context().run
-        loop = asyncio.get_running_loop()
         if lane == "small":
-            return await loop.run_in_executor(self.small, run, call)
+            return await asyncio.wrap_future(self.small.submit(partial(run, call)))
         large = _executor(1, "model-large", self.model_threads)
         try:
-            return await loop.run_in_executor(large, run, call)
+            return await asyncio.get_running_loop().run_in_executor(large, run, call)
         finally:
             large.shutdown(wait=False)  # the thread ends when the call does, even if nobody waits
 

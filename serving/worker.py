@@ -58,7 +58,6 @@ from tokenizers_svc.wire import ID_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, tensor
 
 RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
 LATE_RETRY_AFTER_S = 1
-LANE_DEPTH = 2  # small-lane model calls handed to its thread at once: the one running and the next
 IDLE_TRIM_S = 1.0  # a model idle this long hands its freed activations back (_schedule_trim)
 
 
@@ -102,17 +101,19 @@ class TokenizerWorker:
         # large one. At most one batch and one large piece of work compute at a time (the batch
         # handed over behind the running one holds only its inputs); the service time the ingress
         # measures per pixel is the time a lane's queue takes to drain.
+        # Model calls run with the replica's CPUs as torch threads, media and replies with one
+        # (serving/threads.py); an ingress passes the threads its models share. Set up before the
+        # model loads, so that loading computes with one thread too.
+        self.threads = threads or ServingThreads(int(self.config.num_cpus))
+        # small calls handed to the lane at once: as many as run side by side, and the next
+        self.small_depth = self.threads.small.width + 1
         self.lanes: dict[Lane, asyncio.Semaphore] = {
-            "small": asyncio.Semaphore(LANE_DEPTH),
+            "small": asyncio.Semaphore(self.small_depth),
             "large": asyncio.Semaphore(1),  # each large call gets a thread of its own (serving/threads.py)
         }
         self.recent_rates: dict[Lane, deque[float]] = {  # model seconds per batch unit
             lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
         }
-        # Model calls run with the replica's CPUs as torch threads, media and replies with one
-        # (serving/threads.py); an ingress passes the threads its models share. Set up before the
-        # model loads, so that loading computes with one thread too.
-        self.threads = threads or ServingThreads(int(self.config.num_cpus))
         keep_heap_for_model_calls()  # freed activations stay for the next call; an idle trim returns them
         self.tokenizer = load_tokenizer(
             self.config.source,
@@ -133,10 +134,10 @@ class TokenizerWorker:
         self.quantum = max(1, self.config.max_batch_pixels // self.config.max_batch_size)
         batching = (_item_size, self.config.max_batch_pixels, self.config.batch_wait_timeout_s)
         self.encoder = Batcher(
-            partial(self._run_batch, run_bucket=self._encode_bucket), *batching, LANE_DEPTH
+            partial(self._run_batch, run_bucket=self._encode_bucket), *batching, self.small_depth
         )
         self.decoder = Batcher(
-            partial(self._run_batch, run_bucket=self._decode_bucket), *batching, LANE_DEPTH
+            partial(self._run_batch, run_bucket=self._decode_bucket), *batching, self.small_depth
         )
 
     def describe(self) -> dict:
@@ -257,9 +258,9 @@ class TokenizerWorker:
         """``call()`` in the lane's model thread, with this request's context (its abandon scope):
         (its result, seconds it ran). ``call`` returns (result, batch units it ran), units 0 when
         the work was abandoned part way (its time says nothing about the rate); the seconds per unit
-        join the lane's recent ones. Up to LANE_DEPTH small calls are handed to the thread at once:
-        the next one starts the moment the last one ends, not when the event loop, busy with other
-        requests, gets round to it. Large calls go one at a time."""
+        join the lane's recent ones. Small calls are handed over ahead (``small_depth``: as many as
+        run side by side, and the next): the next one starts the moment a thread is free, not when
+        the event loop, busy with other requests, gets round to it. Large calls go one at a time."""
         if self.trim_timer is not None:  # not idle after all
             self.trim_timer.cancel()
             self.trim_timer = None

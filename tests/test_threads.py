@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from serving.threads import ServingThreads
+from serving.threads import ServingThreads, SmallLane
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -73,3 +73,42 @@ def check_threads_and_teams() -> None:
     assert counts["large"] == counts["small"]  # the large call's thread ended, its worker with it
     media_threads = [thread for thread in threading.enumerate() if thread.name.startswith("media")]
     assert counts["media"] - counts["large"] == len(media_threads)  # no teams: one torch thread
+
+
+@pytest.fixture()
+def lane():
+    threads = torch.get_num_threads()  # the lane's threads set torch's default as they start
+    yield SmallLane(2)
+    torch.set_num_threads(threads)
+
+
+def _seen() -> tuple[int, int]:
+    return torch.get_num_threads(), threading.get_ident()
+
+
+def test_a_lone_small_call_computes_on_all_the_threads_and_queued_ones_side_by_side(lane):
+    alone_threads, first = lane.submit(_seen).result(10)
+    assert alone_threads == 2
+
+    both_running = threading.Barrier(2, timeout=10)  # broken unless the two calls overlap
+
+    def side_by_side() -> tuple[int, int]:
+        both_running.wait()
+        return _seen()
+
+    with lane.changed:  # handed over together, so that neither starts alone
+        calls = [lane.submit(side_by_side), lane.submit(side_by_side)]
+    (threads_a, thread_a), (threads_b, thread_b) = (call.result(10) for call in calls)
+    assert threads_a == threads_b == 1 and thread_a != thread_b
+    assert lane.submit(_seen).result(10) == (2, first)  # alone again: all threads, the first thread
+
+
+def test_a_small_call_waits_while_one_computes_on_all_the_threads(lane):
+    release = threading.Event()
+    wide = lane.submit(lambda: release.wait(10) and _seen())
+    time.sleep(0.1)
+    behind = lane.submit(_seen)
+    time.sleep(0.3)
+    assert wide.running() and not behind.running() and not behind.done()
+    release.set()
+    assert wide.result(10)[0] == 2 and behind.result(10)[0] == 2  # each alone: all the threads

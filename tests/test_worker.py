@@ -88,7 +88,7 @@ def test_media_decodes_wait_for_a_slot_of_their_own_lane(monkeypatch):
 
 
 def test_calls_handed_to_a_lane_run_one_at_a_time_and_are_checked_when_they_start():
-    """Two calls are handed to the lane's model thread at once (LANE_DEPTH): the next starts the
+    """Two calls are handed to a one-CPU lane's model thread at once (small_depth): the next starts the
     moment the last ends, never beside it, and a third waits for a slot. Whether a call can still
     finish in time is judged when it starts, behind the calls before it: one whose deadline the
     lane's recent rate says it would miss gets 503 instead of running."""
@@ -103,7 +103,7 @@ def test_calls_handed_to_a_lane_run_one_at_a_time_and_are_checked_when_they_star
                 running.append(1)
                 assert len(running) == 1  # alone in the model thread
                 time.sleep(seconds)
-                queued_at_end.append(served.threads.small._work_queue.qsize())
+                queued_at_end.append(len(served.threads.small.pending))
                 running.pop()
                 return "done", 1
 
