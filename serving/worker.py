@@ -96,11 +96,12 @@ class TokenizerWorker:
     def __init__(self, config: dict, limits: dict, threads: ServingThreads | None = None) -> None:
         self.config = ModelConfig.model_validate(config)
         self.limits = LimitsConfig.model_validate(limits).work()
-        # Two lanes (serving/admission.py), each one model call at a time: small requests (what
-        # batches, up to max_batch_pixels) and large ones, so a small request never waits behind a
-        # large one. At most one batch and one large piece of work compute at a time (the batch
-        # handed over behind the running one holds only its inputs); the service time the ingress
-        # measures per pixel is the time a lane's queue takes to drain.
+        # Two lanes (serving/admission.py): small requests (what batches, up to max_batch_pixels)
+        # and large ones, so a small request never waits behind a large one. One large piece of work
+        # computes at a time; batches one at a time on all the replica's CPUs, or side by side on
+        # one each when they queue (serving/threads.py), and the batch handed over behind them holds
+        # only its inputs. The service time the ingress measures per pixel is the time a lane's queue
+        # takes to drain.
         # Model calls run with the replica's CPUs as torch threads, media and replies with one
         # (serving/threads.py); an ingress passes the threads its models share. Set up before the
         # model loads, so that loading computes with one thread too.
