@@ -7,9 +7,11 @@ the model reads or writes for it (``tokenizers_svc.limits``; at least the batchi
 time, a batch shared by units).
 
 **Lanes.** A replica runs two lanes at once (``serving/worker.py``): *small* requests (``units <=
-max_batch_pixels``: what batches) and *large* ones, each lane one model call at a time. So a small
-request never waits behind a large one, only behind other small ones, and admission counts the
-work ahead of a request in its own lane only.
+max_batch_pixels``: what batches) and *large* ones, each lane one model call at a time (with more
+than one CPU, small calls that queue run side by side, one torch thread each: ``serving/threads.py``;
+the per-call times they report then overstate the seconds per unit the lane drains at, so the
+estimate errs towards an early 503). So a small request never waits behind a large one, only
+behind other small ones, and admission counts the work ahead of a request in its own lane only.
 
 **Too large for the timeout.** A large request whose estimate at the *typical* (median) recent
 rate is at least ``request_timeout_s`` could not finish even alone: it is refused at once with 413,
