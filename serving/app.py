@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -62,6 +63,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port: its workers listen at or below it
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def later_listener_port() -> int:
+    """A TCP port free now on every interface, for a listener that binds it seconds later (HAProxy's
+    side listeners, once Ray is up). Taken between Ray's worker ports and Linux's ephemeral range:
+    the outgoing connections Ray opens meanwhile take ephemeral ports, and one did take the port
+    :func:`free_port` had picked for HAProxy's metrics in a CI run ("Address already in use"). Falls
+    back to :func:`free_port` where no such port is found."""
+    try:
+        ephemeral_start = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_start = 32768  # Linux's default
+    candidates = list(range(RAY_WORKER_PORTS_END + 1, ephemeral_start))
+    random.shuffle(candidates)
+    for port in candidates[:64]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 def use_haproxy_ingress() -> None:
     """Turn on the HAProxy ingress for the local Ray instance this process is about to start: Serve
     reads these variables in the processes Ray starts, which inherit this environment. A cluster
@@ -71,7 +98,7 @@ def use_haproxy_ingress() -> None:
         os.environ.setdefault(name, value)
     for name in HAPROXY_PORT_VARIABLES:
         if name not in os.environ:
-            os.environ[name] = str(free_port())
+            os.environ[name] = str(later_listener_port())
 
 
 def _deployment_name(model: str) -> str:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import signal
+import socket
 import struct
 import time
 import zlib
@@ -1025,3 +1026,15 @@ def test_shipped_server_answers_through_haproxy(crops):
         )
         assert unknown.status_code == 404 and error_body(unknown)["type"]
         assert client.get("/healthz").status_code == 200
+
+
+def test_haproxy_side_ports_are_free_and_out_of_the_way_of_outgoing_connections():
+    """`use_haproxy_ingress` picks HAProxy's side ports between Ray's worker ports and the ephemeral
+    range, so that no outgoing connection takes one before HAProxy binds it."""
+    from serving.app import EPHEMERAL_RANGE, RAY_WORKER_PORTS_END, later_listener_port
+
+    ephemeral_start = int(EPHEMERAL_RANGE.read_text().split()[0]) if EPHEMERAL_RANGE.exists() else 32768
+    for port in {later_listener_port() for _ in range(5)}:
+        assert RAY_WORKER_PORTS_END < port < ephemeral_start
+        with socket.socket() as sock:
+            sock.bind(("", port))  # free on every interface, as HAProxy's metrics frontend binds it
