@@ -77,9 +77,8 @@ def later_listener_port() -> int:
         ephemeral_start = int(EPHEMERAL_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_start = 32768  # Linux's default
-    candidates = list(range(RAY_WORKER_PORTS_END + 1, ephemeral_start))
-    random.shuffle(candidates)
-    for port in candidates[:64]:
+    between = range(RAY_WORKER_PORTS_END + 1, ephemeral_start)
+    for port in random.sample(between, min(64, len(between))):
         with socket.socket() as sock:
             try:
                 sock.bind(("", port))

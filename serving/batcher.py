@@ -1,4 +1,4 @@
-"""Continuous batching for a replica whose model runs one call at a time.
+"""Continuous batching for a replica whose model runs one call at a time, or a few side by side.
 
 Requests queue while the model is busy; when it is free, everything queued (up to ``max_units``)
 runs as the next batch. A request that finds the model idle runs at once, unless other requests
@@ -28,8 +28,8 @@ class Batcher(Generic[Item, Result]):
     """``await submit(item)`` -> that item's result from ``run(batch)`` (one result per item, in
     order). ``size(item)``: its batch units; a batch holds at most ``max_units`` (and at least one
     item). ``ahead``: batches handed to ``run`` at once; beyond the first, only full ones, for a
-    ``run`` that queues them for a model working one call at a time (the next call is at hand the
-    moment the last one ends). Each replica (one event loop) owns its batchers; they are created
+    ``run`` that queues them for the model's threads (the next call is at hand the moment a thread
+    is free: ``serving/threads.py``). Each replica (one event loop) owns its batchers; they are created
     inside it."""
 
     def __init__(

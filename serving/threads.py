@@ -129,11 +129,15 @@ class ServingThreads:
     docstring). One per process: an ingress shares it among the models it serves itself."""
 
     def __init__(self, model_threads: int) -> None:
-        self.model_threads = max(1, model_threads)
-        self.small = SmallLane(self.model_threads)
+        self.small = SmallLane(model_threads)
         # torch's setter also sets the default of threads that have not computed yet: back to one
         torch.set_num_threads(1)
         self.media = _executor(min(32, (os.cpu_count() or 1) + 4), "media", 1)  # asyncio's default size
+
+    @property
+    def model_threads(self) -> int:
+        """Torch threads a model call computes with when it runs alone (at least one)."""
+        return self.small.width
 
     async def model_call(self, lane: Lane, call: Callable[[], Result]) -> Result:
         """``call()`` in a model thread of the lane, with the caller's context (its abandon scope).
