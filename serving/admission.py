@@ -3,14 +3,15 @@
 The rule (one :class:`Admission` per model, in the ingress): a request costs ``units`` = the pixels
 the model reads or writes for it (``tokenizers_svc.limits``; at least the batching quantum
 ``max_batch_pixels / max_batch_size``). Its estimated service time is ``units * rate``, where
-``rate`` is taken from the last ``RECENT`` seconds-per-unit the replicas reported (their model
-time, a batch shared by units).
+``rate`` is taken from the last ``RECENT`` seconds-per-unit the replicas reported (their lane
+seconds, ``serving.jobs.ModelTime``: the model time, a batch shared by units, and calls that ran
+side by side sharing their wall time).
 
 **Lanes.** A replica runs two lanes at once (``serving/worker.py``): *small* requests (``units <=
 max_batch_pixels``: what batches) and *large* ones, each lane one model call at a time (with more
 than one CPU, small calls that queue run side by side, one torch thread each: ``serving/threads.py``;
-the per-call times they report then overstate the seconds per unit the lane drains at, so the
-estimate errs towards an early 503). So a small request never waits behind a large one, only
+their lane seconds, not their wall time, say how fast the lane drains: two side by side take ~115 ms
+each and drain one per ~57 ms). So a small request never waits behind a large one, only
 behind other small ones, and admission counts the work ahead of a request in its own lane only.
 
 **Too large for the timeout.** A large request whose estimate at the *typical* (median) recent
@@ -134,19 +135,19 @@ class Admission:
         lane.outstanding_s += estimate
         return ticket
 
-    def release(self, ticket: Ticket, compute_s: float | None, *, timed_out: bool = False) -> None:
-        """The request is answered; ``compute_s`` (model time the replica reported) updates the
-        rate of its method and lane. A request that ran out of its timeout (``timed_out``) needed
+    def release(self, ticket: Ticket, lane_s: float | None, *, timed_out: bool = False) -> None:
+        """The request is answered; ``lane_s`` (the lane seconds the replica reported for its model
+        work, ``serving.jobs.ModelTime``) updates the rate of its method and lane. A request that ran out of its timeout (``timed_out``) needed
         at least the timeout: that counts only for a large request with nothing ahead of it (a
         small one may have waited for a batch, and its units are the quantum's)."""
         lane = self.lanes[ticket.lane]
         lane.in_flight -= 1
         lane.outstanding_s = max(0.0, lane.outstanding_s - ticket.estimate_s)
         if timed_out:
-            compute_s = self.timeout_s if ticket.lane == "large" and ticket.alone else None
-        if compute_s:
+            lane_s = self.timeout_s if ticket.lane == "large" and ticket.alone else None
+        if lane_s:
             key = (ticket.method, ticket.lane)
-            self.recent.setdefault(key, deque(maxlen=RECENT)).append(compute_s / ticket.units)
+            self.recent.setdefault(key, deque(maxlen=RECENT)).append(lane_s / ticket.units)
 
     def _overloaded(self, retry_after: int, why: str) -> OverloadedError:
         return OverloadedError(

@@ -64,13 +64,27 @@ class DecodeJob:
     deadline: float | None = None  # time.time() after which nobody waits for the answer
 
 
+@dataclass(frozen=True)
+class ModelTime:
+    """What a request's model work took, its share of its batch's (by batch units): ``compute_s``
+    the call's wall time, ``lane_s`` its lane seconds (``serving/threads.py``: calls side by side
+    divide their wall time between them), the rate its lane's queue drains at, which admission
+    prices the queue with."""
+
+    compute_s: float = 0.0
+    lane_s: float = 0.0
+
+    def share(self, fraction: float) -> ModelTime:
+        return ModelTime(self.compute_s * fraction, self.lane_s * fraction)
+
+
 @dataclass
 class Reply:
     body: bytes
     media_type: str
     headers: dict[str, str]
     batch_size: int
-    compute_s: float = 0.0  # model time spent on this request (its share of a batch): admission's rate
+    model_time: ModelTime = field(default_factory=ModelTime)
     media_s: float = 0.0  # decoding the request's media (encode) or writing the output media (decode)
     replica_s: float = 0.0  # from the job's arrival in the replica to this reply
 
@@ -79,12 +93,12 @@ class Reply:
         (``call_s``: the ingress's handle call). ``hop`` is the call less the replica's time
         (the actor hop both ways, bodies included); ``queue`` the replica's time outside media and
         model (waiting for the model or a batch, building the reply)."""
-        queue = self.replica_s - self.media_s - self.compute_s
+        queue = self.replica_s - self.media_s - self.model_time.compute_s
         parts = {
             "hop": call_s - self.replica_s,
             "media": self.media_s,
             "queue": queue,
-            "model": self.compute_s,
+            "model": self.model_time.compute_s,
         }
         return ", ".join(f"{name};dur={max(0.0, seconds) * 1e3:.1f}" for name, seconds in parts.items())
 

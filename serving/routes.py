@@ -271,8 +271,8 @@ class Ingress:
             raise RequestTimeoutError(f"{model} did not answer within {timeout} s", param="model") from None
         finally:
             gauge.dec()
-            compute_s = reply.compute_s if isinstance(reply, Reply) else None
-            self.admission[model].release(ticket, compute_s, timed_out=timed_out)
+            lane_s = reply.model_time.lane_s if isinstance(reply, Reply) else None
+            self.admission[model].release(ticket, lane_s, timed_out=timed_out)
         if isinstance(reply, ErrorReply):
             raise reply.to_error()
         self.metrics.batch_size.labels(model, method).observe(reply.batch_size)

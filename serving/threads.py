@@ -27,6 +27,7 @@ import asyncio
 import contextvars
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,6 +55,13 @@ def _executor(workers: int, name: str, torch_threads: int) -> ThreadPoolExecutor
     )
 
 
+def _timed(run: Callable[[Callable[[], Result]], Result], call: Callable[[], Result]) -> tuple[Result, float]:
+    """(``run(call)``, the seconds it took)."""
+    started = time.perf_counter()
+    result = run(call)
+    return result, time.perf_counter() - started
+
+
 class SmallLane:
     """The small lane's model calls of a process, on ``width`` threads (its models' CPUs): a call that
     runs alone computes on all ``width`` torch threads in the first thread, the process's one OpenMP
@@ -73,6 +81,8 @@ class SmallLane:
         self.wide = False  # a call computes on all the threads
         self.narrow = 0  # calls computing on one thread each
         self.changed = threading.Condition()
+        self.clock = 0.0  # lane seconds so far: wall time over the calls running, while any runs
+        self.clock_read_at = time.perf_counter()
         # started now, so that the count the first thread sets is in place before the caller puts
         # the process default back (ServingThreads); daemons: a process that exits does not wait
         started = threading.Barrier(self.width + 1)
@@ -95,6 +105,15 @@ class SmallLane:
         # the other threads only run calls side by side: with one running, or two waiting
         return first or self.narrow > 0 or len(self.pending) > 1
 
+    def _tick(self) -> float:
+        """The lane clock now (under ``changed``, before the running calls change)."""
+        now = time.perf_counter()
+        running = self.narrow + int(self.wide)
+        if running:
+            self.clock += (now - self.clock_read_at) / running
+        self.clock_read_at = now
+        return self.clock
+
     def _serve(self, first: bool, started: threading.Barrier) -> None:
         threads = self.width if first else 1
         _set_torch_threads(threads)
@@ -104,6 +123,7 @@ class SmallLane:
                 self.changed.wait_for(lambda: self._can_take(first))
                 call, future = self.pending.popleft()
                 wide = first and not self.narrow and not self.pending
+                began = self._tick()
                 if wide:
                     self.wide = True
                 else:
@@ -111,17 +131,25 @@ class SmallLane:
             if first and threads != (self.width if wide else 1):
                 threads = self.width if wide else 1
                 torch.set_num_threads(threads)
+            outcome: tuple[object, BaseException | None] = (None, None)
             if future.set_running_or_notify_cancel():  # False: its caller left before it started
                 try:
-                    future.set_result(call())
+                    outcome = (call(), None)
                 except BaseException as error:
-                    future.set_exception(error)
+                    outcome = (None, error)
             with self.changed:
+                lane_s = self._tick() - began
                 if wide:
                     self.wide = False
                 else:
                     self.narrow -= 1
                 self.changed.notify_all()
+            if future.running():  # the lane's counts are already back: the next call may start first
+                result, error = outcome
+                if error is None:
+                    future.set_result((result, lane_s))
+                else:
+                    future.set_exception(error)
 
 
 class ServingThreads:
@@ -139,16 +167,17 @@ class ServingThreads:
         """Torch threads a model call computes with when it runs alone (at least one)."""
         return self.small.width
 
-    async def model_call(self, lane: Lane, call: Callable[[], Result]) -> Result:
-        """``call()`` in a model thread of the lane, with the caller's context (its abandon scope).
-        The small lane's calls start in the order they come (:class:`SmallLane`); a large call gets
-        a thread of its own, which ends with it."""
+    async def model_call(self, lane: Lane, call: Callable[[], Result]) -> tuple[Result, float]:
+        """``call()`` in a model thread of the lane, with the caller's context (its abandon scope):
+        (its result, its lane seconds, :class:`SmallLane`). The small lane's calls start in the
+        order they come; a large call gets a thread of its own, which ends with it, and runs alone
+        in its lane (the worker's semaphore): its lane seconds are its wall time."""
         run = contextvars.copy_context().run
         if lane == "small":
             return await asyncio.wrap_future(self.small.submit(partial(run, call)))
         large = _executor(1, "model-large", self.model_threads)
         try:
-            return await asyncio.get_running_loop().run_in_executor(large, run, call)
+            return await asyncio.get_running_loop().run_in_executor(large, _timed, run, call)
         finally:
             large.shutdown(wait=False)  # the thread ends when the call does, even if nobody waits
 

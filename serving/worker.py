@@ -30,7 +30,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serving.admission import Lane, lane_for
 from serving.batcher import Batcher
-from serving.jobs import DecodeJob, EncodeJob, ErrorReply, Reply
+from serving.jobs import DecodeJob, EncodeJob, ErrorReply, ModelTime, Reply
 from serving.schemas import LimitsConfig, ModelConfig
 from serving.threads import ServingThreads
 from tokenizers_svc import abandon
@@ -167,8 +167,8 @@ class TokenizerWorker:
                     else:
                         media_input = self._tensor_media(job.tensor, job.options)
                 media_s = time.perf_counter() - started
-                latents, batch, compute_s = await self._encode_one(media_input, job.options, token)
-            reply = self._encode_reply(latents, job, batch, compute_s)
+                latents, batch, model_time = await self._encode_one(media_input, job.options, token)
+            reply = self._encode_reply(latents, job, batch, model_time)
             return replace(reply, media_s=media_s, replica_s=time.perf_counter() - started)
         except TokenizerError as error:
             return ErrorReply.of(error)
@@ -191,26 +191,26 @@ class TokenizerWorker:
 
     async def _encode_one(
         self, media_input: MediaInput, options: EncodeOptions, token: WorkToken
-    ) -> tuple[Latents, int, float]:
+    ) -> tuple[Latents, int, ModelTime]:
         pixels = media_input.pixels
         # priced as the ingress priced it (after any resize), so both put it in the same lane
         size = max(check_encode_cost(tuple(pixels.shape), options, self.limits).total_pixels, self.quantum)
         # Sampled encodes draw per-request noise (and seeds); oversized ones would not fit a batch.
         if options.sample or size > self.config.max_batch_pixels:
-            latents, compute_s = await self._run_alone(
+            latents, model_time = await self._run_alone(
                 encode_media, self.tokenizer, media_input, options, token=token, size=size
             )
-            return latents, 1, compute_s
+            return latents, 1, model_time
         key = (media_input.kind, tuple(pixels.shape), pixels.dtype, options)
         item = _Item(key=key, tensor=pixels, size=size, token=token, options=options)
-        result, batch, compute_s = await self.encoder.submit(item)
+        result, batch, model_time = await self.encoder.submit(item)
         if isinstance(result, TokenizerError):
             raise result
-        return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch, compute_s
+        return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch, model_time
 
     async def _run_alone(self, fn: Callable, *args, token: WorkToken, size: int) -> tuple:
         """``fn(*args)`` in its lane's model thread once the calls before it are done: (result,
-        seconds it ran); refused with 503 instead when, by then, it could no longer finish in time."""
+        its model time); refused with 503 instead when, by then, it could no longer finish in time."""
         lane = lane_for(size, self.config.max_batch_pixels)
 
         def checked() -> tuple[object, int]:  # in the model thread, when the call before is done
@@ -223,7 +223,7 @@ class TokenizerWorker:
 
     async def _run_batch(
         self, items: list[_Item], run_bucket: Callable[[list[_Item]], list]
-    ) -> list[tuple[object, int, float]]:
+    ) -> list[tuple[object, int, ModelTime]]:
         """A batch (:class:`~serving.batcher.Batcher`), checked in the model thread when the call
         before it is done: items nobody waits for any more are dropped, those that could no longer
         finish in time get 503; the rest run grouped (``run_in_groups``) until every one of them is
@@ -247,19 +247,20 @@ class TokenizerWorker:
                 outcomes = run_in_groups(live, _item_key, run_bucket)
             return outcomes, 0 if token.abandoned else sum(item.size for item in live)
 
-        outcomes, elapsed = await self._in_lane("small", checked)  # at most max_batch_pixels
+        outcomes, model_time = await self._in_lane("small", checked)  # at most max_batch_pixels
         total = sum(item.size for item in live)
         results = {
-            id(item): (result, size, elapsed * item.size / total)
+            id(item): (result, size, model_time.share(item.size / total))
             for item, (result, size) in zip(live, outcomes, strict=True)
         }
-        return [results.get(id(item), (refused.get(id(item)), 1, 0.0)) for item in items]
+        return [results.get(id(item), (refused.get(id(item)), 1, ModelTime())) for item in items]
 
-    async def _in_lane(self, lane: Lane, call: Callable[[], tuple[object, int]]) -> tuple[object, float]:
+    async def _in_lane(self, lane: Lane, call: Callable[[], tuple[object, int]]) -> tuple[object, ModelTime]:
         """``call()`` in the lane's model thread, with this request's context (its abandon scope):
-        (its result, seconds it ran). ``call`` returns (result, batch units it ran), units 0 when
-        the work was abandoned part way (its time says nothing about the rate); the seconds per unit
-        join the lane's recent ones. Small calls are handed over ahead (``small_depth``: as many as
+        (its result, its model time: the seconds it ran and its lane seconds). ``call`` returns
+        (result, batch units it ran), units 0 when the work was abandoned part way (its time says
+        nothing about the rate); the seconds per unit join the lane's recent ones, which say how
+        long a call started now would run (:meth:`_too_late`). Small calls are handed over ahead (``small_depth``: as many as
         run side by side, and the next): the next one starts the moment a thread is free, not when
         the event loop, busy with other requests, gets round to it. Large calls go one at a time."""
         if self.trim_timer is not None:  # not idle after all
@@ -280,12 +281,12 @@ class TokenizerWorker:
         self.model_calls += 1  # handed over or waiting for the lane: not idle
         try:
             async with self.lanes[lane]:
-                result = await self.threads.model_call(lane, timed)
+                result, lane_s = await self.threads.model_call(lane, timed)
         finally:
             self.model_calls -= 1
         if self._idle():
             self._schedule_trim()
-        return result, ran[0] if ran else 0.0
+        return result, ModelTime(ran[0] if ran else 0.0, lane_s)
 
     def _idle(self) -> bool:
         return not (self.model_calls or self.encoder.queued or self.decoder.queued)
@@ -324,7 +325,7 @@ class TokenizerWorker:
         return encode_stacked(self.tokenizer, stacked, bucket[0].options)
 
     def _encode_reply(
-        self, latents: Latents | TokenIds, job: EncodeJob, batch: int, compute_s: float
+        self, latents: Latents | TokenIds, job: EncodeJob, batch: int, model_time: ModelTime
     ) -> Reply:
         if isinstance(latents, TokenIds):  # int32 ids: the token file, or the bare tensor
             if job.output == "tensor":
@@ -337,7 +338,7 @@ class TokenizerWorker:
                 )
             else:
                 reply = Reply(latents.to_bytes(), LATENT_FILE_TYPE, {"content": "token-ids"}, batch)
-            return replace(reply, compute_s=compute_s)
+            return replace(reply, model_time=model_time)
         if latents.mean is not None and latents.mean.data_ptr() == latents.latents.data_ptr():
             # raw mode latents *are* the posterior mean; safetensors refuses to save shared memory
             latents = replace(latents, mean=latents.mean.clone())
@@ -353,7 +354,7 @@ class TokenizerWorker:
                 {"normalized": str(latents.normalized).lower()},
                 batch,
             )
-        return replace(reply, compute_s=compute_s)
+        return replace(reply, model_time=model_time)
 
     # ---- decode ----
 
@@ -370,13 +371,13 @@ class TokenizerWorker:
                 raw, latents = self._raw_latents(job)
                 if job.format is not None:
                     self._check_media_output(raw, latents, job.format)
-                pixels, batch, compute_s = await self._decode_one(
+                pixels, batch, model_time = await self._decode_one(
                     raw, latents, job.options.tiling, token, cost.total_pixels
                 )
                 written = time.perf_counter()
                 reply = await self.threads.media_call(self._decode_reply, pixels, latents, job, batch)
             done = time.perf_counter()
-            return replace(reply, compute_s=compute_s, media_s=done - written, replica_s=done - started)
+            return replace(reply, model_time=model_time, media_s=done - written, replica_s=done - started)
         except TokenizerError as error:
             return ErrorReply.of(error)
 
@@ -415,21 +416,21 @@ class TokenizerWorker:
         tiling: TilingOptions | None,
         token: WorkToken,
         pixels_out: int,
-    ) -> tuple[torch.Tensor, int, float]:
+    ) -> tuple[torch.Tensor, int, ModelTime]:
         """``pixels_out``: what the decode writes (``limits.decode_cost``), its size in batch units."""
         crop = None if latents is None else (latents.original_size, latents.original_frames, latents.padding)
         size = max(pixels_out, self.quantum)
         if raw.shape[0] > 1 or tiling is not None or size > self.config.max_batch_pixels:
-            pixels, compute_s = await self._run_alone(
+            pixels, model_time = await self._run_alone(
                 self._decode_direct, raw, latents, tiling, token=token, size=size
             )
-            return pixels, 1, compute_s
+            return pixels, 1, model_time
         key = (tuple(raw.shape), raw.dtype, crop)
         item = _Item(key=key, tensor=raw, size=size, token=token, latents=latents)
-        result, batch, compute_s = await self.decoder.submit(item)
+        result, batch, model_time = await self.decoder.submit(item)
         if isinstance(result, TokenizerError):
             raise result
-        return result, batch, compute_s
+        return result, batch, model_time
 
     def _decode_direct(
         self, raw: torch.Tensor, latents: Latents | None, tiling: TilingOptions | None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -55,10 +56,10 @@ def check_threads_and_teams() -> None:
 
     async def scenario() -> list[tuple[int, int, str]]:
         request_id.set("r1")
-        small = await threads.model_call("small", _compute)
-        small_again = await threads.model_call("small", _compute)
+        small, _ = await threads.model_call("small", _compute)
+        small_again, _ = await threads.model_call("small", _compute)
         counts["small"] = _tasks()
-        large = await threads.model_call("large", _compute)
+        large, _ = await threads.model_call("large", _compute)
         counts["large"] = _settled(counts["small"])
         media = await threads.media_call(_compute)
         media_again = await threads.media_call(_compute)
@@ -86,8 +87,13 @@ def _seen() -> tuple[int, int]:
     return torch.get_num_threads(), threading.get_ident()
 
 
+def _result(future) -> object:
+    """A lane call's result, without its lane seconds."""
+    return future.result(10)[0]
+
+
 def test_a_lone_small_call_computes_on_all_the_threads_and_queued_ones_side_by_side(lane):
-    alone_threads, first = lane.submit(_seen).result(10)
+    alone_threads, first = _result(lane.submit(_seen))
     assert alone_threads == 2
 
     both_running = threading.Barrier(2, timeout=10)  # broken unless the two calls overlap
@@ -98,9 +104,9 @@ def test_a_lone_small_call_computes_on_all_the_threads_and_queued_ones_side_by_s
 
     with lane.changed:  # handed over together, so that neither starts alone
         calls = [lane.submit(side_by_side), lane.submit(side_by_side)]
-    (threads_a, thread_a), (threads_b, thread_b) = (call.result(10) for call in calls)
+    (threads_a, thread_a), (threads_b, thread_b) = (_result(call) for call in calls)
     assert threads_a == threads_b == 1 and thread_a != thread_b
-    assert lane.submit(_seen).result(10) == (2, first)  # alone again: all threads, the first thread
+    assert _result(lane.submit(_seen)) == (2, first)  # alone again: all threads, the first thread
 
 
 def test_a_small_call_waits_while_one_computes_on_all_the_threads(lane):
@@ -111,4 +117,40 @@ def test_a_small_call_waits_while_one_computes_on_all_the_threads(lane):
     time.sleep(0.3)
     assert wide.running() and not behind.running() and not behind.done()
     release.set()
-    assert wide.result(10)[0] == 2 and behind.result(10)[0] == 2  # each alone: all the threads
+    assert _result(wide)[0] == 2 and _result(behind)[0] == 2  # each alone: all the threads
+
+
+def _walled(call) -> tuple[object, float, float]:
+    started = time.perf_counter()
+    return call(), started, time.perf_counter()
+
+
+def test_calls_side_by_side_share_their_lane_seconds_and_a_lone_call_has_its_own(lane):
+    """Lane seconds are what admission prices the queue with: they add up to the time the lane was
+    busy, so calls that overlap get less than their wall time each, and a lone call all of it."""
+    both_running = threading.Barrier(2, timeout=10)
+    short_done = threading.Event()
+
+    def short() -> None:  # beside the long call for all of its time
+        both_running.wait()
+        time.sleep(0.2)
+        short_done.set()
+
+    def long() -> None:  # alone for a while after the short call ends
+        both_running.wait()
+        short_done.wait(10)
+        time.sleep(0.2)
+
+    with lane.changed:  # handed over together, so that they start side by side
+        calls = [lane.submit(partial(_walled, short)), lane.submit(partial(_walled, long))]
+    ((_, short_start, short_end), short_lane_s), ((_, long_start, long_end), long_lane_s) = (
+        call.result(10) for call in calls
+    )
+    short_wall, long_wall = short_end - short_start, long_end - long_start
+    busy = max(short_end, long_end) - min(short_start, long_start)
+    assert short_lane_s < 0.75 * short_wall  # about half of it: it always had company
+    assert short_lane_s < long_lane_s < long_wall  # company for its first part only
+    assert abs((short_lane_s + long_lane_s) - busy) < 0.05  # together: the time the lane was busy
+
+    (_, start, end), lone_lane_s = lane.submit(partial(_walled, partial(time.sleep, 0.1))).result(10)
+    assert abs(lone_lane_s - (end - start)) < 0.02

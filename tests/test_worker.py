@@ -112,8 +112,11 @@ def test_calls_handed_to_a_lane_run_one_at_a_time_and_are_checked_when_they_star
         calls = [asyncio.create_task(served._in_lane("small", call(0.2))) for _ in range(3)]
         await asyncio.sleep(0.05)
         assert served.model_calls == 3 and served.lanes["small"]._value == 0  # two handed over, one waits
-        assert [result for result, _ in await asyncio.gather(*calls)] == ["done"] * 3
+        outcomes = await asyncio.gather(*calls)
+        assert [result for result, _ in outcomes] == ["done"] * 3
         assert queued_at_end[0] == 1  # the second was at hand in the thread when the first ended
+        for _, model_time in outcomes:  # one at a time: each call's lane seconds are its own time
+            assert model_time.compute_s >= 0.2 and abs(model_time.lane_s - model_time.compute_s) < 0.01
 
         # recent rate 0.2 s per unit: a request due in 0.3 s, behind a 0.2 s call, is refused
         first = asyncio.create_task(served._in_lane("small", call(0.2)))
