@@ -8,6 +8,7 @@ at its peak during, and after the burst. Not a test: the numbers go to docs/benc
 against another checkout's code (``PYTHONPATH=/path/to/checkout``) to compare before and after.
 
     PYTHONPATH=. .venv/bin/python benchmarks/overload_bench.py [--count 100] [--model tsvc-image-f8c4]
+        [--size 512] [--model-cpus N] [--request-timeout-s S] [--bursts 1]
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def _bodies(count: int, size: int) -> list[bytes]:
     return out
 
 
-def _replica(model: str) -> psutil.Process:
-    title = f"ServeReplica:{APP}:tokenizer-{model}"
+def _replica(model: dict) -> psutil.Process:
+    """The process the model computes in: the ingress's, for a model served inside it (``in_ingress``)."""
+    deployment = "Ingress" if model.get("in_ingress") else f"tokenizer-{model['name']}"
+    title = f"ServeReplica:{APP}:{deployment}"
     for process in psutil.process_iter(["cmdline"]):
         if any(title in part for part in process.info["cmdline"] or []):
             return process
@@ -82,12 +85,31 @@ def main() -> None:
     parser.add_argument("--model", default="tsvc-image-f8c4", help="a model of serving/config.yaml")
     parser.add_argument("--deadline", type=float, default=180.0, help="seconds the burst may take in all")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument(
+        "--model-cpus",
+        type=float,
+        help="the model's num_cpus (its torch threads; default: its config entry's). With 2, small "
+        "requests that queue run side by side (serving/threads.py)",
+    )
+    parser.add_argument(
+        "--request-timeout-s", type=float, help="the service's request_timeout_s (default: the config's)"
+    )
+    parser.add_argument(
+        "--bursts",
+        type=int,
+        default=1,
+        help="bursts one after the other; the later ones meet the rates the earlier ones measured",
+    )
     args = parser.parse_args()
     count = min(args.count, MAX_COUNT)
 
     config = load_config_file(DEFAULT_CONFIG)["args"]
     config["models"] = [m for m in config["models"] if m["name"] == args.model]
     config["api_key_env"] = None
+    if args.model_cpus is not None:
+        config["models"][0]["num_cpus"] = args.model_cpus
+    if args.request_timeout_s is not None:
+        config["request_timeout_s"] = args.request_timeout_s
     port = free_port()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -96,30 +118,34 @@ def main() -> None:
     bodies = _bodies(count + 1, args.size)
     try:
         (warm,) = asyncio.run(_burst(url, args.model, bodies[:1], args.deadline))
-        replica = _replica(args.model)
+        replica = _replica(config["models"][0])
         rss_before = replica.memory_info().rss
-        started = time.perf_counter()
+        bursts = []
         with PeakRss(replica.pid, interval_s=0.1) as peak:
-            results = asyncio.run(_burst(url, args.model, bodies[1:], args.deadline))
-        wall = time.perf_counter() - started
+            for _ in range(args.bursts):
+                started = time.perf_counter()
+                results = asyncio.run(_burst(url, args.model, bodies[1:], args.deadline))
+                bursts.append((results, time.perf_counter() - started))
         time.sleep(5)  # let abandoned work (if any) stop before reading memory back
         rss_after = replica.memory_info().rss
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    counts = Counter(status for status, _ in results)
     print(
         f"model {args.model}, {count} concurrent {args.size}x{args.size} JPEG encodes, warm-up {warm[1]:.2f} s"
     )
-    print(
-        f"statuses: {dict(sorted(counts.items()))}  (0 = no answer within {args.deadline:g} s); wall {wall:.1f} s"
-    )
-    latencies = [elapsed for _, elapsed in results]
-    print(f"all: p50 {statistics.median(latencies):.2f} s, p99 {_percentile(latencies, 0.99):.2f} s")
-    for status in sorted(counts):
-        subset = [elapsed for s, elapsed in results if s == status]
-        print(f"  {status}: p50 {statistics.median(subset):.2f} s, p99 {_percentile(subset, 0.99):.2f} s")
+    for index, (results, wall) in enumerate(bursts, 1):
+        counts = Counter(status for status, _ in results)
+        print(
+            f"burst {index}: statuses {dict(sorted(counts.items()))}  (0 = no answer within "
+            f"{args.deadline:g} s); wall {wall:.1f} s"
+        )
+        latencies = [elapsed for _, elapsed in results]
+        print(f"  all: p50 {statistics.median(latencies):.2f} s, p99 {_percentile(latencies, 0.99):.2f} s")
+        for status in sorted(counts):
+            subset = [elapsed for s, elapsed in results if s == status]
+            print(f"  {status}: p50 {statistics.median(subset):.2f} s, p99 {_percentile(subset, 0.99):.2f} s")
     mib = 2**20
     print(
         f"replica RSS: before {rss_before / mib:.0f} MiB, peak during {peak.peak / mib:.0f} MiB, "
