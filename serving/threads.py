@@ -68,6 +68,12 @@ class SmallLane:
     team; calls that queue run side by side, one torch thread each, up to ``width`` at a time. A
     call handed over while others run starts the moment a thread is free, without the event loop.
 
+    A call's future resolves to (its result, its *lane seconds*: its wall time divided among the
+    calls that ran beside it, moment by moment). Lane seconds add up to the time the lane was busy,
+    so they say how fast its queue drains: two calls side by side take ~115 ms each and drain one per
+    ~57 ms. Admission prices the queue with them (serving/admission.py); a call's own wall time says
+    how long a call started now runs (the worker's too-late check).
+
     Why side by side: a call on two torch threads waits at every parallel region for the thread that
     the server's HTTP and media work pushed off its core, and calls side by side do not wait for each
     other. With ``serve_bench.py --threads 2`` (image default, 256²), one two-thread call at a time
