@@ -137,9 +137,10 @@ class Admission:
 
     def release(self, ticket: Ticket, lane_s: float | None, *, timed_out: bool = False) -> None:
         """The request is answered; ``lane_s`` (the lane seconds the replica reported for its model
-        work, ``serving.jobs.ModelTime``) updates the rate of its method and lane. A request that ran out of its timeout (``timed_out``) needed
-        at least the timeout: that counts only for a large request with nothing ahead of it (a
-        small one may have waited for a batch, and its units are the quantum's)."""
+        work, ``serving.jobs.ModelTime``) updates the rate of its method and lane. A request that
+        ran out of its timeout (``timed_out``) needed at least the timeout: that counts only for a
+        large request with nothing ahead of it (a small one may have waited for a batch, and its
+        units are the quantum's)."""
         lane = self.lanes[ticket.lane]
         lane.in_flight -= 1
         lane.outstanding_s = max(0.0, lane.outstanding_s - ticket.estimate_s)
