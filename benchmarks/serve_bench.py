@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -100,49 +102,57 @@ def _server_timing(header: str, latency: float) -> dict[str, float]:
     return parts
 
 
-async def served(
-    url: str, model: str, bodies: list[bytes], concurrency: int, client_library: str = "aiohttp"
-) -> tuple[float, list[float], list[dict]]:
-    """``concurrency`` closed-loop clients sharing the request list: (req/s, latencies, timings),
-    with ``client_library`` (aiohttp or httpx: the module docstring)."""
-    queue = list(bodies)
-    latencies: list[float] = []
-    timings: list[dict] = []
+@contextlib.asynccontextmanager
+async def _encoder(
+    client_library: str, url: str, model: str, concurrency: int
+) -> AsyncIterator[Callable[[bytes], Awaitable[str]]]:
+    """``post(body)`` -> the answer's Server-Timing, over at most ``concurrency`` connections of
+    ``client_library`` (aiohttp or httpx: the module docstring); it raises on an error status."""
     path = f"/v1/models/{model}/encode"
     headers = {"content-type": "image/png"}
-
-    def record(t0: float, server_timing: str) -> None:
-        latencies.append(time.perf_counter() - t0)
-        timings.append(_server_timing(server_timing, latencies[-1]))
-
-    async def with_aiohttp(session: aiohttp.ClientSession) -> None:
-        while queue:
-            body = queue.pop()
-            t0 = time.perf_counter()
-            async with session.post(path, data=body, headers=headers) as response:
-                response.raise_for_status()
-                await response.read()
-                record(t0, ", ".join(response.headers.getall("server-timing")))
-
-    async def with_httpx(http: httpx.AsyncClient) -> None:
-        while queue:
-            body = queue.pop()
-            t0 = time.perf_counter()
-            response = await http.post(path, content=body, headers=headers)
-            response.raise_for_status()
-            record(t0, response.headers["server-timing"])
-
     if client_library == "aiohttp":
         connector = aiohttp.TCPConnector(limit=concurrency)
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
-            start = time.perf_counter()
-            await asyncio.gather(*(with_aiohttp(session) for _ in range(concurrency)))
-            return len(bodies) / (time.perf_counter() - start), latencies, timings
+
+            async def post(body: bytes) -> str:
+                async with session.post(path, data=body, headers=headers) as response:
+                    response.raise_for_status()
+                    await response.read()
+                    return ", ".join(response.headers.getall("server-timing"))  # one entry per header
+
+            yield post
+        return
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
+        async def post(body: bytes) -> str:
+            response = await http.post(path, content=body, headers=headers)
+            response.raise_for_status()
+            return response.headers["server-timing"]  # httpx joins repeated headers
+
+        yield post
+
+
+async def served(
+    url: str, model: str, bodies: list[bytes], concurrency: int, client_library: str = "aiohttp"
+) -> tuple[float, list[float], list[dict]]:
+    """``concurrency`` closed-loop clients sharing the request list: (req/s, latencies, timings)."""
+    queue = list(bodies)
+    latencies: list[float] = []
+    timings: list[dict] = []
+
+    async def client(post: Callable[[bytes], Awaitable[str]]) -> None:
+        while queue:
+            body = queue.pop()
+            t0 = time.perf_counter()
+            server_timing = await post(body)
+            latencies.append(time.perf_counter() - t0)
+            timings.append(_server_timing(server_timing, latencies[-1]))
+
+    async with _encoder(client_library, url, model, concurrency) as post:
         start = time.perf_counter()
-        await asyncio.gather(*(with_httpx(http) for _ in range(concurrency)))
+        await asyncio.gather(*(client(post) for _ in range(concurrency)))
         return len(bodies) / (time.perf_counter() - start), latencies, timings
 
 

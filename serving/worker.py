@@ -260,9 +260,10 @@ class TokenizerWorker:
         (its result, its model time: the seconds it ran and its lane seconds). ``call`` returns
         (result, batch units it ran), units 0 when the work was abandoned part way (its time says
         nothing about the rate); the seconds per unit join the lane's recent ones, which say how
-        long a call started now would run (:meth:`_too_late`). Small calls are handed over ahead (``small_depth``: as many as
-        run side by side, and the next): the next one starts the moment a thread is free, not when
-        the event loop, busy with other requests, gets round to it. Large calls go one at a time."""
+        long a call started now would run (:meth:`_too_late`). Small calls are handed over ahead
+        (``small_depth``: as many as run side by side, and the next): the next one starts the moment
+        a thread is free, not when the event loop, busy with other requests, gets round to it. Large
+        calls go one at a time."""
         if self.trim_timer is not None:  # not idle after all
             self.trim_timer.cancel()
             self.trim_timer = None
