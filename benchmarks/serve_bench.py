@@ -73,9 +73,10 @@ def _p50_p95(latencies: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
-def in_process(tokenizer, bodies: list[bytes], batch: int) -> tuple[float, list[float]]:
-    """Same work, batched like the server: returns (req/s, per-request latency = its batch's time)."""
-    latencies = []
+def in_process(tokenizer, bodies: list[bytes], batch: int) -> tuple[float, list[float], list[float]]:
+    """Same work, batched like the server: returns (req/s, per-request latency = its batch's time,
+    per-request model time = its batch's model call)."""
+    latencies, model_times = [], []
     start = time.perf_counter()
     for i in range(0, len(bodies), batch):
         t0 = time.perf_counter()
@@ -83,11 +84,13 @@ def in_process(tokenizer, bodies: list[bytes], batch: int) -> tuple[float, list[
         stacked = MediaInput(
             torch.cat([m.pixels for m in inputs]), "image", None, "", inputs[0].original_size
         )
+        called = time.perf_counter()
         latents = encode_media(tokenizer, stacked, EncodeOptions())
+        model_times += [time.perf_counter() - called] * len(inputs)
         for j in range(len(inputs)):
             latents.select(j).to_bytes()
         latencies += [time.perf_counter() - t0] * len(inputs)
-    return len(bodies) / (time.perf_counter() - start), latencies
+    return len(bodies) / (time.perf_counter() - start), latencies, model_times
 
 
 def _server_timing(header: str, latency: float) -> dict[str, float]:
@@ -271,20 +274,30 @@ def main() -> None:
     )
     print(
         f"{'conc':>4} {'batch':>5} | {'served req/s':>12} {'p50 ms':>7} | {'in-proc req/s':>13} {'p50 ms':>7} | "
-        f"{'ratio median [min-max]':>23} | served p50 ms: " + " ".join(f"{p:>7}" for p in TIMING_PARTS)
+        f"{'ratio median [min-max]':>23} | served p50 ms: "
+        + " ".join(f"{p:>7}" for p in TIMING_PARTS)
+        + " | in-process model p50 ms"
     )
     replicas = _replicas("tokenizer-" + name if args.separate_replica else "Ingress")
     driver = [psutil.Process()]
     costs = []
     for concurrency in args.concurrency:
         batch = min(concurrency, args.max_batch_size, max(1, args.max_batch_pixels // args.size**2))
-        ratios, served_rps, local_rps, served_lat, local_lat, timings = [], [], [], [], [], []
+        ratios, served_rps, local_rps, served_lat, local_lat, local_model, timings = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
         spent = np.zeros(4)  # replica CPU s, replica faults, in-process CPU s, in-process faults
         for _ in range(args.rounds):
             before = _cpu_and_faults(replicas)
             rps, latencies, round_timings = asyncio.run(served(url, name, bodies, concurrency, args.client))
             after, local_before = _cpu_and_faults(replicas), _cpu_and_faults(driver)
-            local, local_latencies = in_process(tokenizer, bodies, batch)
+            local, local_latencies, local_model_times = in_process(tokenizer, bodies, batch)
             local_after = _cpu_and_faults(driver)
             spent += np.subtract((*after, *local_after), (*before, *local_before))
             ratios.append(rps / local)
@@ -292,13 +305,15 @@ def main() -> None:
             local_rps.append(local)
             served_lat += latencies
             local_lat += local_latencies
+            local_model += local_model_times
             timings += round_timings
         parts = " ".join(f"{statistics.median(t[p] for t in timings) * 1e3:>7.1f}" for p in TIMING_PARTS)
         spread = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
         print(
             f"{concurrency:>4} {batch:>5} | {statistics.median(served_rps):>12.2f} "
             f"{_p50_p95(served_lat)[0] * 1e3:>7.1f} | {statistics.median(local_rps):>13.2f} "
-            f"{_p50_p95(local_lat)[0] * 1e3:>7.1f} | {spread:>23} | served p50 ms: {parts}"
+            f"{_p50_p95(local_lat)[0] * 1e3:>7.1f} | {spread:>23} | served p50 ms: {parts} | "
+            f"{statistics.median(local_model) * 1e3:>7.1f}"
         )
         costs.append((concurrency, spent / (args.rounds * len(bodies))))
     print("per request: CPU ms and minor page faults, the replica process vs the in-process one")

@@ -250,7 +250,10 @@ class Ingress:
         reply: Reply | ErrorReply | None = None
         timed_out = False
         try:
-            reply = await asyncio.wait_for(response, timeout)
+            # not wait_for: on Python 3.11 it wraps the response in a task of its own and wakes this
+            # one through a second future, two more event-loop turns on every request
+            async with asyncio.timeout(timeout):
+                reply = await response
         except BackPressureError:
             self.metrics.rejected.labels(model, "queue_full").inc()
             raise OverloadedError(
