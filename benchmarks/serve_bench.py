@@ -14,7 +14,9 @@ hits both); the ratio served/in-process is reported as the median of the rounds 
 sends (medians, ms): ``proxy`` = client latency less the ingress's time (client, HTTP, Serve's
 proxy and its hop to the ingress), ``ingress`` = the ingress's own work (middleware, parsing,
 admission), ``hop`` = its handle call less the replica's time (the actor hop both ways), ``media``
-= PNG decoding in the replica, ``queue`` = waiting for the model or a batch, and ``model``. Also prints the resident memory (RSS) of the model's replica and of a bare Ray actor.
+= PNG decoding in the replica, ``queue`` = waiting for the model or a batch, and ``model``; the last
+column is the in-process model call's median, so that a run shows how much of its gap is the two
+processes' model speed. Also prints the resident memory (RSS) of the model's replica and of a bare Ray actor.
 The model is served inside the ingress (``in_ingress``, one actor hop) unless ``--separate-replica``.
 The load generator runs on the same two cores as the service; it uses aiohttp (~0.2 ms of CPU per
 request here, against httpx's ~0.85 ms; ``--client``), so that it takes as little from them as it
@@ -283,15 +285,7 @@ def main() -> None:
     costs = []
     for concurrency in args.concurrency:
         batch = min(concurrency, args.max_batch_size, max(1, args.max_batch_pixels // args.size**2))
-        ratios, served_rps, local_rps, served_lat, local_lat, local_model, timings = (
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-        )
+        ratios, served_rps, local_rps, served_lat, local_lat, local_model, timings = ([] for _ in range(7))
         spent = np.zeros(4)  # replica CPU s, replica faults, in-process CPU s, in-process faults
         for _ in range(args.rounds):
             before = _cpu_and_faults(replicas)
