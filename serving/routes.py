@@ -250,8 +250,8 @@ class Ingress:
         reply: Reply | ErrorReply | None = None
         timed_out = False
         try:
-            # not wait_for: on Python 3.11 it wraps the response in a task of its own and wakes this
-            # one through a second future, two more event-loop turns on every request
+            # not wait_for: on Python 3.11 it wraps a handle's response in a task of its own and
+            # wakes this one through a waiter future, work on every request that a timeout avoids
             async with asyncio.timeout(timeout):
                 reply = await response
         except BackPressureError:
