@@ -16,7 +16,9 @@ proxy and its hop to the ingress), ``ingress`` = the ingress's own work (middlew
 admission), ``hop`` = its handle call less the replica's time (the actor hop both ways), ``media``
 = PNG decoding in the replica, ``queue`` = waiting for the model or a batch, and ``model``; the last
 column is the in-process model call's median, so that a run shows how much of its gap is the two
-processes' model speed. Also prints the resident memory (RSS) of the model's replica and of a bare Ray actor.
+processes' model speed. Also prints the resident memory (RSS) of the model's replica right after the
+run (a busy replica's: the heap its calls freed is kept for the next, serving/threads.py) and of a bare
+Ray actor.
 The model is served inside the ingress (``in_ingress``, one actor hop) unless ``--separate-replica``.
 The load generator runs on the same two cores as the service; it uses aiohttp (~0.2 ms of CPU per
 request here, against httpx's ~0.85 ms; ``--client``), so that it takes as little from them as it
@@ -195,9 +197,9 @@ def main() -> None:
     )
     parser.add_argument("--model", default="tsvc-image-f8c4", help="preset or model directory")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    # 60: a round of 24 lasted ~2.7 s, and the replica, idle for the in-process round between, hands
-    # its heap back after 1 s (serving/worker.py, IDLE_TRIM_S), so a short round weighs the first
-    # calls after an idle spell more than a service under steady load sees them
+    # 60: a round of 24 lasted ~2.7 s, so its first calls after the idle in-process round between
+    # weighed more than a service under steady load sees them (when the replica trimmed its heap after
+    # 1 s idle, they faulted their activations in again; it now waits 10 s: serving/threads.py)
     parser.add_argument("--requests", type=int, default=60, help="requests per concurrency level and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level (median, spread)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -319,7 +321,8 @@ def main() -> None:
     bare = _Bare.remote()
     bare_mb = ray.get(bare.rss_mb.remote())
     print(
-        f"{'model' if args.separate_replica else 'ingress (model inside)'} replica RSS: "
+        f"{'model' if args.separate_replica else 'ingress (model inside)'} replica RSS right after the run "
+        "(the activations its calls freed kept for the next; serve_memory.py measures a quiet one): "
         f"{', '.join(f'{p.memory_info().rss / 2**20:.0f}' for p in replicas)} MB; a bare Ray actor: {bare_mb:.0f} MB; "
         f"in-process driver (model loaded, benchmark run): {psutil.Process().memory_info().rss / 2**20:.0f} MB"
     )

@@ -1,7 +1,9 @@
 """Memory of the shipped service (serving/config.yaml's models): each model in a replica of its own
 vs the models inside the ingress's process (``in_ingress``), on one local Ray instance.
 
-For each layout: start Ray and the app, send one encode per image model, then count the processes
+For each layout: start Ray and the app, send one encode per image model, wait until the models'
+process has been idle long enough to hand its freed heap back (``serving.threads.IDLE_TRIM_S``: the
+memory of a quiet service, not of its last call), then count the processes
 this run started (the driver's descendants: Ray's daemons, Serve's controller and proxy, replicas)
 and their resident (RSS) and unique (USS: what the process alone holds; shared library pages are
 counted once in the first) memory. Also a bare Ray actor's, the floor every replica stands on, and
@@ -33,6 +35,7 @@ from serving.app import (
     load_config_file,
     use_haproxy_ingress,
 )
+from serving.threads import IDLE_TRIM_S
 from tokenizers_svc import media
 
 
@@ -93,7 +96,7 @@ def measure(args_config: dict, in_ingress: bool, num_cpus: int, ingress: str) ->
     bare_actor = _Bare.remote()
     bare = ray.get(bare_actor.rss_mb.remote())
     ray.kill(bare_actor)
-    time.sleep(2)
+    time.sleep(IDLE_TRIM_S + 2)
     processes = _processes()  # the service's own, before the bare Serve replica joins them
     bare_replica = serve.run(_BareReplica.bind(), name="bare", route_prefix="/bare")
     bare_serve = bare_replica.rss_mb.remote().result()

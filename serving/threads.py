@@ -19,6 +19,11 @@ lane's first thread, which lives as long as the process; calls that queue run si
 torch thread each (:class:`SmallLane`); a large call runs in a thread of its own that ends with the
 call, taking its team with it; media and reply threads compute with one torch thread. With ``n = 1``
 no thread has a team, and this is only the threads' layout.
+
+The process's heap is the threads' too: once no model call of the process has run for
+``IDLE_TRIM_S``, the memory the calls freed goes back to the OS (:meth:`ServingThreads.model_call`).
+Per process, not per model, because the trim is process-wide: an ingress that serves several models
+must not hand back the heap of one that is busy because another went quiet.
 """
 
 from __future__ import annotations
@@ -37,8 +42,16 @@ from typing import TypeVar
 import torch
 
 from serving.admission import Lane
+from tokenizers_svc.memory import release_free_heap
 
 Result = TypeVar("Result")
+
+# A process whose models have been idle this long hands their freed activations back. Long enough
+# that a client's pause between requests does not make its next request fault them in again (+15-20
+# ms on a 256² encode after a 3.5 s pause with 1 s here: docs/benchmarks.md, session 20); short
+# enough that a quiet replica soon holds only what its libraries need (jemalloc's default decay of
+# unused pages is 10 s too).
+IDLE_TRIM_S = 10.0
 
 
 def _set_torch_threads(count: int) -> None:
@@ -167,6 +180,8 @@ class ServingThreads:
         # torch's setter also sets the default of threads that have not computed yet: back to one
         torch.set_num_threads(1)
         self.media = _executor(min(32, (os.cpu_count() or 1) + 4), "media", 1)  # asyncio's default size
+        self.calls = 0  # model calls handed over and not yet back, over every model of the process
+        self.trim_timer: asyncio.TimerHandle | None = None
 
     @property
     def model_threads(self) -> int:
@@ -177,15 +192,32 @@ class ServingThreads:
         """``call()`` in a model thread of the lane, with the caller's context (its abandon scope):
         (its result, its lane seconds, :class:`SmallLane`). The small lane's calls start in the
         order they come; a large call gets a thread of its own, which ends with it, and runs alone
-        in its lane (the worker's semaphore): its lane seconds are its wall time."""
+        in its lane (the worker's semaphore): its lane seconds are its wall time. A call puts off
+        the idle trim (module docstring) until ``IDLE_TRIM_S`` after the process's last call ends:
+        a process under load, even at one request at a time, never pays for it."""
+        if self.trim_timer is not None:
+            self.trim_timer.cancel()
+            self.trim_timer = None
+        self.calls += 1
         run = contextvars.copy_context().run
-        if lane == "small":
-            return await asyncio.wrap_future(self.small.submit(partial(run, call)))
-        large = _executor(1, "model-large", self.model_threads)
         try:
-            return await asyncio.get_running_loop().run_in_executor(large, _timed, run, call)
+            if lane == "small":
+                return await asyncio.wrap_future(self.small.submit(partial(run, call)))
+            large = _executor(1, "model-large", self.model_threads)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(large, _timed, run, call)
+            finally:
+                large.shutdown(wait=False)  # the thread ends when the call does, even if nobody waits
         finally:
-            large.shutdown(wait=False)  # the thread ends when the call does, even if nobody waits
+            self.calls -= 1
+            if not self.calls:
+                self.trim_timer = asyncio.get_running_loop().call_later(IDLE_TRIM_S, self._trim)
+
+    def _trim(self) -> None:
+        """Hand the freed heap back (glibc's ``malloc_trim``, ~5 ms) in a media thread, so that a
+        request arriving meanwhile is not held by it."""
+        self.trim_timer = None
+        self.media.submit(release_free_heap)
 
     async def media_call(self, fn: Callable[..., Result], *args) -> Result:
         """``fn(*args)`` in a media thread, with the caller's context (as ``asyncio.to_thread``)."""

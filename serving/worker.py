@@ -38,7 +38,7 @@ from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
-from tokenizers_svc.memory import keep_heap_for_model_calls, release_free_heap
+from tokenizers_svc.memory import keep_heap_for_model_calls
 from tokenizers_svc.pipeline import (
     EncodeOptions,
     MediaInput,
@@ -58,7 +58,6 @@ from tokenizers_svc.wire import ID_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, tensor
 
 RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
 LATE_RETRY_AFTER_S = 1
-IDLE_TRIM_S = 1.0  # a model idle this long hands its freed activations back (_schedule_trim)
 
 
 @dataclass
@@ -115,14 +114,13 @@ class TokenizerWorker:
         self.recent_rates: dict[Lane, deque[float]] = {  # model seconds per batch unit
             lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
         }
-        keep_heap_for_model_calls()  # freed activations stay for the next call; an idle trim returns them
+        keep_heap_for_model_calls()  # freed activations stay for the next call (idle trim: serving/threads.py)
         self.tokenizer = load_tokenizer(
             self.config.source,
             device=self.config.device,
             dtype=getattr(torch, resolved_dtype(self.config.dtype, self.config.device)),
             allow_random_init=self.config.allow_random_init,
         )
-        self.model_calls = 0  # handed to a lane (running or next), or waiting for one
         # Media decodes at a time, per lane: one per CPU of the replica and one more that decodes
         # while the model runs. The model is the bottleneck; decoding further ahead only takes its
         # cores (docs/benchmarks.md, "Serving"). Per lane, so a large video's decode never holds a
@@ -131,7 +129,6 @@ class TokenizerWorker:
         self.decode_slots: dict[Lane, asyncio.Semaphore] = {
             lane: asyncio.Semaphore(slots) for lane in self.lanes
         }
-        self.trim_timer: asyncio.TimerHandle | None = None
         self.quantum = max(1, self.config.max_batch_pixels // self.config.max_batch_size)
         batching = (_item_size, self.config.max_batch_pixels, self.config.batch_wait_timeout_s)
         self.encoder = Batcher(
@@ -264,9 +261,6 @@ class TokenizerWorker:
         (``small_depth``: as many as run side by side, and the next): the next one starts the moment
         a thread is free, not when the event loop, busy with other requests, gets round to it. Large
         calls go one at a time."""
-        if self.trim_timer is not None:  # not idle after all
-            self.trim_timer.cancel()
-            self.trim_timer = None
         ran: list[float] = []
 
         def timed() -> object:
@@ -279,30 +273,9 @@ class TokenizerWorker:
                 self.recent_rates[lane].append(ran[0] / units)
             return result
 
-        self.model_calls += 1  # handed over or waiting for the lane: not idle
-        try:
-            async with self.lanes[lane]:
-                result, lane_s = await self.threads.model_call(lane, timed)
-        finally:
-            self.model_calls -= 1
-        if self._idle():
-            self._schedule_trim()
+        async with self.lanes[lane]:
+            result, lane_s = await self.threads.model_call(lane, timed)
         return result, ModelTime(ran[0] if ran else 0.0, lane_s)
-
-    def _idle(self) -> bool:
-        return not (self.model_calls or self.encoder.queued or self.decoder.queued)
-
-    def _schedule_trim(self) -> None:
-        """Hand the model's freed activations back to the OS (tokenizers_svc.memory) once it has
-        stayed idle for IDLE_TRIM_S: a replica under load, even at one request at a time, never
-        pays the ~5 ms; a quiet one holds what its libraries need, not its last batch."""
-        if self.trim_timer is None:
-            self.trim_timer = asyncio.get_running_loop().call_later(IDLE_TRIM_S, self._trim_if_idle)
-
-    def _trim_if_idle(self) -> None:
-        self.trim_timer = None
-        if self._idle():  # in a thread, without waiting: a request arriving now is not held
-            asyncio.get_running_loop().run_in_executor(None, release_free_heap)
 
     def _too_late(self, token: WorkToken, size: int, lane: Lane) -> bool:
         """Whether work of ``size`` units, started now, would end after the request's deadline at

@@ -1,5 +1,6 @@
 """serving.threads: model calls compute with the CPUs they were given, everything else with one torch
-thread, and only the small lane's thread keeps an OpenMP team."""
+thread, and only the small lane's thread keeps an OpenMP team; the process's heap is trimmed once all
+its models have gone quiet, never while one computes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from functools import partial
 import pytest
 import torch
 
+import serving.threads
 from serving.threads import ServingThreads, SmallLane
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -154,3 +156,40 @@ def test_calls_side_by_side_share_their_lane_seconds_and_a_lone_call_has_its_own
 
     (_, start, end), lone_lane_s = lane.submit(partial(_walled, partial(time.sleep, 0.1))).result(10)
     assert abs(lone_lane_s - (end - start)) < 0.02
+
+
+@pytest.fixture()
+def quiet_window(monkeypatch):
+    """ServingThreads in this process with a 0.3 s idle window; the times of the trims it asks for
+    (recorded, not run: this process's heap is the test runner's)."""
+    threads = torch.get_num_threads()  # ServingThreads sets the process default to one
+    trims: list[float] = []
+    monkeypatch.setattr(serving.threads, "IDLE_TRIM_S", 0.3)
+    monkeypatch.setattr(serving.threads, "release_free_heap", lambda: trims.append(time.monotonic()))
+    yield ServingThreads(1), trims
+    torch.set_num_threads(threads)
+
+
+def test_the_heap_is_trimmed_once_after_every_model_of_the_process_went_quiet(quiet_window):
+    """The trim (malloc_trim) is process-wide: an ingress serving two models must not hand back the
+    heap of one that computes because the other's calls ended, and calls back to back never pay."""
+    threads, trims = quiet_window
+
+    async def scenario() -> None:
+        for _ in range(5):  # back to back: each call puts the trim off
+            await threads.model_call("small", lambda: None)
+        assert trims == [] and threads.trim_timer is not None
+        # one model's long call, and beside it another model's short one, which ends first
+        long_call = asyncio.create_task(threads.model_call("large", partial(time.sleep, 0.8)))
+        await asyncio.sleep(0.05)
+        await threads.model_call("small", lambda: None)
+        await asyncio.sleep(0.5)  # past the window after the short call: the long one still runs
+        assert trims == [] and not long_call.done()
+        await long_call
+        ended = time.monotonic()
+        await asyncio.sleep(0.6)
+        assert len(trims) == 1 and trims[0] - ended > 0.25  # one trim, a window after the last call
+        await asyncio.sleep(0.5)
+        assert len(trims) == 1  # still quiet: nothing more to hand back
+
+    asyncio.run(scenario())

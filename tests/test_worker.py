@@ -1,6 +1,5 @@
-"""serving.worker without Ray Serve: a model that goes quiet hands its freed memory back, and a
-model kept busy never pays for it; media decodes are bounded per lane (the request path is tested
-over HTTP in test_serving.py)."""
+"""serving.worker without Ray Serve: media decodes are bounded per lane, small calls are handed over
+ahead, and late work is refused (the request path is tested over HTTP in test_serving.py)."""
 
 from __future__ import annotations
 
@@ -26,23 +25,6 @@ from tokenizers_svc.pipeline import EncodeOptions
 def _leave_this_process_as_it_was(monkeypatch):
     with worker_in_this_process(monkeypatch):
         yield
-
-
-def test_idle_model_trims_once_and_a_busy_one_never(monkeypatch):
-    trims: list[int] = []
-    monkeypatch.setattr(worker, "release_free_heap", lambda: trims.append(1) or True)
-
-    async def scenario() -> None:
-        served = TokenizerWorker({"name": "tiny", "model": "sd-vae-tiny"}, {})
-        for _ in range(5):  # model calls back to back: each cancels the trim the last one set
-            await served._in_lane("small", lambda: (sum([1, 2]), 1))
-        assert trims == [] and served.trim_timer is not None
-        await asyncio.sleep(worker.IDLE_TRIM_S + 1.0)  # quiet past the window: one trim
-        assert trims == [1] and served.trim_timer is None
-        await asyncio.sleep(worker.IDLE_TRIM_S + 0.2)  # still quiet: nothing more to hand back
-        assert trims == [1]
-
-    asyncio.run(scenario())
 
 
 def test_media_decodes_wait_for_a_slot_of_their_own_lane(monkeypatch):
@@ -111,7 +93,7 @@ def test_calls_handed_to_a_lane_run_one_at_a_time_and_are_checked_when_they_star
 
         calls = [asyncio.create_task(served._in_lane("small", call(0.2))) for _ in range(3)]
         await asyncio.sleep(0.05)
-        assert served.model_calls == 3 and served.lanes["small"]._value == 0  # two handed over, one waits
+        assert served.threads.calls == 2 and served.lanes["small"]._value == 0  # two handed over, one waits
         outcomes = await asyncio.gather(*calls)
         assert [result for result, _ in outcomes] == ["done"] * 3
         assert queued_at_end[0] == 1  # the second was at hand in the thread when the first ended
