@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import math
 import struct
+import sys
+import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -189,6 +192,34 @@ def test_pixel_cap_checked_from_header_before_decoding():
         media.decode_image(bomb)
     with pytest.raises(InvalidMediaError):
         media.decode_image(bomb, Limits(max_pixels=150_000_000))
+
+
+def test_decoders_in_threads_leave_the_warning_filters_alone_and_pillow_quiet():
+    """The server decodes in several threads at once. ``warnings.catch_warnings`` in a decoder is not
+    thread-safe: two threads inside it can leave the process's filter list changed. The decoders
+    must not touch the list, and Pillow's warning for images over its own threshold (~89 MP: more
+    than any cap here, so the caller is refused anyway) stays silent."""
+    over_pillows_threshold = png_header_only(10_000, 10_000)  # 100 MP: Pillow warns, the cap refuses
+
+    def decode_many() -> None:
+        for _ in range(300):
+            assert media.probe_dimensions(over_pillows_threshold) == (None, 10_000, 10_000)
+            with pytest.raises(LimitExceededError):
+                media.decode_image(over_pillows_threshold)
+
+    switch_interval = sys.getswitchinterval()
+    with warnings.catch_warnings(record=True) as caught:  # records what any thread shows
+        media.probe_dimensions(over_pillows_threshold)  # the first decode may add its one filter
+        filters = list(warnings.filters)
+        sys.setswitchinterval(1e-6)  # the GIL changes hands as often as it can
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                for decoding in [pool.submit(decode_many) for _ in range(4)]:
+                    decoding.result()  # a thread's failure fails the test
+        finally:
+            sys.setswitchinterval(switch_interval)
+        assert warnings.filters == filters
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_pillow_bomb_error_maps_to_limit_exceeded():

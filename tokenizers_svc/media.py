@@ -49,6 +49,21 @@ TRANSPARENT_BACKGROUND = (255, 255, 255)  # alpha is composited over white, as i
 # mapped to LimitExceededError too. Without ``limits``: FILE_LIMITS (local files the caller owns).
 
 
+def _quiet_pillow_bomb_warning() -> None:
+    """Ignore Pillow's DecompressionBombWarning, process-wide, unless a filter for it is already set.
+
+    Pillow warns when an image is over its MAX_IMAGE_PIXELS (~89 MP): more than any cap here
+    (FILE_LIMITS: 64 MP), so the warning only comes before the LimitExceededError the caller gets.
+    Process-wide, the narrowest filter there is (Pillow's one warning class), because
+    ``warnings.catch_warnings`` swaps the process's filter list and is not thread-safe: the server
+    decodes in several threads at once, and two of them inside it can leave the list changed.
+    Checked at every decode, not set once at import: a ``catch_warnings`` block open at the time
+    (pytest's collection, a caller's) would take the filter away when it ends. A filter the caller
+    set for this warning class is theirs to keep."""
+    if not any(category is Image.DecompressionBombWarning for _, _, category, _, _ in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 @dataclass
 class Video:
     """Decoded frames (T, H, W, 3) uint8 RGB; ``fps`` of the returned frames (source fps / stride);
@@ -159,10 +174,9 @@ def decode_image(
     if not data:
         raise InvalidMediaError(f"empty input; expected {SUPPORTED_DESCRIPTION}", param="file")
     expected = ", ".join(["PNG", "JPEG", "WebP", *extra_formats])
+    _quiet_pillow_bomb_warning()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise LimitExceededError(
             f"image exceeds the decoder's pixel limit ({exc}); the limit is {limits.max_pixels:,} pixels",
@@ -184,11 +198,8 @@ def decode_image(
         )
     _check_pixels(image.width, image.height, limits, f"{image.format} image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as exc:
         raise LimitExceededError(f"image exceeds the decoder's pixel limit ({exc})", param="file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -295,10 +306,9 @@ def probe_dimensions(data: bytes) -> tuple[int | None, int, int] | None:
     cannot be read (decoding then reports why)."""
     try:
         if sniff_media(data) == "image":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    return None, image.height, image.width
+            _quiet_pillow_bomb_warning()
+            with Image.open(io.BytesIO(data)) as image:
+                return None, image.height, image.width
         with _open_container(data) as container:
             stream = container.streams.video[0]
             duration = _stream_duration(container, stream)
