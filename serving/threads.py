@@ -47,10 +47,10 @@ from tokenizers_svc.memory import release_free_heap
 Result = TypeVar("Result")
 
 # A process whose models have been idle this long hands their freed activations back. Long enough
-# that a client's pause between requests does not make its next request fault them in again (+15-20
-# ms on a 256² encode after a 3.5 s pause with 1 s here: docs/benchmarks.md, session 20); short
-# enough that a quiet replica soon holds only what its libraries need (jemalloc's default decay of
-# unused pages is 10 s too).
+# that a client's pause between requests does not make its next request fault them in again (with 1 s
+# here, a 256² encode after a 3.5 s pause took 16-68 ms longer: docs/benchmarks.md, session 20);
+# short enough that a quiet replica soon holds only what its libraries need (jemalloc's default
+# decay of unused pages is 10 s too).
 IDLE_TRIM_S = 10.0
 
 
