@@ -62,11 +62,6 @@ class Batcher(Generic[Item, Result]):
             self._preparing -= 1
             self._changed.set()
 
-    @property
-    def queued(self) -> int:
-        """Requests waiting for a batch (0 when the model has nothing more to do from here)."""
-        return len(self._queue)
-
     async def submit(self, item: Item) -> Result:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
