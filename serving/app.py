@@ -8,14 +8,17 @@ instance), ``serve run serving/config.yaml`` and ``serve deploy serving/config.y
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -45,6 +48,12 @@ HAPROXY_ENVIRONMENT = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # a loaded machine starts the HAProxy manager actor in more than Serve's default 5 s
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    # How long a stopping ingress replica keeps accepting requests so that the load balancer in front
+    # stops sending it any (requests in flight are waited for as well, however long). Serve's default,
+    # 30 s, is for cloud load balancers; here the balancer is this node's HAProxy, which Serve updates
+    # itself within a second, and retries a refused connection on another replica. With 30 s,
+    # Ctrl-C took ~32 s to stop the shipped server; with 5 s, 8 s.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 # Ports Serve binds on each node in that mode, fixed by default (8500, 9500, 9101, 8404): each local
 # instance gets free ones, so several servers (or test workers) share a machine.
@@ -54,6 +63,21 @@ HAPROXY_PORT_VARIABLES = (
     "RAY_SERVE_HAPROXY_METRICS_PORT",
     "RAY_SERVE_HAPROXY_STATS_PORT",
 )
+
+# Files HAProxy's manager writes on each node: its config, admin and metrics sockets, server state
+# and stderr logs, under ``<directory>/<node id>/``. Ray's default directory, /tmp/haproxy-serve, is
+# shared by every instance on the machine and nothing removes what a stopped one left there (one
+# directory of ~70 KB with stale sockets per start). A local instance gets a directory of its own,
+# removed when the process that started it exits.
+HAPROXY_FILE_VARIABLES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",  # the directory itself
+}
+UNIX_SOCKET_PATH_MAX = 107  # bytes of a socket's path: sockaddr_un.sun_path is 108 with the NUL
+RAY_NODE_ID_LENGTH = 56  # hex digits of the node id Serve puts between the directory and each file
 
 
 def free_port() -> int:
@@ -92,12 +116,32 @@ def use_haproxy_ingress() -> None:
     """Turn on the HAProxy ingress for the local Ray instance this process is about to start: Serve
     reads these variables in the processes Ray starts, which inherit this environment. A cluster
     started elsewhere sets them in its own environment (docs/serving.md). Variables already set
-    are kept."""
+    are kept. HAProxy's files go to a directory of this process's, removed when it exits
+    (``HAPROXY_FILE_VARIABLES``)."""
     for name, value in HAPROXY_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     for name in HAPROXY_PORT_VARIABLES:
         if name not in os.environ:
             os.environ[name] = str(later_listener_port())
+    if not any(name in os.environ for name in HAPROXY_FILE_VARIABLES):
+        directory = _haproxy_file_directory()
+        if directory is not None:
+            for name, file in HAPROXY_FILE_VARIABLES.items():
+                os.environ[name] = os.path.join(directory, file) if file else directory
+
+
+def _haproxy_file_directory() -> str | None:
+    """A fresh directory for HAProxy's files (``HAPROXY_FILE_VARIABLES``), removed when this process
+    exits (``tokenizers-svc serve`` and the benchmarks stop Ray, and with it HAProxy, first). None
+    where a socket's path inside it would be longer than a socket's path may be (a long
+    ``TMPDIR``): Ray's default directory then."""
+    directory = tempfile.mkdtemp(prefix="tsvc-haproxy-")
+    longest = os.path.join(directory, "0" * RAY_NODE_ID_LENGTH, "metrics.sock")
+    if len(os.fsencode(longest)) > UNIX_SOCKET_PATH_MAX:
+        os.rmdir(directory)
+        return None
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 def _deployment_name(model: str) -> str:

@@ -24,6 +24,7 @@ import socket
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -981,24 +982,25 @@ def test_replica_sigkilled_under_steady_traffic_recovers(base_url, http, crops):
     assert_healthy(http, crops)
 
 
-def _listeners(port: int) -> set[str]:
-    """Names of this user's processes listening on 127.0.0.1:``port``."""
-    names = set()
-    for process in psutil.process_iter(["name"]):
+def _listeners(port: int) -> dict[str, list[str]]:
+    """This user's processes listening on 127.0.0.1:``port``: name -> command line."""
+    found = {}
+    for process in psutil.process_iter(["name", "cmdline"]):
         with contextlib.suppress(psutil.Error):
             if any(
                 c.laddr.port == port and c.status == psutil.CONN_LISTEN
                 for c in process.net_connections("tcp")
             ):
-                names.add(process.info["name"])
-    return names
+                found[process.info["name"]] = process.info["cmdline"]
+    return found
 
 
 @pytest.mark.slow
 def test_shipped_server_answers_through_haproxy(crops):
     """`tokenizers-svc serve` (its default ``--ingress haproxy``): HAProxy owns the HTTP port and
     forwards to the ingress replica's own HTTP server. Results, typed errors and timing headers
-    come through as they do through Serve's Python proxy (the rest of this module)."""
+    come through as they do through Serve's Python proxy (the rest of this module). HAProxy's files
+    live in a directory of the server's own, gone once it stops."""
     default = "tsvc-image-f8c4"
     with served_process() as url, httpx.Client(base_url=url, timeout=120) as client:
         # HAProxy reloads when Serve's routes change, handing its listening socket to a new process;
@@ -1007,7 +1009,11 @@ def test_shipped_server_answers_through_haproxy(crops):
         deadline = time.monotonic() + 15
         while not (listeners := _listeners(port)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert listeners == {"haproxy"}
+        assert set(listeners) == {"haproxy"}
+        # its files (config, sockets, logs) are in a directory of this server's, not Ray's shared one
+        config = Path(listeners["haproxy"][listeners["haproxy"].index("-f") + 1])
+        haproxy_files = config.parents[1]
+        assert haproxy_files.name.startswith("tsvc-haproxy-") and config.exists()
         body = png(crops[0])
         response = client.post(
             f"/v1/models/{default}/encode", content=body, headers={"content-type": "image/png"}
@@ -1026,6 +1032,29 @@ def test_shipped_server_answers_through_haproxy(crops):
         )
         assert unknown.status_code == 404 and error_body(unknown)["type"]
         assert client.get("/healthz").status_code == 200
+    assert not haproxy_files.exists()  # removed when the server stopped
+
+
+def test_haproxy_files_get_a_directory_of_their_own_unless_a_socket_path_would_be_too_long(
+    tmp_path, monkeypatch
+):
+    """HAProxy's sockets live in ``<directory>/<node id>/``: where ``TMPDIR`` is so long that their
+    paths would pass the OS's limit, HAProxy keeps Ray's default directory instead."""
+    import tempfile
+
+    from serving.app import RAY_NODE_ID_LENGTH, UNIX_SOCKET_PATH_MAX, _haproxy_file_directory
+
+    short = Path("/tmp")  # what Linux machines have by default
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    directory = Path(_haproxy_file_directory())
+    assert directory.is_dir() and directory.parent == short
+    assert len(os.fsencode(directory / ("0" * RAY_NODE_ID_LENGTH) / "metrics.sock")) <= UNIX_SOCKET_PATH_MAX
+    directory.rmdir()
+    long = tmp_path / "a-temp-directory-a-little-longer"  # pytest's own path is already too long
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    assert _haproxy_file_directory() is None
+    assert not any(long.iterdir())  # nothing left behind
 
 
 def test_haproxy_side_ports_are_free_and_out_of_the_way_of_outgoing_connections():
