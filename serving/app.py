@@ -50,9 +50,10 @@ HAPROXY_ENVIRONMENT = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
     # How long a stopping ingress replica keeps accepting requests so that the load balancer in front
     # stops sending it any (requests in flight are waited for as well, however long). Serve's default,
-    # 30 s, is for cloud load balancers; here the balancer is this node's HAProxy, which Serve updates
-    # itself within a second, and retries a refused connection on another replica. With 30 s,
-    # Ctrl-C took ~32 s to stop the shipped server; with 5 s, 8 s.
+    # 30 s, is for cloud load balancers; here the balancer is this node's HAProxy, which Serve itself
+    # updates as the replica stops (gathering updates for 0.1 s, RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S),
+    # and which retries a refused connection on another replica. With 30 s, Ctrl-C took ~32 s to stop
+    # the shipped server; with 5 s, 8 s.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 # Ports Serve binds on each node in that mode, fixed by default (8500, 9500, 9101, 8404): each local
