@@ -20,6 +20,7 @@ from tokenizers_svc.loading import load_tokenizer
 GB = 1e9
 DEFAULT_AT_256 = ModelCost(seconds=0.27, pixels=256 * 341, params=6_747_927)  # tsvc-image-f8c4, measured
 LARGE_FULL_SIZE = ModelCost(seconds=20.0, pixels=600_000, params=83_653_863)  # sd-vae-ft-mse on photos
+SMALL_AT_64 = ModelCost(seconds=0.017, pixels=64 * 64, params=6_747_927)  # the image default at 64^2
 
 
 def test_cpus_only_every_core_runs_the_model_and_decodes_its_own_inputs():
@@ -27,8 +28,18 @@ def test_cpus_only_every_core_runs_the_model_and_decodes_its_own_inputs():
     size = choose(Resources(cpus=2, gpus=0, memory=8 * GB), DEFAULT_AT_256, pending=500)
     assert (size.workers, size.torch_threads, size.cpus_per_worker) == (2, 1, 1.0)
     assert size.decode_tasks == 0 and size.gpus_per_worker == 0
-    assert size.batch_size == 3  # about a second of model work per call: floor(1 / 0.27)
+    # a second of model work would be floor(1 / 0.27) = 3 items, but one 256x341 item is already
+    # more than CPU_CALL_PIXELS: larger calls cost more per item on CPUs
+    assert size.batch_size == 1
     assert "every core runs the model" in size.describe()
+
+
+def test_cpu_calls_hold_a_second_of_work_and_no_more_pixels_than_one_256_image():
+    resources = Resources(cpus=2, gpus=0, memory=8 * GB)
+    assert choose(resources, SMALL_AT_64, pending=500).batch_size == 16  # 65536 // 4096, not 58 (1 s)
+    slow_small = ModelCost(seconds=0.5, pixels=64 * 64, params=6_747_927)
+    assert choose(resources, slow_small, pending=500).batch_size == 2  # floor(1 / 0.5): a second's work
+    assert choose(resources, SMALL_AT_64, pending=500, batch_size=64).batch_size == 64  # the flag wins
 
 
 def test_gpus_get_one_actor_each_and_the_other_cpus_decode():
@@ -81,8 +92,9 @@ def test_short_jobs_run_in_the_driver_and_long_ones_on_ray():
     assert not runs_in_driver(0.045, 10_000, 2) and runs_in_driver(0.045, 10_000, 8)
     size = in_driver(DEFAULT_AT_256, 500, 2, None, "short")
     assert (size.engine, size.workers, size.driver_threads, size.torch_threads) == ("driver", 0, 2, 1)
-    assert size.batch_size == 3 and size.describe().startswith("in this process: 2 threads x 1 torch thread")
-    assert in_driver(DEFAULT_AT_256, 3, 2, None, "").batch_size == 2  # ceil(3 / 2): both threads get work
+    assert size.batch_size == 1 and size.describe().startswith("in this process: 2 threads x 1 torch thread")
+    assert in_driver(SMALL_AT_64, 500, 2, None, "").batch_size == 16
+    assert in_driver(SMALL_AT_64, 3, 2, None, "").batch_size == 2  # ceil(3 / 2): both threads get work
     assert in_driver(DEFAULT_AT_256, 500, 2, 7, "").batch_size == 7  # --batch-size wins
 
 

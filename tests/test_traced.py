@@ -79,6 +79,25 @@ def test_hot_shapes_are_traced_cold_ones_are_not_and_least_recent_graphs_are_dro
         assert [key[0] for key in calls.graphs] == [(2, 4), (3, 4)]
 
 
+def test_a_traced_shape_keeps_its_heat_so_rare_shapes_stay_eager_and_nothing_is_retraced(monkeypatch):
+    """A job's photos: one common shape (half the calls) among six rare ones (~8% each). Once the
+    common shape runs traced, its calls still count, so no rare shape reaches HOT_CALLS of the window
+    (counting eager calls only, each rare one did, was traced, and was dropped past MAX_SHAPES)."""
+    monkeypatch.setattr(traced, "MAX_SHAPES", 2)
+    traces = []
+    real_trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: traces.append(a[1].shape) or real_trace(*a, **k))
+    layer = nn.Linear(4, 4).eval()
+    calls = _calls(layer, layer)
+    with torch.no_grad():
+        for _ in range(3 * traced.HOT_WINDOW // 12):
+            for rare in range(10, 16):
+                calls(torch.ones(1, 4))
+                calls(torch.ones(rare, 4))
+    assert [key[0] for key in calls.graphs] == [(1, 4)]
+    assert traces == [torch.Size([1, 4])]
+
+
 def test_outputs_keep_their_structure_with_nones():
     layer = nn.Linear(4, 4).eval()
     calls = _calls(lambda x: (layer(x), None), layer)

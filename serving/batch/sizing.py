@@ -17,8 +17,9 @@ With no tuning flags the job sizes itself (docs/batch.md, "What the job chooses 
 - **GPUs**: one encoder actor per GPU (one CPU each, to feed it), and every other CPU decodes in
   Ray Data tasks ahead of the actors, since a GPU encodes faster than one core decodes.
 - **Batch size**: on CPUs, about :data:`TARGET_BATCH_S` of model work per encoder call, from the
-  model's cost measured on the driver (:func:`probe_seconds_per_item`): the first rows come within
-  seconds and the per-call overhead stays small; on GPUs :data:`GPU_BATCH_SIZE`.
+  model's cost measured on the driver (:func:`probe_seconds_per_item`), and no more than
+  :data:`CPU_CALL_PIXELS` pixels: the first rows come within seconds, the per-call overhead stays
+  small, and no call is so large that each of its items costs more; on GPUs :data:`GPU_BATCH_SIZE`.
 
 Each flag (``--workers``, ``--cpus-per-worker``, ``--num-gpus-per-worker``, ``--decode-tasks``,
 ``--batch-size``) overrides its part; the rest is still derived. Whatever is chosen, the actors'
@@ -39,6 +40,15 @@ from tokenizers_svc.errors import ConfigError
 
 TARGET_BATCH_S = 1.0  # CPU-seconds of model work per encoder call, at one torch thread
 MAX_CPU_BATCH = 32
+# Pixels per encoder call on CPUs at most (summed over the call's items and frames): one 256² image.
+# On CPUs a conv VAE's cost per item grows with the batch once a call's activations outgrow the
+# caches and the C heap's reuse (glibc maps every block over 32 MiB afresh, page faults included, at
+# each call). Measured on the 2-core machine, the image default on 256² photo crops, two threads side
+# by side at one torch thread each (the driver engine there): 20.3 / 20.0 / 19.0 / 12.1 items/s in
+# calls of 1 / 2 / 3 / 5 images; one thread alone, 93-97 ms an item up to 3 and 109-111 ms at 4-5
+# (~6,000 page faults an item), 142 ms at 8 (docs/benchmarks.md, "Batch job", session 22). The
+# server caps its CPU batches of this model at the same 65536 pixels (serving/config.yaml).
+CPU_CALL_PIXELS = 256 * 256
 GPU_BATCH_SIZE = 32
 PROBE_PIXELS = 128 * 128  # the probe encodes the planned item shrunk to about this many pixels
 ACTOR_BASE_BYTES = 1.0e9  # a Ray worker with torch and the library imported, before any model
@@ -141,9 +151,11 @@ def torch_threads(count: int) -> Iterator[None]:
 
 def _cpu_batch_size(cost: ModelCost, threads: int, pending: int, callers: int) -> int:
     """Rows per encoder call on CPUs: about TARGET_BATCH_S of model work at ``threads`` torch
-    threads, at most MAX_CPU_BATCH, and no more than each of ``callers`` gets of ``pending``."""
+    threads, no more than CPU_CALL_PIXELS pixels (at least one row) and MAX_CPU_BATCH rows, and no
+    more than each of ``callers`` gets of ``pending``."""
     per_call = math.floor(TARGET_BATCH_S * threads / cost.seconds)
-    return max(1, min(per_call, MAX_CPU_BATCH, math.ceil(pending / callers)))
+    by_pixels = CPU_CALL_PIXELS // max(1, cost.pixels)
+    return max(1, min(per_call, by_pixels, MAX_CPU_BATCH, math.ceil(pending / callers)))
 
 
 def probe_seconds_per_item(tokenizer, item_shape: tuple[int, ...]) -> float:

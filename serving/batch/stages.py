@@ -33,6 +33,7 @@ from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.datasets import ROW_SCHEMA, SHARD_PREFIX, SHARD_SUFFIX
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.memory import keep_heap_for_model_calls
 from tokenizers_svc.pipeline import encode_stacked, load_media, run_in_groups
 from tokenizers_svc.pixels import (
     cover_size,
@@ -205,8 +206,9 @@ class EncodeWorker:
     ) -> None:
         """``tokenizer``: one the caller loaded for ``plan`` (the driver's, for its head start); the
         process's torch threads are then the caller's to set."""
-        if tokenizer is None:
+        if tokenizer is None:  # an encoder actor: the process is the stage's
             torch.set_num_threads(max(1, num_threads))
+            keep_heap_for_model_calls()  # freed activations stay for the next call
             tokenizer = load_tokenizer(plan.model, device=plan.device, dtype=getattr(torch, plan.dtype))
         self.tokenizer = tokenizer
         if self.tokenizer.weights_hash != plan.weights_hash:
