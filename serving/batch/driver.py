@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="rows per encoder call; same shapes batch together (default: about 1 s of model work on "
-        f"CPUs, {GPU_BATCH_SIZE} on GPUs)",
+        f"CPUs and at most {sizing.CPU_CALL_PIXELS} pixels per call, {GPU_BATCH_SIZE} on GPUs)",
     )
     p.add_argument(
         "--workers", type=int, default=None, help="encoder actors (default: one per CPU, or one per GPU)"
