@@ -46,7 +46,7 @@ MAX_CPU_BATCH = 32
 # each call). Measured on the 2-core machine, the image default on 256² photo crops, two threads side
 # by side at one torch thread each (the driver engine there): 20.3 / 20.0 / 19.0 / 12.1 items/s in
 # calls of 1 / 2 / 3 / 5 images; one thread alone, 93-97 ms an item up to 3 and 109-111 ms at 4-5
-# (~6,000 page faults an item), 142 ms at 8 (docs/benchmarks.md, "Batch job", session 22). The
+# (~6,000 page faults an item), 142 ms at 8 (docs/benchmarks.md, "Batch", session 22). The
 # server caps its CPU batches of this model at the same 65536 pixels (serving/config.yaml).
 CPU_CALL_PIXELS = 256 * 256
 GPU_BATCH_SIZE = 32
