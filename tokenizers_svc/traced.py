@@ -43,7 +43,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 TRACED_ENV = "TOKENIZERS_SVC_TRACED"
-MAX_SHAPES = 8  # graphs kept per call; a server sees a few sizes, a batch job one or two
+# graphs kept per call; a server sees a few sizes, a batch job one or two. No more than
+# HOT_WINDOW // HOT_CALLS shapes can be hot at once, so with these values every hot shape keeps its graph.
+MAX_SHAPES = 8
 HOT_WINDOW = 64  # the recent calls a shape's heat is counted in
 HOT_CALLS = 8  # calls among them that make a shape hot
 TOLERANCE = 1e-4  # max |traced - eager| relative to max(1, max |eager|), per output
