@@ -76,8 +76,7 @@ def _libc() -> ctypes.CDLL | None:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-HEAP_MMAP_THRESHOLD = 32 * 2**20  # blocks from here up are mapped and unmapped (glibc's dynamic maximum)
+_M_MMAP_MAX = -4  # blocks glibc may map at once on its own; 0: none, every block from the heap
 HEAP_TRIM_THRESHOLD = 512 * 2**20  # free memory at the top of the main heap kept up to this much
 HEAP_TUNING_ENV = "TOKENIZERS_SVC_HEAP_TUNING"  # "0" leaves glibc's defaults alone
 
@@ -96,18 +95,22 @@ def keep_heap_for_model_calls() -> bool:
     torch thread, the default image model, PNG decode + encode + latent file of 256x256 crops in a
     loop, four rounds of 12 alternating in one process): 6.8-8.2 req/s in the main thread against
     8.6-9.2 in a worker thread with glibc's defaults; 8.4-9.0 against 8.0-9.1 with these thresholds.
-    Setting a threshold turns off glibc's dynamic mmap threshold, so both are set: the mmap threshold
-    at glibc's own dynamic maximum (32 MiB; setting the trim threshold alone put every block over 128
-    KiB on ``mmap`` and ran at 5.3 req/s), the trim threshold high. The cost is resident memory that
-    stays at its peak until :func:`release_free_heap`, which ignores the threshold (the server calls
-    it when a model goes idle): 697-717 MB against 659-672 MB after the loop above."""
+    So the trim threshold is set high, and large blocks come from the heap too: glibc maps a block
+    over its mmap threshold on its own and unmaps it at ``free``, and that threshold goes no higher
+    than 32 MiB, which a video clip's or a batch's activations pass (setting the trim threshold
+    alone also turns off glibc's dynamic mmap threshold and put every block over 128 KiB on ``mmap``:
+    5.3 req/s). With the mmap threshold at 32 MiB, a 17-frame 256x192 clip of the video default took
+    1544-1817 ms at one torch thread with 55,000-243,000 page faults per call; with no mmap at all,
+    1411-1475 ms and none; batches of 4-8 256² images stopped faulting ~6,000 pages per image
+    (docs/benchmarks.md, "Batch", session 22). A thread's arena still maps what its 64 MiB heaps
+    cannot hold, so a served model's process puts every thread on the main heap
+    (:func:`model_process_environment`). The cost is resident memory that stays at its peak until
+    :func:`release_free_heap`, which ignores the threshold (the server calls it when a model goes
+    idle): 697-717 MB against 659-672 MB after the loop above."""
     libc = _libc()
     if libc is None or os.environ.get(HEAP_TUNING_ENV) == "0" or not hasattr(libc, "mallopt"):
         return False
-    return bool(
-        libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
-        and libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
-    )
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
 
 
 ONE_ARENA_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}  # glibc reads it at process start

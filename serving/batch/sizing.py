@@ -42,12 +42,13 @@ TARGET_BATCH_S = 1.0  # CPU-seconds of model work per encoder call, at one torch
 MAX_CPU_BATCH = 32
 # Pixels per encoder call on CPUs at most (summed over the call's items and frames): one 256² image.
 # On CPUs a conv VAE's cost per item grows with the batch once a call's activations outgrow the
-# caches and the C heap's reuse (glibc maps every block over 32 MiB afresh, page faults included, at
-# each call). Measured on the 2-core machine, the image default on 256² photo crops, two threads side
-# by side at one torch thread each (the driver engine there): 20.3 / 20.0 / 19.0 / 12.1 items/s in
-# calls of 1 / 2 / 3 / 5 images; one thread alone, 93-97 ms an item up to 3 and 109-111 ms at 4-5
-# (~6,000 page faults an item), 142 ms at 8 (docs/benchmarks.md, "Batch", session 22). The
-# server caps its CPU batches of this model at the same 65536 pixels (serving/config.yaml).
+# caches and the C heap's reuse (a thread's arena maps and unmaps heaps of 64 MiB at most). Measured
+# on the 2-core machine, the image default on 256² photo crops, two threads side by side at one torch
+# thread each (the driver engine there): 20.3 / 17.7 / 14.8 items/s in calls of 1 / 2 / 5 images
+# with the job's heap settings (20.3 / 20.0 / 19.0 / 12.1 at 1 / 2 / 3 / 5 with the earlier ones);
+# a 200-photo job at --crop center 256, 16.3 items/s at batch 1 against 12.6 at 5
+# (docs/benchmarks.md, "Batch", session 22). The server caps its CPU batches of this model at the
+# same 65536 pixels (serving/config.yaml).
 CPU_CALL_PIXELS = 256 * 256
 GPU_BATCH_SIZE = 32
 PROBE_PIXELS = 128 * 128  # the probe encodes the planned item shrunk to about this many pixels
