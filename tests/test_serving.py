@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import struct
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -1040,8 +1041,6 @@ def test_haproxy_files_get_a_directory_of_their_own_unless_a_socket_path_would_b
 ):
     """HAProxy's sockets live in ``<directory>/<node id>/``: where ``TMPDIR`` is so long that their
     paths would pass the OS's limit, HAProxy keeps Ray's default directory instead."""
-    import tempfile
-
     from serving.app import RAY_NODE_ID_LENGTH, UNIX_SOCKET_PATH_MAX, _haproxy_file_directory
 
     short = Path("/tmp")  # what Linux machines have by default
