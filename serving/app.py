@@ -32,7 +32,7 @@ from serving.routes import Ingress
 from serving.schemas import ModelConfig, ServiceConfig, parse_config
 from serving.worker import TokenizerWorker
 from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
-from tokenizers_svc.memory import model_process_environment
+from tokenizers_svc.memory import model_actor_options
 from tokenizers_svc.ray_cluster import init_ray, logs_dir, starts_local_instance
 from tokenizers_svc.registry import get_preset
 
@@ -149,20 +149,13 @@ def _deployment_name(model: str) -> str:
     return "tokenizer-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model)
 
 
-def _model_process_options() -> dict:
-    """Actor options for a process that runs model calls: the allocator settings glibc reads at
-    start (``tokenizers_svc.memory.model_process_environment``)."""
-    environment = model_process_environment()
-    return {"runtime_env": {"env_vars": environment}} if environment else {}
-
-
 def _worker(model: ModelConfig, config: ServiceConfig):
     options: dict = {
         "name": _deployment_name(model.name),
         "ray_actor_options": {
             "num_cpus": model.num_cpus,
             "num_gpus": model.num_gpus,
-            **_model_process_options(),
+            **model_actor_options(),
         },
         "max_ongoing_requests": model.ongoing,
         "max_queued_requests": model.max_queued_requests,
@@ -190,7 +183,7 @@ def build_app(args: dict) -> Application:
     if any(m.num_gpus for m in local):
         resources["num_gpus"] = sum(m.num_gpus for m in local)
     if local:
-        resources.update(_model_process_options())
+        resources.update(model_actor_options())  # glibc's settings for model calls
     return Ingress.options(ray_actor_options=resources).bind(config.model_dump(), workers)
 
 

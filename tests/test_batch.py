@@ -7,6 +7,7 @@ tests/test_serving.py does), so both can run in one pytest session in either ord
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,9 +15,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -95,14 +99,54 @@ def _run(argv: list[str]) -> int:
     return batch.main([str(a) for a in argv])
 
 
+@contextlib.contextmanager
+def _encoder_actor_environments() -> Iterator[list[dict[str, str]]]:
+    """The environments of the encoder actor processes this test process's Ray starts (its raylet
+    is a child of this process) while the block runs, polled in a thread."""
+    found: dict[int, dict[str, str]] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.2):
+            for process in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if process.pid not in found and "EncodeWorker" in " ".join(process.cmdline()):
+                        found[process.pid] = process.environ()
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    environments: list[dict[str, str]] = []
+    try:
+        yield environments
+    finally:
+        stop.set()
+        watcher.join()
+        environments += found.values()
+
+
 @pytest.fixture(scope="module")
-def image_job(image_folder, tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+def encoder_environments() -> list[dict[str, str]]:
+    """Filled by :func:`image_job` with its encoder actors' environments."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def image_job(image_folder, tmp_path_factory, encoder_environments) -> tuple[Path, Path, dict[str, str]]:
     folder, errors = image_folder
     out = tmp_path_factory.mktemp("image_job")
     argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "4"]
     # --workers 2 on 2 CPUs: the README command, which used to leave no CPU for the read tasks (hang)
-    assert _run([*argv, "--shard-rows", "3", "--workers", "2"]) == 0
+    with _encoder_actor_environments() as environments:
+        assert _run([*argv, "--shard-rows", "3", "--workers", "2"]) == 0
+    encoder_environments += environments
     return folder, out, errors
+
+
+def test_encoder_actors_allocate_from_one_heap(image_job, encoder_environments):
+    """Ray Data calls the encoder in a thread of the actor's own: the actors start with glibc's one
+    malloc arena (tokenizers_svc.memory.model_process_environment), as a served model's replica."""
+    assert len(encoder_environments) == 2  # --workers 2
+    assert all(env.get("MALLOC_ARENA_MAX") == "1" for env in encoder_environments)
 
 
 def test_every_input_accounted_for(image_job):
@@ -204,11 +248,14 @@ def test_the_driver_engine_encodes_in_the_asked_dtype(shared_data, tmp_path, no_
     assert json.loads((out / "job.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_a_short_image_job_on_this_machine_runs_in_the_driver(shared_data, tmp_path, no_ray, monkeypatch):
-    """No cluster named, images only, a few seconds of work: starting Ray and its actors would cost
-    more than the whole job, so the driver encodes it (after measuring the first inputs, whose rows it
-    keeps) and Ray is never started; a corrupt file is still its one error row."""
+@pytest.mark.parametrize("cores", [2, 16])
+def test_an_image_job_on_this_machine_runs_in_the_driver(shared_data, tmp_path, no_ray, monkeypatch, cores):
+    """No cluster named, images only: Ray is never started and a corrupt file is still its one
+    error row. With a driver thread for every core (this machine) whatever the job's length; on 16
+    cores, more than the driver's threads (a machine that cannot exist here, so its core count is
+    set), only because the job is short: the driver measures the first inputs and keeps their rows."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("serving.batch.driver._machine_cores", lambda: cores)
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in PHOTOS:
@@ -223,7 +270,11 @@ def test_a_short_image_job_on_this_machine_runs_in_the_driver(shared_data, tmp_p
     assert all(row["error"] is None and row["latents"] is not None for row in by_name.values())
     run = json.loads((out / "manifest.json").read_text())["run"]
     assert run["size"]["engine"] == "driver" and run["head_start_inputs"] == 0
-    assert "would cost more than 5% of the job" in run["size"]["why"]
+    assert run["size"]["driver_threads"] == min(cores, 8)
+    if cores == 2:
+        assert run["size"]["why"].startswith("this machine alone, 2 cores: a driver thread for each")
+    else:
+        assert "would cost more than 5% of the job" in run["size"]["why"]
 
 
 def test_rerun_skips_everything(image_job, no_ray, capsys):

@@ -10,6 +10,7 @@ from serving.batch.sizing import (
     ModelCost,
     Resources,
     choose,
+    driver_takes_every_job,
     in_driver,
     probe_seconds_per_item,
     runs_in_driver,
@@ -83,9 +84,17 @@ def test_flags_override_their_part_and_decode_tasks_keep_cpus():
     assert (gpu.workers, gpu.gpus_per_worker, gpu.decode_tasks) == (2, 2.0, 0)
 
 
+def test_jobs_on_this_machine_run_in_the_driver_while_it_has_a_thread_per_core():
+    """Up to MAX_DRIVER_THREADS cores the driver takes every job on this machine alone; past
+    that, short jobs (below) run in it and long ones on Ray's actors."""
+    assert driver_takes_every_job(1) and driver_takes_every_job(2) and driver_takes_every_job(8)
+    assert not driver_takes_every_job(9) and not driver_takes_every_job(64)
+
+
 def test_short_jobs_run_in_the_driver_and_long_ones_on_ray():
-    """The pool's ~6 s start against the job's time on the driver's threads (end-to-end CPU-s per
-    item, measured by the driver): the pool when its start costs under 5% of the job."""
+    """On more cores than the driver's threads: the pool's ~6 s start against the job's time on
+    the driver's threads (end-to-end CPU-s per item, measured by the driver): the pool when its
+    start costs under 5% of the job."""
     assert runs_in_driver(0.045, 500, 2)  # batch_bench's decode-bound case: ~11 s, the start ~half
     assert runs_in_driver(0.27, 500, 2)  # model-bound: ~68 s, the start ~9%
     assert not runs_in_driver(0.27, 2000, 2)  # ~4.5 min: the start ~2%

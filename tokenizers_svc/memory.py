@@ -118,7 +118,8 @@ ONE_ARENA_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}  # glibc reads it at process s
 
 def model_process_environment() -> dict[str, str]:
     """Environment variables for a process Ray starts to run model calls in a thread (a served
-    model's replica): glibc with one malloc arena, the main heap, for every thread. ``{}`` with
+    model's replica; a batch job's encoder actor, whose calls Ray Data runs in a thread of its own
+    beside the actor's main thread): glibc with one malloc arena, the main heap, for every thread. ``{}`` with
     ``TOKENIZERS_SVC_HEAP_TUNING=0``; a value this process's environment already sets is passed on.
     glibc reads them when a process starts, so they go in the actor's ``runtime_env``.
 
@@ -134,6 +135,13 @@ def model_process_environment() -> dict[str, str]:
     if os.environ.get(HEAP_TUNING_ENV) == "0":
         return {}
     return {name: os.environ.get(name, value) for name, value in ONE_ARENA_ENVIRONMENT.items()}
+
+
+def model_actor_options() -> dict:
+    """Ray actor options for such a process: :func:`model_process_environment` as its
+    ``runtime_env`` (Ray merges its ``env_vars`` into the job's), or ``{}`` when there is none."""
+    environment = model_process_environment()
+    return {"runtime_env": {"env_vars": environment}} if environment else {}
 
 
 def release_free_heap() -> bool:

@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m serving.batch ...
 
 Reading order: :func:`main` -> :func:`run`: list the inputs and drop those already done, size the
-job (a small one on this machine runs in this process, without Ray: :func:`_driver_size`), then
+job (on this machine alone it runs in this process, without Ray: :func:`_driver_size`), then
 ``prepare_row`` (in the actors on CPUs, else in tasks) -> ``EncodeWorker`` (actor pool, and on
 CPUs one batch on the driver while the pool starts: :func:`_head_start`) -> ``write_shard`` (on the
 driver), then the manifest (what was written, what is missing, the history of runs).
@@ -60,14 +60,14 @@ from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.formats import is_video_file
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
-from tokenizers_svc.memory import keep_heap_for_model_calls
+from tokenizers_svc.memory import keep_heap_for_model_calls, model_actor_options
 from tokenizers_svc.options import add_arguments
 from tokenizers_svc.pixels import CROP_MODES, policy_size
 from tokenizers_svc.progress import Progress
 from tokenizers_svc.ray_cluster import cluster_is_this_machine, init_ray, started_here
 from tokenizers_svc.wire import dtype_name
 
-MEASURED_INPUTS = 5  # inputs the driver encodes to judge whether the job runs in it (auto)
+MEASURED_INPUTS = 5  # inputs the driver encodes to judge whether a job on many cores runs in it (auto)
 MAX_INPUT_BLOCKS = 1000  # blocks of pending inputs; enough to spread over a cluster's actors
 FLUSH_S = 30.0  # a shard at least this often while rows come (a killed run loses at most this)
 
@@ -300,17 +300,14 @@ def _ray_size(args: argparse.Namespace, cost: ModelCost, pending: int) -> JobSiz
     )
 
 
-def _driver_threads() -> int:
-    """Threads for a job run in the driver: one per core of this machine as the job sees them (the
-    local Ray's CPUs when one is up, else the cores this process may run on), at most
-    sizing.MAX_DRIVER_THREADS."""
+def _machine_cores() -> int:
+    """This machine's cores as the job sees them: the local Ray's CPUs when one is up, else the
+    cores this process may run on."""
     import ray
 
     if ray.is_initialized():
-        cores = max(1, math.floor(ray.cluster_resources().get("CPU", 1)))
-    else:
-        cores = len(os.sched_getaffinity(0))
-    return min(cores, sizing.MAX_DRIVER_THREADS)
+        return max(1, math.floor(ray.cluster_resources().get("CPU", 1)))
+    return len(os.sched_getaffinity(0))
 
 
 def _loaded_dtype(tokenizer: Tokenizer) -> str:
@@ -341,21 +338,33 @@ def _measure_items(
 def _driver_size(
     args: argparse.Namespace, plan: JobPlan, tokenizer: Tokenizer, pending: list[dict], cost: ModelCost
 ) -> tuple[JobSize | None, list[pa.Table]]:
-    """The job's size when it runs in this process (``--engine driver``, or ``auto`` and
-    sizing.runs_in_driver), else None: it runs on Ray; and the rows of the inputs encoded to
-    measure them (:func:`_measure_items`). Auto keeps to what it can judge: a cluster that is this
-    machine alone (no actors elsewhere to use), no GPU (the pool runs the model there), images only
-    (a video's clips are not counted before decoding it), and no actor flag."""
-    threads = _driver_threads()
+    """The job's size when it runs in this process, else None: it runs on Ray; and the rows of the
+    inputs encoded to measure them (:func:`_measure_items`). In this process: ``--engine driver``;
+    or ``auto`` on a cluster that is this machine alone (no actors elsewhere to use), no GPU (the
+    pool runs the model there), images only (a video's clips are not counted before decoding it)
+    and no actor flag, when the driver has a thread for every core
+    (sizing.driver_takes_every_job), or else when the job is short (sizing.runs_in_driver, from
+    the first inputs' measured cost). One thread per core, at most sizing.MAX_DRIVER_THREADS."""
+    cores = _machine_cores()
+    threads = min(cores, sizing.MAX_DRIVER_THREADS)
     if args.engine == "driver":  # check_flags refused actor flags with it
         return sizing.in_driver(cost, len(pending), threads, args.batch_size, "--engine driver"), []
     if (
         args.engine == "ray"
         or actor_flags_given(args)
-        or _loaded_dtype(tokenizer) != plan.dtype  # its measured rows would be in another dtype
         or torch.cuda.is_available()
         or not cluster_is_this_machine(args.address)
         or any(is_video_file(os.fsdecode(item["path"])) for item in pending)
+    ):
+        return None, []
+    if sizing.driver_takes_every_job(cores):
+        why = (
+            f"this machine alone, {cores} cores: a driver thread for each encodes faster than Ray's "
+            "encoder actors, however long the job"
+        )
+        return sizing.in_driver(cost, len(pending), threads, args.batch_size, why), []
+    if (
+        _loaded_dtype(tokenizer) != plan.dtype  # its measured rows would be in another dtype
         or not sizing.runs_in_driver(cost.seconds, len(pending), threads)  # the model alone is too much
     ):
         return None, []
@@ -492,6 +501,8 @@ def _pipeline(inputs: list[dict], plan: JobPlan, size: JobSize):
             num_gpus=size.gpus_per_worker,
             num_cpus=size.cpus_per_worker,
             **_restarts(),
+            # Ray Data calls the encoder in a thread of the actor's: one malloc arena, as a replica's
+            **model_actor_options(),
         )
 
 
@@ -609,7 +620,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         print(f"batch-encode: {size.describe()}", file=sys.stderr)
         run_id = _claim(output, plan, previous)
         head = _head_start(args, plan, size, tokenizer, rest) if size.engine == "ray" else 0
-        if size.engine == "driver" and _loaded_dtype(tokenizer) != plan.dtype:  # --engine driver --dtype X
+        if size.engine == "driver" and _loaded_dtype(tokenizer) != plan.dtype:  # --dtype X
             tokenizer = load_tokenizer(plan.model, device="cpu", dtype=getattr(torch, plan.dtype))
         here = (
             EncodeWorker(plan, size.torch_threads, decode=True, tokenizer=tokenizer)

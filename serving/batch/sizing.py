@@ -2,13 +2,15 @@
 
 With no tuning flags the job sizes itself (docs/batch.md, "What the job chooses by itself"):
 
-- **Short jobs on this machine run in the driver** (:func:`runs_in_driver`): an encoder actor is
-  a fresh process that imports torch, diffusers and Ray Data and loads the model before its first
-  row (:data:`POOL_START_S`), and on one machine the driver's threads encode as fast as the actors
-  once those run. When that start would cost more than MAX_START_SHARE of the job, the driver,
-  which already holds the model, runs the job itself (:func:`in_driver`: one thread per core, one
-  torch thread each), and Ray is not started. Only on a cluster that is this machine alone, on
-  CPUs, for images; any actor flag asks for the pool.
+- **On this machine alone, jobs run in the driver** (:func:`driver_takes_every_job`): with a
+  thread for every core (up to :data:`MAX_DRIVER_THREADS` cores), the driver, which already holds
+  the model, encodes with one thread per core at one torch thread each (:func:`in_driver`), and Ray
+  is not started. An actor pool there costs its start (:data:`POOL_START_S`: each actor is a fresh
+  process that imports torch, diffusers and Ray Data and loads the model) and is slower once it
+  runs: Ray Data's executor and Ray's own processes take cores the model would use, and each actor
+  traces its own graphs. On more cores than that, a job runs in the driver only while the pool's
+  start would cost more than MAX_START_SHARE of it (:func:`runs_in_driver`). Only on CPUs, for
+  images; any actor flag asks for the pool.
 - **CPUs only**: every core runs the model. One encoder actor per CPU, each with one torch thread,
   decoding its own inputs (``decode_tasks = 0``): a core that decodes and then encodes is never
   idle, pixels never leave the process, and several single-threaded model copies scale better
@@ -59,15 +61,16 @@ MEMORY_SHARE = 0.7  # of Ray's memory resource the encoder actors may plan to us
 # process that imports torch (~1 CPU-s), Ray Data (~0.5) and diffusers (~2) and loads the model,
 # beside Ray Data's own helper actors; 6-8 s measured on the 2-core machine (docs/benchmarks.md).
 POOL_START_S = 6.0
-# On one machine the driver's threads encode as fast as the actors once those run (measured:
-# docs/benchmarks.md), so there the pool's start is all it adds. A job runs in the driver while that
-# start would cost more than this share of it, i.e. while the pool could not reach 0.95x the
-# driver, the bar this project sets its engine (jobs of up to POOL_START_S / MAX_START_SHARE
-# seconds in the driver); longer ones go to Ray Data, where the start is amortized.
+# Past MAX_DRIVER_THREADS cores the driver's threads leave cores idle, and a job runs in the driver
+# only while the pool's start would cost more than this share of it, i.e. while the pool could not
+# reach 0.95x the driver, the bar this project sets its engine (jobs of up to POOL_START_S /
+# MAX_START_SHARE seconds in the driver); longer ones go to Ray Data, where the start is amortized.
 MAX_START_SHARE = 0.05
 # Threads the driver encodes with, at most: every batch also runs some Python (rows, Arrow,
-# serialization) under one interpreter lock, which more threads would queue on; past this many
-# cores Ray's processes scale where threads would not.
+# serialization, the eager model calls between ops) under one interpreter lock, which more threads
+# would queue on; past this many cores Ray's processes scale where threads would not. Measured on
+# the 2-core machine (py-spy --gil over a driver job, docs/benchmarks.md, "Batch", session 23): each
+# thread held the lock ~2.5% of its time, so eight would hold it ~20%.
 MAX_DRIVER_THREADS = 8
 
 
@@ -174,6 +177,17 @@ def probe_seconds_per_item(tokenizer, item_shape: tuple[int, ...]) -> float:
         tokenizer.encode(pixels)
         seconds = time.thread_time() - started
     return seconds * (height * width) / (probe[0] * probe[1])
+
+
+def driver_takes_every_job(cores: int) -> bool:
+    """Whether a job on a machine of ``cores`` cores, alone in its cluster, runs in the driver
+    whatever its length: while the driver has a thread for every core. There the actor pool is
+    slower even once it runs. Measured on the 2-core machine, the image default at 256, 700 photos,
+    the two engines alternated, rows per second once both ran (docs/benchmarks.md, "Batch", session
+    23): the driver's two threads 11.2 / 10.4, two encoder actors 8.8 / 8.7. The actors used 1.80
+    of the 2 cores and ~15% more CPU per row; Ray Data's executor in the driver and Ray's own
+    processes took ~0.15 of a core."""
+    return cores <= MAX_DRIVER_THREADS
 
 
 def runs_in_driver(item_seconds: float, pending: int, threads: int) -> bool:
