@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import psutil
 import torch
 
 from tokenizers_svc import media
@@ -320,3 +321,20 @@ def error_body(response: httpx.Response) -> dict:
     assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param"}
     assert response.headers.get("x-request-id")
     return body["error"]
+
+
+def own_ray_processes(title: str) -> list[psutil.Process]:
+    """The processes of this test process's own Ray (its raylet is a child of this process) whose
+    command line holds ``title`` (Ray titles a worker by its actor, e.g.
+    ``ServeReplica:<app>:<deployment>``). Another pytest worker, or a server beside the tests, may
+    run actors of the same name."""
+    return [
+        p for p in psutil.Process().children(recursive=True) if any(title in part for part in _cmdline(p))
+    ]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # it ended while we looked
+        return []

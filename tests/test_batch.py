@@ -29,6 +29,7 @@ import torch
 from typer.testing import CliRunner
 
 from serving import batch
+from tests.helpers import own_ray_processes
 from tokenizers_svc.cli import app
 from tokenizers_svc.datasets import BucketBatchSampler, LatentDataset, TokenDataset
 from tokenizers_svc.latents import latents_from_bytes
@@ -100,28 +101,27 @@ def _run(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _encoder_actor_environments() -> Iterator[list[dict[str, str]]]:
-    """The environments of the encoder actor processes this test process's Ray starts (its raylet
-    is a child of this process) while the block runs, polled in a thread."""
+def _encoder_actor_environments(into: list[dict[str, str]]) -> Iterator[None]:
+    """While the block runs, the environment of each encoder actor process this test process's Ray
+    starts, polled in a thread; added to ``into`` at the end."""
     found: dict[int, dict[str, str]] = {}
     stop = threading.Event()
 
     def poll() -> None:
         while not stop.wait(0.2):
-            for process in psutil.Process().children(recursive=True):
+            for process in own_ray_processes("EncodeWorker"):
                 with contextlib.suppress(psutil.Error):
-                    if process.pid not in found and "EncodeWorker" in " ".join(process.cmdline()):
+                    if process.pid not in found:
                         found[process.pid] = process.environ()
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
-    environments: list[dict[str, str]] = []
     try:
-        yield environments
+        yield
     finally:
         stop.set()
         watcher.join()
-        environments += found.values()
+        into += found.values()
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +136,8 @@ def image_job(image_folder, tmp_path_factory, encoder_environments) -> tuple[Pat
     out = tmp_path_factory.mktemp("image_job")
     argv = ["--input", folder, "--output", out, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "4"]
     # --workers 2 on 2 CPUs: the README command, which used to leave no CPU for the read tasks (hang)
-    with _encoder_actor_environments() as environments:
+    with _encoder_actor_environments(encoder_environments):
         assert _run([*argv, "--shard-rows", "3", "--workers", "2"]) == 0
-    encoder_environments += environments
     return folder, out, errors
 
 

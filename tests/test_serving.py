@@ -52,6 +52,7 @@ from tests.helpers import (
     VIDEO_MODEL,
     assert_healthy,
     error_body,
+    own_ray_processes,
     png,
     served_process,
 )
@@ -784,20 +785,9 @@ def test_processes_that_run_models_allocate_from_one_heap(http):
 
 
 def _replica_processes(model: str, deployment: str | None = None) -> list[psutil.Process]:
-    """The replica processes of a model's deployment (or of ``deployment``, e.g. the ingress; Ray
-    titles them ServeReplica:<app>:<deployment>) in this test process's own Ray: its raylet is a
-    child of this process. Another pytest worker, or a server beside the tests, may run an app of the
-    same name."""
-    title = f"ServeReplica:tokenizers-test:{deployment or 'tokenizer-' + model}"
-    ours = psutil.Process().children(recursive=True)
-    return [p for p in ours if any(title in part for part in _cmdline(p))]
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:  # it ended while we looked
-        return []
+    """The replica processes of a model's deployment (or of ``deployment``, e.g. the ingress) in
+    this test process's own Ray."""
+    return own_ray_processes(f"ServeReplica:tokenizers-test:{deployment or 'tokenizer-' + model}")
 
 
 def _replica_rss(model: str) -> int:

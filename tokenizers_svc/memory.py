@@ -119,8 +119,9 @@ ONE_ARENA_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}  # glibc reads it at process s
 def model_process_environment() -> dict[str, str]:
     """Environment variables for a process Ray starts to run model calls in a thread (a served
     model's replica; a batch job's encoder actor, whose calls Ray Data runs in a thread of its own
-    beside the actor's main thread): glibc with one malloc arena, the main heap, for every thread. ``{}`` with
-    ``TOKENIZERS_SVC_HEAP_TUNING=0``; a value this process's environment already sets is passed on.
+    beside the actor's main thread): glibc with one malloc arena, the main heap, for every thread.
+    ``{}`` with ``TOKENIZERS_SVC_HEAP_TUNING=0``; a value this process's environment already sets is
+    passed on.
     glibc reads them when a process starts, so they go in the actor's ``runtime_env``.
 
     Why: :func:`keep_heap_for_model_calls` keeps the main heap, but a thread allocates from an arena
