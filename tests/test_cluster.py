@@ -16,12 +16,17 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from PIL import Image
 
-from tests.helpers import free_port
+from tests.helpers import error_body, free_port
+from tokenizers_svc.latents import latents_from_bytes
+from tokenizers_svc.loading import load_tokenizer
+from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 
 pytestmark = pytest.mark.slow  # the whole module starts Ray nodes: `make test-fast` skips it
 
@@ -65,9 +70,10 @@ def _wait_for_line(started, text: str, timeout_s: float = 300) -> None:
 def test_two_servers_and_a_batch_job_side_by_side(tmp_path, shared_data, photo_uint8):
     """Two `tokenizers-svc serve` (what `make serve PORT=...` runs) on two ports and a batch job,
     all at once on this machine, each with its own Ray: no port collides (no dashboard), each
-    server answers on its --port, the job completes; nobody prints Ray's E lines or its token
-    banner; each server says what it does before its URL, which is its last start-up line; SIGTERM
-    stops each cleanly."""
+    server answers on its --port through HAProxy (its default ``--ingress haproxy``), whose files
+    live in a directory of that server's own, the job completes; nobody prints Ray's E lines or its
+    token banner; each server says what it does before its URL, which is its last start-up line;
+    SIGTERM stops each cleanly and takes its HAProxy files with it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)  # as a user's shell: Ray decides, and must stay quiet
@@ -100,18 +106,65 @@ def test_two_servers_and_a_batch_job_side_by_side(tmp_path, shared_data, photo_u
             loading = next(i for i, line in enumerate(lines) if "loading models" in line)
             assert starting < loading < len(lines) - 1
             assert _encode_status(port, png) == 200
+        haproxy_files = [_haproxy_files(port) for port in ports]
+        assert len(set(haproxy_files)) == 2  # each server's own
+        _assert_answers_as_in_process(ports[0], png)
         assert job.process.wait(timeout=300) == 0, job.output()
         assert "complete" in job.output().strip().splitlines()[-1]
         for server, port in zip(servers, ports, strict=True):  # both still serve after the job
             assert _encode_status(port, png) == 200
             server.process.send_signal(signal.SIGTERM)
             assert server.process.wait(timeout=120) == 0, server.output()
+        assert not any(files.exists() for files in haproxy_files)  # removed when each server stopped
         for started in [*servers, job]:
             assert not RAY_NOISE.search(started.output()), started.output()
     finally:
         for started in [*servers, job]:
             if started is not None:
                 started.kill()
+
+
+def _listeners(port: int) -> dict[str, list[str]]:
+    """This user's processes listening on 127.0.0.1:``port``: name -> command line."""
+    found = {}
+    for process in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(
+                c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                for c in process.net_connections("tcp")
+            ):
+                found[process.info["name"]] = process.info["cmdline"]
+    return found
+
+
+def _haproxy_files(port: int) -> Path:
+    """The directory of the HAProxy that alone listens on ``port`` (its config, sockets, logs)."""
+    # HAProxy reloads when Serve's routes change, handing its listening socket to a new process;
+    # a scan during that hand-over can miss both, so look again for a few seconds
+    deadline = time.monotonic() + 15
+    while not (listeners := _listeners(port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert set(listeners) == {"haproxy"}, listeners
+    config = Path(listeners["haproxy"][listeners["haproxy"].index("-f") + 1])
+    assert config.exists() and config.parents[1].name.startswith("tsvc-haproxy-"), config
+    return config.parents[1]
+
+
+def _assert_answers_as_in_process(port: int, png: bytes) -> None:
+    """Through HAProxy, results, typed errors and timing headers come as through Serve's Python
+    proxy (tests/test_serving.py): the latents of the same encode in this process."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        headers = {"content-type": "image/png"}
+        response = client.post(f"/v1/models/{TINY_MODEL}/encode", content=png, headers=headers)
+        assert response.status_code == 200, response.text
+        assert "model;dur=" in response.headers["server-timing"]
+        expected = encode_media(load_tokenizer(TINY_MODEL), load_media(png), EncodeOptions())
+        torch.testing.assert_close(latents_from_bytes(response.content).latents, expected.latents)
+        refused = client.post(f"/v1/models/{TINY_MODEL}/encode", content=b"not a png", headers=headers)
+        assert 400 <= refused.status_code < 500 and error_body(refused)["param"]
+        unknown = client.post("/v1/models/no-such-model/encode", content=png, headers=headers)
+        assert unknown.status_code == 404 and error_body(unknown)["type"]
+        assert client.get("/healthz").status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------- two nodes

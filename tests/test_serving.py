@@ -14,7 +14,6 @@ queued: overflow -> 503), ``tiny-timeout`` (a 1 ms timeout: every call -> 504) a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import math
@@ -54,7 +53,6 @@ from tests.helpers import (
     error_body,
     own_ray_processes,
     png,
-    served_process,
 )
 from tokenizers_svc import media
 from tokenizers_svc.client import AsyncClient, Client
@@ -971,59 +969,6 @@ def test_replica_sigkilled_under_steady_traffic_recovers(base_url, http, crops):
     assert recovered_s < 120 and set(statuses) <= {200, 500, 503}, statuses
     assert victim.pid not in {p.pid for p in _replica_processes(MODEL)}
     assert_healthy(http, crops)
-
-
-def _listeners(port: int) -> dict[str, list[str]]:
-    """This user's processes listening on 127.0.0.1:``port``: name -> command line."""
-    found = {}
-    for process in psutil.process_iter(["name", "cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(
-                c.laddr.port == port and c.status == psutil.CONN_LISTEN
-                for c in process.net_connections("tcp")
-            ):
-                found[process.info["name"]] = process.info["cmdline"]
-    return found
-
-
-@pytest.mark.slow
-def test_shipped_server_answers_through_haproxy(crops):
-    """`tokenizers-svc serve` (its default ``--ingress haproxy``): HAProxy owns the HTTP port and
-    forwards to the ingress replica's own HTTP server. Results, typed errors and timing headers
-    come through as they do through Serve's Python proxy (the rest of this module). HAProxy's files
-    live in a directory of the server's own, gone once it stops."""
-    default = "tsvc-image-f8c4"
-    with served_process() as url, httpx.Client(base_url=url, timeout=120) as client:
-        # HAProxy reloads when Serve's routes change, handing its listening socket to a new process;
-        # a scan during that hand-over can miss both, so look again for a few seconds
-        port = int(url.rsplit(":", 1)[1])
-        deadline = time.monotonic() + 15
-        while not (listeners := _listeners(port)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert set(listeners) == {"haproxy"}
-        # its files (config, sockets, logs) are in a directory of this server's, not Ray's shared one
-        config = Path(listeners["haproxy"][listeners["haproxy"].index("-f") + 1])
-        haproxy_files = config.parents[1]
-        assert haproxy_files.name.startswith("tsvc-haproxy-") and config.exists()
-        body = png(crops[0])
-        response = client.post(
-            f"/v1/models/{default}/encode", content=body, headers={"content-type": "image/png"}
-        )
-        assert response.status_code == 200, response.text
-        assert "model;dur=" in response.headers["server-timing"]
-        expected = encode_media(load_tokenizer(default), load_media(body), EncodeOptions())
-        torch.testing.assert_close(latents_from_bytes(response.content).latents, expected.latents)
-
-        refused = client.post(
-            f"/v1/models/{default}/encode", content=b"not a png", headers={"content-type": "image/png"}
-        )
-        assert 400 <= refused.status_code < 500 and error_body(refused)["param"]
-        unknown = client.post(
-            "/v1/models/no-such-model/encode", content=body, headers={"content-type": "image/png"}
-        )
-        assert unknown.status_code == 404 and error_body(unknown)["type"]
-        assert client.get("/healthz").status_code == 200
-    assert not haproxy_files.exists()  # removed when the server stopped
 
 
 def test_haproxy_files_get_a_directory_of_their_own_unless_a_socket_path_would_be_too_long(
