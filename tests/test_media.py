@@ -153,6 +153,55 @@ def test_palette_with_transparency():
     np.testing.assert_array_equal(decoded[3, 3], [10, 20, 30])
 
 
+def _images_of_every_kind(photo: np.ndarray) -> dict[str, bytes]:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    rgba = np.dstack(
+        [photo, np.linspace(0, 255, photo.shape[1], dtype=np.uint8)[None].repeat(photo.shape[0], 0)]
+    )
+    palette = Image.fromarray(photo).convert("P")
+    # over Pillow's 16 MiB block at 4 bytes a pixel: rows in several blocks, no single view to export
+    ramp = np.linspace(0, 255, 2100, dtype=np.uint8)
+    large = np.dstack(
+        [np.tile(ramp, (2100, 1)), np.tile(ramp[:, None], (1, 2100)), np.full((2100, 2100), 7, np.uint8)]
+    )
+    return {
+        "png": media.encode_image(photo, "png"),
+        "jpeg-rotated": save(Image.fromarray(photo), "JPEG", quality=90, exif=exif),
+        "rgba": save(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "gray": save(Image.fromarray(photo).convert("L"), "PNG"),
+        "palette-transparent": save(palette, "PNG", transparency=0),
+        "cmyk": save(Image.fromarray(photo).convert("CMYK"), "JPEG", quality=90),
+        "16-bit": save(Image.fromarray(np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21), "PNG"),
+        "large": media.encode_image(large, "png"),
+    }
+
+
+def test_decode_to_tensor_gives_the_same_pixels_in_memory_of_its_own(photo):
+    """The runner's path (Pillow's memory exported to torch, or numpy's way for large images) gives
+    exactly decode_image's pixels, as a contiguous (1, 3, H, W) uint8 tensor that owns just its own
+    bytes (no view into Pillow's 4-byte pixels), also when threads decode at once."""
+    for name, data in _images_of_every_kind(photo).items():
+        expected = media.image_to_tensor(media.decode_image(data))
+        tensor = media.decode_image_tensor(data)
+        assert tensor.dtype == torch.uint8 and tensor.is_contiguous(), name
+        assert tensor.untyped_storage().nbytes() == tensor.numel(), name
+        assert torch.equal(tensor, expected), name
+    data = media.encode_image(photo, "png")
+    with ThreadPoolExecutor(4) as pool:
+        decoded = list(pool.map(media.decode_image_tensor, [data] * 16))
+    assert all(torch.equal(tensor, decoded[0]) for tensor in decoded)
+    assert torch.equal(decoded[0], media.image_to_tensor(photo))
+
+
+def test_decode_to_tensor_refuses_what_decode_image_refuses(photo):
+    data = media.encode_image(photo, "png")
+    with pytest.raises(InvalidMediaError, match="truncated or corrupt"):
+        media.decode_image_tensor(data[: len(data) // 2])
+    with pytest.raises(LimitExceededError, match="limit"):
+        media.decode_image_tensor(data, Limits(max_pixels=100))
+
+
 def test_16bit_grayscale_is_scaled_not_clipped():
     values = np.array([[0, 257, 257 * 128, 65535]], dtype=np.uint16)
     decoded = media.decode_image(save(Image.fromarray(values), "PNG"))

@@ -146,8 +146,9 @@ def _check_pixels(width: int, height: int, limits: Limits, what: str) -> None:
         )
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> (H, W, 3) uint8 RGB. Alpha is composited over white; 16-bit is scaled."""
+def _to_rgb(image: Image.Image) -> Image.Image | np.ndarray:
+    """Any Pillow mode -> an RGB image, or for 16-bit grayscale (scaled to 8 bits) the (H, W, 3)
+    uint8 array itself. Alpha is composited over white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         wide = np.asarray(image).astype(np.float64)  # 16-bit grayscale PNGs open as I;16 / I
         gray = np.clip(np.floor(wide / 257.0 + 0.5), 0, 255).astype(np.uint8)
@@ -160,7 +161,28 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         image = Image.alpha_composite(background, rgba)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.array(image, dtype=np.uint8)
+    return image
+
+
+def _rgb_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB Pillow image -> (1, 3, H, W) uint8, in one copy that torch makes without the GIL.
+
+    Why not ``np.array(image)``: numpy reads Pillow's pixels through ``tobytes``, which packs them in
+    64 KiB pieces from Python and joins them, holding the GIL, before numpy copies them once more; in
+    the batch job's driver, whose threads share one GIL, that was a fifth of the GIL's busy time on
+    the decode-bound case (docs/benchmarks.md, "Batch", session 26). Pillow keeps RGB as 4 bytes a
+    pixel (RGBX) and exports them through the Arrow C data interface as a view where the rows lie in
+    one block (up to Pillow's block size, 16 MiB by default: ~4 MP); pyarrow hands that view to torch
+    over DLPack, and torch gathers the three channels. Rows spread over several blocks take numpy's way."""
+    import pyarrow as pa  # the Arrow C data interface's reader (~70 ms to import, once)
+
+    try:
+        rgbx = pa.array(image)  # H * W pixels, each a fixed-size list of 4 uint8: Pillow's memory
+    except ValueError:  # "Image rows are not contiguous in memory"
+        return image_to_tensor(np.array(image, dtype=np.uint8))
+    flat = torch.from_dlpack(rgbx.values)  # (H * W * 4,) uint8 view
+    pixels = flat.view(image.height, image.width, rgbx.type.list_size)[..., :3]  # (H, W, 3) view
+    return pixels.permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, 3, H, W) uint8, its own memory
 
 
 def decode_image(
@@ -171,6 +193,21 @@ def decode_image(
     The pixel cap is checked from the header before decoding. Animated files give their first frame.
     ``extra_formats``: Pillow format names also accepted (the evaluation reads BMP and TIFF).
     """
+    rgb = _decode_rgb(data, limits, extra_formats)
+    return rgb if isinstance(rgb, np.ndarray) else np.array(rgb, dtype=np.uint8)
+
+
+def decode_image_tensor(
+    data: bytes, limits: Limits = FILE_LIMITS, extra_formats: tuple[str, ...] = ()
+) -> torch.Tensor:
+    """As :func:`decode_image`, straight to (1, 3, H, W) uint8 NCHW, the layout models take: one copy
+    fewer, and less of it under the GIL (:func:`_rgb_to_tensor`). The shared runner's way in."""
+    rgb = _decode_rgb(data, limits, extra_formats)
+    return image_to_tensor(rgb) if isinstance(rgb, np.ndarray) else _rgb_to_tensor(rgb)
+
+
+def _decode_rgb(data: bytes, limits: Limits, extra_formats: tuple[str, ...]) -> Image.Image | np.ndarray:
+    """Checked, decoded, EXIF-oriented RGB (:func:`_to_rgb`); every failure a typed error."""
     if not data:
         raise InvalidMediaError(f"empty input; expected {SUPPORTED_DESCRIPTION}", param="file")
     expected = ", ".join(["PNG", "JPEG", "WebP", *extra_formats])
@@ -199,7 +236,8 @@ def decode_image(
     _check_pixels(image.width, image.height, limits, f"{image.format} image")
     try:
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
+        return _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise LimitExceededError(f"image exceeds the decoder's pixel limit ({exc})", param="file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

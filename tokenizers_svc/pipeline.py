@@ -125,13 +125,13 @@ def load_media(
     kind = kind or media.sniff_media(data)
     digest = sha256 or hashlib.sha256(data).hexdigest()
     if kind == "image":
-        pixels = media.decode_image(data, limits)  # (H, W, 3) uint8
+        pixels = media.decode_image_tensor(data, limits)  # (1, 3, H, W) uint8
         loaded = MediaInput(
-            pixels=media.image_to_tensor(pixels),
+            pixels=pixels,
             kind="image",
             fps=None,
             sha256=digest,
-            original_size=(pixels.shape[0], pixels.shape[1]),
+            original_size=(pixels.shape[2], pixels.shape[3]),
         )
     else:
         video = media.decode_video(
