@@ -69,8 +69,10 @@ MAX_START_SHARE = 0.05
 # Threads the driver encodes with, at most: every batch also runs some Python (rows, Arrow,
 # serialization, the eager model calls between ops) under one interpreter lock, which more threads
 # would queue on; past this many cores Ray's processes scale where threads would not. Measured on
-# the 2-core machine (py-spy --gil over a driver job, docs/benchmarks.md, "Batch", session 23): each
-# thread held the lock ~2.5% of its time, so eight would hold it ~20%.
+# the 2-core machine (py-spy --gil over driver jobs, docs/benchmarks.md, "Batch", sessions 23 and 26):
+# each thread held the lock ~3% of its time with the default model at 256, so eight would hold it
+# ~25%, but ~9% on a decode-bound job (a tiny model on full-size photos), ~70% for eight: there the
+# cap is likely too high, unmeasured for want of a machine with 3-8 cores (docs/batch.md).
 MAX_DRIVER_THREADS = 8
 
 
