@@ -1,4 +1,5 @@
-"""Image and video bytes <-> uint8 pixel arrays, with limits checked before the expensive work.
+"""Image and video bytes <-> uint8 pixel arrays (images also straight to tensors, the runner's way in),
+with limits checked before the expensive work.
 
 Images go through Pillow (PNG, JPEG, WebP): EXIF orientation is applied, every mode (RGBA, LA,
 P, L, 1, CMYK, 16-bit grayscale) becomes RGB uint8, and the pixel cap is checked from the header
