@@ -45,7 +45,7 @@ from serving import batch
 from tokenizers_svc.errors import TokenizerError
 from tokenizers_svc.formats import is_media_file
 from tokenizers_svc.loading import load_tokenizer
-from tokenizers_svc.memory import keep_heap_for_model_calls
+from tokenizers_svc.memory import tune_for_model_calls
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,8 +171,9 @@ def run_case(name: str, model: str, resolution: int, args: argparse.Namespace, t
 
 def main() -> None:
     # The plain loop calls the model in this main thread: without this, glibc hands each call's freed
-    # activations back and the next call faults them in again (10-20% slower than in a thread).
-    keep_heap_for_model_calls()
+    # activations back and the next call faults them in again (10-20% slower than in a thread). The
+    # job's processes allocate images as the loop's does (tokenizers_svc.memory).
+    tune_for_model_calls()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--photos", default=str(PHOTOS), help="folder of photos, repeated to --items")
     p.add_argument("--items", type=int, default=500)

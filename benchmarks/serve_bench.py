@@ -52,7 +52,7 @@ from skimage import data
 from serving.app import build_app, free_port, use_haproxy_ingress
 from tokenizers_svc import media
 from tokenizers_svc.loading import load_tokenizer
-from tokenizers_svc.memory import keep_heap_for_model_calls
+from tokenizers_svc.memory import tune_for_model_calls
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
 from tokenizers_svc.traced import HOT_CALLS
 
@@ -240,8 +240,9 @@ def main() -> None:
     if args.ingress == "haproxy":
         use_haproxy_ingress()  # before ray.init: the processes Ray starts read it
     # The baseline calls the model in this main thread; the replica (serving.worker) keeps its heap
-    # the same way, so neither side page-faults its activations in again on every call.
-    keep_heap_for_model_calls()
+    # and allocates images the same way, so neither side page-faults its activations in again on
+    # every call, and both decode alike.
+    tune_for_model_calls()
 
     bodies = _bodies(args.size, args.requests)
     port = free_port()

@@ -38,7 +38,7 @@ from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
-from tokenizers_svc.memory import keep_heap_for_model_calls
+from tokenizers_svc.memory import tune_for_model_calls
 from tokenizers_svc.pipeline import (
     EncodeOptions,
     MediaInput,
@@ -114,7 +114,7 @@ class TokenizerWorker:
         self.recent_rates: dict[Lane, deque[float]] = {  # model seconds per batch unit
             lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
         }
-        keep_heap_for_model_calls()  # freed activations stay for the next call (idle trim: serving/threads.py)
+        tune_for_model_calls()  # freed activations stay for the next call (idle trim: serving/threads.py)
         self.tokenizer = load_tokenizer(
             self.config.source,
             device=self.config.device,

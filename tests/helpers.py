@@ -219,14 +219,15 @@ def free_port() -> int:
 @contextlib.contextmanager
 def worker_in_this_process(monkeypatch) -> Iterator[None]:
     """Around ``serving.worker.TokenizerWorker`` objects built in the pytest process: a replica sets
-    process-wide state (torch's thread count to its ``num_cpus``; glibc's heap thresholds,
-    tokenizers_svc.memory.keep_heap_for_model_calls), and this process runs other tests after. The
-    heap is left alone and the thread count restored (an in-process worker once left it at 1, and a
-    later test's subprocess summed with another count: tests/test_evals_streaming.py)."""
+    process-wide state (torch's thread count to its ``num_cpus``; glibc's heap thresholds and
+    Pillow's allocator, tokenizers_svc.memory.tune_for_model_calls), and this process runs other
+    tests after. The allocators are left alone and the thread count restored (an in-process worker
+    once left it at 1, and a later test's subprocess summed with another count:
+    tests/test_evals_streaming.py)."""
     from serving import worker
 
     threads = torch.get_num_threads()
-    monkeypatch.setattr(worker, "keep_heap_for_model_calls", lambda: False)
+    monkeypatch.setattr(worker, "tune_for_model_calls", lambda: None)
     try:
         yield
     finally:

@@ -177,10 +177,22 @@ def _images_of_every_kind(photo: np.ndarray) -> dict[str, bytes]:
     }
 
 
-def test_decode_to_tensor_gives_the_same_pixels_in_memory_of_its_own(photo):
-    """The runner's path (Pillow's memory exported to torch, or numpy's way for large images) gives
-    exactly decode_image's pixels, as a contiguous (1, 3, H, W) uint8 tensor that owns just its own
-    bytes (no view into Pillow's 4-byte pixels), also when threads decode at once."""
+@pytest.fixture(params=[0, 1], ids=["pillow-blocks", "images-whole"])
+def pillow_allocator(request):
+    """Pillow's default chain of 16 MiB blocks (a large image takes numpy's way to the tensor), or
+    one block per image (tokenizers_svc.memory.allocate_images_whole: exported as a view), restored
+    after the test."""
+    before = Image.core.get_use_block_allocator()
+    Image.core.set_use_block_allocator(request.param)
+    yield request.param
+    Image.core.set_use_block_allocator(before)
+
+
+def test_decode_to_tensor_gives_the_same_pixels_in_memory_of_its_own(photo, pillow_allocator):
+    """The runner's path (Pillow's memory exported to torch, or numpy's way for a large image in
+    Pillow's default blocks) gives exactly decode_image's pixels, as a contiguous (1, 3, H, W) uint8
+    tensor that owns just its own bytes (no view into Pillow's 4-byte pixels), also when threads
+    decode at once."""
     for name, data in _images_of_every_kind(photo).items():
         expected = media.image_to_tensor(media.decode_image(data))
         tensor = media.decode_image_tensor(data)

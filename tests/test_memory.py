@@ -133,3 +133,26 @@ def test_model_process_environment_keeps_the_operators_choice(monkeypatch):
     assert model_process_environment() == {"MALLOC_ARENA_MAX": "4"}
     monkeypatch.setenv(HEAP_TUNING_ENV, "0")
     assert model_process_environment() == {}
+
+
+_LARGE_IMAGE_EXPORT = """
+import pyarrow as pa
+from PIL import Image
+from tokenizers_svc.memory import allocate_images_whole
+chose = allocate_images_whole()  # as the server's and the batch job's processes do (or not: the env)
+try:
+    pa.array(Image.new("RGB", (2100, 2100)))  # 17.6 MB of 4-byte pixels: over Pillow's 16 MiB block
+    whole = 1
+except ValueError:  # "Image rows are not contiguous in memory"
+    whole = 0
+print(int(chose), whole)
+"""
+
+
+def test_images_over_pillows_block_export_whole_where_the_process_chose_it():
+    """A process that chose it (tokenizers-svc's servers and batch jobs do) allocates a 4.4 MP image in
+    one block, which decode_image_tensor can hand to torch as a view; with the heap settings off it
+    keeps Pillow's default, and such an image spans blocks (numpy's way). Fresh interpreters: the
+    setting is per process."""
+    assert _run_fresh(_LARGE_IMAGE_EXPORT, **{HEAP_TUNING_ENV: "1"}) == [1, 1]
+    assert _run_fresh(_LARGE_IMAGE_EXPORT, **{HEAP_TUNING_ENV: "0"}) == [0, 0]

@@ -113,6 +113,38 @@ def keep_heap_for_model_calls() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
 
 
+@functools.cache
+def allocate_images_whole() -> bool:
+    """Have Pillow allocate every image of this process in one block, once per process; False with
+    ``TOKENIZERS_SVC_HEAP_TUNING=0``. Processes that decode images at volume call it: a served
+    model's replica, the batch job's driver, encoder actors and decode tasks, the benchmarks'
+    baselines. Like :func:`keep_heap_for_model_calls`, a choice for the process's owner: it is
+    Pillow's global switch (``Image.core.set_use_block_allocator``, which Pillow's Arrow docs name
+    for exactly this), not a side effect of decoding.
+
+    Why: :func:`tokenizers_svc.media.decode_image_tensor` hands Pillow's pixels to torch as a view,
+    which Arrow can export only from one block; by default Pillow chains 16 MiB blocks, so an image
+    over ~4 MP took numpy's way, two more copies, one of them under the GIL. A 12 MP JPEG (4000x3000)
+    took 128 ms from bytes to tensor that way against 70 ms whole (decoding alone: 45 ms;
+    docs/benchmarks.md, "Batch", session 26). Pillow keeps no freed blocks by default
+    (``PILLOW_BLOCKS_MAX`` 0), so nothing is lost: an image is one allocation of its own size instead
+    of several."""
+    if os.environ.get(HEAP_TUNING_ENV) == "0":
+        return False
+    from PIL import Image
+
+    Image.core.set_use_block_allocator(1)
+    return True
+
+
+def tune_for_model_calls() -> None:
+    """This process's allocators for encoding at volume: glibc keeps its heap
+    (:func:`keep_heap_for_model_calls`) and Pillow allocates images whole
+    (:func:`allocate_images_whole`)."""
+    keep_heap_for_model_calls()
+    allocate_images_whole()
+
+
 ONE_ARENA_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}  # glibc reads it at process start
 
 

@@ -60,7 +60,7 @@ from tokenizers_svc.defaults import default_model_for
 from tokenizers_svc.errors import EXIT_ERROR, EXIT_OK, ConfigError, TokenizerError, print_error
 from tokenizers_svc.formats import is_video_file
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
-from tokenizers_svc.memory import keep_heap_for_model_calls, model_actor_options
+from tokenizers_svc.memory import model_actor_options, tune_for_model_calls
 from tokenizers_svc.options import add_arguments
 from tokenizers_svc.pixels import CROP_MODES, policy_size
 from tokenizers_svc.progress import Progress
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     1 on a typed error or when inputs are missing although no --limit was given, 2 on bad usage."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    keep_heap_for_model_calls()  # this process may encode (a short job, the head start), as a server does
+    tune_for_model_calls()  # this process may encode (a short job, the head start), as a server does
     try:
         manifest = run(args, argv)
     except TokenizerError as exc:

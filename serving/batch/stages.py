@@ -33,7 +33,7 @@ from tokenizers_svc.api import Tokenizer
 from tokenizers_svc.datasets import ROW_SCHEMA, SHARD_PREFIX, SHARD_SUFFIX
 from tokenizers_svc.errors import ConfigError, InvalidMediaError, InvalidRequestError, TokenizerError
 from tokenizers_svc.loading import load_tokenizer
-from tokenizers_svc.memory import keep_heap_for_model_calls
+from tokenizers_svc.memory import allocate_images_whole, tune_for_model_calls
 from tokenizers_svc.pipeline import encode_stacked, load_media, run_in_groups
 from tokenizers_svc.pixels import (
     cover_size,
@@ -74,6 +74,7 @@ def prepare_row(item: dict, *, plan: JobPlan) -> list[dict]:
 def prepare_batch(items: pa.Table, *, plan: JobPlan) -> pa.Table:
     """Decode stage (Ray Data tasks, when decoding runs apart from the encoders): ``{path,
     done_ids}`` rows -> PREPARED_SCHEMA rows, one per image or clip or failed input."""
+    allocate_images_whole()  # once per task process: large photos reach torch without numpy's copies
     return prepared_table([row for item in items.to_pylist() for row in prepare_row(item, plan=plan)])
 
 
@@ -208,7 +209,7 @@ class EncodeWorker:
         process's torch threads are then the caller's to set."""
         if tokenizer is None:  # an encoder actor: the process is the stage's
             torch.set_num_threads(max(1, num_threads))
-            keep_heap_for_model_calls()  # freed activations stay for the next call
+            tune_for_model_calls()  # freed activations stay for the next call; images decode whole
             tokenizer = load_tokenizer(plan.model, device=plan.device, dtype=getattr(torch, plan.dtype))
         self.tokenizer = tokenizer
         if self.tokenizer.weights_hash != plan.weights_hash:
