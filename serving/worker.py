@@ -114,7 +114,7 @@ class TokenizerWorker:
         self.recent_rates: dict[Lane, deque[float]] = {  # model seconds per batch unit
             lane: deque(maxlen=RECENT_RATES) for lane in self.lanes
         }
-        tune_for_model_calls()  # freed activations stay for the next call (idle trim: serving/threads.py)
+        tune_for_model_calls()  # activations kept for the next call (idle trim: serving/threads.py); images whole
         self.tokenizer = load_tokenizer(
             self.config.source,
             device=self.config.device,

@@ -125,8 +125,8 @@ def allocate_images_whole() -> bool:
     Why: :func:`tokenizers_svc.media.decode_image_tensor` hands Pillow's pixels to torch as a view,
     which Arrow can export only from one block; by default Pillow chains 16 MiB blocks, so an image
     over ~4 MP took numpy's way, two more copies, one of them under the GIL. A 12 MP JPEG (4000x3000)
-    took 128 ms from bytes to tensor that way against 70 ms whole (decoding alone: 45 ms;
-    docs/benchmarks.md, "Batch", session 26). Pillow keeps no freed blocks by default
+    took 146 ms from bytes to tensor that way against 106 ms whole (decoding alone: 44 ms), and two
+    threads decoded 12.9 such photos/s against 19.8 (docs/benchmarks.md, "Batch", session 26). Pillow keeps no freed blocks by default
     (``PILLOW_BLOCKS_MAX`` 0), so nothing is lost: an image is one allocation of its own size instead
     of several."""
     if os.environ.get(HEAP_TUNING_ENV) == "0":
