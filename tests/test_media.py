@@ -407,25 +407,67 @@ def test_encode_real_clip_round_trip(clip_frames):
     assert psnr(back.frames, source) > 30
 
 
-def test_video_rotation_metadata_is_applied(tmp_path, panning_frames):
+def _phone_clip(path, source: np.ndarray) -> None:
+    """``source`` (T, H, W, 3), stored as H.264 with display rotation metadata, as phones record:
+    players show the stored frames turned 90 degrees counterclockwise."""
     import av
 
-    path = tmp_path / "phone.mp4"
-    source = panning_frames[:3, :62, :84]
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 84, 62, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = source.shape[2], source.shape[1], "yuv420p"
         stream.options = {"crf": "12"}
-        stream.set_display_rotation(90)  # players show the stored frames turned 90 degrees counterclockwise
+        stream.set_display_rotation(90)
         for rgb in source:
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def test_video_rotation_metadata_is_applied(tmp_path, panning_frames):
+    path = tmp_path / "phone.mp4"
+    source = panning_frames[:3, :62, :84]
+    _phone_clip(path, source)
     upright = media.read_video(path).frames
     assert upright.shape == (3, 84, 62, 3)
     assert psnr(upright, np.rot90(source, 1, axes=(1, 2))) > 30
     assert psnr(upright, np.rot90(source, -1, axes=(1, 2))) < 20
+
+
+def test_decode_video_to_tensor_gives_the_same_frames_channels_first(tmp_path, clip_bytes, panning_frames):
+    """The runner's way in (frames written channels first as they decode) gives exactly decode_video's
+    frames in the models' layout, for a whole clip (its buffer partly unused), a range with a stride,
+    a frame cap and a phone's rotated clip, as a contiguous (1, 3, T, H, W) uint8 tensor of its own."""
+    path = tmp_path / "phone.mp4"
+    _phone_clip(path, panning_frames[:3, :62, :84])
+    cases = {
+        "whole": (clip_bytes, {}),
+        "range-stride": (clip_bytes, {"start": 1.0, "end": 2.0, "stride": 2}),
+        "first-frames": (clip_bytes, {"max_frames": 5}),
+        "rotated": (path, {}),
+    }
+    for name, (source, options) in cases.items():
+        expected = media.decode_video(source, **options)
+        video = media.decode_video_tensor(source, **options)
+        assert video.pixels.dtype == torch.uint8 and video.pixels.is_contiguous(), name
+        assert video.pixels.untyped_storage().nbytes() == video.pixels.numel(), name
+        assert torch.equal(video.pixels, media.video_to_tensor(expected.frames)), name
+        assert (video.fps, video.start_time) == (expected.fps, expected.start_time), name
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("estimate", [2, 5, 6, 12], ids=["undercount", "exact", "over", "mostly-unused"])
+def test_frame_buffer_keeps_every_frame_whatever_the_estimate(channels_first, estimate, panning_frames):
+    """A header's frame estimate may be short (the buffer doubles), exact, a little over (channels
+    first compacts in place) or far over (copied out): every frame is kept, in order, contiguous."""
+    buffer = media._FrameBuffer(estimate, max_total_pixels=10**9, channels_first=channels_first)
+    for frame in panning_frames[:5]:
+        buffer.append(frame)
+    frames = buffer.frames()
+    assert frames.flags.c_contiguous
+    np.testing.assert_array_equal(
+        frames, panning_frames[:5].transpose(3, 0, 1, 2) if channels_first else panning_frames[:5]
+    )
 
 
 def test_truncated_faststart_mp4(panning_frames):

@@ -134,7 +134,7 @@ def load_media(
             original_size=(pixels.shape[2], pixels.shape[3]),
         )
     else:
-        video = media.decode_video(
+        video = media.decode_video_tensor(
             data,
             limits,
             max_frames=options.max_frames,
@@ -143,11 +143,11 @@ def load_media(
             stride=options.stride,
         )
         loaded = MediaInput(
-            pixels=media.video_to_tensor(video.frames),
+            pixels=video.pixels,  # (1, 3, T, H, W) uint8
             kind="video",
             fps=video.fps,
             sha256=digest,
-            original_size=(video.frames.shape[1], video.frames.shape[2]),
+            original_size=(video.pixels.shape[3], video.pixels.shape[4]),
         )
     check_encode_cost(loaded.pixels.shape, options, limits)
     return loaded
