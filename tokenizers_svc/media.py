@@ -463,7 +463,6 @@ class _FrameBuffer:
         self.capacity = max(1, capacity)
         self.max_total_pixels = max_total_pixels
         self.channels_first = channels_first
-        self.time_axis = 1 if channels_first else 0
         self.count = 0
         self._data: np.ndarray | None = None
 
@@ -477,7 +476,7 @@ class _FrameBuffer:
         if self._data is None:
             fit = max(1, self.max_total_pixels // (height * width))  # never above the cap
             self._data = self._empty(min(self.capacity, fit), height, width)
-        elif self.count == self._data.shape[self.time_axis]:
+        elif self.count == self._data.shape[1 if self.channels_first else 0]:  # full: the time axis
             grown = self._empty(2 * self.count, height, width)
             if self.channels_first:
                 grown[:, : self.count] = self._data
