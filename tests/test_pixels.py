@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tokenizers_svc.errors import DTypeMismatchError, InvalidRequestError
 from tokenizers_svc.pixels import (
@@ -12,7 +14,9 @@ from tokenizers_svc.pixels import (
     nearest_bucket,
     pad_spatial,
     policy_size,
+    resize_crop,
     resize_pixels,
+    resize_uint8,
     to_float_pixels,
     to_uint8_pixels,
 )
@@ -46,6 +50,40 @@ def test_resize_policies_set_the_shorter_or_the_longer_side():
     assert resize_pixels(x, "fit", 320).shape == (1, 3, 240, 320)
     with pytest.raises(InvalidRequestError, match="resolution"):
         resize_pixels(x, "fit", None)
+
+
+def _pillow_bicubic(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, h, w) uint8 by Pillow's antialiased bicubic ``Image.resize``."""
+    resized = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("policy, resolution", [("shorter-side", 100), ("fit", 317), ("fit", 700)])
+def test_uint8_model_inputs_are_resized_in_uint8_as_pillow_resizes(photo_uint8, policy, resolution):
+    photo = torch.from_numpy(photo_uint8[:, :480]).permute(2, 0, 1)[None].contiguous()  # (1, 3, 512, 480)
+    resized = resize_pixels(photo, policy, resolution)  # down, down to odd sides, up
+    size = policy_size(512, 480, policy, resolution)
+    assert resized.dtype == torch.uint8 and resized.shape == (1, 3, *size) and resized.is_contiguous()
+    assert (resized.int() - _pillow_bicubic(photo_uint8[:, :480], size).int()).abs().max() <= 2
+    # the same kernel as the float resize, only rounded and saturated per pass: far from a hard edge
+    # the two agree to the level (the astronaut's flag and suit have edges that overshoot)
+    exact = resize_uint8(photo, size)
+    assert (resized.int() - exact.int()).abs().float().mean() < 0.25
+
+
+def test_uint8_clips_are_resized_frame_by_frame_and_floats_stay_float(photo_uint8):
+    frames = torch.from_numpy(photo_uint8[:256, :320]).permute(2, 0, 1)  # (3, 256, 320)
+    clip = torch.stack([frames, frames.flip(-1), frames.roll(17, -2)], dim=1)[None]  # (1, 3, 3, 256, 320)
+    resized = resize_pixels(clip, "shorter-side", 64)
+    assert resized.shape == (1, 3, 3, 64, 80) and resized.is_contiguous()
+    for t in range(3):
+        assert torch.equal(resized[:, :, t], resize_pixels(clip[:, :, t].contiguous(), "shorter-side", 64))
+    window = resize_crop(clip, (64, 80), (48, 48), 8, 20)
+    assert torch.equal(window, resized[..., 8:56, 20:68])
+    floats = to_float_pixels(clip)
+    resized_floats = resize_pixels(floats, "shorter-side", 64)
+    assert resized_floats.dtype == torch.float32 and resized_floats.abs().max() <= 1
+    assert torch.equal(resize_crop(floats, (64, 80), (48, 48), 8, 20), resized_floats[..., 8:56, 20:68])
 
 
 def test_center_crop_takes_the_middle_square_after_resizing():

@@ -113,10 +113,9 @@ class Tokenizer:
                 f"pixels must not be empty, got shape {tuple(pixels.shape)}", param="pixels"
             )
         source_hw = tuple(pixels.shape[-2:])
-        if pixels.dtype == torch.uint8 and resize == "none":
-            x = pixels
-        else:
-            x = resize_pixels(to_float_pixels(pixels), resize, resolution)
+        # uint8 is resized in uint8 (tokenizers_svc/pixels.py), float validated and resized in float
+        x = pixels if pixels.dtype == torch.uint8 else to_float_pixels(pixels)
+        x = resize_pixels(x, resize, resolution)
         h, w = x.shape[-2:]
         pad_h, pad_w = padded_side(h, spec) - h, padded_side(w, spec) - w
         frames = x.shape[2] if x.ndim == 5 else None

@@ -41,7 +41,6 @@ from tokenizers_svc.pixels import (
     policy_size,
     resize_crop,
     resize_pixels,
-    to_float_pixels,
 )
 from tokenizers_svc.spec import ID_DTYPE
 from tokenizers_svc.tokens import TokenIds
@@ -263,19 +262,21 @@ class EncodeWorker:
         }
 
     def _group_key(self, row: dict, index: int) -> tuple:
-        """Rows that stack: the same shape after the resize or crop. Sampling is seeded per item, so
-        sampled items go one by one."""
-        *lead, height, width = row["pixels"].shape
+        """Rows that stack: the same dtype, and the same shape after the resize or crop. Sampling is
+        seeded per item, so sampled items go one by one."""
+        pixels = row["pixels"]
+        *lead, height, width = pixels.shape
         if self.plan.crop != "none":
             height, width = row["bucket_height"], row["bucket_width"]
         elif self.plan.options.resize != "none":
             height, width = policy_size(height, width, self.plan.options.resize, self.plan.options.resolution)
-        return (*lead, height, width, index) if self.options.sample else (*lead, height, width)
+        shape = (pixels.dtype, *lead, height, width)
+        return (*shape, index) if self.options.sample else shape
 
     def _model_input(self, row: dict) -> torch.Tensor:
-        """(1, 3, [T,] H', W') float [-1, 1] after the plan's resize or crop; validated by the Tokenizer."""
+        """(1, 3, [T,] H', W') after the plan's resize or crop, in the row's dtype (uint8 [0, 255] as
+        decoded, or float [-1, 1]); validated and converted by the Tokenizer."""
         pixels = row["pixels"]
-        pixels = to_float_pixels(pixels) if pixels.dtype == torch.uint8 else pixels
         if self.plan.crop != "none":
             size = (row["bucket_height"], row["bucket_width"])
             cover = cover_size(*pixels.shape[-2:], size)
