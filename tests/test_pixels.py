@@ -24,6 +24,7 @@ from tokenizers_svc.pixels import (
 
 def test_uint8_round_trips_and_float_rounds_half_up():
     every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_float_pixels(every), every.float() / 127.5 - 1)  # level / 127.5 - 1, in float32
     assert torch.equal(to_uint8_pixels(to_float_pixels(every)), every)
     assert to_uint8_pixels(torch.tensor([0.0])).tolist() == [128]  # 127.5 grey levels: half up
     assert to_uint8_pixels(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # clamped
