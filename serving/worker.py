@@ -203,7 +203,12 @@ class TokenizerWorker:
         result, batch, model_time = await self.encoder.submit(item)
         if isinstance(result, TokenizerError):
             raise result
-        return replace(result, fps=media_input.fps, source_sha256=media_input.sha256), batch, model_time
+        # resized by load_media (media bytes), or by the model call (a bare tensor, resized as a batch)
+        resized_from = media_input.resized_from or result.resized_from
+        stamped = replace(
+            result, fps=media_input.fps, source_sha256=media_input.sha256, resized_from=resized_from
+        )
+        return stamped, batch, model_time
 
     async def _run_alone(self, fn: Callable, *args, token: WorkToken, size: int) -> tuple:
         """``fn(*args)`` in its lane's model thread once the calls before it are done: (result,

@@ -20,6 +20,7 @@ from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.limits import Limits
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, decode_to_media, encode_media, load_media
+from tokenizers_svc.pixels import policy_size
 from tokenizers_svc.registry import list_presets
 
 # Tiny random-init presets that take video, in order of preference (registered by the models and
@@ -106,6 +107,29 @@ def test_resize_past_the_pixel_cap_is_refused_before_resizing(photo_png, resolut
         45,
         61,
     )
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_load_media_resizes_and_the_latents_record_the_source_size(
+    tokenizer, video_tokenizer, photo_png, clip_mp4, kind
+):
+    """The options' resize happens once, as the media is loaded; the latents equal the library's
+    encode of the decoded pixels with the same resize, and record the size they were resized from."""
+    data, model, size = (
+        (photo_png, tokenizer, (45, 61)) if kind == "image" else (clip_mp4, video_tokenizer, (48, 64))
+    )
+    options = EncodeOptions(resize="shorter-side", resolution=32)
+    loaded = load_media(data, options=options)
+    assert loaded.pixels.dtype == torch.uint8 and loaded.pixels.shape[-2:] == policy_size(
+        *size, "shorter-side", 32
+    )
+    assert loaded.original_size == size and loaded.resized_from == size
+    assert load_media(data).resized_from is None
+    latents = encode_media(model, loaded, options)
+    assert latents.resized_from == size and latents.original_size == tuple(loaded.pixels.shape[-2:])
+    library = model.encode(load_media(data).pixels, resize="shorter-side", resolution=32)
+    assert library.resized_from == size
+    torch.testing.assert_close(latents.latents, library.latents, rtol=0, atol=0)
 
 
 def test_decode_output_pixels_are_capped(tokenizer, photo_png):

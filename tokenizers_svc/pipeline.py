@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
@@ -24,6 +24,7 @@ from tokenizers_svc.latents import Latents
 from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
 from tokenizers_svc.media import MediaKind
 from tokenizers_svc.options import MAX_SEED, ResizePolicy
+from tokenizers_svc.pixels import resize_pixels
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions, tiling_options
 from tokenizers_svc.tokens import TokenIds
 
@@ -95,9 +96,10 @@ class DecodeOptions:
 class MediaInput:
     """Decoded media ready for ``Tokenizer.encode``.
 
-    ``pixels``: uint8 [0, 255], (1, 3, H, W) for an image or (1, 3, T, H, W) for a video.
+    ``pixels``: uint8 [0, 255], (1, 3, H, W) for an image or (1, 3, T, H, W) for a video, after the
+    options' resize when :func:`load_media` made it.
     ``sha256``: hex digest of the source bytes (recorded in the latents as ``source_sha256``).
-    ``original_size``: (H, W) as decoded (after EXIF orientation).
+    ``original_size``: (H, W) as decoded (after EXIF orientation), before any resize.
     """
 
     pixels: torch.Tensor
@@ -110,6 +112,12 @@ class MediaInput:
     def num_frames(self) -> int | None:
         return int(self.pixels.shape[2]) if self.kind == "video" else None
 
+    @property
+    def resized_from(self) -> tuple[int, int] | None:
+        """The decoded (H, W) when the pixels were resized since, else None (the latents' field)."""
+        size = (int(self.pixels.shape[-2]), int(self.pixels.shape[-1]))
+        return None if size == tuple(self.original_size) else tuple(self.original_size)
+
 
 def load_media(
     data: bytes,
@@ -120,8 +128,14 @@ def load_media(
     sha256: str | None = None,
 ) -> MediaInput:
     """Image or video bytes -> :class:`MediaInput`, under ``limits`` (the decoder's caps while it
-    reads, then :func:`check_encode_cost` for the options' resize). ``kind`` (from magic bytes) and
-    ``sha256`` are computed here unless the caller already did (each once per input)."""
+    reads, then :func:`check_encode_cost` for the options' resize), with the options' resize applied
+    (uint8, ``pixels.resize_pixels``). ``kind`` (from magic bytes) and ``sha256`` are computed here
+    unless the caller already did (each once per input).
+
+    Why resize here and not in the model call: whoever decodes, resizes, beside the model rather
+    than in its thread (the server's media threads, the batch job's decode tasks), and what waits
+    for the model, or travels to it, is the resized pixels, not the photo at full size. Requests
+    and rows of any source size that resize to one shape stack into one model call."""
     kind = kind or media.sniff_media(data)
     digest = sha256 or hashlib.sha256(data).hexdigest()
     if kind == "image":
@@ -149,7 +163,8 @@ def load_media(
             sha256=digest,
             original_size=(video.pixels.shape[3], video.pixels.shape[4]),
         )
-    check_encode_cost(loaded.pixels.shape, options, limits)
+    check_encode_cost(loaded.pixels.shape, options, limits)  # before resizing: an upscale's cost is refused
+    loaded.pixels = resize_pixels(loaded.pixels, options.resize, options.resolution)
     return loaded
 
 
@@ -183,7 +198,7 @@ def encode_media(
     generator = None
     if options.sample and options.seed is not None:
         generator = torch.Generator().manual_seed(options.seed)
-    return tokenizer.encode(
+    encoded = tokenizer.encode(
         media_input.pixels,
         normalize=options.normalize,
         sample=options.sample,
@@ -197,6 +212,9 @@ def encode_media(
         on_chunk=on_chunk,
         tokens=options.tokens,
     )
+    if media_input.resized_from is not None:  # load_media resized it; the Tokenizer saw no resize
+        encoded = replace(encoded, resized_from=media_input.resized_from)
+    return encoded
 
 
 def check_media_kind(model: str, modality: str, kind: MediaKind, frames: int | None = None) -> None:
