@@ -454,8 +454,13 @@ def encode(
     on a terminal, a line every 10 s otherwise.
     """
     from tokenizers_svc.defaults import default_model_for
+    from tokenizers_svc.memory import tune_for_model_calls
     from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
     from tokenizers_svc.progress import Progress
+
+    # this command owns its process and makes model calls, one per file or tile: glibc keeps the
+    # activations for the next call, and photos over ~4 MP reach torch without numpy's copies
+    tune_for_model_calls()
 
     files = _expand_inputs(inputs)
     if not files:
