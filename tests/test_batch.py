@@ -624,17 +624,18 @@ def test_encoder_batches_same_shape_rows_and_isolates_a_bad_one(image_folder):
             torch.testing.assert_close(latents_from_bytes(row["latents"]).latents, expected.latents)
 
 
-def test_pixels_leave_the_cpu_stage_as_decoded_uint8(image_folder):
-    """With --resize the CPU stage still ships the decoded uint8 pixels (a quarter of float32); the
-    encoder resizes, and rows of one resized size batch together whatever their source size."""
+def test_pixels_leave_the_cpu_stage_resized_as_uint8(image_folder):
+    """With --resize the CPU stage ships the resized pixels, uint8 (a photo of 451x300 becomes
+    96x64: a 22nd of its decoded bytes, an 88th of them as float32), and records the decoded size."""
     folder, _ = image_folder
     plan = batch.make_plan(
         batch.build_parser().parse_args(["--input", "x", "--output", "y", "--model", IMAGE_MODEL, *RESIZE]),
         "cpu",
     )
     (row,) = batch.prepared_table(batch.prepare_input(str(folder / PHOTOS[2]), plan, plan.key())).to_pylist()
-    assert row["pixel_dtype"] == "uint8" and row["pixel_shape"] == [1, 3, 300, 451]
-    assert len(row["pixels"]) == 3 * 300 * 451
+    assert row["pixel_dtype"] == "uint8" and row["pixel_shape"] == [1, 3, 64, 96]
+    assert len(row["pixels"]) == 3 * 64 * 96
+    assert (row["original_height"], row["original_width"]) == (300, 451)
 
 
 def test_token_job_writes_int32_id_columns_and_an_autoregressive_dataset_reads_them(image_folder, tmp_path):

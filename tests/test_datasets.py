@@ -16,7 +16,7 @@ from tokenizers_svc.datasets import BucketBatchSampler, LatentDataset
 from tokenizers_svc.errors import InvalidLatentsError, InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
-from tokenizers_svc.pixels import bucket_sizes, cover_size, nearest_bucket, resize_crop, to_float_pixels
+from tokenizers_svc.pixels import bucket_sizes, cover_size, nearest_bucket, resize_crop
 
 pytestmark = (
     pytest.mark.slow
@@ -194,7 +194,9 @@ def test_dataloader_over_aspect_buckets_stacks_every_batch(bucket_job, tokenizer
 
     row = dataset.metadata(0)
     bucket = (row["bucket_height"], row["bucket_width"])
-    pixels = to_float_pixels(load_media(Path(row["source_path"]).read_bytes()).pixels)
+    pixels = load_media(
+        Path(row["source_path"]).read_bytes()
+    ).pixels  # uint8, cropped in uint8 as the job does
     window = resize_crop(
         pixels, cover_size(*pixels.shape[-2:], bucket), bucket, row["crop_top"], row["crop_left"]
     )

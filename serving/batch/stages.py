@@ -1,10 +1,11 @@
 """The job's stages: what Ray Data runs on a block of rows, and the shard writer the driver runs.
 
 1. :func:`prepare_row` (decoding): read the input's bytes once, hash and sniff them once, decode,
-   cut video clips; rows carry uint8 pixels as decoded. It runs inside the encoder actors when
+   apply the plan's ``--resize`` (``pipeline.load_media``), cut video clips; rows carry uint8 pixels.
+   It runs inside the encoder actors when
    they decode their own inputs (CPUs only), or in Ray Data tasks ahead of them
    (:func:`prepare_batch`, GPUs), which hand the pixels on as one Arrow buffer.
-2. :class:`EncodeWorker` (an actor pool, one model each): apply the plan's resize or crop, encode
+2. :class:`EncodeWorker` (an actor pool, one model each): apply the plan's crop, encode
    rows of the same resulting shape in one call (``pipeline.run_in_groups``: a failing group is retried item
    by item, as in the server, and whatever the model raises on an item becomes that item's error
    row), fill the latent file.
@@ -38,16 +39,15 @@ from tokenizers_svc.pipeline import encode_stacked, load_media, run_in_groups
 from tokenizers_svc.pixels import (
     cover_size,
     nearest_bucket,
-    policy_size,
     resize_crop,
-    resize_pixels,
+    to_float_pixels,
 )
 from tokenizers_svc.spec import ID_DTYPE
 from tokenizers_svc.tokens import TokenIds
 from tokenizers_svc.wire import PIXEL_DTYPES, dtype_name
 
 # Between decode tasks and the encoder actors: pixels as raw C-order bytes (the wire format of
-# tokenizers_svc.wire), shape (1, 3, H, W) or (1, 3, T, H, W), uint8 [0, 255] as decoded (float
+# tokenizers_svc.wire), shape (1, 3, H, W) or (1, 3, T, H, W), uint8 [0, 255] after the resize (float
 # [-1, 1] is accepted too, for pixels made elsewhere). Null on error rows.
 PREPARED_SCHEMA = pa.schema(
     [
@@ -137,7 +137,7 @@ def _row(plan: JobPlan, key: dict, path: str, clip: tuple[int, int] | None = Non
 
 def prepare_input(path: str, plan: JobPlan, key: dict) -> list[dict]:
     """One input path -> its rows: one per image, one per video clip, or one error row; ``pixels``
-    holds the decoded uint8 (1, 3, H, W) or (1, 3, t, H, W), None on an error row."""
+    holds the uint8 (1, 3, H, W) or (1, 3, t, H, W) after the plan's resize, None on an error row."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -262,29 +262,28 @@ class EncodeWorker:
         }
 
     def _group_key(self, row: dict, index: int) -> tuple:
-        """Rows that stack: the same dtype, and the same shape after the resize or crop. Sampling is
-        seeded per item, so sampled items go one by one."""
-        pixels = row["pixels"]
-        *lead, height, width = pixels.shape
+        """Rows that stack: the same shape after the plan's resize (made as they were decoded,
+        ``load_media``) or crop. Sampling is seeded per item, so sampled items go one by one."""
+        *lead, height, width = row["pixels"].shape
         if self.plan.crop != "none":
             height, width = row["bucket_height"], row["bucket_width"]
-        elif self.plan.options.resize != "none":
-            height, width = policy_size(height, width, self.plan.options.resize, self.plan.options.resolution)
-        shape = (pixels.dtype, *lead, height, width)
-        return (*shape, index) if self.options.sample else shape
+        return (*lead, height, width, index) if self.options.sample else (*lead, height, width)
 
     def _model_input(self, row: dict) -> torch.Tensor:
-        """(1, 3, [T,] H', W') after the plan's resize or crop, in the row's dtype (uint8 [0, 255] as
-        decoded, or float [-1, 1]); validated and converted by the Tokenizer."""
+        """(1, 3, [T,] H', W') after the plan's crop, in the row's dtype (uint8 [0, 255] as decoded,
+        or float [-1, 1]); validated and converted by the Tokenizer."""
         pixels = row["pixels"]
-        if self.plan.crop != "none":
-            size = (row["bucket_height"], row["bucket_width"])
-            cover = cover_size(*pixels.shape[-2:], size)
-            return resize_crop(pixels, cover, size, row["crop_top"], row["crop_left"])
-        return resize_pixels(pixels, self.plan.options.resize, self.plan.options.resolution)
+        if self.plan.crop == "none":
+            return pixels
+        size = (row["bucket_height"], row["bucket_width"])
+        cover = cover_size(*pixels.shape[-2:], size)
+        return resize_crop(pixels, cover, size, row["crop_top"], row["crop_left"])
 
     def _encode(self, rows: list[dict], group: list[int]) -> list[dict]:
-        stacked = torch.cat([self._model_input(rows[i]) for i in group])  # (B, 3, [T,] H', W')
+        inputs = [self._model_input(rows[i]) for i in group]
+        if len({x.dtype for x in inputs}) > 1:  # decoded uint8 beside float pixels: stacked as float
+            inputs = [to_float_pixels(x) if x.dtype == torch.uint8 else x for x in inputs]
+        stacked = torch.cat(inputs)  # (B, 3, [T,] H', W')
         resized = (int(stacked.shape[-2]), int(stacked.shape[-1]))
         results = []
         for i, latents in zip(group, encode_stacked(self.tokenizer, stacked, self.options), strict=True):
