@@ -91,13 +91,20 @@ def _interpolate(x: torch.Tensor, size: tuple[int, int], mode: ResizeMode) -> to
 def _interpolate_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 (N, C, H, W) or (N, C, T, H, W) -> uint8 of spatial ``size``, antialiased bicubic in
     torch's fixed-point kernel (module docstring), contiguous. Images go in as they are: torch's
-    kernel is fastest on whole (N, C, H, W) images; a clip's frames become the batch."""
+    kernel is fastest on whole (N, C, H, W) images. A clip goes frame by frame into its output, so
+    that only one frame is ever copied: transposing the clip's frames into one batch and back held
+    two more copies of it (bigbuckbunny, 132 frames of 720p to 256: 520 ms and 392 MB more at the
+    peak, against 371 ms and 44 MB)."""
     if x.ndim == 4:
         return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    n, c, t, h, w = x.shape
-    frames = x.transpose(1, 2).reshape(n * t, c, h, w)  # (N*T, C, H, W)
-    out = F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False)
-    return out.reshape(n, t, c, *size).transpose(1, 2).contiguous()  # (N, C, T, h, w)
+    n, c, t, _, _ = x.shape
+    out = torch.empty((n, c, t, *size), dtype=x.dtype, device=x.device)  # (N, C, T, h, w)
+    for index in range(t):
+        frame = x[:, :, index]  # (N, C, H, W), a strided view
+        out[:, :, index] = F.interpolate(
+            frame, size=size, mode="bicubic", antialias=True, align_corners=False
+        )
+    return out
 
 
 def _resize_model_input(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
