@@ -28,6 +28,7 @@ from tokenizers_svc.errors import (
 )
 from tokenizers_svc.limits import Limits
 from tokenizers_svc.pipeline import DecodeOptions
+from tokenizers_svc.pixels import resize_model_input
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -204,6 +205,33 @@ def test_decode_to_tensor_gives_the_same_pixels_in_memory_of_its_own(photo, pill
         decoded = list(pool.map(media.decode_image_tensor, [data] * 16))
     assert all(torch.equal(tensor, decoded[0]) for tensor in decoded)
     assert torch.equal(decoded[0], media.image_to_tensor(photo))
+
+
+def test_decode_to_tensor_resizes_from_the_decoders_memory_as_the_tensor_would_be(photo, pillow_allocator):
+    """A resize made while decoding (straight from Pillow's 4-byte pixels where they export as one
+    view, else from the gathered tensor) gives exactly resize_model_input's pixels of the decoded
+    tensor, in memory of its own; ``resize_to`` sees the upright size, and its refusal stops the
+    decode before any resize."""
+    seen: list[tuple[int, int]] = []
+
+    def half(height: int, width: int) -> tuple[int, int]:
+        seen.append((height, width))
+        return max(1, height // 2 + 1), max(1, width // 3)  # odd factors, each axis its own
+
+    for name, data in _images_of_every_kind(photo).items():
+        full = media.decode_image_tensor(data)
+        seen.clear()
+        resized = media.decode_image_tensor(data, resize_to=half)
+        assert seen == [tuple(full.shape[-2:])], name
+        assert resized.is_contiguous() and resized.untyped_storage().nbytes() == resized.numel(), name
+        assert torch.equal(resized, resize_model_input(full, half(*full.shape[-2:]))), name
+        assert torch.equal(media.decode_image_tensor(data, resize_to=lambda h, w: (h, w)), full), name
+
+    def refuse(height: int, width: int) -> tuple[int, int]:
+        raise LimitExceededError("too large", param="resolution")
+
+    with pytest.raises(LimitExceededError, match="too large"):
+        media.decode_image_tensor(media.encode_image(photo, "png"), resize_to=refuse)
 
 
 def test_decode_to_tensor_refuses_what_decode_image_refuses(photo):

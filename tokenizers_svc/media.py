@@ -15,6 +15,7 @@ import io
 import math
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,7 +39,7 @@ from tokenizers_svc.errors import (
 )
 from tokenizers_svc.formats import IMAGE_MEDIA_TYPES, MIN_FPS, check_fps, image_format
 from tokenizers_svc.limits import FILE_LIMITS, Limits
-from tokenizers_svc.pixels import as_uint8_pixels
+from tokenizers_svc.pixels import as_uint8_pixels, resize_model_input
 
 MediaKind = Literal["image", "video"]
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -176,8 +177,9 @@ def _to_rgb(image: Image.Image) -> Image.Image | np.ndarray:
     return image
 
 
-def _rgb_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB Pillow image -> (1, 3, H, W) uint8, in one copy that torch makes without the GIL.
+def _rgb_to_tensor(rgb: Image.Image | np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB Pillow image (or an (H, W, 3) uint8 array) -> (1, 3, H, W) uint8, in one copy that torch
+    makes without the GIL; resized to ``size`` (h, w) when given, by ``pixels.resize_model_input``.
 
     Why not ``np.array(image)``: numpy reads Pillow's pixels through ``tobytes``, which packs them in
     64 KiB pieces from Python and joins them, holding the GIL, before numpy copies them once more; in
@@ -185,16 +187,31 @@ def _rgb_to_tensor(image: Image.Image) -> torch.Tensor:
     the decode-bound case (docs/benchmarks.md, "Batch", session 26). Pillow keeps RGB as 4 bytes a
     pixel (RGBX) and exports them through the Arrow C data interface as a view where the rows lie in
     one block (up to Pillow's block size, 16 MiB by default: ~4 MP); pyarrow hands that view to torch
-    over DLPack, and torch gathers the three channels. Rows spread over several blocks take numpy's way."""
+    over DLPack, and torch gathers the three channels. Rows spread over several blocks take numpy's way.
+
+    A resize reads the view itself, as a (1, 4, H, W) channels-last image, whose layout torch's
+    uint8 kernel resizes fastest, and gathers only the resized pixels: the same pixels as resizing
+    the gathered tensor, 5-6 times faster (docs/benchmarks.md, "Batch", session 27)."""
+    slots = _rgbx_view(rgb) if isinstance(rgb, Image.Image) else None  # (1, 4, H, W) view of Pillow's memory
+    if slots is None:
+        pixels = image_to_tensor(rgb if isinstance(rgb, np.ndarray) else np.array(rgb, dtype=np.uint8))
+        return pixels if size is None else resize_model_input(pixels, size)
+    if size is not None:
+        slots = resize_model_input(slots, size)  # (1, 4, h, w), its own memory, channels last
+    return slots[:, :3].contiguous()  # (1, 3, H, W) uint8, its own memory
+
+
+def _rgbx_view(image: Image.Image) -> torch.Tensor | None:
+    """An RGB image's pixels as Pillow holds them, (1, 4, H, W) uint8 channels last (RGBX), without
+    a copy; None where its rows are not in one block."""
     import pyarrow as pa  # the Arrow C data interface's reader (~70 ms to import, once)
 
     try:
         rgbx = pa.array(image)  # H * W pixels, each a fixed-size list of 4 uint8: Pillow's memory
     except ValueError:  # "Image rows are not contiguous in memory"
-        return image_to_tensor(np.array(image, dtype=np.uint8))
+        return None
     flat = torch.from_dlpack(rgbx.values)  # (H * W * 4,) uint8 view
-    pixels = flat.view(image.height, image.width, rgbx.type.list_size)[..., :3]  # (H, W, 3) view
-    return pixels.permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, 3, H, W) uint8, its own memory
+    return flat.view(1, image.height, image.width, rgbx.type.list_size).permute(0, 3, 1, 2)
 
 
 def decode_image(
@@ -210,12 +227,22 @@ def decode_image(
 
 
 def decode_image_tensor(
-    data: bytes, limits: Limits = FILE_LIMITS, extra_formats: tuple[str, ...] = ()
+    data: bytes,
+    limits: Limits = FILE_LIMITS,
+    extra_formats: tuple[str, ...] = (),
+    *,
+    resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """As :func:`decode_image`, straight to (1, 3, H, W) uint8 NCHW, the layout models take: one copy
-    fewer, and less of it under the GIL (:func:`_rgb_to_tensor`). The shared runner's way in."""
+    fewer, and less of it under the GIL (:func:`_rgb_to_tensor`). The shared runner's way in.
+
+    ``resize_to(height, width)``: given the decoded (upright) size, the (h, w) to resize to
+    (antialiased bicubic in uint8, ``pixels.resize_model_input``), straight from Pillow's memory; it
+    may raise to refuse the resize before it is made."""
     rgb = _decode_rgb(data, limits, extra_formats)
-    return image_to_tensor(rgb) if isinstance(rgb, np.ndarray) else _rgb_to_tensor(rgb)
+    height, width = (rgb.shape[0], rgb.shape[1]) if isinstance(rgb, np.ndarray) else (rgb.height, rgb.width)
+    size = resize_to(height, width) if resize_to is not None else None
+    return _rgb_to_tensor(rgb, None if size == (height, width) else size)
 
 
 def _decode_rgb(data: bytes, limits: Limits, extra_formats: tuple[str, ...]) -> Image.Image | np.ndarray:

@@ -24,7 +24,7 @@ from tokenizers_svc.latents import Latents
 from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
 from tokenizers_svc.media import MediaKind
 from tokenizers_svc.options import MAX_SEED, ResizePolicy
-from tokenizers_svc.pixels import resize_pixels
+from tokenizers_svc.pixels import resize_pixels, resized_size
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions, tiling_options
 from tokenizers_svc.tokens import TokenIds
 
@@ -129,7 +129,8 @@ def load_media(
 ) -> MediaInput:
     """Image or video bytes -> :class:`MediaInput`, under ``limits`` (the decoder's caps while it
     reads, then :func:`check_encode_cost` for the options' resize), with the options' resize applied
-    (uint8, ``pixels.resize_pixels``). ``kind`` (from magic bytes) and ``sha256`` are computed here
+    in uint8 (``pixels.resize_model_input``; an image's straight from the decoder's memory,
+    ``media.decode_image_tensor``). ``kind`` (from magic bytes) and ``sha256`` are computed here
     unless the caller already did (each once per input).
 
     Why resize here and not in the model call: whoever decodes, resizes, beside the model rather
@@ -139,33 +140,31 @@ def load_media(
     kind = kind or media.sniff_media(data)
     digest = sha256 or hashlib.sha256(data).hexdigest()
     if kind == "image":
-        pixels = media.decode_image_tensor(data, limits)  # (1, 3, H, W) uint8
-        loaded = MediaInput(
-            pixels=pixels,
-            kind="image",
-            fps=None,
-            sha256=digest,
-            original_size=(pixels.shape[2], pixels.shape[3]),
-        )
-    else:
-        video = media.decode_video_tensor(
-            data,
-            limits,
-            max_frames=options.max_frames,
-            start=options.start,
-            end=options.end,
-            stride=options.stride,
-        )
-        loaded = MediaInput(
-            pixels=video.pixels,  # (1, 3, T, H, W) uint8
-            kind="video",
-            fps=video.fps,
-            sha256=digest,
-            original_size=(video.pixels.shape[3], video.pixels.shape[4]),
-        )
-    check_encode_cost(loaded.pixels.shape, options, limits)  # before resizing: an upscale's cost is refused
-    loaded.pixels = resize_pixels(loaded.pixels, options.resize, options.resolution)
-    return loaded
+        decoded: list[tuple[int, int]] = []  # the upright (H, W), as the decoder reports it
+
+        def resize_to(height: int, width: int) -> tuple[int, int]:  # refused before it is made
+            decoded.append((height, width))
+            check_encode_cost((1, 3, height, width), options, limits)
+            return resized_size(height, width, options.resize, options.resolution)
+
+        pixels = media.decode_image_tensor(data, limits, resize_to=resize_to)  # (1, 3, H', W') uint8
+        return MediaInput(pixels=pixels, kind="image", fps=None, sha256=digest, original_size=decoded[0])
+    video = media.decode_video_tensor(
+        data,
+        limits,
+        max_frames=options.max_frames,
+        start=options.start,
+        end=options.end,
+        stride=options.stride,
+    )
+    check_encode_cost(video.pixels.shape, options, limits)  # before resizing: an upscale's cost is refused
+    return MediaInput(
+        pixels=resize_pixels(video.pixels, options.resize, options.resolution),  # (1, 3, T, H', W') uint8
+        kind="video",
+        fps=video.fps,
+        sha256=digest,
+        original_size=(video.pixels.shape[3], video.pixels.shape[4]),
+    )
 
 
 def check_encode_cost(pixel_shape: tuple[int, ...], options: EncodeOptions, limits: Limits) -> Cost:

@@ -13,7 +13,8 @@ Two resizes, for two purposes:
   It is what decoding pipelines do (Pillow, torchvision, diffusers' image processor), and it is
   several times faster than resizing in float: from a 12 MP photo to a shorter side of 256, 35 ms
   against 125 ms plus 60 ms to convert the photo to float first; for the median shared photo
-  (0.86 MP) 0.6 ms against 3.7 (docs/benchmarks.md, "Batch", session 27).
+  (0.86 MP) 0.6 ms against 3.7 (docs/benchmarks.md, "Batch", session 27). Decoded images are
+  resized straight from the decoder's memory (``media.decode_image_tensor``), faster still.
 - the evaluation and training crops (:func:`resize_uint8` and what builds on it) resize in float and
   round once: the protocol's pixels stay what they were when its numbers were measured.
 """
@@ -107,7 +108,7 @@ def _interpolate_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out
 
 
-def _resize_model_input(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_model_input(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Model input pixels resized to ``size`` in their own dtype: uint8 [0, 255] in uint8, float
     [-1, 1] in float (clamped back into range)."""
     if pixels.dtype == torch.uint8:
@@ -115,24 +116,30 @@ def _resize_model_input(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return _interpolate(pixels, size, "bicubic").clamp(-1, 1)
 
 
-def resize_pixels(pixels: torch.Tensor, policy: str, resolution: int | None) -> torch.Tensor:
-    """Explicit resize of model input pixels (N, C, [T,] H, W), uint8 [0, 255] or float [-1, 1], in
-    their own dtype (module docstring): 'shorter-side' -> shorter side == resolution, 'fit' -> longer
-    side == resolution; 'none' returns the input untouched. Antialiased bicubic."""
+def resized_size(height: int, width: int, policy: str, resolution: int | None) -> tuple[int, int]:
+    """(H, W) after the explicit resize ``policy`` (:func:`resize_pixels`); unknown policies and a
+    missing resolution are refused (InvalidRequestError naming the parameter)."""
     if policy not in RESIZE_POLICIES:
         raise InvalidRequestError(
             f"resize must be one of {list(RESIZE_POLICIES)}, got {policy!r}", param="resize"
         )
     if policy == "none":
-        return pixels
+        return height, width
     if not resolution or resolution < 1:
         raise InvalidRequestError(
             f"resize={policy!r} needs a positive resolution, got {resolution}", param="resolution"
         )
-    size = policy_size(*pixels.shape[-2:], policy, resolution)
+    return policy_size(height, width, policy, resolution)
+
+
+def resize_pixels(pixels: torch.Tensor, policy: str, resolution: int | None) -> torch.Tensor:
+    """Explicit resize of model input pixels (N, C, [T,] H, W), uint8 [0, 255] or float [-1, 1], in
+    their own dtype (module docstring): 'shorter-side' -> shorter side == resolution, 'fit' -> longer
+    side == resolution; 'none' returns the input untouched. Antialiased bicubic."""
+    size = resized_size(*pixels.shape[-2:], policy, resolution)
     if size == tuple(pixels.shape[-2:]):
         return pixels
-    return _resize_model_input(pixels, size)
+    return resize_model_input(pixels, size)
 
 
 def resize_uint8(pixels: torch.Tensor, size: tuple[int, int], mode: ResizeMode = "bicubic") -> torch.Tensor:
@@ -189,7 +196,7 @@ def resize_crop(
     bicubic, in their own dtype as :func:`resize_pixels`), then the ``size`` window at (top, left)
     of the resized frame: one crop for every frame of a clip."""
     if tuple(pixels.shape[-2:]) != tuple(cover):
-        pixels = _resize_model_input(pixels, cover)
+        pixels = resize_model_input(pixels, cover)
     return pixels[..., top : top + size[0], left : left + size[1]]
 
 
