@@ -212,26 +212,33 @@ def test_decode_to_tensor_resizes_from_the_decoders_memory_as_the_tensor_would_b
     view, else from the gathered tensor) gives exactly resize_model_input's pixels of the decoded
     tensor, in memory of its own; ``resize_to`` sees the upright size, and its refusal stops the
     decode before any resize."""
-    seen: list[tuple[int, int]] = []
-
-    def half(height: int, width: int) -> tuple[int, int]:
-        seen.append((height, width))
-        return max(1, height // 2 + 1), max(1, width // 3)  # odd factors, each axis its own
-
     for name, data in _images_of_every_kind(photo).items():
         full = media.decode_image_tensor(data)
-        seen.clear()
-        resized = media.decode_image_tensor(data, resize_to=half)
+        seen: list[tuple[int, int]] = []
+        resized = media.decode_image_tensor(data, resize_to=_odd_factors(seen))
         assert seen == [tuple(full.shape[-2:])], name
         assert resized.is_contiguous() and resized.untyped_storage().nbytes() == resized.numel(), name
-        assert torch.equal(resized, resize_model_input(full, half(*full.shape[-2:]))), name
+        assert torch.equal(resized, resize_model_input(full, _odd_factors([])(*full.shape[-2:]))), name
         assert torch.equal(media.decode_image_tensor(data, resize_to=lambda h, w: (h, w)), full), name
 
-    def refuse(height: int, width: int) -> tuple[int, int]:
-        raise LimitExceededError("too large", param="resolution")
-
     with pytest.raises(LimitExceededError, match="too large"):
-        media.decode_image_tensor(media.encode_image(photo, "png"), resize_to=refuse)
+        media.decode_image_tensor(media.encode_image(photo, "png"), resize_to=_refuse)
+
+
+def _odd_factors(seen: list[tuple[int, int]]):
+    """A ``resize_to`` that records the sizes it is asked about and shrinks each axis by its own odd
+    factor."""
+
+    def resize_to(height: int, width: int) -> tuple[int, int]:
+        seen.append((height, width))
+        return max(1, height // 2 + 1), max(1, width // 3)
+
+    return resize_to
+
+
+def _refuse(height: int, width: int) -> tuple[int, int]:
+    """A ``resize_to`` that refuses every resize."""
+    raise LimitExceededError("too large", param="resolution")
 
 
 def test_decode_to_tensor_refuses_what_decode_image_refuses(photo):
@@ -481,6 +488,18 @@ def test_decode_video_to_tensor_gives_the_same_frames_channels_first(tmp_path, c
         assert video.pixels.untyped_storage().nbytes() == video.pixels.numel(), name
         assert torch.equal(video.pixels, media.video_to_tensor(expected.frames)), name
         assert (video.fps, video.start_time) == (expected.fps, expected.start_time), name
+        # resized as each frame is decoded: the pixels of resizing the whole clip afterwards
+        seen: list[tuple[int, int]] = []
+        resized = media.decode_video_tensor(source, **options, resize_to=_odd_factors(seen))
+        assert seen == [tuple(video.pixels.shape[-2:])], name  # the upright size, asked once
+        size = _odd_factors([])(*video.pixels.shape[-2:])
+        assert (
+            resized.pixels.is_contiguous()
+            and resized.pixels.untyped_storage().nbytes() == resized.pixels.numel()
+        )
+        assert torch.equal(resized.pixels, resize_model_input(video.pixels, size)), name
+    with pytest.raises(LimitExceededError, match="too large"):
+        media.decode_video_tensor(clip_bytes, resize_to=_refuse)
 
 
 @pytest.mark.parametrize("channels_first", [False, True])

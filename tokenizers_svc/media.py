@@ -443,11 +443,19 @@ def decode_video_tensor(
     start: float | None = None,
     end: float | None = None,
     stride: int = 1,
+    *,
+    resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> VideoTensor:
     """As :func:`decode_video`, the frames written channels first as they are decoded: (1, 3, T, H, W)
     uint8, the layout models take, without transposing the whole clip afterwards (which took longer
-    than decoding a 720p clip: docs/benchmarks.md, "Batch", session 26). The shared runner's way in."""
-    frames, fps, start_time = _decode_video(data, limits, max_frames, start, end, stride, channels_first=True)
+    than decoding a 720p clip: docs/benchmarks.md, "Batch", session 26). The shared runner's way in.
+
+    ``resize_to(height, width)``: given the upright frame size, the (h, w) to resize every frame to
+    (``pixels.resize_model_input``), as each is decoded, so the clip is never held at full size; it
+    may raise to refuse the resize before the first frame is kept. The limits count decoded frames."""
+    frames, fps, start_time = _decode_video(
+        data, limits, max_frames, start, end, stride, channels_first=True, resize_to=resize_to
+    )
     return VideoTensor(torch.from_numpy(frames).unsqueeze(0), fps, start_time)
 
 
@@ -460,8 +468,10 @@ def _decode_video(
     stride: int,
     *,
     channels_first: bool,
+    resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> tuple[np.ndarray, float, float]:
-    """(frames (T, H, W, 3) or channels first (3, T, H, W), fps, start time): :func:`decode_video`."""
+    """(frames (T, H, W, 3) or channels first (3, T, H, W), fps, start time): :func:`decode_video`,
+    every frame resized as it is decoded when ``resize_to`` says so (:func:`decode_video_tensor`)."""
     _validate_range(start, end, stride, max_frames)
     if max_frames is not None and max_frames > limits.max_frames:
         raise LimitExceededError(
@@ -469,7 +479,7 @@ def _decode_video(
         )
     container = _open_container(data)
     try:
-        return _decode_stream(container, limits, max_frames, start, end, stride, channels_first)
+        return _decode_stream(container, limits, max_frames, start, end, stride, channels_first, resize_to)
     except (_pyav().error.FFmpegError, UnicodeDecodeError) as exc:
         raise InvalidMediaError(
             f"video is truncated or corrupt ({_ffmpeg_reason(exc)})",
@@ -610,6 +620,7 @@ def _decode_stream(
     end: float | None,
     stride: int,
     channels_first: bool,
+    resize_to: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> tuple[np.ndarray, float, float]:
     stream, fps = _video_stream(container, limits, stride)
     duration = _stream_duration(container, stream)
@@ -626,6 +637,7 @@ def _decode_stream(
     buffer = _FrameBuffer(capacity, limits.max_total_pixels, channels_first)
     first_time: float | None = None
     quarter_turns = 0
+    size: tuple[int, int] | None = None  # what every frame is resized to, if anything
     selected = 0  # frames inside [start, end), before stride
     seen = 0  # every decoded frame
     t = 0.0
@@ -657,14 +669,18 @@ def _decode_stream(
             quarter_turns = round((frame.rotation or 0) / 90) % 4  # display matrix, counterclockwise
             width, height = frame.width, frame.height
             _check_pixels(width, height, limits, "video frame")
+            upright = (width, height) if quarter_turns % 2 else (height, width)
+            wanted = resize_to(*upright) if resize_to is not None else upright
+            size = None if wanted == upright else wanted
         if (buffer.count + 1) * width * height > limits.max_total_pixels:
             raise LimitExceededError(
                 f"decoded video would exceed {limits.max_total_pixels:,} pixels in total "
                 f"({buffer.count + 1} frames of {width}x{height}); pass max_frames, start/end or stride",
                 param="file",
             )
-        rgb = frame.reformat(width=width, height=height, format="rgb24")  # one size for the whole clip
-        buffer.append(np.rot90(rgb.to_ndarray(), quarter_turns) if quarter_turns else rgb.to_ndarray())
+        rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()  # one size for the clip
+        rgb = np.rot90(rgb, quarter_turns) if quarter_turns else rgb  # (H, W, 3), upright
+        buffer.append(rgb if size is None else _resized_frame(rgb, size))
     else:
         last = t if seen else 0.0
         if end is None and duration is not None and last + 1 / fps < duration - max(2 / fps, 0.02 * duration):
@@ -677,6 +693,14 @@ def _decode_stream(
             raise _no_frames(start, end, duration)
         raise InvalidMediaError("no video frames could be decoded", param="file")
     return buffer.frames(), fps / stride, float(first_time or 0.0)
+
+
+def _resized_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 by ``pixels.resize_model_input``: the frame as decoded is a
+    channels-last (1, 3, H, W) image, the layout torch's uint8 kernel resizes fastest, and gives the
+    same pixels as resizing it channels first."""
+    image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) view
+    return resize_model_input(image, size)[0].permute(1, 2, 0).numpy()  # (h, w, 3)
 
 
 def _no_frames(start: float | None, end: float | None, duration: float | None) -> InvalidRequestError:

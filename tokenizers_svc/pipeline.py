@@ -24,7 +24,7 @@ from tokenizers_svc.latents import Latents
 from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
 from tokenizers_svc.media import MediaKind
 from tokenizers_svc.options import MAX_SEED, ResizePolicy
-from tokenizers_svc.pixels import resize_pixels, resized_size
+from tokenizers_svc.pixels import resized_size
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions, tiling_options
 from tokenizers_svc.tokens import TokenIds
 
@@ -139,14 +139,14 @@ def load_media(
     and rows of any source size that resize to one shape stack into one model call."""
     kind = kind or media.sniff_media(data)
     digest = sha256 or hashlib.sha256(data).hexdigest()
+    decoded: list[tuple[int, int]] = []  # the upright (H, W), as the decoder reports it
+
+    def resize_to(height: int, width: int) -> tuple[int, int]:  # refused before it is made
+        decoded.append((height, width))
+        check_encode_cost((1, 3, height, width), options, limits)
+        return resized_size(height, width, options.resize, options.resolution)
+
     if kind == "image":
-        decoded: list[tuple[int, int]] = []  # the upright (H, W), as the decoder reports it
-
-        def resize_to(height: int, width: int) -> tuple[int, int]:  # refused before it is made
-            decoded.append((height, width))
-            check_encode_cost((1, 3, height, width), options, limits)
-            return resized_size(height, width, options.resize, options.resolution)
-
         pixels = media.decode_image_tensor(data, limits, resize_to=resize_to)  # (1, 3, H', W') uint8
         return MediaInput(pixels=pixels, kind="image", fps=None, sha256=digest, original_size=decoded[0])
     video = media.decode_video_tensor(
@@ -156,14 +156,15 @@ def load_media(
         start=options.start,
         end=options.end,
         stride=options.stride,
+        resize_to=resize_to,
     )
-    check_encode_cost(video.pixels.shape, options, limits)  # before resizing: an upscale's cost is refused
+    check_encode_cost(video.pixels.shape, options, limits)  # every frame: the clip's pixels in all
     return MediaInput(
-        pixels=resize_pixels(video.pixels, options.resize, options.resolution),  # (1, 3, T, H', W') uint8
+        pixels=video.pixels,  # (1, 3, T, H', W') uint8
         kind="video",
         fps=video.fps,
         sha256=digest,
-        original_size=(video.pixels.shape[3], video.pixels.shape[4]),
+        original_size=decoded[0],
     )
 
 
