@@ -69,10 +69,11 @@ MAX_START_SHARE = 0.05
 # Threads the driver encodes with, at most: every batch also runs some Python (rows, Arrow,
 # serialization, the eager model calls between ops) under one interpreter lock, which more threads
 # would queue on; past this many cores Ray's processes scale where threads would not. Measured on
-# the 2-core machine (py-spy --gil over driver jobs, docs/benchmarks.md, "Batch", sessions 23 and 26):
-# each thread held the lock ~3% of its time with the default model at 256, so eight would hold it
-# ~25%, but ~9% on a decode-bound job (a tiny model on full-size photos), ~70% for eight: there the
-# cap is likely too high, unmeasured for want of a machine with 3-8 cores (docs/batch.md).
+# the 2-core machine (py-spy --gil over driver jobs, docs/benchmarks.md, "Batch", sessions 23, 26
+# and 27): each thread held the lock ~3% of its time with the default model at 256, so eight would
+# hold it ~25%, but ~15% on a decode-bound job (a tiny model on full-size photos), more than all of
+# it for eight: there the cap is likely too high, unmeasured for want of a machine with 3-8 cores
+# (docs/batch.md).
 MAX_DRIVER_THREADS = 8
 
 
