@@ -37,6 +37,7 @@ from tokenizers_svc import abandon
 from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.errors import InvalidRequestError, OverloadedError, RequestTimeoutError, TokenizerError
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
+from tokenizers_svc.limits import Limits
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.memory import tune_for_model_calls
 from tokenizers_svc.pipeline import (
@@ -51,7 +52,7 @@ from tokenizers_svc.pipeline import (
     pixels_to_media,
     run_in_groups,
 )
-from tokenizers_svc.pixels import to_uint8_pixels
+from tokenizers_svc.pixels import checked_and_resized, to_uint8_pixels
 from tokenizers_svc.tiling import TilingOptions
 from tokenizers_svc.tokens import TokenIds
 from tokenizers_svc.wire import ID_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, tensor_headers, tensor_to_bytes
@@ -156,13 +157,14 @@ class TokenizerWorker:
         try:
             with abandon.scope(WorkToken(job.deadline)) as token:
                 with self.encoder.preparing():
-                    if job.data is not None:
-                        async with self.decode_slots[job.lane]:
-                            media_input = await self.threads.media_call(
-                                load_media, job.data, self.limits, job.options
-                            )
-                    else:
-                        media_input = self._tensor_media(job.tensor, job.options)
+                    prepare = load_media if job.data is not None else self._tensor_media
+                    async with self.decode_slots[job.lane]:
+                        media_input = await self.threads.media_call(
+                            prepare,
+                            job.data if job.data is not None else job.tensor,
+                            self.limits,
+                            job.options,
+                        )
                 media_s = time.perf_counter() - started
                 latents, batch, model_time = await self._encode_one(media_input, job.options, token)
             reply = self._encode_reply(latents, job, batch, model_time)
@@ -170,16 +172,22 @@ class TokenizerWorker:
         except TokenizerError as error:
             return ErrorReply.of(error)
 
-    def _tensor_media(self, tensor: torch.Tensor, options: EncodeOptions) -> MediaInput:
-        """Bare pixel tensor -> MediaInput; the hash is of its bytes, so identical inputs match."""
+    @staticmethod
+    def _tensor_media(tensor: torch.Tensor, limits: Limits, options: EncodeOptions) -> MediaInput:
+        """Bare pixel tensor -> MediaInput, as ``load_media`` makes one of media bytes (in a media
+        thread: hashing and resizing a large tensor would hold the event loop): checked, the options'
+        resize applied (float pixels validated first, so that none is clamped into range); the hash is
+        of its bytes, so identical inputs match. Without a resize the Tokenizer validates it in the
+        model call, where a bad item fails its group alone (``run_in_groups``)."""
         if tensor.ndim not in (4, 5) or tensor.shape[0] != 1:
             raise InvalidRequestError(
                 f"pixel tensors must be one item, (1, 3, H, W) or (1, 3, T, H, W); got shape {tuple(tensor.shape)}",
                 param="shape",
             )
-        check_encode_cost(tuple(tensor.shape), options, self.limits)
+        check_encode_cost(tuple(tensor.shape), options, limits)
+        resized = options.resize != "none"
         return MediaInput(
-            pixels=tensor,
+            pixels=checked_and_resized(tensor, options.resize, options.resolution) if resized else tensor,
             kind="image" if tensor.ndim == 4 else "video",
             fps=None,
             sha256=hashlib.sha256(tensor_to_bytes(tensor)).hexdigest(),
@@ -203,10 +211,11 @@ class TokenizerWorker:
         result, batch, model_time = await self.encoder.submit(item)
         if isinstance(result, TokenizerError):
             raise result
-        # resized by load_media (media bytes), or by the model call (a bare tensor, resized as a batch)
-        resized_from = media_input.resized_from or result.resized_from
         stamped = replace(
-            result, fps=media_input.fps, source_sha256=media_input.sha256, resized_from=resized_from
+            result,
+            fps=media_input.fps,
+            source_sha256=media_input.sha256,
+            resized_from=media_input.resized_from,
         )
         return stamped, batch, model_time
 

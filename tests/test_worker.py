@@ -14,13 +14,13 @@ import torch
 from skimage import data
 
 from serving import worker
-from serving.jobs import EncodeJob, Reply
+from serving.jobs import EncodeJob, ErrorReply, Reply
 from serving.worker import TokenizerWorker
 from tests.helpers import worker_in_this_process
 from tokenizers_svc import media
 from tokenizers_svc.abandon import WorkToken
 from tokenizers_svc.latents import latents_from_bytes
-from tokenizers_svc.pipeline import EncodeOptions, encode_media, load_media
+from tokenizers_svc.pipeline import EncodeOptions, load_media
 
 
 @pytest.fixture(autouse=True)
@@ -114,28 +114,36 @@ def test_calls_handed_to_a_lane_run_one_at_a_time_and_are_checked_when_they_star
 
 
 def test_photos_of_any_size_that_resize_to_one_shape_share_a_model_call():
-    """The options' resize is applied where media is decoded (``pipeline.load_media``), so requests
-    whose photos differ in size but resize to one shape stack into one model call; each latent file
-    records its own source size and equals the library's encode of its photo."""
+    """The options' resize is applied where media is decoded (``pipeline.load_media``), and where a
+    bare pixel tensor is prepared, so requests whose photos differ in size but resize to one shape
+    stack into one model call; each latent file records its own source size and equals the
+    library's encode of its photo. A float tensor out of range is refused before it is resized (a
+    resize would have clamped it into range)."""
     photo = np.asarray(data.astronaut())
     crops = [photo[:96, :128], photo[100:220, 40:200], photo[300:372, 200:296]]  # all 3:4 -> 48x64
     bodies = [media.encode_image(np.ascontiguousarray(crop), "png") for crop in crops]
+    tensor = media.image_to_tensor(np.ascontiguousarray(photo[200:272, 0:96]))  # (1, 3, 72, 96) uint8
     options = EncodeOptions(resize="shorter-side", resolution=48)
 
-    async def scenario() -> list[Reply]:
-        # a long batching window: the first decoded request waits for the other two (Batcher)
+    async def scenario() -> tuple[TokenizerWorker, list[Reply | ErrorReply]]:
+        # a long batching window: the first prepared request waits for the others (Batcher)
         config = {"name": "tiny", "model": "sd-vae-tiny", "num_cpus": 1, "batch_wait_timeout_s": 30}
         served = TokenizerWorker(config, {})
-        replies = await asyncio.wait_for(
-            asyncio.gather(*(served.encode(EncodeJob(options, data=body)) for body in bodies)), 120
-        )
+        jobs = [EncodeJob(options, data=body) for body in bodies] + [EncodeJob(options, tensor=tensor)]
+        jobs.append(EncodeJob(options, tensor=tensor.float()))  # [0, 255] sent as float: out of range
+        replies = await asyncio.wait_for(asyncio.gather(*(served.encode(job) for job in jobs)), 120)
         return served, replies
 
     served, replies = asyncio.run(scenario())
-    assert [reply.batch_size for reply in replies] == [3, 3, 3], replies
-    for body, crop, reply in zip(bodies, crops, replies, strict=True):
-        encoded = latents_from_bytes(reply.body)
-        assert encoded.resized_from == crop.shape[:2] and encoded.original_size == (48, 64)
-        local = encode_media(served.tokenizer, load_media(body, options=options), options)
-        assert local.resized_from == crop.shape[:2]
-        torch.testing.assert_close(encoded.latents, local.latents, rtol=0, atol=1e-5)
+    *encoded, refused = replies
+    error = refused.to_error()
+    assert error.http_status == 422 and "[-1, 1]" in error.message, refused
+    assert [reply.batch_size for reply in encoded] == [4, 4, 4, 4], replies
+    full_size = [load_media(body).pixels for body in bodies] + [tensor]  # as decoded, or as sent
+    for pixels, reply in zip(full_size, encoded, strict=True):
+        served_latents = latents_from_bytes(reply.body)
+        assert served_latents.resized_from == tuple(pixels.shape[-2:])
+        assert served_latents.original_size == (48, 64)
+        local = served.tokenizer.encode(pixels, resize="shorter-side", resolution=48)
+        assert local.resized_from == tuple(pixels.shape[-2:])
+        torch.testing.assert_close(served_latents.latents, local.latents, rtol=0, atol=1e-5)

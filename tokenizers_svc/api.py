@@ -17,7 +17,7 @@ from tokenizers_svc.errors import InvalidRequestError, ShapeMismatchError
 from tokenizers_svc.families.base import Backend
 from tokenizers_svc.latents import Latents, validate_for, validate_tensor_for
 from tokenizers_svc.options import ResizePolicy
-from tokenizers_svc.pixels import pad_spatial, resize_pixels, to_float_pixels, to_uint8_pixels
+from tokenizers_svc.pixels import checked_and_resized, pad_spatial, to_float_pixels, to_uint8_pixels
 from tokenizers_svc.spec import TokenizerSpec
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions
 from tokenizers_svc.tiling import decode as tiled_decode
@@ -113,9 +113,7 @@ class Tokenizer:
                 f"pixels must not be empty, got shape {tuple(pixels.shape)}", param="pixels"
             )
         source_hw = tuple(pixels.shape[-2:])
-        # uint8 is resized in uint8 (tokenizers_svc/pixels.py), float validated and resized in float
-        x = pixels if pixels.dtype == torch.uint8 else to_float_pixels(pixels)
-        x = resize_pixels(x, resize, resolution)
+        x = checked_and_resized(pixels, resize, resolution)  # uint8 stays uint8 (tokenizers_svc/pixels.py)
         h, w = x.shape[-2:]
         pad_h, pad_w = padded_side(h, spec) - h, padded_side(w, spec) - w
         frames = x.shape[2] if x.ndim == 5 else None

@@ -132,6 +132,15 @@ def resized_size(height: int, width: int, policy: str, resolution: int | None) -
     return policy_size(height, width, policy, resolution)
 
 
+def checked_and_resized(pixels: torch.Tensor, policy: str, resolution: int | None) -> torch.Tensor:
+    """Model input pixels as a caller handed them (N, C, [T,] H, W) -> uint8 as they are, float
+    validated (:func:`to_float_pixels`: the dtype, finite, in [-1, 1]; float32), then resized by
+    ``policy`` in their own dtype (:func:`resize_pixels`). What ``Tokenizer.prepare`` does first, and
+    the server before a bare tensor with a resize queues."""
+    x = pixels if pixels.dtype == torch.uint8 else to_float_pixels(pixels)
+    return resize_pixels(x, policy, resolution)
+
+
 def resize_pixels(pixels: torch.Tensor, policy: str, resolution: int | None) -> torch.Tensor:
     """Explicit resize of model input pixels (N, C, [T,] H, W), uint8 [0, 255] or float [-1, 1], in
     their own dtype (module docstring): 'shorter-side' -> shorter side == resolution, 'fit' -> longer
