@@ -72,6 +72,19 @@ def test_uint8_model_inputs_are_resized_in_uint8_as_pillow_resizes(photo_uint8, 
     assert (resized.int() - exact.int()).abs().float().mean() < 0.25
 
 
+@pytest.mark.parametrize("height, width", [(3, 7), (2, 1), (1, 500), (1, 1), (40, 40)])
+def test_uint8_images_and_clips_resize_to_a_single_pixel(photo_uint8, height, width):
+    """``resize=fit`` to 1 is a legal request: every shape gets its one pixel, as Pillow's (torch's
+    channels-first kernel fails an assert for this one output size)."""
+    image = np.ascontiguousarray(photo_uint8[200 : 200 + height, 200 : 200 + width])
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()  # (1, 3, H, W)
+    dot = resize_pixels(pixels, "fit", 1)
+    assert dot.shape == (1, 3, 1, 1)
+    assert (dot.int() - _pillow_bicubic(image, (1, 1)).int()).abs().max() <= 2
+    clip = torch.stack([pixels[0], pixels[0].flip(0)], dim=1)[None]  # (1, 3, 2, H, W)
+    assert torch.equal(resize_pixels(clip, "fit", 1)[:, :, 0], dot)
+
+
 def test_uint8_clips_are_resized_frame_by_frame_and_floats_stay_float(photo_uint8):
     frames = torch.from_numpy(photo_uint8[:256, :320]).permute(2, 0, 1)  # (3, 256, 320)
     clip = torch.stack([frames, frames.flip(-1), frames.roll(17, -2)], dim=1)[None]  # (1, 3, 3, 256, 320)

@@ -97,15 +97,22 @@ def _interpolate_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     two more copies of it (bigbuckbunny, 132 frames of 720p to 256: 520 ms and 392 MB more at the
     peak, against 371 ms and 44 MB)."""
     if x.ndim == 4:
-        return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+        return _interpolate_uint8_images(x, size)
     n, c, t, _, _ = x.shape
     out = torch.empty((n, c, t, *size), dtype=x.dtype, device=x.device)  # (N, C, T, h, w)
     for index in range(t):
-        frame = x[:, :, index]  # (N, C, H, W), a strided view
-        out[:, :, index] = F.interpolate(
-            frame, size=size, mode="bicubic", antialias=True, align_corners=False
-        )
+        out[:, :, index] = _interpolate_uint8_images(x[:, :, index], size)  # (N, C, H, W), a strided view
     return out
+
+
+def _interpolate_uint8_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> (N, C, h, w), torch's fixed-point antialiased bicubic. torch 2.13's
+    kernel fails an internal assert for three channels-first channels resized to a single pixel
+    (``num_channels == unpacked_output.size(0)``; every other size of 1-6 x 1-6 into 1-4 x 1-4,
+    1, 3 or 4 channels, either layout, resizes), so that one case goes in channels last."""
+    if tuple(size) == (1, 1):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
 
 
 def resize_model_input(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
