@@ -157,14 +157,12 @@ class TokenizerWorker:
         try:
             with abandon.scope(WorkToken(job.deadline)) as token:
                 with self.encoder.preparing():
-                    prepare = load_media if job.data is not None else self._tensor_media
+                    # media bytes or a bare tensor, made ready (and resized) in a media thread
+                    prepare, source = (
+                        (load_media, job.data) if job.data is not None else (self._tensor_media, job.tensor)
+                    )
                     async with self.decode_slots[job.lane]:
-                        media_input = await self.threads.media_call(
-                            prepare,
-                            job.data if job.data is not None else job.tensor,
-                            self.limits,
-                            job.options,
-                        )
+                        media_input = await self.threads.media_call(prepare, source, self.limits, job.options)
                 media_s = time.perf_counter() - started
                 latents, batch, model_time = await self._encode_one(media_input, job.options, token)
             reply = self._encode_reply(latents, job, batch, model_time)
