@@ -106,6 +106,9 @@ print(per_call, int(release_free_heap()), before - rss_bytes())
 """
 
 
+FAULTS_BAR = 2000  # minor page faults per 256² call
+
+
 def _main_thread_calls(tuning: str) -> list[int]:
     return _run_fresh(_MAIN_THREAD_CALLS, **{HEAP_TUNING_ENV: tuning})
 
@@ -117,10 +120,12 @@ def test_model_calls_in_the_main_thread_reuse_their_memory_until_an_idle_trim():
     pages (~73 MB) in again, which made main-thread calls 10-20% slower. The idle trim still
     returns the kept memory. Fresh interpreters: the setting is per process."""
     faults, trimmed, released = _main_thread_calls("1")
-    assert faults < 2000  # 0-682 measured; glibc's defaults: ~18,000
+    assert faults < FAULTS_BAR  # 0-682 measured
     assert trimmed == 1 and released > 16 * 2**20
     faults, _, _ = _main_thread_calls("0")
-    assert faults > 5000
+    # the control: glibc's defaults cross the same bar (3,956-18,000 measured: its dynamic mmap
+    # threshold, raised by what the imports freed, decides how much of a call is mapped afresh)
+    assert faults > FAULTS_BAR
 
 
 def test_model_process_environment_keeps_the_operators_choice(monkeypatch):
