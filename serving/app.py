@@ -30,9 +30,9 @@ from ray.serve._private.constants import SERVE_LOGGER_NAME
 
 from serving.routes import Ingress
 from serving.schemas import ModelConfig, ServiceConfig, parse_config
+from serving.threads import serving_actor_options
 from serving.worker import TokenizerWorker
 from tokenizers_svc.errors import EXIT_OK, ConfigError, TokenizerError, print_error
-from tokenizers_svc.memory import model_actor_options
 from tokenizers_svc.ray_cluster import init_ray, logs_dir, starts_local_instance
 from tokenizers_svc.registry import get_preset
 
@@ -155,7 +155,7 @@ def _worker(model: ModelConfig, config: ServiceConfig):
         "ray_actor_options": {
             "num_cpus": model.num_cpus,
             "num_gpus": model.num_gpus,
-            **model_actor_options(),
+            **serving_actor_options(),
         },
         "max_ongoing_requests": model.ongoing,
         "max_queued_requests": model.max_queued_requests,
@@ -183,7 +183,7 @@ def build_app(args: dict) -> Application:
     if any(m.num_gpus for m in local):
         resources["num_gpus"] = sum(m.num_gpus for m in local)
     if local:
-        resources.update(model_actor_options())  # glibc's settings for model calls
+        resources.update(serving_actor_options())  # glibc's and libgomp's settings for model calls
     return Ingress.options(ray_actor_options=resources).bind(config.model_dump(), workers)
 
 

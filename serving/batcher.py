@@ -62,6 +62,11 @@ class Batcher(Generic[Item, Result]):
             self._preparing -= 1
             self._changed.set()
 
+    def quiet(self) -> bool:
+        """Inside :meth:`preparing`: whether the caller's is the only request here (nothing queued,
+        running or being prepared beside it), so that it can run at once without costing a batch."""
+        return not self._queue and not self._running and self._preparing <= 1
+
     async def submit(self, item: Item) -> Result:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))

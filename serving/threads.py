@@ -42,7 +42,7 @@ from typing import TypeVar
 import torch
 
 from serving.admission import Lane
-from tokenizers_svc.memory import release_free_heap
+from tokenizers_svc.memory import model_process_environment, release_free_heap
 
 Result = TypeVar("Result")
 
@@ -52,6 +52,30 @@ Result = TypeVar("Result")
 # short enough that a quiet replica soon holds only what its libraries need (jemalloc's default
 # decay of unused pages is 10 s too).
 IDLE_TRIM_S = 10.0
+
+
+# How long libgomp's idle team worker spins before it sleeps, in its spin rounds: ~10 ms on this
+# machine (its default, 300,000, is ~4-5 ms). A served request at concurrency 1 spends ~7-8 ms outside
+# the model call (HTTP, decoding, the reply), longer than the default spin, so the next call's first
+# parallel region waited for a sleeping worker on a core that had gone idle; with the longer spin
+# the worker is still there. The cost is the spin itself: at most ~10 ms of one core after a call
+# that no other call follows. Measured in docs/benchmarks.md ("Serving", session 28).
+OPENMP_SPIN_ROUNDS = "700000"
+
+
+def openmp_environment() -> dict[str, str]:
+    """libgomp's settings for a process that serves model calls (its environment at start: libgomp
+    reads it when it loads): the longer idle spin above, unless the operator chose a wait policy or
+    a spin count, which is passed on instead."""
+    chosen = {name: os.environ[name] for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if name in os.environ}
+    return chosen or {"GOMP_SPINCOUNT": OPENMP_SPIN_ROUNDS}
+
+
+def serving_actor_options() -> dict:
+    """Ray actor options for a process that serves models (a model's replica, an ingress that serves
+    models itself): glibc's heap settings (``tokenizers_svc.memory.model_process_environment``) and
+    libgomp's (:func:`openmp_environment`) in its ``runtime_env``; Ray merges them into the job's."""
+    return {"runtime_env": {"env_vars": {**model_process_environment(), **openmp_environment()}}}
 
 
 def _set_torch_threads(count: int) -> None:
@@ -110,6 +134,11 @@ class SmallLane:
                 target=self._serve, args=(index == 0, started), name=f"model-small_{index}", daemon=True
             ).start()
         started.wait()
+
+    def idle(self) -> bool:
+        """Whether no call runs or waits."""
+        with self.changed:
+            return not self.pending and not self.wide and not self.narrow
 
     def submit(self, call: Callable[[], Result]) -> Future:
         future: Future = Future()

@@ -58,6 +58,10 @@ from tokenizers_svc.tokens import TokenIds
 from tokenizers_svc.wire import ID_DTYPES, LATENT_FILE_TYPE, TENSOR_TYPE, tensor_headers, tensor_to_bytes
 
 RECENT_RATES = 8  # model times a replica judges "can this still finish in time" by
+# The largest body a request that finds the replica idle is decoded in the model thread for
+# (TokenizerWorker._prepare_and_encode): a request arriving meanwhile waits for that decode, which for
+# 1 MiB of PNG or JPEG is ~10-20 ms here; a larger body is decoded in a media thread as under load.
+IDLE_PATH_MAX_BYTES = 1 << 20
 LATE_RETRY_AFTER_S = 1
 
 
@@ -154,21 +158,74 @@ class TokenizerWorker:
 
     async def encode(self, job: EncodeJob) -> Reply | ErrorReply:
         started = time.perf_counter()
+        # media bytes or a bare tensor, made ready (and resized) before the model call
+        prepare, source = (load_media, job.data) if job.data is not None else (self._tensor_media, job.tensor)
         try:
             with abandon.scope(WorkToken(job.deadline)) as token:
                 with self.encoder.preparing():
-                    # media bytes or a bare tensor, made ready (and resized) in a media thread
-                    prepare, source = (
-                        (load_media, job.data) if job.data is not None else (self._tensor_media, job.tensor)
-                    )
-                    async with self.decode_slots[job.lane]:
-                        media_input = await self.threads.media_call(prepare, source, self.limits, job.options)
-                media_s = time.perf_counter() - started
-                latents, batch, model_time = await self._encode_one(media_input, job.options, token)
+                    if self._runs_at_once(job):
+                        media_input, media_s, encoded = await self._prepare_and_encode(
+                            partial(prepare, source, self.limits, job.options), job.options, token
+                        )
+                    else:
+                        async with self.decode_slots[job.lane]:
+                            media_input = await self.threads.media_call(
+                                prepare, source, self.limits, job.options
+                            )
+                        media_s, encoded = time.perf_counter() - started, None
+                latents, batch, model_time = encoded or await self._encode_one(
+                    media_input, job.options, token
+                )
             reply = self._encode_reply(latents, job, batch, model_time)
             return replace(reply, media_s=media_s, replica_s=time.perf_counter() - started)
         except TokenizerError as error:
             return ErrorReply.of(error)
+
+    def _runs_at_once(self, job: EncodeJob) -> bool:
+        """Whether the request takes the idle path (:meth:`_prepare_and_encode`): a small one whose
+        decode is short, on a replica where nothing else is being prepared, queued or computed."""
+        body_bytes = len(job.data) if job.data is not None else job.tensor.nbytes
+        return (
+            job.lane == "small"
+            and body_bytes <= IDLE_PATH_MAX_BYTES
+            and self.encoder.quiet()
+            and self.threads.small.idle()
+        )
+
+    async def _prepare_and_encode(
+        self, prepare: Callable[[], MediaInput], options: EncodeOptions, token: WorkToken
+    ) -> tuple[MediaInput, float, tuple[Latents, int, ModelTime] | None]:
+        """A request that finds the replica idle: its media prepared and encoded in one hand-over to
+        the small lane's model thread, not a media thread's round trip through the event loop first
+        (a thread waking on a core that had gone idle, ~0.4 ms a request at concurrency 1 here,
+        docs/benchmarks.md, "Serving", session 28). (its media, the seconds preparing it took, and
+        what ``_encode_one`` returns) -- or None in place of the latter when the request does not run
+        alone after all: it is over the batch cap or sampled (``_encode_one`` runs it alone), or
+        others reached the replica while it decoded, so that it batches with them as it would have.
+        Its lane seconds, and the rate the too-late check reads, include the decode: the lane was
+        busy for it."""
+        prepared: list[tuple[MediaInput, float]] = []
+
+        def call() -> tuple[Latents | None, int]:
+            began = time.perf_counter()
+            media_input = prepare()
+            prepared.append((media_input, time.perf_counter() - began))
+            size = self._batch_units(media_input.pixels, options)
+            if options.sample or size > self.config.max_batch_pixels or not self.encoder.quiet():
+                return None, 0
+            if self._too_late(token, size, "small"):
+                raise self._late()
+            item = _Item(key=None, tensor=media_input.pixels, size=size, token=token, options=options)
+            (latents,) = self._encode_bucket([item])
+            return latents, 0 if token.abandoned else size
+
+        latents, model_time = await self._in_lane("small", call)
+        media_input, media_s = prepared[0]
+        if latents is None:
+            return media_input, media_s, None
+        # the call's own time less its decode, as Server-Timing's model part of a batched request
+        model_time = ModelTime(model_time.compute_s - media_s, model_time.lane_s)
+        return media_input, media_s, (self._stamped(latents, media_input), 1, model_time)
 
     @staticmethod
     def _tensor_media(tensor: torch.Tensor, limits: Limits, options: EncodeOptions) -> MediaInput:
@@ -196,8 +253,7 @@ class TokenizerWorker:
         self, media_input: MediaInput, options: EncodeOptions, token: WorkToken
     ) -> tuple[Latents, int, ModelTime]:
         pixels = media_input.pixels
-        # priced as the ingress priced it (after any resize), so both put it in the same lane
-        size = max(check_encode_cost(tuple(pixels.shape), options, self.limits).total_pixels, self.quantum)
+        size = self._batch_units(pixels, options)
         # Sampled encodes draw per-request noise (and seeds); oversized ones would not fit a batch.
         if options.sample or size > self.config.max_batch_pixels:
             latents, model_time = await self._run_alone(
@@ -209,13 +265,22 @@ class TokenizerWorker:
         result, batch, model_time = await self.encoder.submit(item)
         if isinstance(result, TokenizerError):
             raise result
-        stamped = replace(
-            result,
+        return self._stamped(result, media_input), batch, model_time
+
+    def _batch_units(self, pixels: torch.Tensor, options: EncodeOptions) -> int:
+        """Pixels (1, 3, [T,] H, W) as batch units: priced as the ingress priced them (after any
+        resize), so that both put the request in the same lane."""
+        return max(check_encode_cost(tuple(pixels.shape), options, self.limits).total_pixels, self.quantum)
+
+    @staticmethod
+    def _stamped(latents: Latents, media_input: MediaInput) -> Latents:
+        """The latents with what only the media knows: its frame rate, source hash and decoded size."""
+        return replace(
+            latents,
             fps=media_input.fps,
             source_sha256=media_input.sha256,
             resized_from=media_input.resized_from,
         )
-        return stamped, batch, model_time
 
     async def _run_alone(self, fn: Callable, *args, token: WorkToken, size: int) -> tuple:
         """``fn(*args)`` in its lane's model thread once the calls before it are done: (result,

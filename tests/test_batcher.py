@@ -147,3 +147,27 @@ def test_a_full_batch_is_handed_over_while_the_model_works_and_a_partial_one_wai
 
     assert asyncio.run(scenario(waiting=2)) == [(1, 0), (2, 1)]  # full: handed over beside the first
     assert asyncio.run(scenario(waiting=1)) == [(1, 0), (1, 0)]  # partial: after the first was done
+
+
+def test_quiet_only_while_the_callers_request_is_the_one_here():
+    """``quiet`` (asked inside ``preparing``): true for a lone request, false once another is being
+    prepared, queued or running beside it."""
+
+    async def scenario() -> list[bool]:
+        model = Model(seconds=0.2)
+        batcher = _batcher(model, wait_s=0.01)
+        seen = []
+        with batcher.preparing():
+            seen.append(batcher.quiet())  # alone
+            with batcher.preparing():
+                seen.append(batcher.quiet())  # another one is being prepared
+        running = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.05)
+        with batcher.preparing():
+            seen.append(batcher.quiet())  # a batch is running
+        await running
+        with batcher.preparing():
+            seen.append(batcher.quiet())  # done: alone again
+        return seen
+
+    assert asyncio.run(scenario()) == [True, False, False, True]

@@ -36,6 +36,7 @@ from ray import serve
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from serving.threads import OPENMP_SPIN_ROUNDS
 from tests.helpers import (
     BOUNDED,
     FSQ_DIR,
@@ -769,14 +770,20 @@ def test_queue_overflow_gives_503_with_retry_after(base_url, http, crops):
     assert_healthy(http, crops)
 
 
-def test_processes_that_run_models_allocate_from_one_heap(http):
+def test_processes_that_run_models_start_with_one_heap_and_the_longer_spin(http):
     """A model's own replica and the ingress that serves models inside it start with glibc's one
-    malloc arena (tokenizers_svc.memory.model_process_environment): Ray applies the deployment's
-    runtime_env to the processes it starts."""
+    malloc arena (tokenizers_svc.memory.model_process_environment) and libgomp's longer idle spin
+    (serving.threads.openmp_environment): Ray applies the deployment's runtime_env to the processes
+    it starts."""
     assert http.get("/readyz").status_code == 200
     for model, deployment in ((MODEL, None), (IN_INGRESS, "Ingress")):
         (process,) = _replica_processes(model, deployment)
-        assert process.environ().get("MALLOC_ARENA_MAX") == "1", (deployment or model, process.cmdline())
+        environment = process.environ()
+        assert environment.get("MALLOC_ARENA_MAX") == "1", (deployment or model, process.cmdline())
+        assert environment.get("GOMP_SPINCOUNT") == OPENMP_SPIN_ROUNDS, (
+            deployment or model,
+            process.cmdline(),
+        )
 
 
 # ---- bounded work (issue 13): each case answers at once, leaves the model serving, memory bounded ----

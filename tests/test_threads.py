@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import serving.threads
-from serving.threads import ServingThreads, SmallLane
+from serving.threads import OPENMP_SPIN_ROUNDS, ServingThreads, SmallLane, openmp_environment
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -193,3 +193,31 @@ def test_the_heap_is_trimmed_once_after_every_model_of_the_process_went_quiet(qu
         assert len(trims) == 1  # still quiet: nothing more to hand back
 
     asyncio.run(scenario())
+
+
+def test_a_lane_is_idle_only_while_no_call_runs_or_waits():
+    lane = SmallLane(1)
+    assert lane.idle()
+    release = threading.Event()
+    running = lane.submit(release.wait)
+    waiting = lane.submit(lambda: None)
+    assert not lane.idle()
+    release.set()
+    running.result(60), waiting.result(60)
+    deadline = time.monotonic() + 10  # the counts go back just before a future resolves
+    while not lane.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lane.idle()
+
+
+def test_serving_processes_spin_longer_unless_the_operator_chose(monkeypatch):
+    """A process that serves models starts with libgomp's longer idle spin, unless the operator set
+    a spin count or a wait policy: theirs is passed on instead (tests/test_serving.py checks that it
+    reaches the replicas)."""
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert openmp_environment() == {"GOMP_SPINCOUNT": OPENMP_SPIN_ROUNDS}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert openmp_environment() == {"OMP_WAIT_POLICY": "passive"}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert openmp_environment() == {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": "passive"}

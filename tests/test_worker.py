@@ -4,6 +4,7 @@ ahead, and late work is refused (the request path is tested over HTTP in test_se
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 from collections import Counter
@@ -147,3 +148,48 @@ def test_photos_of_any_size_that_resize_to_one_shape_share_a_model_call():
         local = served.tokenizer.encode(pixels, resize="shorter-side", resolution=48)
         assert local.resized_from == tuple(pixels.shape[-2:])
         torch.testing.assert_close(served_latents.latents, local.latents, rtol=0, atol=1e-5)
+
+
+def test_a_request_that_finds_the_replica_idle_is_decoded_and_encoded_in_one_hand_over(monkeypatch):
+    """A lone request is decoded in the model thread and encoded there in the same hand-over (no
+    media thread's round trip first); it equals the library's encode, reports its decode and model
+    time apart, and a corrupt one there is a 422 after which the replica still serves. One that
+    others reach the replica beside is decoded in a media thread, and they batch (the test above)."""
+    photo = np.ascontiguousarray(np.asarray(data.astronaut())[:64, :96])
+    body = media.encode_image(photo, "png")
+    decoded_in: list[str] = []
+    real_load_media = worker.load_media
+
+    def recorded_load_media(*args, **kwargs):
+        decoded_in.append(threading.current_thread().name)
+        return real_load_media(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "load_media", recorded_load_media)
+    options = EncodeOptions()
+
+    async def scenario() -> tuple[TokenizerWorker, list[Reply | ErrorReply]]:
+        served = TokenizerWorker({"name": "tiny", "model": "sd-vae-tiny", "num_cpus": 1}, {})
+        replies = [await served.encode(EncodeJob(options, data=data)) for data in (body, body[:200], body)]
+        sampled = EncodeOptions(sample=True, seed=7)  # runs alone (its own noise), after decoding here
+        replies.append(await served.encode(EncodeJob(sampled, data=body)))
+        monkeypatch.setattr(worker, "IDLE_PATH_MAX_BYTES", len(body) - 1)  # a longer decode: a media thread's
+        replies.append(await served.encode(EncodeJob(options, data=body)))
+        return served, replies
+
+    served, (first, corrupt, again, sampled, larger) = asyncio.run(scenario())
+    assert decoded_in[:4] == ["model-small_0"] * 4 and decoded_in[4].startswith("media"), decoded_in
+    larger_latents, first_latents = latents_from_bytes(larger.body), latents_from_bytes(first.body)
+    assert larger_latents.metadata() == first_latents.metadata()
+    torch.testing.assert_close(larger_latents.latents, first_latents.latents, rtol=0, atol=0)
+    assert corrupt.to_error().http_status == 422, corrupt
+    local = served.tokenizer.encode(media.image_to_tensor(photo))
+    for reply in (first, again):
+        assert reply.batch_size == 1 and reply.media_s > 0 and reply.model_time.compute_s > 0
+        assert reply.replica_s >= reply.media_s + reply.model_time.compute_s
+        encoded = latents_from_bytes(reply.body)
+        assert encoded.source_sha256 == hashlib.sha256(body).hexdigest()
+        torch.testing.assert_close(encoded.latents, local.latents, rtol=0, atol=1e-5)
+    seeded = served.tokenizer.encode(
+        media.image_to_tensor(photo), sample=True, generator=torch.Generator().manual_seed(7)
+    )
+    torch.testing.assert_close(latents_from_bytes(sampled.body).latents, seeded.latents, rtol=0, atol=1e-5)
