@@ -86,6 +86,13 @@ def _item_size(item: _Item) -> int:
     return item.size
 
 
+def _encode_item(media_input: MediaInput, options: EncodeOptions, size: int, token: WorkToken) -> _Item:
+    """An encode request's item: stackable with those of the same kind, shape, dtype and options."""
+    pixels = media_input.pixels
+    key = (media_input.kind, tuple(pixels.shape), pixels.dtype, options)
+    return _Item(key=key, tensor=pixels, size=size, token=token, options=options)
+
+
 def tensor_reply(tensor: torch.Tensor, extra: dict[str, str], batch_size: int) -> Reply:
     return Reply(tensor_to_bytes(tensor), TENSOR_TYPE, {**tensor_headers(tensor), **extra}, batch_size)
 
@@ -215,8 +222,12 @@ class TokenizerWorker:
                 return None, 0
             if self._too_late(token, size, "small"):
                 raise self._late()
-            item = _Item(key=None, tensor=media_input.pixels, size=size, token=token, options=options)
-            (latents,) = self._encode_bucket([item])
+            # as one group of a batch: a model failure comes back typed, abandoned work stops first
+            ((latents, _),) = run_in_groups(
+                [_encode_item(media_input, options, size, token)], _item_key, self._encode_bucket
+            )
+            if isinstance(latents, TokenizerError):
+                raise latents
             return latents, 0 if token.abandoned else size
 
         latents, model_time = await self._in_lane("small", call)
@@ -230,7 +241,8 @@ class TokenizerWorker:
     @staticmethod
     def _tensor_media(tensor: torch.Tensor, limits: Limits, options: EncodeOptions) -> MediaInput:
         """Bare pixel tensor -> MediaInput, as ``load_media`` makes one of media bytes (in a media
-        thread: hashing and resizing a large tensor would hold the event loop): checked, the options'
+        thread, or the model thread on the idle path: hashing and resizing a large tensor would hold
+        the event loop): checked, the options'
         resize applied (float pixels validated first, so that none is clamped into range); the hash is
         of its bytes, so identical inputs match. Without a resize the Tokenizer validates it in the
         model call, where a bad item fails its group alone (``run_in_groups``)."""
@@ -260,9 +272,7 @@ class TokenizerWorker:
                 encode_media, self.tokenizer, media_input, options, token=token, size=size
             )
             return latents, 1, model_time
-        key = (media_input.kind, tuple(pixels.shape), pixels.dtype, options)
-        item = _Item(key=key, tensor=pixels, size=size, token=token, options=options)
-        result, batch, model_time = await self.encoder.submit(item)
+        result, batch, model_time = await self.encoder.submit(_encode_item(media_input, options, size, token))
         if isinstance(result, TokenizerError):
             raise result
         return self._stamped(result, media_input), batch, model_time

@@ -153,8 +153,9 @@ def test_photos_of_any_size_that_resize_to_one_shape_share_a_model_call():
 def test_a_request_that_finds_the_replica_idle_is_decoded_and_encoded_in_one_hand_over(monkeypatch):
     """A lone request is decoded in the model thread and encoded there in the same hand-over (no
     media thread's round trip first); it equals the library's encode, reports its decode and model
-    time apart, and a corrupt one there is a 422 after which the replica still serves. One that
-    others reach the replica beside is decoded in a media thread, and they batch (the test above)."""
+    time apart, and a corrupt image or an out-of-range tensor there is a 422 after which the replica
+    still serves. A larger body, and a request that others reach the replica beside, are decoded in
+    a media thread (the latter batch: the test above)."""
     photo = np.ascontiguousarray(np.asarray(data.astronaut())[:64, :96])
     body = media.encode_image(photo, "png")
     decoded_in: list[str] = []
@@ -170,14 +171,18 @@ def test_a_request_that_finds_the_replica_idle_is_decoded_and_encoded_in_one_han
     async def scenario() -> tuple[TokenizerWorker, list[Reply | ErrorReply]]:
         served = TokenizerWorker({"name": "tiny", "model": "sd-vae-tiny", "num_cpus": 1}, {})
         replies = [await served.encode(EncodeJob(options, data=data)) for data in (body, body[:200], body)]
+        # [0, 255] sent as float: the model call refuses it
+        out_of_range = media.image_to_tensor(photo).float()
+        replies.append(await served.encode(EncodeJob(options, tensor=out_of_range)))
         sampled = EncodeOptions(sample=True, seed=7)  # runs alone (its own noise), after decoding here
         replies.append(await served.encode(EncodeJob(sampled, data=body)))
         monkeypatch.setattr(worker, "IDLE_PATH_MAX_BYTES", len(body) - 1)  # a longer decode: a media thread's
         replies.append(await served.encode(EncodeJob(options, data=body)))
         return served, replies
 
-    served, (first, corrupt, again, sampled, larger) = asyncio.run(scenario())
+    served, (first, corrupt, again, refused, sampled, larger) = asyncio.run(scenario())
     assert decoded_in[:4] == ["model-small_0"] * 4 and decoded_in[4].startswith("media"), decoded_in
+    assert refused.to_error().http_status == 422 and "[-1, 1]" in refused.to_error().message, refused
     larger_latents, first_latents = latents_from_bytes(larger.body), latents_from_bytes(first.body)
     assert larger_latents.metadata() == first_latents.metadata()
     torch.testing.assert_close(larger_latents.latents, first_latents.latents, rtol=0, atol=0)
