@@ -64,7 +64,8 @@ class Batcher(Generic[Item, Result]):
 
     def quiet(self) -> bool:
         """Inside :meth:`preparing`: whether the caller's is the only request here (nothing queued,
-        running or being prepared beside it), so that it can run at once without costing a batch."""
+        running or being prepared beside it), so that it can run at once without costing a batch.
+        Also read from a model thread (``serving.worker``'s idle path): a moment's answer there."""
         return not self._queue and not self._running and self._preparing <= 1
 
     async def submit(self, item: Item) -> Result:

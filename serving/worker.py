@@ -242,10 +242,10 @@ class TokenizerWorker:
     def _tensor_media(tensor: torch.Tensor, limits: Limits, options: EncodeOptions) -> MediaInput:
         """Bare pixel tensor -> MediaInput, as ``load_media`` makes one of media bytes (in a media
         thread, or the model thread on the idle path: hashing and resizing a large tensor would hold
-        the event loop): checked, the options'
-        resize applied (float pixels validated first, so that none is clamped into range); the hash is
-        of its bytes, so identical inputs match. Without a resize the Tokenizer validates it in the
-        model call, where a bad item fails its group alone (``run_in_groups``)."""
+        the event loop): checked, the options' resize applied (float pixels validated first, so that
+        none is clamped into range); the hash is of its bytes, so identical inputs match. Without a
+        resize the Tokenizer validates it in the model call, where a bad item fails its group alone
+        (``run_in_groups``)."""
         if tensor.ndim not in (4, 5) or tensor.shape[0] != 1:
             raise InvalidRequestError(
                 f"pixel tensors must be one item, (1, 3, H, W) or (1, 3, T, H, W); got shape {tuple(tensor.shape)}",
