@@ -35,6 +35,7 @@ from tokenizers_svc.datasets import BucketBatchSampler, LatentDataset, TokenData
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
+from tokenizers_svc.pixels import MODEL_INPUT_RESIZE
 from tokenizers_svc.registry import get_preset, list_presets
 from tokenizers_svc.tokens import tokens_from_bytes
 
@@ -306,6 +307,29 @@ def test_rerun_with_other_options_is_refused(image_job, no_ray, capsys):
     ]
     assert _run(argv) == 1
     assert "different options" in capsys.readouterr().err
+
+
+def test_rerun_by_a_version_that_resizes_otherwise_is_refused(image_job, tmp_path, no_ray, capsys):
+    """A resized job pins how inputs are resized: the same command, run by a version whose resize
+    gives other pixels (or one from before the name, which did not write it), refuses the directory
+    rather than mixing latents of two kinds of pixels in it, and leaves its rows as they were."""
+    folder, out, _ = image_job
+    assert json.loads((out / batch.JOB_FILE).read_text())["model_input_resize"] == MODEL_INPUT_RESIZE
+    for earlier, says in (("float-bicubic-v0", "resized inputs by float-bicubic-v0"), (None, "did not name")):
+        copy = tmp_path / f"written-by-{earlier}"
+        shutil.copytree(out, copy)
+        job = json.loads((copy / batch.JOB_FILE).read_text())
+        job.pop("model_input_resize")
+        if earlier is not None:
+            job["model_input_resize"] = earlier
+        (copy / batch.JOB_FILE).write_text(json.dumps(job))
+        shards = {p.name: p.read_bytes() for p in batch.shard_paths(copy)}
+        argv = ["--input", folder, "--output", copy, "--model", IMAGE_MODEL, *RESIZE, "--batch-size", "4"]
+        assert _run(argv) == 1
+        err = capsys.readouterr().err
+        assert says in err and f"this one resizes by {MODEL_INPUT_RESIZE}" in err, err
+        assert "use a new --output" in err
+        assert {p.name: p.read_bytes() for p in batch.shard_paths(copy)} == shards
 
 
 def test_output_that_is_a_file_is_refused_before_ray(image_folder, tmp_path, no_ray, capsys):

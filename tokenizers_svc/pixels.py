@@ -31,6 +31,10 @@ from tokenizers_svc.errors import DTypeMismatchError, InvalidRequestError
 from tokenizers_svc.options import RESIZE_POLICIES
 
 ResizeMode = Literal["bicubic", "bilinear"]
+# How model inputs are resized (module docstring), by name: a batch job that resizes or crops pins
+# it in its job.json, so that a run resumed by a version whose resize gives other pixels refuses the
+# directory instead of mixing two kinds of latents in it. A new name for any change of the pixels.
+MODEL_INPUT_RESIZE = "dtype-preserving-bicubic-v1"  # uint8 by torch's fixed-point kernel, float in float
 CROP_MODES: tuple[str, ...] = ("none", "center", "random")
 # Aspect-ratio buckets (width:height): landscape, square and portrait photos and video frames.
 ASPECT_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))

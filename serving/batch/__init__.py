@@ -15,7 +15,7 @@ resumes without gaps or duplicates. docs/batch.md has the row schema.
 """
 
 from serving.batch.driver import build_parser, main, run, summary_line
-from serving.batch.output import RUN_FILE, read_progress, shard_paths
+from serving.batch.output import JOB_FILE, RUN_FILE, read_progress, shard_paths
 from serving.batch.plan import JobPlan, list_inputs, make_plan
 from serving.batch.stages import (
     PREPARED_SCHEMA,
@@ -28,6 +28,7 @@ from serving.batch.stages import (
 from tokenizers_svc.datasets import ROW_SCHEMA
 
 __all__ = [
+    "JOB_FILE",
     "PREPARED_SCHEMA",
     "ROW_SCHEMA",
     "RUN_FILE",

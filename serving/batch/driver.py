@@ -216,13 +216,23 @@ def _check_job(output: Path, plan: JobPlan, previous: dict | None) -> None:
     """One output directory holds one model and one set of options: a rerun with others would mix
     latents of two kinds. Inputs may change (new files are encoded by the next run)."""
     job = plan.key()
-    if previous is not None and previous != job:
-        changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+    if previous is None or previous == job:
+        return
+    changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+    if changed == ["model_input_resize"]:  # the same command, run by a version that resizes otherwise
+        earlier = previous.get("model_input_resize")
+        how = f"resized inputs by {earlier}" if earlier else "did not name its input resize"
         raise ConfigError(
-            f"{output} holds a job with different {', '.join(changed)}; rerun the same command to "
-            "resume, or use a new --output",
+            f"{output} was written by a version of tokenizers-svc that {how}; this one resizes by "
+            f"{job['model_input_resize']}, and resuming would mix latents of two kinds of pixels: "
+            "use a new --output",
             param="output",
         )
+    raise ConfigError(
+        f"{output} holds a job with different {', '.join(changed)}; rerun the same command to "
+        "resume, or use a new --output",
+        param="output",
+    )
 
 
 def _restarts() -> dict:

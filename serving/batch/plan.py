@@ -22,7 +22,7 @@ from tokenizers_svc.limits import Limits
 from tokenizers_svc.loading import load_tokenizer, resolved_dtype
 from tokenizers_svc.manifests import read_manifest
 from tokenizers_svc.pipeline import EncodeOptions
-from tokenizers_svc.pixels import bucket_sizes
+from tokenizers_svc.pixels import MODEL_INPUT_RESIZE, bucket_sizes
 from tokenizers_svc.spec import FrameRule
 
 DEFAULT_CLIP_FRAMES = 16  # rounded up to the model's frame rule (17 for 1 + 4k / 1 + 8k models)
@@ -62,6 +62,9 @@ class JobPlan:
         }
         if self.crop != "none":  # absent otherwise, so directories written before --crop still resume
             key["crop"] = {"mode": self.crop, "sizes": [list(size) for size in self.crop_sizes]}
+        if self.crop != "none" or self.options.resize != "none":
+            # absent otherwise: pixels that are not resized do not depend on it
+            key["model_input_resize"] = MODEL_INPUT_RESIZE
         return key
 
 
