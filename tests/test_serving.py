@@ -297,7 +297,7 @@ def test_decode_latent_file_to_images(http, tokenizer, latent_file, accept, fmt)
     assert image.format == fmt and image.size == (64, 48)
     if fmt == "PNG":  # lossless: equals the library decode exactly (up to rounding of one ulp)
         local = tokenizer.decode(latents_from_bytes(latent_file), output_dtype=torch.uint8)[0]
-        served = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        served = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy
         assert (served.int() - local.int()).abs().max() <= 1
 
 
