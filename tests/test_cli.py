@@ -79,6 +79,17 @@ def test_light_commands_import_no_heavy_module(argv):
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stderr[-2000:]
 
 
+def test_help_shows_docstrings_as_written(monkeypatch):
+    """Command help is the docstring, reflowed: brackets are text, not style tags (``mean[c]`` was
+    shown as ``mean``), and a paragraph's line breaks are not kept mid-sentence."""
+    monkeypatch.setenv("COLUMNS", "200")  # one line per paragraph, whatever the terminal
+    result = runner.invoke(app, ["models", "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(line.strip(" │") for line in result.output.splitlines())
+    assert "(raw - shift - mean[c]) / std[c] * scale" in text, result.output
+    assert "NORMALIZATION is what diffusion-ready latents are" in text, result.output
+
+
 def test_encode_info_decode_one_image(photos, tmp_path):
     out = tmp_path / "astronaut.safetensors"
     result = runner.invoke(app, ["encode", str(photos[0]), "-o", str(out), "-m", "sd-vae-tiny", "--raw"])
