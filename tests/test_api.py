@@ -86,7 +86,7 @@ def test_posterior_and_sampling(tokenizer, odd_photo):
 
 @pytest.mark.parametrize(
     ("policy", "resolution"),
-    [("none", None), ("none", 24), ("shorter-side", 24), ("fit", 40)],
+    [("none", None), ("shorter-side", 24), ("fit", 40)],
 )
 def test_resize_policies(tokenizer, odd_photo, policy, resolution):
     h, w = 37, 53
@@ -109,6 +109,10 @@ def test_resize_policies(tokenizer, odd_photo, policy, resolution):
 def test_resize_needs_resolution(tokenizer, odd_photo):
     with pytest.raises(InvalidRequestError, match="needs a positive resolution"):
         tokenizer.encode(odd_photo, resize="fit")
+    # a resolution alone was ignored: the photo was encoded at its own size without a word
+    with pytest.raises(InvalidRequestError, match="resolution=24 needs resize='shorter-side'") as info:
+        tokenizer.encode(odd_photo, resolution=24)
+    assert info.value.param == "resolution"
     with pytest.raises(InvalidRequestError, match="resize must be one of"):
         tokenizer.encode(odd_photo, resize="crop")
 

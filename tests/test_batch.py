@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pyarrow as pa
@@ -29,9 +30,11 @@ import torch
 from typer.testing import CliRunner
 
 from serving import batch
+from serving.batch.driver import _check_job
 from tests.helpers import own_ray_processes
 from tokenizers_svc.cli import app
 from tokenizers_svc.datasets import BucketBatchSampler, LatentDataset, TokenDataset
+from tokenizers_svc.errors import ConfigError
 from tokenizers_svc.latents import latents_from_bytes
 from tokenizers_svc.loading import load_tokenizer
 from tokenizers_svc.pipeline import EncodeOptions, MediaInput, encode_media, load_media
@@ -332,6 +335,25 @@ def test_rerun_by_a_version_that_resizes_otherwise_is_refused(image_job, tmp_pat
         assert {p.name: p.read_bytes() for p in batch.shard_paths(copy)} == shards
 
 
+def test_which_refusal_a_changed_job_gets(tmp_path):
+    """A crop job written before the resize had a name (its options then held the crop's resolution)
+    gets the version's refusal, as a resize job does; a job that did not resize, rerun with a resize,
+    is a change of options, not of version."""
+    options = {"resize": "none", "resolution": None}
+    crop = {"mode": "center", "sizes": [[64, 64]]}
+    now_cropping = {"model": "m", "options": options, "crop": crop, "model_input_resize": MODEL_INPUT_RESIZE}
+    old_crop = {"model": "m", "options": {**options, "resolution": 64}, "crop": crop}
+    with pytest.raises(ConfigError, match="did not name its input resize"):
+        _check_job(tmp_path, SimpleNamespace(key=lambda: now_cropping), old_crop)
+    now_resizing = {
+        "model": "m",
+        "options": {"resize": "fit", "resolution": 64},
+        "model_input_resize": MODEL_INPUT_RESIZE,
+    }
+    with pytest.raises(ConfigError, match="holds a job with different model_input_resize, options; rerun"):
+        _check_job(tmp_path, SimpleNamespace(key=lambda: now_resizing), {"model": "m", "options": options})
+
+
 def test_output_that_is_a_file_is_refused_before_ray(image_folder, tmp_path, no_ray, capsys):
     """An existing file, or a path under one, as --output: one config_error line (issue 27)."""
     folder, _ = image_folder
@@ -375,6 +397,8 @@ def test_bad_arguments_are_config_errors(image_folder, tmp_path, capsys):
     assert "--crop random needs --resolution and no --resize" in capsys.readouterr().err
     assert _run([*base, "--resolution", "64", "--aspect-buckets"]) == 1
     assert "--aspect-buckets needs --crop" in capsys.readouterr().err
+    assert _run([*base, "--resolution", "64"]) == 1  # used to encode every input at its own size
+    assert "--resolution needs --resize shorter-side|fit or --crop center|random" in capsys.readouterr().err
     assert _run(["--input", folder, "--output", tmp_path / "o", "--model", "no-such-model"]) == 1
     assert "unsupported_model" in capsys.readouterr().err
 

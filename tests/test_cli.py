@@ -209,6 +209,11 @@ def test_errors_exit_nonzero_with_message(photos, tmp_path):
     assert missing.exit_code == 1 and "cannot read" in missing.stderr
     bad_device = runner.invoke(app, ["decode", str(out), "-o", str(tmp_path / "b.png"), "--device", "tpu9"])
     assert bad_device.exit_code == 1 and "--device must be a torch device" in bad_device.stderr
+    alone = runner.invoke(
+        app, ["encode", str(photos[0]), "-o", str(tmp_path / "r.safetensors"), "--resolution", "32"]
+    )
+    assert alone.exit_code == 1 and "resolution=32 needs resize='shorter-side'" in alone.stderr, alone.output
+    assert not (tmp_path / "r.safetensors").exists()
 
 
 def test_passthrough_delegation(tmp_path, monkeypatch):

@@ -89,7 +89,9 @@ def test_switches_set_their_value_on_the_command_lines():
     parser = argparse.ArgumentParser()
     add_arguments(parser, tuple(ENCODE_OPTIONS))
     assert vars(parser.parse_args([])) == {name: o.default for name, o in ENCODE_OPTIONS.items()}
-    given = parser.parse_args(["--raw", "--posterior", "--no-tiling", "--sample", "--resize", "fit"])
+    given = parser.parse_args(
+        ["--raw", "--posterior", "--no-tiling", "--sample", "--resize", "fit", "--resolution", "128"]
+    )
     options = EncodeOptions.from_flags(vars(given))
     assert (options.normalize, options.return_posterior, options.sample, options.resize) == (
         False,
@@ -97,5 +99,6 @@ def test_switches_set_their_value_on_the_command_lines():
         True,
         "fit",
     )
+    assert options.resolution == 128
     assert options.tiling == TilingOptions(enabled=False)
     assert parser.parse_args(["--no-normalize"]).normalize is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -107,6 +108,22 @@ def test_resize_past_the_pixel_cap_is_refused_before_resizing(photo_png, resolut
         45,
         61,
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "param", "says"),
+    [
+        ({"resolution": 64}, "resolution", "resolution=64 needs resize='shorter-side' or resize='fit'"),
+        ({"resize": "fit"}, "resolution", "resize='fit' needs a positive resolution"),
+        ({"resize": "crop", "resolution": 64}, "resize", "resize must be one of"),
+    ],
+)
+def test_options_that_do_not_say_one_resize_are_refused_when_made(flags, param, says):
+    """Every entry point builds its options with ``from_flags`` (CLI, HTTP query, batch job), so a
+    resize request that means nothing is refused there, before any media is read."""
+    with pytest.raises(InvalidRequestError, match=re.escape(says)) as info:
+        EncodeOptions.from_flags(flags)
+    assert info.value.param == param
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])

@@ -829,6 +829,23 @@ def _post_png(client, model: str, pixels: np.ndarray, **params) -> httpx.Respons
     )
 
 
+def test_a_resolution_without_a_resize_is_422_at_once(http, crops):
+    """``?resolution=32`` alone used to be ignored (the photo encoded at its own size, 200 OK)."""
+    cpu_before = _replica_cpu_s(MODEL)
+    response = http.post(
+        f"/v1/models/{MODEL}/encode",
+        content=media.encode_image(crops[0], "png"),
+        params={"resolution": 32},
+        headers={"content-type": "image/png"},
+    )
+    assert response.status_code == 422, response.text
+    error = error_body(response)
+    assert error["type"] == "invalid_request" and error["param"] == "resolution"
+    assert "needs resize='shorter-side' or resize='fit'" in error["message"]
+    assert _replica_cpu_s(MODEL) - cpu_before < IDLE_CPU_S
+    assert_healthy(http, crops)
+
+
 @pytest.mark.parametrize("resolution", [20_000, 100_000])
 def test_case1_resize_past_the_pixel_cap_is_413_at_once(http, crops, resolution):
     """A 48x64 JPEG asked to `fit` 20000 px (15000x20000) used to run for minutes and take 8 GB;

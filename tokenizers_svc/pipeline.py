@@ -24,7 +24,7 @@ from tokenizers_svc.latents import Latents
 from tokenizers_svc.limits import Cost, Limits, check_cost, decode_cost, encode_cost
 from tokenizers_svc.media import MediaKind
 from tokenizers_svc.options import MAX_SEED, ResizePolicy
-from tokenizers_svc.pixels import resized_size
+from tokenizers_svc.pixels import check_resize, resized_size
 from tokenizers_svc.tiling import ChunkCallback, TilingOptions, tiling_options
 from tokenizers_svc.tokens import TokenIds
 
@@ -73,6 +73,7 @@ class EncodeOptions:
         return cls(**given, tiling=tiling)
 
     def __post_init__(self) -> None:
+        check_resize(self.resize, self.resolution)  # before any work, wherever the options come from
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(
                 f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}", param="seed"

@@ -127,19 +127,33 @@ def resize_model_input(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return _interpolate(pixels, size, "bicubic").clamp(-1, 1)
 
 
-def resized_size(height: int, width: int, policy: str, resolution: int | None) -> tuple[int, int]:
-    """(H, W) after the explicit resize ``policy`` (:func:`resize_pixels`); unknown policies and a
-    missing resolution are refused (InvalidRequestError naming the parameter)."""
+def check_resize(policy: str, resolution: int | None) -> None:
+    """Refuse a resize request that does not say one thing (InvalidRequestError naming the
+    parameter): an unknown policy, 'shorter-side' or 'fit' without a positive resolution, or a
+    resolution with 'none', which keeps the input's size (a resolution alone used to be ignored, and
+    the input was encoded at its own size without a word)."""
     if policy not in RESIZE_POLICIES:
         raise InvalidRequestError(
             f"resize must be one of {list(RESIZE_POLICIES)}, got {policy!r}", param="resize"
         )
-    if policy == "none":
-        return height, width
-    if not resolution or resolution < 1:
+    if policy == "none" and resolution is not None:
+        raise InvalidRequestError(
+            f"resolution={resolution} needs resize='shorter-side' or resize='fit' (resize='none' keeps "
+            "the input's size)",
+            param="resolution",
+        )
+    if policy != "none" and (not resolution or resolution < 1):
         raise InvalidRequestError(
             f"resize={policy!r} needs a positive resolution, got {resolution}", param="resolution"
         )
+
+
+def resized_size(height: int, width: int, policy: str, resolution: int | None) -> tuple[int, int]:
+    """(H, W) after the explicit resize ``policy`` (:func:`resize_pixels`), checked
+    (:func:`check_resize`)."""
+    check_resize(policy, resolution)
+    if policy == "none":
+        return height, width
     return policy_size(height, width, policy, resolution)
 
 

@@ -207,9 +207,14 @@ def _previous_job(output: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        job = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path} is unreadable ({exc}); use a new --output", param="output") from None
+    if not isinstance(job, dict):
+        raise ConfigError(
+            f"{path} is not a job description (a JSON object); use a new --output", param="output"
+        )
+    return job
 
 
 def _check_job(output: Path, plan: JobPlan, previous: dict | None) -> None:
@@ -219,8 +224,11 @@ def _check_job(output: Path, plan: JobPlan, previous: dict | None) -> None:
     if previous is None or previous == job:
         return
     changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
-    if changed == ["model_input_resize"]:  # the same command, run by a version that resizes otherwise
-        earlier = previous.get("model_input_resize")
+    earlier = previous.get("model_input_resize")
+    previous_resize = (previous.get("options") or {}).get("resize", "none")
+    resized_before = earlier is not None or "crop" in previous or previous_resize != "none"
+    if resized_before and "model_input_resize" in job and earlier != job["model_input_resize"]:
+        # the directory was resized by another version's arithmetic, or by one that did not name it
         how = f"resized inputs by {earlier}" if earlier else "did not name its input resize"
         raise ConfigError(
             f"{output} was written by a version of tokenizers-svc that {how}; this one resizes by "

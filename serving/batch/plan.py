@@ -201,6 +201,12 @@ def check_flags(args: argparse.Namespace) -> None:
         )
     if args.aspect_buckets and args.crop == "none":
         raise ConfigError("--aspect-buckets needs --crop center or --crop random", param="aspect_buckets")
+    if args.resolution is not None and args.resize == "none" and args.crop == "none":
+        raise ConfigError(
+            "--resolution needs --resize shorter-side|fit or --crop center|random (without either, "
+            "every input keeps its size)",
+            param="resolution",
+        )
     if args.seed is not None and not args.sample:
         raise ConfigError("--seed only applies with --sample", param="seed")
 
@@ -241,7 +247,10 @@ def make_plan(args: argparse.Namespace, device: str, tokenizer: Tokenizer | None
         weights_hash=tokenizer.weights_hash,
         modality=spec.modality,
         frame_rule=rule,
-        options=EncodeOptions.from_flags(vars(args)),  # the job's flags are named like the options
+        # the job's flags are named like the options; a crop's resolution is its crop size
+        options=EncodeOptions.from_flags(
+            {**vars(args), "resolution": None if args.crop != "none" else args.resolution}
+        ),
         clip_frames=clip_frames,
         device=device,
         dtype=dtype,
