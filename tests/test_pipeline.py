@@ -116,11 +116,13 @@ def test_resize_past_the_pixel_cap_is_refused_before_resizing(photo_png, resolut
         ({"resolution": 64}, "resolution", "resolution=64 needs resize='shorter-side' or resize='fit'"),
         ({"resize": "fit"}, "resolution", "resize='fit' needs a positive resolution"),
         ({"resize": "crop", "resolution": 64}, "resize", "resize must be one of"),
+        ({"seed": 3}, "seed", "seed=3 only applies with sample=true"),
     ],
 )
-def test_options_that_do_not_say_one_resize_are_refused_when_made(flags, param, says):
-    """Every entry point builds its options with ``from_flags`` (CLI, HTTP query, batch job), so a
-    resize request that means nothing is refused there, before any media is read."""
+def test_options_that_do_not_say_one_thing_are_refused_when_made(flags, param, says):
+    """Every entry point builds its options with ``from_flags`` (CLI, HTTP query, batch job), so an
+    option that would be ignored (a lone resolution or seed) or is incomplete is refused there,
+    before any media is read."""
     with pytest.raises(InvalidRequestError, match=re.escape(says)) as info:
         EncodeOptions.from_flags(flags)
     assert info.value.param == param

@@ -829,19 +829,27 @@ def _post_png(client, model: str, pixels: np.ndarray, **params) -> httpx.Respons
     )
 
 
-def test_a_resolution_without_a_resize_is_422_at_once(http, crops):
-    """``?resolution=32`` alone used to be ignored (the photo encoded at its own size, 200 OK)."""
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ({"resolution": 32}, "needs resize='shorter-side' or resize='fit'"),
+        ({"seed": 3}, "only applies with sample=true"),
+    ],
+)
+def test_an_option_that_would_be_ignored_is_422_at_once(http, crops, query, says):
+    """``?resolution=32`` alone, or ``?seed=3`` without ``sample=true``, used to be ignored: the
+    photo encoded at its own size, or the posterior's mode returned, with a 200."""
     cpu_before = _replica_cpu_s(MODEL)
     response = http.post(
         f"/v1/models/{MODEL}/encode",
         content=media.encode_image(crops[0], "png"),
-        params={"resolution": 32},
+        params=query,
         headers={"content-type": "image/png"},
     )
     assert response.status_code == 422, response.text
     error = error_body(response)
-    assert error["type"] == "invalid_request" and error["param"] == "resolution"
-    assert "needs resize='shorter-side' or resize='fit'" in error["message"]
+    assert error["type"] == "invalid_request" and error["param"] == next(iter(query))
+    assert says in error["message"]
     assert _replica_cpu_s(MODEL) - cpu_before < IDLE_CPU_S
     assert_healthy(http, crops)
 

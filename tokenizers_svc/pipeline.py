@@ -78,6 +78,12 @@ class EncodeOptions:
             raise InvalidRequestError(
                 f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}", param="seed"
             )
+        if self.seed is not None and not self.sample:  # it was ignored: the mode is not drawn
+            raise InvalidRequestError(
+                f"seed={self.seed} only applies with sample=true (without it the latents are the "
+                "posterior's mode, which no seed changes)",
+                param="seed",
+            )
 
 
 @dataclass(frozen=True)
