@@ -218,7 +218,7 @@ class TokenizerWorker:
             media_input = prepare()
             prepared.append((media_input, time.perf_counter() - began))
             size = self._batch_units(media_input.pixels, options)
-            if options.sample or size > self.config.max_batch_pixels or not self.encoder.quiet():
+            if self._needs_a_call_of_its_own(options, size) or not self.encoder.quiet():
                 return None, 0
             if self._too_late(token, size, "small"):
                 raise self._late()
@@ -266,8 +266,7 @@ class TokenizerWorker:
     ) -> tuple[Latents, int, ModelTime]:
         pixels = media_input.pixels
         size = self._batch_units(pixels, options)
-        # Sampled encodes draw per-request noise (and seeds); oversized ones would not fit a batch.
-        if options.sample or size > self.config.max_batch_pixels:
+        if self._needs_a_call_of_its_own(options, size):
             latents, model_time = await self._run_alone(
                 encode_media, self.tokenizer, media_input, options, token=token, size=size
             )
@@ -276,6 +275,11 @@ class TokenizerWorker:
         if isinstance(result, TokenizerError):
             raise result
         return self._stamped(result, media_input), batch, model_time
+
+    def _needs_a_call_of_its_own(self, options: EncodeOptions, size: int) -> bool:
+        """Whether an encode of ``size`` batch units runs alone, never batched: a sampled one draws
+        its own noise (and seed); an oversized one would not fit a batch."""
+        return options.sample or size > self.config.max_batch_pixels
 
     def _batch_units(self, pixels: torch.Tensor, options: EncodeOptions) -> int:
         """Pixels (1, 3, [T,] H, W) as batch units: priced as the ingress priced them (after any

@@ -223,7 +223,6 @@ def _check_job(output: Path, plan: JobPlan, previous: dict | None) -> None:
     job = plan.key()
     if previous is None or previous == job:
         return
-    changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
     earlier = previous.get("model_input_resize")
     previous_resize = (previous.get("options") or {}).get("resize", "none")
     resized_before = earlier is not None or "crop" in previous or previous_resize != "none"
@@ -236,6 +235,7 @@ def _check_job(output: Path, plan: JobPlan, previous: dict | None) -> None:
             "use a new --output",
             param="output",
         )
+    changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
     raise ConfigError(
         f"{output} holds a job with different {', '.join(changed)}; rerun the same command to "
         "resume, or use a new --output",
